@@ -1,0 +1,3 @@
+"""mlx-manager: serve, supervise, configure and audit local MLX models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""The `mlx-manager` command: this module only wires the command groups together.
+
+Heavy libraries (mlx, fastapi, logfire, sqlalchemy) are imported inside the commands
+that need them, never here, so `--help` and `--version` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from mlx_manager import __version__
+from mlx_manager.cli import serve
+
+app = typer.Typer(
+    name="mlx-manager",
+    help="Serve local MLX models behind an OpenAI-compatible API; supervise, configure and audit the daemon.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlx-manager {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Serve local MLX models behind an OpenAI-compatible API; supervise, configure and audit the daemon."""
+
+
+app.command(epilog=serve.EPILOG)(serve.serve)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,37 @@
+"""Everything the CLI prints goes through here: rich consoles, JSON output and the one failure helper."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Exit codes shared by every command.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def fail(message: str, hint: str | None = None, *, code: int = EXIT_ERROR, json_output: bool = False) -> NoReturn:
+    """Print one line saying what went wrong (and what to do) on stderr, then exit non-zero."""
+    if json_output:
+        payload = {"error": message}
+        if hint:
+            payload["hint"] = hint
+        sys.stderr.write(json.dumps(payload) + "\n")
+    else:
+        line = f"Error: {message}"
+        if hint:
+            line += f" {hint}"
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    """Machine output: plain JSON on stdout, no colours."""
+    sys.stdout.write(json.dumps(data, default=str) + "\n")

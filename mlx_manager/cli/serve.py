@@ -1,0 +1,26 @@
+"""`mlx-manager serve`: run the inference daemon in the foreground."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+EPILOG = (
+    "Examples:\n\n"
+    "  mlx-manager serve\n\n"
+    "  mlx-manager serve --model ./models/my-model --port 8080"
+)
+
+
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default from settings: 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (default from settings: 10242).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Preload this model (a local folder or a cached Hugging Face id).")
+    ] = None,
+) -> None:
+    """Run the OpenAI-compatible inference daemon in the foreground."""
+    from mlx_manager.daemon.run import run_daemon
+
+    run_daemon(host=host, port=port, model=model)
