@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_manager import __version__
-from mlx_manager.cli import serve
+from mlx_manager.cli import audit, config, serve
 
 app = typer.Typer(
     name="mlx-manager",
@@ -39,6 +39,8 @@ def root(
 
 
 app.command(epilog=serve.EPILOG)(serve.serve)
+app.add_typer(config.app, name="config")
+app.add_typer(audit.app, name="audit")
 
 
 def main() -> None:

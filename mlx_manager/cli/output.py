@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)
+
+# Every command spells its machine-output switch the same way; bind it to `json_output`.
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of the human form.")]
 
 # Exit codes shared by every command.
 EXIT_ERROR = 1
@@ -35,3 +38,8 @@ def fail(message: str, hint: str | None = None, *, code: int = EXIT_ERROR, json_
 def print_json(data: Any) -> None:
     """Machine output: plain JSON on stdout, no colours."""
     sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr for something that went half-right; the command still succeeds."""
+    err_console.print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)

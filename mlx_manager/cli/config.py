@@ -1,0 +1,321 @@
+"""`mlx-manager config ...`: read and change the validated settings file; a running daemon reloads.
+
+Refusals (unknown key, bad value, invalid edit) exit 2 and leave the file byte-for-byte as it was;
+a config file that is already broken exits 1 and names the file, line and key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, warn
+from mlx_manager.settings import (
+    Settings,
+    SettingsError,
+    changed_keys,
+    check_config_text,
+    config_path,
+    flatten,
+    home,
+    key_info,
+    key_infos,
+    load_settings_with_origins,
+    parse_config_document,
+    parse_value,
+    read_config_text,
+    set_in_document,
+    unset_in_document,
+    write_config_text,
+)
+
+app = typer.Typer(
+    help="Read and change settings (config.toml); a running daemon applies changes live.",
+    no_args_is_help=True,
+)
+
+NEW_FILE_TEMPLATE = """\
+# mlx-manager settings. `mlx-manager config list` shows every key, its value and what it does.
+# Seconds keys also take durations in quotes, e.g.:
+#
+# [timeouts]
+# chat = "15m"
+"""
+
+
+def _complete_key(incomplete: str) -> list[tuple[str, str]]:
+    return [(key, info.description) for key, info in key_infos().items() if key.startswith(incomplete)]
+
+
+def _complete_value(ctx: typer.Context, incomplete: str) -> list[str]:
+    info = key_infos().get(ctx.params.get("key") or "")
+    return [choice for choice in (info.choices if info else ()) if choice.startswith(incomplete)]
+
+
+KeyArgument = Annotated[
+    str,
+    typer.Argument(
+        help="Setting name as section.key, e.g. timeouts.chat (`mlx-manager config list` shows them all).",
+        autocompletion=_complete_key,
+        show_default=False,
+    ),
+]
+
+
+def _say(line: str) -> None:
+    # soft_wrap: paths and values are printed whole, never broken across lines.
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _refuse(error: SettingsError, json_output: bool = False) -> NoReturn:
+    fail(str(error), code=EXIT_USAGE, json_output=json_output)
+
+
+def _broken(error: SettingsError, json_output: bool = False) -> NoReturn:
+    """Settings that were already invalid before this command (the file, or a variable)."""
+    hint = "Fix it with `mlx-manager config edit`." if error.file else "Fix or unset that variable."
+    fail(str(error), hint, code=EXIT_ERROR, json_output=json_output)
+
+
+def _effective(json_output: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    try:
+        settings, origins = load_settings_with_origins()
+    except SettingsError as error:
+        _broken(error, json_output)
+    return flatten(settings), origins
+
+
+def _shown(value: Any) -> str:
+    """How a value reads on a terminal: lists as JSON, booleans as TOML writes them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _origin_label(key: str, origin: str) -> str:
+    return f"env {key_infos()[key].env_var}" if origin == "env" else origin
+
+
+def _env_note(key: str) -> None:
+    var = key_infos()[key].env_var
+    if var in os.environ:
+        warn(f"{var} is set in this environment and overrides the file's value here.")
+
+
+def _apply_live(summary: str, keys: list[str]) -> None:
+    """Tell a running daemon to reload and say, on the summary line, what it made of the change."""
+    from mlx_manager.cli.daemon_client import request_reload
+
+    outcome = request_reload()
+    if not outcome.running:
+        _say(f"{summary} (no daemon running; takes effect at next start)")
+        return
+    if outcome.error:
+        _say(summary)
+        warn(f"the running daemon at {outcome.url} did not confirm the change: {outcome.error}. Restart it to apply the change.")
+        return
+    applied = [key for key in keys if key in outcome.applied]
+    restart = [key for key in keys if key in outcome.restart_needed]
+    notes = []
+    if applied:
+        notes.append("applied " + ("it" if applied == keys else ", ".join(applied)))
+    if restart:
+        notes.append("restart needed for " + ", ".join(restart))
+    if not notes:
+        notes.append("reloaded; no value it uses changed")
+    _say(f"{summary} (running daemon at {outcome.url} {'; '.join(notes)})")
+
+
+def _save(text: str, json_output: bool = False) -> None:
+    try:
+        write_config_text(text)
+    except OSError as error:
+        fail(f"cannot write {config_path()}: {error.strerror or error}", code=EXIT_ERROR, json_output=json_output)
+
+
+@app.command(epilog="Examples:\n\n  mlx-manager config get timeouts.chat\n\n  mlx-manager config get server.port --json")
+def get(key: KeyArgument, json_output: JsonOption = False) -> None:
+    """Print the value a setting has now (flag > environment > file > default)."""
+    try:
+        key_info(key)
+    except SettingsError as error:
+        _refuse(error, json_output)
+    values, origins = _effective(json_output)
+    if json_output:
+        print_json({"key": key, "value": values[key], "origin": origins[key]})
+    else:
+        _say(_shown(values[key]))
+
+
+@app.command(
+    "set",
+    epilog=(
+        "Examples:\n\n  mlx-manager config set timeouts.chat 900\n\n  mlx-manager config set timeouts.chat 15m\n\n"
+        "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n  mlx-manager config set log.level debug"
+    ),
+    # `-5` must reach the validator (and its clear message) rather than look like an option.
+    context_settings={"ignore_unknown_options": True},
+)
+def set_(
+    key: KeyArgument,
+    value: Annotated[
+        str,
+        typer.Argument(
+            help="New value: a number, a duration (90s, 15m, 2h), true/false, text, or a list as a,b or JSON.",
+            autocompletion=_complete_value,
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Validate a value and write it to the config file; a running daemon reloads it."""
+    try:
+        typed = parse_value(key, value)
+    except SettingsError as error:
+        _refuse(error)
+    path = config_path()
+    try:
+        text = read_config_text(path)
+        check_config_text(text, path)
+        document = parse_config_document(text, path)
+    except SettingsError as error:
+        _broken(error)
+    set_in_document(document, key, typed)
+    _save(document.as_string())
+    _env_note(key)
+    _apply_live(f"Set {key} = {_shown(typed)}", [key])
+
+
+@app.command(epilog="Examples:\n\n  mlx-manager config unset timeouts.chat")
+def unset(key: KeyArgument) -> None:
+    """Remove a setting from the config file so its default applies again; a running daemon reloads."""
+    path = config_path()
+    try:
+        text = read_config_text(path)
+        document = parse_config_document(text, path)
+    except SettingsError as error:
+        _broken(error)
+    known = key in key_infos()
+    if not unset_in_document(document, key):
+        if not known:
+            try:
+                key_info(key)
+            except SettingsError as error:
+                _refuse(error)
+        _say(f"{key} is not set in {path}; nothing to do.")
+        return
+    new_text = document.as_string()
+    try:
+        check_config_text(new_text, path)
+    except SettingsError as error:
+        _broken(error)  # the file held other problems before; removing this key did not fix them
+    _save(new_text)
+    if not known:
+        _say(f"Removed unknown key {key} from {path}.")
+        return
+    _env_note(key)
+    _apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
+
+
+@app.command(
+    "list",
+    epilog="Examples:\n\n  mlx-manager config list\n\n  mlx-manager config list --show-origin\n\n  mlx-manager config list --json",
+)
+def list_(
+    json_output: JsonOption = False,
+    show_origin: Annotated[
+        bool, typer.Option("--show-origin", help="Also show where each value comes from: default, file, env or flag.")
+    ] = False,
+) -> None:
+    """Show every setting with its current value and what it does."""
+    values, origins = _effective(json_output)
+    if json_output:
+        if show_origin:
+            print_json({key: {"value": value, "origin": origins[key]} for key, value in values.items()})
+        else:
+            print_json(values)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("Key", no_wrap=True)
+    table.add_column("Value", overflow="fold")
+    if show_origin:
+        table.add_column("Origin", no_wrap=True)
+    table.add_column("Description")
+    for key, value in values.items():
+        shown = _shown(value) if value != "" else '""'
+        row = [key, shown] + ([_origin_label(key, origins[key])] if show_origin else [])
+        table.add_row(*row, key_infos()[key].description)
+    console.print(table, markup=False, highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  mlx-manager config path\n\n  cat \"$(mlx-manager config path)\"")
+def path() -> None:
+    """Print where the config file lives (it may not exist until the first `config set`)."""
+    _say(str(config_path()))
+
+
+@app.command(epilog="Examples:\n\n  mlx-manager config edit\n\n  EDITOR=nano mlx-manager config edit")
+def edit() -> None:
+    """Open the config file in $VISUAL or $EDITOR; the result is kept only if it is valid."""
+    path = config_path()
+    try:
+        original = read_config_text(path)
+    except SettingsError as error:
+        _broken(error)
+    start = original if path.exists() else NEW_FILE_TEMPLATE
+    draft = start
+    while True:
+        draft = _run_editor(draft)
+        if draft == start:
+            _say(f"No changes; {path} left as it was.")
+            return
+        try:
+            after = check_config_text(draft, path)
+            break
+        except SettingsError as error:
+            # Interactive users get their text back to fix it, like visudo; scripts get a refusal.
+            if sys.stdin.isatty() and typer.confirm(f"{error}\nEdit again?", default=True, err=True):
+                continue
+            fail(str(error), f"Nothing was saved; {path} is unchanged.", code=EXIT_USAGE)
+    try:
+        before = check_config_text(original, path)
+    except SettingsError:
+        before = Settings()  # the old file was broken; count every value the new one sets as a change
+    _save(draft)
+    changed = changed_keys(before, after)
+    if not changed:
+        _say(f"Saved {path} (no setting changed value)")
+        return
+    _apply_live(f"Saved {path}; changed {', '.join(changed)}", changed)
+
+
+def _run_editor(text: str) -> str:
+    """Let the user edit `text` in their editor, in a private temp file next to the config."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    folder = home()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".config.edit.", suffix=".toml")  # mode 0600
+    draft = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        try:
+            result = subprocess.run([*shlex.split(editor), str(draft)])
+        except OSError as error:
+            fail(f"cannot run editor {editor!r}: {error.strerror or error}", "Set $EDITOR, e.g. export EDITOR=nano.")
+        if result.returncode != 0:
+            fail(f"editor {editor!r} exited with status {result.returncode}; nothing was saved.")
+        return draft.read_text(encoding="utf-8")
+    finally:
+        draft.unlink(missing_ok=True)

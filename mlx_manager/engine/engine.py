@@ -1,0 +1,201 @@
+"""The engine's public face: submit jobs from asyncio, get events back, cancel, inspect.
+
+Everything here runs on the caller's (event loop) thread and talks to the one inference
+thread (`worker.py`) through a thread-safe command queue; events come back through
+`loop.call_soon_threadsafe`, so the event loop never blocks on MLX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator
+
+from mlx_manager.engine.errors import EngineError, EngineStopped, Overloaded
+from mlx_manager.engine.types import Event, Finished, GenerationRequest
+
+if TYPE_CHECKING:
+    from mlx_manager.settings import Settings
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    allowed: list[str] = field(default_factory=list)
+    max_loaded: int = 2
+    keep_alive: float = 1800.0
+    preload: list[str] = field(default_factory=list)
+    queue_limit: int = 64
+    max_batch_size: int = 32
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineConfig:
+        return cls(
+            allowed=list(settings.models.allowed),
+            max_loaded=settings.models.max_loaded,
+            keep_alive=settings.models.keep_alive,
+            preload=list(settings.models.preload),
+            queue_limit=settings.server.queue_limit,
+            max_batch_size=settings.server.max_batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    loaded: list[str]
+    queue_depth: int
+    active_jobs: int
+    loading: str | None
+    running: bool
+
+
+_job_ids = itertools.count(1)
+
+
+class Job:
+    """One submitted generation. Iterate it for events; cancel it when the caller gives up."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+        self.id = next(_job_ids)
+        self.request = request
+        self.completion_tokens = 0  # written by the inference thread
+        self.prompt_tokens = 0
+        self.done = False
+        self.cancelled = False
+        self.stopped_at: float | None = None  # perf_counter() when the engine let go of it
+        self.submitted_at = time.perf_counter()
+        self._loop = loop
+        # The inference thread appends; the loop drains. One wake-up per batch of events,
+        # not per token, keeps the event loop from fighting the inference thread for the GIL.
+        self._events: deque[Event | BaseException] = deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+        self._engine = engine
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            while not self._events:
+                self._ready.clear()
+                self._wake_pending = False
+                if self._events:
+                    break
+                await self._ready.wait()
+            item = self._events.popleft()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Finished):
+                return
+
+    def cancel(self) -> None:
+        """Stop generating for this job; the inference thread drops it within one decode step."""
+        if self.done or self.cancelled:
+            return
+        self.cancelled = True
+        self._engine._send(("cancel", self))
+
+    # Called from the inference thread only.
+    def _emit(self, item: Event | BaseException) -> None:
+        if isinstance(item, (Finished, BaseException)):
+            self.done = True
+            self.stopped_at = time.perf_counter()
+        self._events.append(item)
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+class Engine:
+    """Owns the inference thread. Thread-safe to call from one asyncio loop."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._waiting = 0  # submitted, not yet taken into a batch
+        self._lock = threading.Lock()
+        from mlx_manager.engine.worker import Worker
+
+        self._worker = Worker(self)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._worker.run, name="mlx-inference", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every job, unload the models and join the inference thread."""
+        self._stopping = True
+        if self._thread is None:
+            return
+        self._send(("stop", None))
+        self._thread.join(timeout)
+        self._thread = None
+
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Apply new limits and allow-list; loaded models over the new limits are unloaded when idle."""
+        self.config = config
+        self._send(("reconfigure", config))
+
+    # -- work ------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Job:
+        if self._stopping or self._thread is None:
+            raise EngineStopped("the engine is shutting down")
+        with self._lock:
+            if self._waiting >= self.config.queue_limit:
+                raise Overloaded(
+                    f"{self._waiting} requests are already waiting (server.queue_limit = {self.config.queue_limit})",
+                    retry_after=1.0,
+                )
+            self._waiting += 1
+        job = Job(request, asyncio.get_running_loop(), self)
+        self._send(("submit", job))
+        return job
+
+    async def load(self, model_id: str) -> None:
+        """Load a model (or touch it if loaded). Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._send(("load", (model_id, loop, future)))
+        await future
+
+    def status(self) -> EngineStatus:
+        worker = self._worker
+        return EngineStatus(
+            loaded=worker.pool.loaded_ids(),
+            queue_depth=self._waiting,
+            active_jobs=worker.active_count,
+            loading=worker.pool.loading,
+            running=self._thread is not None and not self._stopping,
+        )
+
+    def known_models(self) -> list[str]:
+        """Loaded models first, then the allow-list: what /v1/models shows."""
+        seen = dict.fromkeys(self._worker.pool.loaded_ids())
+        seen.update(dict.fromkeys(self.config.allowed))
+        return list(seen)
+
+    # -- used by the worker ----------------------------------------------------------------
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    def _taken(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+
+__all__ = ["Engine", "EngineConfig", "EngineStatus", "Job", "EngineError"]

@@ -1,0 +1,43 @@
+"""Typed engine errors: the HTTP layer maps each to a problem document."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises to a caller."""
+
+
+class ModelNotFound(EngineError):
+    """No such local folder, and no cached Hugging Face repo of that id."""
+
+
+class ModelNotAllowed(EngineError):
+    """The model is not on the `models.allowed` list."""
+
+
+class ModelLoadFailed(EngineError):
+    """The model exists but could not be loaded (bad weights, unsupported architecture...)."""
+
+
+class ChatTemplateMissing(EngineError):
+    """A chat request for a model whose tokenizer has no chat template."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be run as given (empty prompt, prompt over the model's context...)."""
+
+
+class Overloaded(EngineError):
+    """The queue of waiting jobs is full; try again later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStopped(EngineError):
+    """The engine is shutting down or stopped and takes no new work."""
+
+
+class GenerationFailed(EngineError):
+    """An error inside MLX while generating this job; other jobs are unaffected."""

@@ -1,0 +1,148 @@
+"""The model pool: resolve a model id, load it, keep at most N, unload the idle ones.
+
+Runs on the inference thread only (loading and freeing MLX memory are MLX work).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound
+
+log = logging.getLogger("mlx_manager.engine")
+
+
+@dataclass
+class LoadedModel:
+    model_id: str  # the id it was first loaded under
+    path: Path
+    model: Any
+    tokenizer: Any
+    context_length: int | None
+    load_seconds: float
+    last_used: float = field(default_factory=time.monotonic)
+    active_jobs: int = 0
+
+
+def resolve(model_id: str) -> Path:
+    """A local folder, or a Hugging Face repo id already in the local cache (never downloads)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{model_id!r} is a folder but holds no config.json")
+        return path.resolve()
+    if model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(model_id, local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError, OSError):
+            pass
+    raise ModelNotFound(
+        f"model {model_id!r} is neither a local folder nor a Hugging Face repo in the local cache"
+    )
+
+
+class ModelPool:
+    def __init__(self, allowed: list[str], max_loaded: int, keep_alive: float) -> None:
+        self.allowed = allowed
+        self.max_loaded = max_loaded
+        self.keep_alive = keep_alive
+        self.loading: str | None = None
+        self._models: OrderedDict[Path, LoadedModel] = OrderedDict()  # least recently used first
+        self._ids: dict[str, Path] = {}
+
+    def loaded_ids(self) -> list[str]:
+        return [m.model_id for m in list(self._models.values())]
+
+    def check_allowed(self, model_id: str) -> None:
+        if not self.allowed or model_id in self.allowed:
+            return
+        path = Path(model_id).expanduser()
+        if path.is_dir() and any(Path(a).expanduser().resolve() == path.resolve() for a in self.allowed):
+            return
+        raise ModelNotAllowed(f"model {model_id!r} is not in models.allowed")
+
+    def get(self, model_id: str) -> LoadedModel:
+        """The loaded model for this id, loading it (and evicting the least recently used) if needed."""
+        self.check_allowed(model_id)
+        path = self._ids.get(model_id)
+        if path is None or path not in self._models:
+            path = resolve(model_id)
+            self._ids[model_id] = path
+        entry = self._models.get(path)
+        if entry is None:
+            self._make_room()
+            entry = self._load(model_id, path)
+            self._models[path] = entry
+        self._models.move_to_end(path)
+        entry.last_used = time.monotonic()
+        return entry
+
+    def _load(self, model_id: str, path: Path) -> LoadedModel:
+        from mlx_lm import load
+
+        self.loading = model_id
+        started = time.perf_counter()
+        try:
+            model, tokenizer, config = load(str(path), return_config=True)
+        except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+            raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
+        finally:
+            self.loading = None
+        seconds = time.perf_counter() - started
+        log.info("loaded model %s from %s in %.2fs", model_id, path, seconds)
+        context = config.get("max_position_embeddings")
+        return LoadedModel(model_id, path, model, tokenizer, context if isinstance(context, int) else None, seconds)
+
+    def _make_room(self) -> None:
+        while len(self._models) >= self.max_loaded:
+            victim = next((p for p, m in self._models.items() if m.active_jobs == 0), None)
+            if victim is None:  # every loaded model is busy: go over the limit rather than fail work
+                return
+            self._unload(victim, "least recently used")
+
+    def sweep(self) -> None:
+        """Unload models idle past keep-alive, and any over max_loaded after a reconfigure."""
+        now = time.monotonic()
+        if self.keep_alive > 0:
+            for path, entry in list(self._models.items()):
+                if entry.active_jobs == 0 and now - entry.last_used >= self.keep_alive:
+                    self._unload(path, f"idle for {now - entry.last_used:.0f}s")
+        if len(self._models) > self.max_loaded:
+            self._make_room_below_limit()
+
+    def _make_room_below_limit(self) -> None:
+        for path, entry in list(self._models.items()):
+            if len(self._models) <= self.max_loaded:
+                return
+            if entry.active_jobs == 0:
+                self._unload(path, "over models.max_loaded")
+
+    def next_sweep_in(self) -> float:
+        if self.keep_alive <= 0 or not self._models:
+            return 60.0
+        now = time.monotonic()
+        idle = [self.keep_alive - (now - m.last_used) for m in self._models.values() if m.active_jobs == 0]
+        return max(0.05, min(idle, default=60.0))
+
+    def _unload(self, path: Path, why: str) -> None:
+        import mlx.core as mx
+
+        entry = self._models.pop(path)
+        self._ids = {k: v for k, v in self._ids.items() if v != path}
+        log.info("unloaded model %s (%s)", entry.model_id, why)
+        del entry
+        gc.collect()
+        mx.clear_cache()
+
+    def unload_all(self) -> None:
+        for path in list(self._models):
+            self._unload(path, "shutdown")

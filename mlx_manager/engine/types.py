@@ -1,0 +1,56 @@
+"""What callers hand the engine and what they get back. No MLX here: the daemon imports this freely."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """OpenAI sampling fields, mapped onto mlx-lm's sampler. temperature 0 is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: either `prompt` (completions) or `messages` (chat), never both."""
+
+    model: str
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Started:
+    """First event of every job: the prompt is tokenized and the job is in the batch."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text (complete UTF-8 characters only, stop strings held back)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last event of a job that ran to its end."""
+
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = Started | TextDelta | Finished

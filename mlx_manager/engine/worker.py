@@ -1,0 +1,401 @@
+"""The inference thread: the one place MLX runs.
+
+It takes commands (submit, cancel, load, reconfigure, stop) from the engine's queue, keeps
+one mlx-lm `BatchGenerator` per model with active jobs (continuous batching: a new job joins
+at the next step), advances every batch one decode step per loop, and sends each job its
+text deltas. A cancelled job is removed from its batch before the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlx_manager.engine.errors import (
+    ChatTemplateMissing,
+    EngineError,
+    EngineStopped,
+    GenerationFailed,
+    InvalidRequest,
+)
+from mlx_manager.engine.pool import LoadedModel, ModelPool
+from mlx_manager.engine.textstream import TextStream
+from mlx_manager.engine.types import Finished, Started, TextDelta
+
+if TYPE_CHECKING:
+    from mlx_manager.engine.engine import Engine, Job
+
+log = logging.getLogger("mlx_manager.engine")
+
+
+@dataclass
+class Slot:
+    """A job inside a batch."""
+
+    job: Job
+    text: TextStream
+    prompt_tokens: int
+    sampler: Any
+    uid: int = -1
+
+
+class Solo:
+    """A lone job on mlx-lm's single-sequence loop (`generate_step`): no batching overhead."""
+
+    def __init__(self, entry: LoadedModel, slot: Slot, tokens: list[int]) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.slot = slot
+        self.prompt = tokens
+        self.cache = make_prompt_cache(entry.model)
+        self.last_token: int | None = None
+        self.steps = generate_step(
+            mx.array(tokens),
+            entry.model,
+            max_tokens=slot.job.request.max_tokens,
+            sampler=slot.sampler,
+            prompt_cache=self.cache,
+        )
+
+    def next_token(self) -> int:
+        token, _ = next(self.steps)
+        self.last_token = int(token)
+        return self.last_token
+
+    def hand_over(self) -> tuple[list[int], list[Any] | None]:
+        """What a BatchGenerator needs to continue this job: a prompt and the cache before it.
+
+        generate_step has already fed the last token to the model (its next step runs ahead),
+        so the cache is trimmed by one and the token is given again as the new prompt. A job
+        that has not stepped yet simply starts over from its prompt.
+        """
+        self.steps.close()
+        if self.last_token is None:
+            return self.prompt, None
+        for layer in self.cache:
+            layer.trim(1)
+        return [self.last_token], self.cache
+
+
+class ModelBatch:
+    """The running jobs of one model: one alone on the fast path, several in a BatchGenerator."""
+
+    def __init__(self, entry: LoadedModel, max_batch_size: int) -> None:
+        self.entry = entry
+        self.max_batch_size = max_batch_size
+        self.eos = entry.tokenizer.eos_token_ids
+        self.generator = None
+        self.solo: Solo | None = None
+        self.slots: dict[int, Slot] = {}
+        self.fresh: set[int] = set()  # inserted since the last step that went well
+        self._solo_uid = -1
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def add(self, slot: Slot, tokens: list[int]) -> None:
+        if not self.slots and self.generator is None:
+            slot.uid = self._solo_uid
+            self.solo = Solo(self.entry, slot, tokens)
+        else:
+            if self.solo is not None:
+                self._move_solo_to_batch()
+            (slot.uid,) = self._batch().insert([tokens], max_tokens=[slot.job.request.max_tokens], samplers=[slot.sampler])
+        self.slots[slot.uid] = slot
+        self.fresh.add(slot.uid)
+
+    def _batch(self):
+        if self.generator is None:
+            from mlx_lm.generate import BatchGenerator
+
+            self.generator = BatchGenerator(
+                self.entry.model,
+                stop_tokens=[[t] for t in self.eos],
+                completion_batch_size=self.max_batch_size,
+                prefill_batch_size=min(8, self.max_batch_size),
+            )
+        return self.generator
+
+    def _move_solo_to_batch(self) -> None:
+        solo, self.solo = self.solo, None
+        slot = self.slots.pop(solo.slot.uid)
+        self.fresh.discard(slot.uid)
+        prompt, cache = solo.hand_over()
+        remaining = slot.job.request.max_tokens - slot.job.completion_tokens
+        (slot.uid,) = self._batch().insert(
+            [prompt], max_tokens=[remaining], caches=[cache] if cache else None, samplers=[slot.sampler]
+        )
+        self.slots[slot.uid] = slot
+
+    def remove(self, uid: int) -> Slot | None:
+        slot = self.slots.pop(uid, None)
+        if slot is None:
+            return None
+        self.fresh.discard(uid)
+        if self.solo is not None and self.solo.slot is slot:
+            self.solo.steps.close()
+            self.solo = None
+        elif self.generator is not None:
+            self.generator.remove([uid])
+        return slot
+
+    def step(self) -> list[Slot]:
+        """One decode step for every job; returns the slots that finished."""
+        if self.solo is not None:
+            slot = self.solo.slot
+            token = self.solo.next_token()
+            self.fresh.clear()
+            reason = "stop" if token in self.eos else None
+            if reason is None and slot.job.completion_tokens + 1 >= slot.job.request.max_tokens:
+                reason = "length"
+            finished = [slot] if self._deliver(slot, token, reason) else []
+            if finished:
+                self.remove(slot.uid)
+            return finished
+        _, responses = self.generator.next()
+        self.fresh.clear()
+        finished = [
+            slot
+            for r in responses
+            if (slot := self.slots.get(r.uid)) is not None and self._deliver(slot, r.token, r.finish_reason)
+        ]
+        for slot in finished:
+            # mlx-lm dropped the ones it finished; a stop string is ours to remove.
+            self.remove(slot.uid) if slot.text.stopped else self.slots.pop(slot.uid, None)
+        return finished
+
+    @staticmethod
+    def _deliver(slot: Slot, token: int, reason: str | None) -> bool:
+        """Send the text this token completes; True when the job is over."""
+        job = slot.job
+        if reason == "stop":  # an end-of-sequence token: not part of the text
+            text = slot.text.finish()
+        else:
+            job.completion_tokens += 1
+            text = slot.text.add(token)
+            if reason == "length" and not slot.text.stopped:
+                text += slot.text.finish()
+        if text:
+            job._emit(TextDelta(text))
+        if slot.text.stopped:
+            reason = "stop"
+        if reason is None:
+            return False
+        job._emit(Finished(reason, slot.prompt_tokens, job.completion_tokens))
+        return True
+
+    def close(self) -> None:
+        if self.solo is not None:
+            self.solo.steps.close()
+            self.solo = None
+        if self.generator is not None:
+            self.generator.close()
+
+
+class Worker:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        config = engine.config
+        self.pool = ModelPool(list(config.allowed), config.max_loaded, config.keep_alive)
+        self.batches: dict[Path, ModelBatch] = {}
+        self.pending: deque[Job] = deque()  # waiting for a batch slot
+        self.active_count = 0
+        self._running = True
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        for model_id in self.engine.config.preload:
+            try:
+                self.pool.get(model_id)
+            except EngineError as exc:
+                log.error("could not preload %s: %s", model_id, exc)
+        while self._running:
+            busy = bool(self.batches) or bool(self.pending)
+            self._drain_commands(block=not busy)
+            self._admit_pending()
+            for path, batch in list(self.batches.items()):
+                self._step(path, batch)
+            self.active_count = sum(len(b) for b in self.batches.values())
+            if not self.batches:
+                self.pool.sweep()
+        self._shutdown()
+
+    def _drain_commands(self, block: bool) -> None:
+        timeout = self.pool.next_sweep_in() if block else None
+        try:
+            command = self.engine._commands.get(timeout=timeout) if block else self.engine._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*command)
+            try:
+                command = self.engine._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "submit":
+            self.pending.append(payload)
+        elif kind == "cancel":
+            self._cancel(payload)
+        elif kind == "load":
+            self._load(*payload)
+        elif kind == "reconfigure":
+            self.pool.allowed = list(payload.allowed)
+            self.pool.max_loaded = payload.max_loaded
+            self.pool.keep_alive = payload.keep_alive
+        elif kind == "stop":
+            self._running = False
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def _admit_pending(self) -> None:
+        limit = self.engine.config.max_batch_size
+        while self.pending:
+            job = self.pending[0]
+            if job.cancelled:
+                self.pending.popleft()
+                self.engine._taken()
+                job.stopped_at = time.perf_counter()
+                job.done = True
+                continue
+            if sum(len(b) for b in self.batches.values()) >= limit:
+                return
+            self.pending.popleft()
+            self.engine._taken()
+            try:
+                self._admit(job)
+            except EngineError as exc:
+                job._emit(exc)
+            except Exception as exc:  # a tokenizer or template bug must not take the thread down
+                log.exception("job %s could not start", job.request.request_id)
+                job._emit(GenerationFailed(f"the request could not be prepared: {type(exc).__name__}"))
+
+    def _admit(self, job: Job) -> None:
+        from mlx_manager.engine.sampling import sampler_for
+
+        entry = self.pool.get(job.request.model)
+        tokens = self._prompt_tokens(entry, job)
+        if entry.context_length and len(tokens) >= entry.context_length:
+            raise InvalidRequest(
+                f"the prompt has {len(tokens)} tokens; model {job.request.model!r} takes at most {entry.context_length}"
+            )
+        batch = self.batches.get(entry.path)
+        if batch is None:
+            batch = self.batches[entry.path] = ModelBatch(entry, self.engine.config.max_batch_size)
+        slot = Slot(job, TextStream(entry.tokenizer.detokenizer, job.request.stop), len(tokens), sampler_for(job.request.sampling))
+        job.prompt_tokens = len(tokens)
+        batch.add(slot, tokens)
+        entry.active_jobs += 1
+        job._emit(Started(len(tokens)))
+
+    @staticmethod
+    def _prompt_tokens(entry: LoadedModel, job: Job) -> list[int]:
+        request, tokenizer = job.request, entry.tokenizer
+        if request.messages is not None:
+            if not tokenizer.has_chat_template:
+                raise ChatTemplateMissing(f"model {request.model!r} has no chat template; use /v1/completions")
+            messages = [{**m, "content": _text_of(m.get("content"))} for m in request.messages]
+            tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        elif isinstance(request.prompt, str):
+            bos = tokenizer.bos_token
+            tokens = tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))
+        else:
+            tokens = list(request.prompt or [])
+            vocab = len(tokenizer.tokenizer) if hasattr(tokenizer, "tokenizer") else None
+            if vocab and any(not 0 <= t < vocab for t in tokens):
+                raise InvalidRequest(f"prompt token ids must be between 0 and {vocab - 1}")
+        if not tokens:
+            raise InvalidRequest("the prompt is empty")
+        return tokens
+
+    def _cancel(self, job: Job) -> None:
+        for path, batch in self.batches.items():
+            for slot in list(batch.slots.values()):
+                if slot.job is job:
+                    batch.remove(slot.uid)
+                    batch.entry.active_jobs -= 1
+                    self._release(path, batch)
+                    job.done = True
+                    job.stopped_at = time.perf_counter()
+                    return
+        # Still pending: _admit_pending drops it.
+
+    def _step(self, path: Path, batch: ModelBatch) -> None:
+        try:
+            finished = batch.step()
+        except Exception as exc:
+            self._fail_step(path, batch, exc)
+            return
+        for _ in finished:
+            batch.entry.active_jobs -= 1
+        if not batch.slots:
+            self._release(path, batch)
+
+    def _fail_step(self, path: Path, batch: ModelBatch, exc: Exception) -> None:
+        """An MLX error in a step: fail the jobs that joined just before it (or all, if none did)."""
+        suspects = batch.fresh or set(batch.slots)
+        log.error("generation step failed for %d job(s): %s", len(suspects), exc)
+        for uid in list(suspects):
+            slot = batch.remove(uid)
+            if slot is not None:
+                batch.entry.active_jobs -= 1
+                slot.job._emit(GenerationFailed(f"generation failed: {type(exc).__name__}"))
+        if not batch.slots:
+            self._release(path, batch)
+
+    def _release(self, path: Path, batch: ModelBatch) -> None:
+        if not batch.slots and self.batches.get(path) is batch:
+            batch.close()
+            del self.batches[path]
+
+    def _load(self, model_id: str, loop, future) -> None:
+        def settle(error: BaseException | None) -> None:
+            if not future.done():
+                future.set_exception(error) if error else future.set_result(None)
+
+        try:
+            self.pool.get(model_id)
+            error = None
+        except EngineError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("loading %s failed", model_id)
+            error = GenerationFailed(f"loading {model_id!r} failed: {type(exc).__name__}")
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:
+            pass
+
+    def _shutdown(self) -> None:
+        stopped = EngineStopped("the engine stopped")
+        for batch in self.batches.values():
+            for slot in batch.slots.values():
+                slot.job._emit(stopped)
+            batch.close()
+        self.batches.clear()
+        while self.pending:
+            self.pending.popleft()._emit(stopped)
+        while True:
+            try:
+                kind, payload = self.engine._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                payload._emit(stopped)
+        self.pool.unload_all()
+
+
+def _text_of(content: Any) -> str:
+    """OpenAI message content: a string, or a list of parts of which the text parts count."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
