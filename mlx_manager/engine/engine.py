@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
 from mlx_manager.engine.errors import EngineError, EngineStopped, Overloaded
-from mlx_manager.engine.types import Event, Finished, GenerationRequest
+from mlx_manager.engine.types import Event, Finished, GenerationRequest, Started
 
 if TYPE_CHECKING:
     from mlx_manager.settings import Settings
@@ -66,6 +66,7 @@ class Job:
         self.prompt_tokens = 0
         self.done = False
         self.cancelled = False
+        self._started = False
         self.stopped_at: float | None = None  # perf_counter() when the engine let go of it
         self.submitted_at = time.perf_counter()
         self._loop = loop
@@ -94,6 +95,15 @@ class Job:
             if isinstance(item, Finished):
                 return
 
+    def _release(self) -> None:
+        """The engine let go of this job (finished, failed or cancelled)."""
+        if self.done:
+            return
+        if self._started:
+            self._engine._count_active(-1)
+        self.done = True
+        self.stopped_at = time.perf_counter()
+
     def cancel(self) -> None:
         """Stop generating for this job; the inference thread drops it within one decode step."""
         if self.done or self.cancelled:
@@ -103,9 +113,11 @@ class Job:
 
     # Called from the inference thread only.
     def _emit(self, item: Event | BaseException) -> None:
-        if isinstance(item, (Finished, BaseException)):
-            self.done = True
-            self.stopped_at = time.perf_counter()
+        if isinstance(item, Started):
+            self._started = True
+            self._engine._count_active(+1)
+        elif isinstance(item, (Finished, BaseException)):
+            self._release()
         self._events.append(item)
         if self._wake_pending:
             return
@@ -125,6 +137,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._waiting = 0  # submitted, not yet taken into a batch
+        self._active = 0  # started, not yet finished
         self._lock = threading.Lock()
         from mlx_manager.engine.worker import Worker
 
@@ -178,7 +191,7 @@ class Engine:
         return EngineStatus(
             loaded=worker.pool.loaded_ids(),
             queue_depth=self._waiting,
-            active_jobs=worker.active_count,
+            active_jobs=self._active,
             loading=worker.pool.loading,
             running=self._thread is not None and not self._stopping,
         )
@@ -192,6 +205,10 @@ class Engine:
     # -- used by the worker ----------------------------------------------------------------
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
+
+    def _count_active(self, delta: int) -> None:
+        with self._lock:
+            self._active += delta
 
     def _taken(self) -> None:
         with self._lock:

@@ -39,9 +39,13 @@ class Slot:
 
     job: Job
     text: TextStream
-    prompt_tokens: int
+    tokens: list[int]  # the prompt, then every token generated: enough to rebuild its cache
     sampler: Any
     uid: int = -1
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.tokens) - self.job.completion_tokens
 
 
 class Solo:
@@ -94,7 +98,7 @@ class ModelBatch:
         self.generator = None
         self.solo: Solo | None = None
         self.slots: dict[int, Slot] = {}
-        self.fresh: set[int] = set()  # inserted since the last step that went well
+        self.fresh: set[int] = set()  # joined, no token yet: the suspects if a step fails
         self._solo_uid = -1
 
     def __len__(self) -> int:
@@ -151,7 +155,6 @@ class ModelBatch:
         if self.solo is not None:
             slot = self.solo.slot
             token = self.solo.next_token()
-            self.fresh.clear()
             reason = "stop" if token in self.eos else None
             if reason is None and slot.job.completion_tokens + 1 >= slot.job.request.max_tokens:
                 reason = "length"
@@ -160,7 +163,6 @@ class ModelBatch:
                 self.remove(slot.uid)
             return finished
         _, responses = self.generator.next()
-        self.fresh.clear()
         finished = [
             slot
             for r in responses
@@ -171,14 +173,15 @@ class ModelBatch:
             self.remove(slot.uid) if slot.text.stopped else self.slots.pop(slot.uid, None)
         return finished
 
-    @staticmethod
-    def _deliver(slot: Slot, token: int, reason: str | None) -> bool:
+    def _deliver(self, slot: Slot, token: int, reason: str | None) -> bool:
         """Send the text this token completes; True when the job is over."""
+        self.fresh.discard(slot.uid)
         job = slot.job
         if reason == "stop":  # an end-of-sequence token: not part of the text
             text = slot.text.finish()
         else:
             job.completion_tokens += 1
+            slot.tokens.append(token)
             text = slot.text.add(token)
             if reason == "length" and not slot.text.stopped:
                 text += slot.text.finish()
@@ -190,6 +193,24 @@ class ModelBatch:
             return False
         job._emit(Finished(reason, slot.prompt_tokens, job.completion_tokens))
         return True
+
+    def recover(self) -> list[Slot]:
+        """After a failed step: drop the jobs that had no token yet (the suspects) and return them.
+
+        The BatchGenerator's state cannot be trusted after an exception, so the survivors go
+        into a new one, their caches rebuilt from their prompt plus the tokens they already
+        produced; they carry on from where they were.
+        """
+        suspects = self.fresh or set(self.slots)
+        failed = [self.slots[uid] for uid in suspects]
+        survivors = [slot for uid, slot in self.slots.items() if uid not in suspects]
+        self.close()
+        self.generator, self.slots, self.fresh = None, {}, set()
+        for slot in survivors:
+            remaining = slot.job.request.max_tokens - slot.job.completion_tokens
+            (slot.uid,) = self._batch().insert([list(slot.tokens)], max_tokens=[remaining], samplers=[slot.sampler])
+            self.slots[slot.uid] = slot
+        return failed
 
     def close(self) -> None:
         if self.solo is not None:
@@ -206,7 +227,6 @@ class Worker:
         self.pool = ModelPool(list(config.allowed), config.max_loaded, config.keep_alive)
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot
-        self.active_count = 0
         self._running = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -222,7 +242,6 @@ class Worker:
             self._admit_pending()
             for path, batch in list(self.batches.items()):
                 self._step(path, batch)
-            self.active_count = sum(len(b) for b in self.batches.values())
             if not self.batches:
                 self.pool.sweep()
         self._shutdown()
@@ -262,8 +281,7 @@ class Worker:
             if job.cancelled:
                 self.pending.popleft()
                 self.engine._taken()
-                job.stopped_at = time.perf_counter()
-                job.done = True
+                job._release()
                 continue
             if sum(len(b) for b in self.batches.values()) >= limit:
                 return
@@ -289,7 +307,7 @@ class Worker:
         batch = self.batches.get(entry.path)
         if batch is None:
             batch = self.batches[entry.path] = ModelBatch(entry, self.engine.config.max_batch_size)
-        slot = Slot(job, TextStream(entry.tokenizer.detokenizer, job.request.stop), len(tokens), sampler_for(job.request.sampling))
+        slot = Slot(job, TextStream(entry.tokenizer.detokenizer, job.request.stop), list(tokens), sampler_for(job.request.sampling))
         job.prompt_tokens = len(tokens)
         batch.add(slot, tokens)
         entry.active_jobs += 1
@@ -322,8 +340,7 @@ class Worker:
                     batch.remove(slot.uid)
                     batch.entry.active_jobs -= 1
                     self._release(path, batch)
-                    job.done = True
-                    job.stopped_at = time.perf_counter()
+                    job._release()
                     return
         # Still pending: _admit_pending drops it.
 
@@ -339,14 +356,12 @@ class Worker:
             self._release(path, batch)
 
     def _fail_step(self, path: Path, batch: ModelBatch, exc: Exception) -> None:
-        """An MLX error in a step: fail the jobs that joined just before it (or all, if none did)."""
-        suspects = batch.fresh or set(batch.slots)
-        log.error("generation step failed for %d job(s): %s", len(suspects), exc)
-        for uid in list(suspects):
-            slot = batch.remove(uid)
-            if slot is not None:
-                batch.entry.active_jobs -= 1
-                slot.job._emit(GenerationFailed(f"generation failed: {type(exc).__name__}"))
+        """An MLX error in a step fails the jobs that had just joined (all of them if none had)."""
+        failed = batch.recover()
+        log.error("generation step failed for %d job(s): %s", len(failed), exc)
+        for slot in failed:
+            batch.entry.active_jobs -= 1
+            slot.job._emit(GenerationFailed(f"generation failed: {type(exc).__name__}"))
         if not batch.slots:
             self._release(path, batch)
 

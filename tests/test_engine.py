@@ -1,0 +1,307 @@
+"""The engine with real tiny MLX models: batching, determinism, cancellation, the pool, the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import pytest
+
+from mlx_manager.engine import (
+    ChatTemplateMissing,
+    Engine,
+    EngineConfig,
+    Finished,
+    GenerationFailed,
+    GenerationRequest,
+    InvalidRequest,
+    ModelNotAllowed,
+    ModelNotFound,
+    Overloaded,
+    SamplingParams,
+    Started,
+    TextDelta,
+)
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture
+def engine():
+    engines = []
+
+    def make(**config) -> Engine:
+        e = Engine(EngineConfig(**config))
+        e.start()
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+async def collect(job):
+    """Run a job to its end: (text, Finished event, events seen)."""
+    text, events = [], []
+    async for event in job:
+        events.append(event)
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+    return "".join(text), events[-1], events
+
+
+def request(model, prompt="hello", max_tokens=24, **kw) -> GenerationRequest:
+    return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, sampling=kw.pop("sampling", GREEDY), **kw)
+
+
+def test_events_and_usage(engine, fast_model):
+    async def main():
+        e = engine()
+        text, finished, events = await collect(e.submit(request(fast_model, max_tokens=16)))
+        assert isinstance(events[0], Started) and events[0].prompt_tokens > 0
+        assert finished == Finished("length", events[0].prompt_tokens, 16)
+        assert text
+
+    asyncio.run(main())
+
+
+def test_chat_uses_the_template(engine, fast_model):
+    async def main():
+        e = engine()
+        job = e.submit(GenerationRequest(model=fast_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4))
+        _, finished, events = await collect(job)
+        # <|user|> hi <|end|> <|assistant|>: the template's tokens around one word.
+        assert events[0].prompt_tokens >= 4
+        assert finished.completion_tokens == 4
+
+    asyncio.run(main())
+
+
+def test_greedy_is_deterministic_alone_and_in_a_batch_of_8(engine, fast_model):
+    async def main():
+        e = engine()
+        prompts = [f"prompt number {i} says" for i in range(8)]
+        alone = [await collect(e.submit(request(fast_model, p, 32))) for p in prompts]
+        together = await asyncio.gather(*(collect(e.submit(request(fast_model, p, 32))) for p in prompts))
+        # Some join while others are already generating (continuous batching).
+        async def late(i, p):
+            await asyncio.sleep(0.003 * i)
+            return await collect(e.submit(request(fast_model, p, 32)))
+
+        staggered = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
+        assert [t for t, _, _ in together] == [t for t, _, _ in alone]
+        assert [t for t, _, _ in staggered] == [t for t, _, _ in alone]
+        assert len({t for t, _, _ in alone}) > 1  # the prompts really give different texts
+
+    asyncio.run(main())
+
+
+def test_eight_concurrent_jobs_finish_with_their_own_limits(engine, fast_model):
+    async def main():
+        e = engine()
+        jobs = [e.submit(request(fast_model, f"job {i}", max_tokens=5 + i)) for i in range(8)]
+        results = await asyncio.gather(*(collect(j) for j in jobs))
+        for i, (_, finished, _) in enumerate(results):
+            assert finished.finish_reason == "length"
+            assert finished.completion_tokens == 5 + i
+        assert e.status().active_jobs == 0
+
+    asyncio.run(main())
+
+
+def test_stop_strings_end_the_text_and_are_not_sent(engine, fast_model):
+    async def main():
+        e = engine()
+        full, _, _ = await collect(e.submit(request(fast_model, "stop test", 40)))
+        stop = full[10:13]
+        assert len(stop) == 3
+        text, finished, _ = await collect(e.submit(request(fast_model, "stop test", 40, stop=[stop])))
+        assert finished.finish_reason == "stop"
+        assert text == full[: full.index(stop)]
+        assert finished.completion_tokens < 40
+
+    asyncio.run(main())
+
+
+def test_seed_makes_sampling_repeatable(engine, fast_model):
+    async def main():
+        e = engine()
+        seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+        a = await collect(e.submit(request(fast_model, "sample", 24, sampling=seeded)))
+        b = await collect(e.submit(request(fast_model, "sample", 24, sampling=seeded)))
+        other = await collect(e.submit(request(fast_model, "sample", 24, sampling=SamplingParams(temperature=1.0, seed=99))))
+        assert a[0] == b[0]
+        assert a[0] != other[0]
+
+    asyncio.run(main())
+
+
+def test_cancel_stops_within_one_step_and_others_finish(engine, slow_model):
+    async def main():
+        e = engine()
+        victim = e.submit(request(slow_model, "the victim", max_tokens=2000))
+        other = e.submit(request(slow_model, "the survivor", max_tokens=12))
+        other_task = asyncio.create_task(collect(other))
+        seen = 0
+        async for event in victim:
+            if isinstance(event, TextDelta):
+                seen += 1
+            if victim.completion_tokens >= 3:
+                break
+        at_cancel = victim.completion_tokens
+        victim.cancel()
+        _, finished, _ = await other_task
+        await asyncio.sleep(0.3)
+        assert victim.done and victim.stopped_at is not None
+        assert victim.completion_tokens <= at_cancel + 1
+        assert finished == Finished("length", finished.prompt_tokens, 12)
+        assert e.status().active_jobs == 0
+
+    asyncio.run(main())
+
+
+def test_cancel_while_waiting_for_a_slot(engine, fast_model):
+    async def main():
+        e = engine(max_batch_size=1)
+        first = e.submit(request(fast_model, max_tokens=200))
+        waiting = e.submit(request(fast_model, max_tokens=200))
+        waiting.cancel()
+        await collect(first)
+        for _ in range(50):
+            if waiting.done:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting.done and waiting.completion_tokens == 0
+        assert e.status().queue_depth == 0
+
+    asyncio.run(main())
+
+
+def test_queue_limit_refuses_with_overloaded(engine, slow_model):
+    async def main():
+        e = engine(max_batch_size=1, queue_limit=2)
+        running = e.submit(request(slow_model, max_tokens=5000))
+        async for event in running:
+            if isinstance(event, Started):
+                break
+        waiting = [e.submit(request(slow_model, max_tokens=5)) for _ in range(2)]
+        assert e.status().queue_depth == 2
+        with pytest.raises(Overloaded) as refused:
+            e.submit(request(slow_model, max_tokens=5))
+        assert refused.value.retry_after > 0
+        assert "server.queue_limit = 2" in str(refused.value)
+        for job in [running, *waiting]:
+            job.cancel()
+
+    asyncio.run(main())
+
+
+def test_allow_list_refuses_an_unlisted_model(engine, fast_model, no_template_model):
+    async def main():
+        e = engine(allowed=[fast_model])
+        with pytest.raises(ModelNotAllowed, match="models.allowed"):
+            await collect(e.submit(request(no_template_model)))
+        await collect(e.submit(request(fast_model, max_tokens=2)))
+        assert e.known_models() == [fast_model]
+
+    asyncio.run(main())
+
+
+def test_unknown_model_and_missing_template_are_clear_errors(engine, tmp_path, no_template_model):
+    async def main():
+        e = engine()
+        with pytest.raises(ModelNotFound, match="neither a local folder nor"):
+            await collect(e.submit(request(str(tmp_path / "nothing-here"))))
+        with pytest.raises(ModelNotFound):
+            await collect(e.submit(request("some-org/not-cached-model")))
+        with pytest.raises(ChatTemplateMissing, match="no chat template"):
+            await collect(e.submit(GenerationRequest(model=no_template_model, messages=[{"role": "user", "content": "x"}])))
+        with pytest.raises(InvalidRequest, match="empty"):
+            await collect(e.submit(request(no_template_model, prompt="")))
+        # The thread is still serving.
+        _, finished, _ = await collect(e.submit(request(no_template_model, max_tokens=3)))
+        assert finished.completion_tokens == 3
+
+    asyncio.run(main())
+
+
+def test_lru_unloads_the_least_recently_used(engine, fast_model, tmp_path):
+    a, b, c = fast_model, str(tmp_path / "b"), str(tmp_path / "c")
+    shutil.copytree(fast_model, b)
+    shutil.copytree(fast_model, c)
+
+    async def main():
+        e = engine(max_loaded=2)
+        await e.load(a)
+        await e.load(b)
+        await collect(e.submit(request(a, max_tokens=2)))  # a is now the most recently used
+        await e.load(c)
+        assert sorted(e.status().loaded) == sorted([a, c])
+
+    asyncio.run(main())
+
+
+def test_keep_alive_unloads_an_idle_model(engine, fast_model):
+    async def main():
+        e = engine(keep_alive=0.5)
+        await collect(e.submit(request(fast_model, max_tokens=2)))
+        assert e.status().loaded == [fast_model]
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if not e.status().loaded:
+                break
+        assert e.status().loaded == []
+
+    asyncio.run(main())
+
+
+def test_a_failing_step_fails_only_that_job(engine, fast_model, monkeypatch):
+    """A sampler that raises inside the MLX step stands in for an MLX error in one job."""
+    import mlx_manager.engine.sampling as sampling
+
+    real = sampling.sampler_for
+
+    def sampler_for(params):
+        if params.seed == 666:
+            def broken(logprobs):
+                raise ValueError("simulated MLX failure")
+            return broken
+        return real(params)
+
+    monkeypatch.setattr(sampling, "sampler_for", sampler_for)
+
+    async def main():
+        e = engine()
+        healthy = e.submit(request(fast_model, "healthy", max_tokens=300))
+        healthy_task = asyncio.create_task(collect(healthy))
+        await asyncio.sleep(0.05)
+        broken = e.submit(request(fast_model, "broken", sampling=SamplingParams(temperature=1, seed=666)))
+        with pytest.raises(GenerationFailed):
+            await collect(broken)
+        _, finished, _ = await healthy_task
+        assert finished.completion_tokens == 300
+
+    asyncio.run(main())
+
+
+def test_stop_fails_waiting_jobs_and_refuses_new_ones(fast_model):
+    from mlx_manager.engine import EngineStopped
+
+    async def main():
+        e = Engine(EngineConfig())
+        e.start()
+        job = e.submit(request(fast_model, max_tokens=100000))
+        async for event in job:
+            if isinstance(event, TextDelta):
+                break
+        started = time.perf_counter()
+        await asyncio.to_thread(e.stop)
+        assert time.perf_counter() - started < 5
+        with pytest.raises(EngineStopped):
+            await collect(job)
+        with pytest.raises(EngineStopped):
+            e.submit(request(fast_model))
+
+    asyncio.run(main())
