@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_manager import __version__
-from mlx_manager.cli import audit, config, serve
+from mlx_manager.cli import audit, config, lifecycle, serve, service
 
 app = typer.Typer(
     name="mlx-manager",
@@ -41,6 +41,10 @@ def root(
 app.command(epilog=serve.EPILOG)(serve.serve)
 app.add_typer(config.app, name="config")
 app.add_typer(audit.app, name="audit")
+app.add_typer(service.app, name="service")
+# lifecycle.register(app) adds start, stop, restart, status and logs as top-level commands.
+if hasattr(lifecycle, "register"):
+    lifecycle.register(app)
 
 
 def main() -> None:
