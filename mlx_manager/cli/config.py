@@ -33,6 +33,7 @@ from mlx_manager.settings import (
     parse_value,
     read_config_text,
     set_in_document,
+    suggest_key,
     unset_in_document,
     write_config_text,
 )
@@ -76,13 +77,17 @@ def _say(line: str) -> None:
 
 
 def _refuse(error: SettingsError, json_output: bool = False) -> NoReturn:
-    fail(str(error), code=EXIT_USAGE, json_output=json_output)
+    """A bad key or value given on the command line: exit 2, nothing written."""
+    key = error.key or ""
+    lost = key not in key_infos() and key not in Settings.model_fields and not suggest_key(key)
+    hint = "`mlx-manager config list` shows every key." if lost else None
+    fail(f"{error}.", hint, code=EXIT_USAGE, json_output=json_output)
 
 
 def _broken(error: SettingsError, json_output: bool = False) -> NoReturn:
     """Settings that were already invalid before this command (the file, or a variable)."""
     hint = "Fix it with `mlx-manager config edit`." if error.file else "Fix or unset that variable."
-    fail(str(error), hint, code=EXIT_ERROR, json_output=json_output)
+    fail(f"{error}.", hint, code=EXIT_ERROR, json_output=json_output)
 
 
 def _effective(json_output: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
@@ -112,8 +117,9 @@ def _env_note(key: str) -> None:
         warn(f"{var} is set in this environment and overrides the file's value here.")
 
 
-def _apply_live(summary: str, keys: list[str]) -> None:
-    """Tell a running daemon to reload and say, on the summary line, what it made of the change."""
+def _apply_live(summary: str, keys: list[str] | None) -> None:
+    """Tell a running daemon to reload and say, on the summary line, what it made of the change.
+    `keys` are the keys this command changed; None reports whatever the daemon says changed."""
     from mlx_manager.cli.daemon_client import request_reload
 
     outcome = request_reload()
@@ -122,18 +128,22 @@ def _apply_live(summary: str, keys: list[str]) -> None:
         return
     if outcome.error:
         _say(summary)
-        warn(f"the running daemon at {outcome.url} did not confirm the change: {outcome.error}. Restart it to apply the change.")
+        warn(
+            f"the running daemon at {outcome.url} did not confirm the change: {outcome.error}. "
+            "Restart it to apply the change."
+        )
         return
-    applied = [key for key in keys if key in outcome.applied]
-    restart = [key for key in keys if key in outcome.restart_needed]
-    notes = []
+    applied = [key for key in outcome.applied if keys is None or key in keys]
+    restart = [key for key in outcome.restart_needed if keys is None or key in keys]
+    said = f"running daemon at {outcome.url}"
     if applied:
-        notes.append("applied " + ("it" if applied == keys else ", ".join(applied)))
+        said += " applied " + ("it" if keys and applied == keys == [applied[0]] else ", ".join(applied))
     if restart:
-        notes.append("restart needed for " + ", ".join(restart))
-    if not notes:
-        notes.append("reloaded; no value it uses changed")
-    _say(f"{summary} (running daemon at {outcome.url} {'; '.join(notes)})")
+        said += ("; " if applied else ": ") + "restart needed for " + ", ".join(restart)
+    if not applied and not restart:
+        # Typically the daemon was started with a flag (serve --port) or a variable for this key.
+        said += " reloaded; no value it uses changed"
+    _say(f"{summary} ({said})")
 
 
 def _save(text: str, json_output: bool = False) -> None:
@@ -143,7 +153,9 @@ def _save(text: str, json_output: bool = False) -> None:
         fail(f"cannot write {config_path()}: {error.strerror or error}", code=EXIT_ERROR, json_output=json_output)
 
 
-@app.command(epilog="Examples:\n\n  mlx-manager config get timeouts.chat\n\n  mlx-manager config get server.port --json")
+@app.command(
+    epilog="Examples:\n\n  mlx-manager config get timeouts.chat\n\n  mlx-manager config get server.port --json"
+)
 def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     """Print the value a setting has now (flag > environment > file > default)."""
     try:
@@ -219,8 +231,8 @@ def unset(key: KeyArgument) -> None:
     except SettingsError as error:
         _broken(error)  # the file held other problems before; removing this key did not fix them
     _save(new_text)
-    if not known:
-        _say(f"Removed unknown key {key} from {path}.")
+    if not known:  # the file was broken until now, so the daemon may have missed earlier changes
+        _apply_live(f"Removed unknown key {key} from {path}", None)
         return
     _env_note(key)
     _apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
@@ -228,7 +240,10 @@ def unset(key: KeyArgument) -> None:
 
 @app.command(
     "list",
-    epilog="Examples:\n\n  mlx-manager config list\n\n  mlx-manager config list --show-origin\n\n  mlx-manager config list --json",
+    epilog=(
+        "Examples:\n\n  mlx-manager config list\n\n  mlx-manager config list --show-origin\n\n"
+        "  mlx-manager config list --json"
+    ),
 )
 def list_(
     json_output: JsonOption = False,
@@ -287,17 +302,16 @@ def edit() -> None:
             # Interactive users get their text back to fix it, like visudo; scripts get a refusal.
             if sys.stdin.isatty() and typer.confirm(f"{error}\nEdit again?", default=True, err=True):
                 continue
-            fail(str(error), f"Nothing was saved; {path} is unchanged.", code=EXIT_USAGE)
-    try:
-        before = check_config_text(original, path)
-    except SettingsError:
-        before = Settings()  # the old file was broken; count every value the new one sets as a change
+            fail(f"{error}.", f"Nothing was saved; {path} is unchanged.", code=EXIT_USAGE)
     _save(draft)
-    changed = changed_keys(before, after)
-    if not changed:
+    try:
+        changed: list[str] | None = changed_keys(check_config_text(original, path), after)
+    except SettingsError:
+        changed = None  # the old file was broken, so the daemon may hold older values: reload anyway
+    if changed == []:
         _say(f"Saved {path} (no setting changed value)")
         return
-    _apply_live(f"Saved {path}; changed {', '.join(changed)}", changed)
+    _apply_live(f"Saved {path}" + (f"; changed {', '.join(changed)}" if changed else ""), changed)
 
 
 def _run_editor(text: str) -> str:
