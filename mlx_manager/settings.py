@@ -26,9 +26,19 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 ENV_PREFIX = "MLX_MANAGER_"
 
-# Keys a running daemon cannot change without a restart (the socket is already bound).
+# Keys a running daemon cannot change without a restart: the socket is already bound, and the
+# supervisor reads its timings when it starts (`mlx-manager restart` applies them).
 # The daemon reports these as `restart_needed` on reload; it may add others.
-RESTART_KEYS = frozenset({"server.host", "server.port"})
+RESTART_KEYS = frozenset(
+    {
+        "server.host",
+        "server.port",
+        "supervisor.health_interval",
+        "supervisor.hang_timeout",
+        "supervisor.start_timeout",
+        "supervisor.stop_timeout",
+    }
+)
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
@@ -109,6 +119,17 @@ class LogSettings(Section):
     file: str = Field("", description="Daemon log file; empty means logs/daemon.log under the home folder.")
 
 
+class SupervisorSettings(Section):
+    health_interval: Duration = Field(5, ge=0.1, le=3600, description="Seconds between the supervisor's /health probes.")
+    hang_timeout: Duration = Field(
+        60, ge=1, le=86400, description="Seconds without a /health answer before the supervisor kills and restarts the daemon."
+    )
+    start_timeout: Duration = Field(120, ge=1, le=86400, description="Seconds a new daemon has to become ready.")
+    stop_timeout: Duration = Field(
+        60, ge=1, le=86400, description="Seconds the supervisor waits for a graceful stop before it kills the daemon."
+    )
+
+
 class Settings(Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
@@ -116,6 +137,7 @@ class Settings(Section):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
 
     def audit_path(self) -> Path:
         return Path(self.audit.path).expanduser() if self.audit.path else home() / "audit.db"

@@ -44,8 +44,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(service.app, name="service")
 app.command(epilog=bench.EPILOG)(bench.bench)
 # lifecycle.register(app) adds start, stop, restart, status and logs as top-level commands.
-if hasattr(lifecycle, "register"):
-    lifecycle.register(app)
+lifecycle.register(app)
 
 
 def main() -> None:

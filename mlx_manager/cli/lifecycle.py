@@ -1,3 +1,285 @@
-"""`mlx-manager start | stop | restart | status | logs`: run the daemon in the background under a supervisor."""
+"""`mlx-manager start | stop | restart | status | logs`: run the daemon in the background under a supervisor.
+
+The work is done in `mlx_manager.supervisor` (control, status), imported inside each command (it
+brings psutil) so that `mlx-manager --help` stays fast.
+"""
 
 from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from mlx_manager.cli.output import JsonOption, console, err_console, fail, print_json
+
+if TYPE_CHECKING:
+    from mlx_manager.supervisor.control import Running
+    from mlx_manager.supervisor.status import Status
+    from mlx_manager.supervisor.options import SupervisorOptions
+
+EXIT_NOT_RUNNING = 3
+
+HostOption = Annotated[
+    Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
+]
+PortOption = Annotated[Optional[int], typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")]
+ModelOption = Annotated[
+    Optional[str], typer.Option("--model", help="Preload this model (a local folder or a cached Hugging Face id).")
+]
+WaitOption = Annotated[
+    float, typer.Option("--wait", min=1, metavar="SECONDS", help="How long to wait for the daemon to be ready.")
+]
+TimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--timeout", min=0, metavar="SECONDS", help="How long running requests may finish before the daemon is killed."
+    ),
+]
+ForceOption = Annotated[bool, typer.Option("--force", help="Kill at once, without letting running requests finish.")]
+
+START_EPILOG = (
+    "Examples:\n\n  mlx-manager start\n\n  mlx-manager start --port 8080 --model ./models/my-model\n\n"
+    "  mlx-manager start --host 0.0.0.0 --wait 300"
+)
+STOP_EPILOG = "Examples:\n\n  mlx-manager stop\n\n  mlx-manager stop --timeout 120\n\n  mlx-manager stop --force"
+RESTART_EPILOG = "Examples:\n\n  mlx-manager restart\n\n  mlx-manager restart --model ./models/other-model"
+STATUS_EPILOG = (
+    "Examples:\n\n  mlx-manager status\n\n  mlx-manager status --json | jq .rss_bytes\n\n"
+    "  mlx-manager status >/dev/null || mlx-manager restart"
+)
+LOGS_EPILOG = "Examples:\n\n  mlx-manager logs\n\n  mlx-manager logs -n 200\n\n  mlx-manager logs --follow\n\n  mlx-manager logs --supervisor"
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=START_EPILOG)(start)
+    app.command(epilog=STOP_EPILOG)(stop)
+    app.command(epilog=RESTART_EPILOG)(restart)
+    app.command(epilog=STATUS_EPILOG)(status)
+    app.command(epilog=LOGS_EPILOG)(logs)
+
+
+def _say(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# -- start / stop / restart ---------------------------------------------------------------------------
+
+
+def start(host: HostOption = None, port: PortOption = None, model: ModelOption = None, wait: WaitOption = 120) -> None:
+    """Start the daemon in the background under a supervisor that restarts it if it crashes or hangs.
+
+    Returns once the daemon is ready (prints its URL and pid), or prints why it could not start.
+
+    When it already runs, says so and does nothing.
+    """
+    _start({"host": host, "port": port, "model": model_argument(model)}, wait)
+
+
+def _start(flags: dict[str, Any], wait: float) -> None:
+    from mlx_manager.supervisor.control import StartFailed
+    from mlx_manager.supervisor.control import start as start_supervised
+
+    try:
+        running = start_supervised(flags, _options(), wait)
+    except KeyboardInterrupt:
+        fail("stopped waiting; the daemon may still be starting in the background.",
+             "See `mlx-manager status`, or `mlx-manager stop` it.", code=130)
+    except StartFailed as failure:
+        if failure.log_lines:
+            err_console.print("Last lines of the log:", markup=False, highlight=False)
+            for line in failure.log_lines:
+                err_console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        fail(f"the daemon did not start: {failure.message}", failure.hint)
+    _report_started(running)
+
+
+def _report_started(running: Running) -> None:
+    where = running.url or "(address not known yet)"
+    daemon = f"daemon pid {running.daemon_pid}" if running.daemon_pid else "daemon restarting"
+    if not running.already:
+        _say(f"Started: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
+    elif running.supervised:
+        _say(f"Already running: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
+    else:
+        _say(f"Already running: {where} ({daemon}, not supervised: started outside `mlx-manager start`).")
+
+
+def model_argument(model: str | None) -> str | None:
+    """A model given as a folder that exists here is made absolute: the supervisor may restart the
+    daemon long after, and `restart` may be run from another directory."""
+    if model and Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
+def _options() -> SupervisorOptions:
+    from mlx_manager.settings import SettingsError, load_settings
+    from mlx_manager.supervisor.options import SupervisorOptions
+
+    try:
+        settings = load_settings()
+    except SettingsError:
+        settings = None  # the daemon will refuse to start and say why; `start` reports that
+    return SupervisorOptions.from_settings(settings, retry_before_ready=False)
+
+
+def stop(timeout: TimeoutOption = 30, force: ForceOption = False) -> None:
+    """Stop the daemon: running requests may finish, then it exits; killed after the timeout.
+
+    When nothing runs, says so and exits 0.
+    """
+    from mlx_manager.supervisor.control import stop as stop_supervised
+
+    stopped = stop_supervised(timeout, force)
+    if not stopped.was_running:
+        _say("Not running." + (f" (The last supervisor {stopped.note}.)" if stopped.note else ""))
+        return
+    pids = ", ".join(
+        f"{what} pid {pid}" for what, pid in (("daemon", stopped.daemon_pid), ("supervisor", stopped.supervisor_pid)) if pid
+    )
+    if force:
+        _say(f"Killed ({pids}).")
+    elif stopped.graceful:
+        _say(f"Stopped ({pids}) in {stopped.seconds:.1f} s; running requests were allowed to finish.")
+    else:
+        _say(f"Stopped ({pids}): it did not finish within {timeout:g} s, so it was killed.")
+
+
+def restart(
+    host: HostOption = None,
+    port: PortOption = None,
+    model: ModelOption = None,
+    timeout: TimeoutOption = 30,
+    wait: WaitOption = 120,
+) -> None:
+    """Stop the daemon, then start it again with the same options (those given here replace them)."""
+    from mlx_manager.supervisor.state import read_state
+
+    previous = (read_state() or {}).get("flags") or {}
+    given = {"host": host, "port": port, "model": model_argument(model)}
+    flags = {name: given[name] if given[name] is not None else previous.get(name) for name in given}
+    stop(timeout=timeout, force=False)
+    _start(flags, wait)
+
+
+# -- status ---------------------------------------------------------------------------------------------
+
+
+def status(json_output: JsonOption = False) -> None:
+    """Show whether the daemon runs and is healthy: pids, URL, uptime, models, queue, memory, CPU, restarts.
+
+    Exit codes: 0 running and healthy; 1 unhealthy or given up after a crash loop; 3 not running.
+    """
+    from mlx_manager.supervisor.status import status as read_status
+
+    result = read_status()
+    if json_output:
+        print_json({**asdict(result), "exit_code": result.exit_code})
+    else:
+        _show_status(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _show_status(s: Status) -> None:
+    from rich.table import Table
+
+    if not s.running:
+        _say(f"Not running: gave up ({s.reason})." if s.given_up else "Not running.")
+        if s.stale:
+            _say("(A supervisor died without cleaning up; its state file is stale. `mlx-manager start` replaces it.)")
+        if s.last_exit:
+            _say(f"Last exit: {_exit_line(s.last_exit)}")
+        return
+    health = "healthy" if s.healthy else f"unhealthy: {s.problem}"
+    _say(f"Running, {health}.")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows: list[tuple[str, str | None]] = [
+        ("URL", s.url),
+        ("State", s.state),
+        ("Daemon", f"pid {s.daemon_pid}" if s.daemon_pid else None),
+        ("Supervisor", f"pid {s.supervisor_pid}" if s.supervised else "none: nothing restarts it if it crashes"),
+        ("Uptime", _duration(s.uptime_seconds) if s.uptime_seconds is not None else None),
+        ("Version", s.version),
+        ("Models", ", ".join(s.models_loaded) or "none loaded" if s.version else None),
+        ("Loading", s.loading),
+        ("Queue", f"{s.queue_depth} waiting, {s.active_jobs or 0} running" if s.queue_depth is not None else None),
+        ("Memory", f"{s.rss_bytes / 1024**2:.0f} MiB RSS" if s.rss_bytes is not None else None),
+        ("CPU", f"{s.cpu_percent:.0f} %" if s.cpu_percent is not None else None),
+        ("Restarts", str(s.restarts) if s.supervised else None),
+        ("Last exit", _exit_line(s.last_exit) if s.last_exit else None),
+    ]
+    for label, value in rows:
+        if value:
+            grid.add_row(label, value)
+    console.print(grid, markup=False, highlight=False)
+
+
+def _exit_line(last_exit: dict[str, Any]) -> str:
+    line = f"{last_exit.get('reason')} at {last_exit.get('at')}"
+    output = last_exit.get("last_output")
+    code = last_exit.get("code")
+    if output and isinstance(code, int) and code > 0:  # a crash's last words; a kill has none worth showing
+        line += f" ({output.strip()})"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+# -- logs -------------------------------------------------------------------------------------------------
+
+
+def logs(
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many of the last lines to show.")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines as they are written (Ctrl-C ends).")] = False,
+    supervisor: Annotated[
+        bool,
+        typer.Option("--supervisor", help="Show the supervisor's log (restarts, watchdog, the daemon's crash output) instead."),
+    ] = False,
+) -> None:
+    """Show the end of the daemon's log file (rotated by size), or follow it."""
+    from mlx_manager.supervisor.logfile import follow as follow_file
+    from mlx_manager.supervisor.logfile import tail
+    from mlx_manager.supervisor.state import supervisor_log
+
+    path = supervisor_log() if supervisor else _daemon_log()
+    if not path.exists() and not follow:
+        err_console.print(f"No log yet: {path} does not exist.", markup=False, highlight=False, soft_wrap=True)
+        return
+    out = sys.stdout
+    for line in tail(path, lines):
+        out.write(line + "\n")
+    out.flush()
+    if not follow:
+        return
+    try:
+        for line in follow_file(path):
+            out.write(line + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def _daemon_log() -> Path:
+    from mlx_manager.settings import SettingsError, home, load_settings
+
+    try:
+        return load_settings().log_path()
+    except SettingsError:
+        return home() / "logs" / "daemon.log"

@@ -1,0 +1,49 @@
+"""GET the daemon's /health and /ready with the standard library: cheap enough to run every few
+seconds, and never routed through a proxy from the environment (it is always a local call)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+def get(url: str, path: str, timeout: float) -> Answer | None:
+    """The daemon's answer to GET `path`, or None when it did not answer in time (or at all)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"User-Agent": "mlx-manager-supervisor"})
+        response = connection.getresponse()
+        raw = response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {}
+    return Answer(response.status, body if isinstance(body, dict) else {})
+
+
+def healthy(url: str, timeout: float) -> bool:
+    answer = get(url, "/health", timeout)
+    return answer is not None and answer.ok
+
+
+def ready(url: str, timeout: float) -> bool:
+    answer = get(url, "/ready", timeout)
+    return answer is not None and answer.ok

@@ -1,0 +1,313 @@
+"""`mlx-manager start | stop | restart | status | logs` end to end: the real CLI in its own process,
+a real detached supervisor, the real daemon on a free port, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from mlx_manager.runtime import read_daemon_info
+from mlx_manager.supervisor.state import lock_holder, read_state, same_process, write_state
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def status_json() -> tuple[int, dict]:
+    done = cli("status", "--json")
+    return done.returncode, json.loads(done.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _ours() -> set[int]:
+    """Every supervisor and daemon the files under this test's home still name."""
+    pids = set()
+    state = read_state() or {}
+    if (holder := lock_holder()) is not None:
+        pids.add(holder)
+    if same_process(state.get("daemon_pid"), state.get("daemon_started")):
+        pids.add(state["daemon_pid"])
+    if (info := read_daemon_info()) is not None:
+        pids.add(info["pid"])
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def clean_up():
+    """Stop what the test started (gracefully), then kill anything left."""
+    seen: set[int] = set()
+    yield seen
+    seen |= _ours()
+    cli("stop", "--timeout", "10")
+    for pid in seen | _ours():
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def start(*args: str) -> tuple[str, int, int]:
+    """`start` on a free port; returns (url, daemon pid, supervisor pid)."""
+    port = free_port()
+    done = cli("start", "--port", str(port), *args)
+    assert done.returncode == 0, done.stderr
+    state = read_state()
+    assert done.stdout.strip() == (
+        f"Started: http://127.0.0.1:{port} (daemon pid {state['daemon_pid']}, supervisor pid {state['supervisor_pid']})."
+    )
+    return state["url"], state["daemon_pid"], state["supervisor_pid"]
+
+
+def test_start_status_stop(clean_up):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+    code, body = status_json()
+    assert code == 0
+    assert body["running"] and body["healthy"] and body["supervised"]
+    assert (body["daemon_pid"], body["supervisor_pid"], body["url"]) == (daemon, supervisor, url)
+    assert body["version"] and body["rss_bytes"] > 0 and body["uptime_seconds"] >= 0
+    assert body["restarts"] == 0 and body["queue_depth"] == 0 and body["models_loaded"] == []
+    human = cli("status")
+    assert human.returncode == 0
+    assert human.stdout.startswith("Running, healthy.") and f"pid {daemon}" in human.stdout
+
+    again = cli("start")
+    assert again.returncode == 0
+    assert again.stdout.startswith(f"Already running: {url} (daemon pid {daemon}")
+
+    stopped = cli("stop")
+    assert stopped.returncode == 0
+    assert stopped.stdout.startswith(f"Stopped (daemon pid {daemon}, supervisor pid {supervisor}) in ")
+    assert gone(daemon) and gone(supervisor)
+    assert cli("status").returncode == 3
+    nothing = cli("stop")
+    assert (nothing.returncode, nothing.stdout.strip()) == (0, "Not running.")
+
+
+def test_a_killed_daemon_is_restarted_within_five_seconds(clean_up):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    os.kill(daemon, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def restarted():
+        code, body = status_json()
+        return body if code == 0 and body["daemon_pid"] != daemon else None
+
+    body = wait_until(restarted, timeout=5)
+    assert body, status_json()
+    assert time.monotonic() - killed_at < 5
+    assert body["restarts"] == 1 and body["supervisor_pid"] == supervisor
+    assert body["last_exit"]["reason"] == "killed by SIGKILL"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_crash_loop_is_cut_off_and_reported(clean_up, isolated_home):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    # From now on every start fails at once (exit 2): the supervisor's restarts crash in a loop.
+    (isolated_home / "config.toml").write_text('[server]\nport = "not a port"\n')
+    os.kill(daemon, signal.SIGKILL)
+    # 1 + 2 + 4 + 8 s of backoff, and four failed starts.
+    assert wait_until(lambda: gone(supervisor), timeout=40)
+
+    done = cli("status")
+    assert done.returncode == 1
+    assert "gave up (5 crashes within 60 s (last: exited with code 2); not restarting)" in done.stdout
+    assert "server.port" in done.stdout  # the daemon's own last words
+    code, body = status_json()
+    assert code == 1 and body["given_up"] and body["restarts"] == 4
+    stop = cli("stop")
+    assert stop.returncode == 0 and "had given up" in stop.stdout
+    assert cli("status").returncode == 3
+
+
+def test_the_watchdog_restarts_a_frozen_daemon(clean_up):
+    port = free_port()
+    # The supervisor run directly, with a short hang timeout (settings will carry these for `start`).
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "mlx_manager.supervisor", "--port", str(port),
+         "--health-interval", "0.5", "--hang-timeout", "3"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    clean_up.add(supervisor.pid)
+    state = wait_until(lambda: (s := read_state()) and s.get("ready") and s, timeout=60)
+    frozen = state["daemon_pid"]
+    clean_up.add(frozen)
+    os.kill(frozen, signal.SIGSTOP)  # alive, but answers nothing: a wedged daemon
+    try:
+        def restarted():
+            code, body = status_json()
+            return body if code == 0 and body["daemon_pid"] != frozen else None
+
+        body = wait_until(restarted, timeout=15)
+        assert body, status_json()
+        assert body["restarts"] == 1
+        assert "stopped answering /health" in body["last_exit"]["reason"]
+        assert "watchdog" in body["last_exit"]["reason"]
+        assert gone(frozen)
+        assert "watchdog: the daemon stopped answering /health" in cli("logs", "--supervisor").stdout
+    finally:
+        if not gone(frozen):
+            os.kill(frozen, signal.SIGKILL)
+
+
+def test_stop_lets_an_in_flight_request_finish(clean_up, slow_model):
+    url, daemon, supervisor = start("--model", slow_model)
+    clean_up |= {daemon, supervisor}
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("loaded"), timeout=120)
+    result = {}
+
+    def ask():
+        body = {"model": slow_model, "messages": [{"role": "user", "content": "tell me everything"}],
+                "max_tokens": 30, "temperature": 0}  # about 3 s of decoding
+        result["response"] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+    request = threading.Thread(target=ask)
+    request.start()
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("active_jobs"), timeout=30)
+    stopped = cli("stop", "--timeout", "60")
+    request.join(60)
+
+    assert stopped.returncode == 0
+    assert "running requests were allowed to finish" in stopped.stdout
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "length"  # ran to the end, not cut short
+    assert response.json()["usage"]["completion_tokens"] == 30
+    assert gone(daemon) and gone(supervisor)
+
+
+def test_start_on_a_busy_port_fails_with_the_reason(clean_up):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = cli("start", "--port", str(port))
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"Error: the daemon did not start: port {port} on 127.0.0.1 is already in use. "
+        "Stop the program using it, or pass --port."
+    )
+    assert "Last lines of the log:" in done.stderr
+    assert lock_holder() is None and read_daemon_info() is None  # nothing left running
+    assert cli("status").returncode == 1  # it gave up; `status` says why
+    assert "already in use" in cli("status").stdout
+
+
+def test_start_replaces_a_stale_state_file(clean_up):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_state({"state": "running", "supervisor_pid": dead.pid, "daemon_pid": dead.pid,
+                 "daemon_started": 1.0, "url": "http://127.0.0.1:9", "restarts": 7})
+    assert cli("status").returncode == 3
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    state = read_state()
+    assert state["supervisor_pid"] == supervisor != dead.pid
+    assert state["restarts"] == 0
+
+
+def test_a_daemon_whose_supervisor_was_killed_can_still_be_stopped(clean_up):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    os.kill(supervisor, signal.SIGKILL)
+    assert wait_until(lambda: gone(supervisor))
+
+    code, body = status_json()
+    assert code == 0 and body["running"] and not body["supervised"] and body["daemon_pid"] == daemon
+    assert "nothing restarts it" in cli("status").stdout
+    assert "not supervised" in cli("start").stdout
+    stopped = cli("stop")
+    assert stopped.returncode == 0 and f"daemon pid {daemon}" in stopped.stdout
+    assert gone(daemon)
+    assert cli("status").returncode == 3
+
+
+def test_restart_keeps_the_options_and_replaces_the_daemon(clean_up):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    done = cli("restart")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("Stopped (")
+    state = read_state()
+    clean_up |= {state["daemon_pid"], state["supervisor_pid"]}
+    assert lines[1].startswith(f"Started: {url} ")  # the same --port
+    assert state["daemon_pid"] != daemon and gone(daemon)
+
+
+def test_stop_force_kills_at_once(clean_up):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    done = cli("stop", "--force")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"Killed (daemon pid {daemon}, supervisor pid {supervisor})."
+    assert gone(daemon) and gone(supervisor)
+    assert cli("status").returncode == 3
+
+
+def test_logs_show_the_daemon_log_and_the_supervisor_log(clean_up, isolated_home):
+    assert "No log yet" in cli("logs").stderr
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    daemon_log = cli("logs", "-n", "200")
+    assert daemon_log.returncode == 0
+    assert f"serving the OpenAI API on {url} (pid {daemon})" in daemon_log.stdout
+    assert len(cli("logs", "-n", "2").stdout.splitlines()) == 2
+    supervisor_log = cli("logs", "--supervisor").stdout
+    assert f"daemon ready at {url} (pid {daemon})" in supervisor_log
+
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "mlx_manager.cli", "logs", "--follow", "-n", "0"], stdout=subprocess.PIPE, text=True
+    )
+    seen: list[str] = []
+    threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True).start()
+    try:
+        time.sleep(1.5)  # the follower is reading from the end of the file by now
+        with open(isolated_home / "logs" / "daemon.log", "a") as log:
+            log.write("a line written while following\n")
+        assert wait_until(lambda: "a line written while following\n" in seen, timeout=10), seen
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
