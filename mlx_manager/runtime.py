@@ -64,10 +64,12 @@ def read_daemon_info() -> dict | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running, and not a zombie (`kill -0` succeeds on a zombie that nobody reaped yet)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from mlx_manager import __version__
 
@@ -50,6 +51,7 @@ def test_each_group_help_stays_light():
 
 
 def test_console_script_is_installed():
-    proc = subprocess.run(["mlx-manager", "--version"], capture_output=True, text=True, timeout=60)
+    script = Path(sys.executable).with_name("mlx-manager")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"mlx-manager {__version__}"

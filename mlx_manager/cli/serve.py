@@ -20,7 +20,14 @@ def serve(
         Optional[str], typer.Option(help="Preload this model (a local folder or a cached Hugging Face id).")
     ] = None,
 ) -> None:
-    """Run the OpenAI-compatible inference daemon in the foreground."""
-    from mlx_manager.daemon.run import run_daemon
+    """Run the OpenAI-compatible inference daemon in the foreground.
 
-    run_daemon(host=host, port=port, model=model)
+    Ctrl-C or SIGTERM stops it gracefully: running requests may finish (server.drain_timeout).
+    """
+    from mlx_manager.cli.output import fail
+    from mlx_manager.daemon.run import StartupError, run_daemon
+
+    try:
+        run_daemon(host=host, port=port, model=model)
+    except StartupError as exc:
+        fail(exc.message.rstrip(".") + ".", exc.hint, code=exc.exit_code)

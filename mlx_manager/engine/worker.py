@@ -231,11 +231,6 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        for model_id in self.engine.config.preload:
-            try:
-                self.pool.get(model_id)
-            except EngineError as exc:
-                log.error("could not preload %s: %s", model_id, exc)
         while self._running:
             busy = bool(self.batches) or bool(self.pending)
             self._drain_commands(block=not busy)

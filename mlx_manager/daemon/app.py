@@ -1,0 +1,98 @@
+"""`create_app(settings)`: the daemon's FastAPI app. Tests build their own with their own settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from mlx_manager import __version__
+from mlx_manager.daemon import handlers
+from mlx_manager.daemon.middleware import DaemonMiddleware
+from mlx_manager.daemon.routes import admin, chat, completions, health, models
+from mlx_manager.daemon.state import DaemonState
+from mlx_manager.engine import Engine
+from mlx_manager.runtime import admin_token
+from mlx_manager.settings import Settings
+
+log = logging.getLogger("mlx_manager.daemon")
+
+ENGINE_STOP_TIMEOUT = 10.0
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    extra_preload: list[str] | None = None,
+    flag_overrides: dict | None = None,
+) -> FastAPI:
+    """The app, with its engine: one made from `settings` (started and stopped with the app), or
+    the caller's (started with the app if it is not yet; stopped by the caller)."""
+    daemon = DaemonState(
+        settings=settings,
+        engine=None,  # type: ignore[arg-type]  # set just below, once the preload list is known
+        admin_token=admin_token(create=True) or "",
+        owns_engine=engine is None,
+        flag_overrides=dict(flag_overrides or {}),
+        extra_preload=list(extra_preload or []),
+    )
+    daemon.engine = engine if engine is not None else Engine(daemon.engine_config())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        daemon.engine.start()  # no-op if already running; preloads on its own thread
+        preload = asyncio.create_task(watch_preload(daemon))
+        # AUDIT HOOK: start the audit writer here and subscribe it to every request's outcome:
+        #     writer = AuditWriter(settings.audit_path()); await writer.start()
+        #     daemon.outcome_sinks.append(lambda outcome: writer.record(AuditRecord(**outcome.audit_fields())))
+        try:
+            yield
+        finally:
+            preload.cancel()
+            if daemon.owns_engine:
+                await stop_engine(daemon)
+            # AUDIT HOOK: `await writer.stop()` here, after the engine: it flushes every queued row.
+
+    app = FastAPI(
+        title="mlx-manager",
+        version=__version__,
+        summary="OpenAI-compatible API for local MLX models",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.daemon = daemon
+    handlers.install(app)
+    for module in (chat, completions, models, health, admin):
+        app.include_router(module.router)
+    app.add_middleware(DaemonMiddleware, daemon=daemon)
+    return app
+
+
+async def watch_preload(daemon: DaemonState) -> None:
+    """Load the preload models on the engine's thread, keeping /ready at 503 "loading" meanwhile.
+
+    A model that cannot be loaded is fatal: a daemon started to serve it would only fail every
+    request for it, so it stops with the reason (and a supervisor sees a crash, not a success)."""
+    from mlx_manager.engine import EngineError
+
+    daemon.preloading = list(daemon.engine.config.preload)
+    for model_id in list(daemon.preloading):
+        try:
+            await daemon.engine.load(model_id)
+        except EngineError as exc:
+            daemon.fatal_error = f"could not preload model {model_id!r}: {exc}"
+            log.error("%s", daemon.fatal_error)
+            if daemon.on_fatal is not None:
+                daemon.on_fatal()
+            return
+        finally:
+            daemon.preloading.remove(model_id)
+
+
+async def stop_engine(daemon: DaemonState) -> None:
+    """Stop the engine off the event loop: `Engine.stop` joins the inference thread."""
+    await asyncio.to_thread(daemon.engine.stop, ENGINE_STOP_TIMEOUT)

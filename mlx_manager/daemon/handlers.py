@@ -1,0 +1,109 @@
+"""Exception handlers: every error that reaches FastAPI leaves as a problem document.
+
+Also the mapping from the engine's typed errors to problem kinds, shared with the SSE path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from mlx_manager.daemon.problems import Problem, kind_for_status, retry_after
+from mlx_manager.engine.errors import (
+    ChatTemplateMissing,
+    EngineError,
+    EngineStopped,
+    GenerationFailed,
+    InvalidRequest,
+    ModelLoadFailed,
+    ModelNotAllowed,
+    ModelNotFound,
+    Overloaded,
+)
+
+log = logging.getLogger("mlx_manager.daemon")
+
+_ENGINE_KINDS: list[tuple[type[EngineError], str]] = [
+    (ModelNotFound, "model_not_found"),
+    (ModelNotAllowed, "model_not_allowed"),
+    (ModelLoadFailed, "model_load_failed"),
+    (ChatTemplateMissing, "chat_template_missing"),
+    (InvalidRequest, "invalid_request"),
+    (GenerationFailed, "generation_failed"),
+]
+
+
+def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Problem:
+    """The engine's messages are written for clients (no internals), so they become the detail."""
+    if isinstance(exc, Overloaded):
+        return Problem("overloaded", str(exc), headers=retry_after(exc.retry_after))
+    if isinstance(exc, EngineStopped):
+        return Problem("draining", str(exc), headers=retry_after(5))
+    for cls, kind in _ENGINE_KINDS:
+        if isinstance(exc, cls):
+            param = "model" if kind.startswith("model_") else None
+            return Problem(kind, str(exc), param=param)
+    log.error("unmapped engine error %s: %s", type(exc).__name__, exc)
+    return Problem("internal_error", "the engine failed in an unexpected way")
+
+
+def problem_response(request: Request, problem: Problem):
+    outcome = request.scope["mlx_manager.outcome"]
+    outcome.fail(problem.kind)
+    return problem.response(instance=request.url.path, request_id=outcome.request_id)
+
+
+def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic's errors without `input` (it may hold a whole prompt) or `ctx` internals."""
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+
+
+def _dotted(loc: list[Any]) -> str:
+    parts = [str(p) for p in loc[1:] if p != "body"] if loc and loc[0] == "body" else [str(p) for p in loc]
+    return ".".join(parts)
+
+
+def problem_from_validation(exc: RequestValidationError) -> Problem:
+    errors = list(exc.errors())
+    if errors and errors[0].get("type") == "json_invalid":
+        reason = (errors[0].get("ctx") or {}).get("error", "invalid JSON")
+        position = errors[0]["loc"][1] if len(errors[0].get("loc", ())) > 1 else "?"
+        return Problem("invalid_json", f"the request body is not valid JSON: {reason} (at character {position})")
+    fields = _field_errors(errors)
+    first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
+    where = _dotted(first["loc"])
+    more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
+    detail = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
+    return Problem("validation_error", detail, param=where or None, errors=fields)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, exc: Problem):
+        return problem_response(request, exc)
+
+    @app.exception_handler(EngineError)
+    async def on_engine_error(request: Request, exc: EngineError):
+        return problem_response(request, problem_from_engine(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return problem_response(request, problem_from_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_exception(request: Request, exc: HTTPException):
+        # Starlette's own 404/405, the body limit's 413, FastAPI's 400 for unreadable bodies.
+        kind = kind_for_status(exc.status_code)
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail else None
+        if exc.status_code == 404 and detail in (None, "Not Found"):
+            detail = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405 and detail in (None, "Method Not Allowed"):
+            allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+            detail = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+        detail = detail or "the request could not be handled"
+        problem = Problem(kind, detail, status=exc.status_code, headers=exc.headers)
+        return problem_response(request, problem)

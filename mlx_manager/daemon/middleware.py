@@ -1,0 +1,155 @@
+"""The one ASGI middleware every HTTP request passes: request id, draining, body limit, outcome.
+
+Pure ASGI (not BaseHTTPMiddleware) so that streaming responses pass through untouched and the
+body limit can count the bytes of a chunked upload as they arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_manager.daemon.outcome import RequestOutcome
+from mlx_manager.daemon.problems import Problem, retry_after
+from mlx_manager.daemon.state import DaemonState
+
+log = logging.getLogger("mlx_manager.daemon")
+
+# A client's id is kept only if it is short and plain: it ends up in logs and the audit table.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+# Probes stay answerable while draining, so a supervisor can watch the drain.
+_PROBES = ("/health", "/ready")
+# Paths whose outcome is worth a record (the audit log): the API and the admin endpoints.
+_RECORDED = ("/v1/", "/admin/")
+DRAIN_RETRY_AFTER = 5.0
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` when a body (chunked or not) outgrows server.max_body_bytes.
+
+    An HTTPException, so FastAPI's body reading re-raises it unchanged and the problem
+    handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes (server.max_body_bytes)")
+
+
+def request_id_from(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            if _VALID_REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class DaemonMiddleware:
+    def __init__(self, app: ASGIApp, daemon: DaemonState) -> None:
+        self.app = app
+        self.daemon = daemon
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        daemon = self.daemon
+        path = scope["path"]
+        outcome = RequestOutcome(request_id=request_id_from(scope), endpoint=path, method=scope["method"])
+        scope["mlx_manager.outcome"] = outcome
+        status: int | None = None
+        request_id_header = (b"x-request-id", outcome.request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, request_id_header]}
+            await send(message)
+
+        # Only requests that do work count for the drain: probes and refusals end at once.
+        counted = False
+        try:
+            refusal = self._refusal(scope, path)
+            if refusal is not None:
+                outcome.fail(refusal.kind)
+                await refusal.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
+                return
+            counted = path not in _PROBES
+            if counted:
+                daemon.request_started()
+            limit = daemon.settings.server.max_body_bytes
+            await self.app(scope, _limited(receive, limit), send_with_id)
+        except Exception:
+            # Nothing below handled it: log the details here, send none of them.
+            log.exception("unhandled error in request %s %s (request_id=%s)", scope["method"], path, outcome.request_id)
+            outcome.fail("internal_error")
+            if status is None:
+                detail = f"an unexpected error occurred; see request_id {outcome.request_id} in the daemon's log"
+                problem = Problem("internal_error", detail)
+                await problem.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
+        finally:
+            if counted:
+                daemon.request_ended()
+            if path.startswith(_RECORDED):
+                outcome.finish(status)
+                _log_outcome(outcome)
+                daemon.emit(outcome)
+
+    def _refusal(self, scope: Scope, path: str) -> Problem | None:
+        """A problem to answer at once, before any routing or body reading."""
+        if self.daemon.draining and path not in _PROBES:
+            detail = "the daemon is shutting down and takes no new requests"
+            return Problem("draining", detail, headers=retry_after(DRAIN_RETRY_AFTER))
+        limit = self.daemon.settings.server.max_body_bytes
+        length = _content_length(scope)
+        if length is not None and length > limit:
+            return Problem("body_too_large", f"the request body is larger than {limit} bytes (server.max_body_bytes)")
+        return None
+
+
+def _log_outcome(outcome: RequestOutcome) -> None:
+    """The access log line: uvicorn's own lacks the request id and the outcome."""
+    log.info(
+        "%s %s %s %s %.0fms model=%s tokens=%s+%s request_id=%s%s",
+        outcome.method,
+        outcome.endpoint,
+        outcome.http_status if outcome.http_status is not None else "-",
+        outcome.status,
+        outcome.duration_ms or 0,
+        outcome.model or "-",
+        outcome.prompt_tokens or 0,
+        outcome.completion_tokens or 0,
+        outcome.request_id,
+        f" error={outcome.error_type}" if outcome.error_type else "",
+    )
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    total = 0
+
+    async def receive_with_limit() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return receive_with_limit
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,82 @@
+"""What happened to one request: filled in as it runs, emitted once when its response has ended.
+
+The middleware creates one per request and emits it after the last byte (for a stream: when
+the stream ends), so this is the one place that knows the outcome of every /v1 request. The
+audit log subscribes through `DaemonState.outcome_sinks`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+Status = Literal["success", "error", "timeout", "cancelled"]
+
+
+@dataclass
+class RequestOutcome:
+    request_id: str
+    endpoint: str  # the path, e.g. /v1/chat/completions
+    method: str
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    model: str | None = None
+    stream: bool = False
+    status: Status | None = None  # None until known; finish() derives it from the HTTP status
+    http_status: int | None = None
+    error_type: str | None = None  # the problem kind, e.g. "timeout", "model_not_found"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    duration_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+    nothing_sent: bool = False  # the client left before its answer: whatever status was "sent" never arrived
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self._t0) * 1000
+
+    def first_token(self) -> None:
+        if self.time_to_first_token_ms is None:
+            self.time_to_first_token_ms = self.elapsed_ms()
+
+    def fail(self, kind: str, status: Status | None = None) -> None:
+        """Record an error; the first recorded failure wins (a timeout is not re-labelled later)."""
+        if self.error_type is None:
+            self.error_type = kind
+            self.status = status or ("timeout" if kind == "timeout" else "error")
+
+    def cancel(self, *, nothing_sent: bool = False) -> None:
+        if self.status is None:
+            self.status = "cancelled"
+        self.nothing_sent = self.nothing_sent or nothing_sent
+
+    def finish(self, http_status: int | None) -> None:
+        self.duration_ms = self.elapsed_ms()
+        if self.nothing_sent:
+            http_status = None
+        if self.http_status is None:
+            self.http_status = http_status
+        if self.status is None:
+            if http_status is None:
+                self.status = "cancelled"  # nothing was sent: the client went away first
+            elif http_status >= 400:
+                self.status = "timeout" if http_status == 504 else "error"
+            else:
+                self.status = "success"
+
+    def audit_fields(self) -> dict:
+        """The keyword arguments of `mlx_manager.audit.AuditRecord` for this request."""
+        return {
+            "request_id": self.request_id,
+            "timestamp": self.started_at,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "duration_ms": self.duration_ms,
+            "model": self.model,
+            "http_status": self.http_status,
+            "time_to_first_token_ms": self.time_to_first_token_ms,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "error_type": self.error_type,
+        }

@@ -1,0 +1,115 @@
+"""RFC 9457 problem documents: every HTTP error the daemon sends, from any layer, is one of these.
+
+A problem document also carries an OpenAI-style `error` object, so the official SDKs raise the
+right exception class with a readable message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+MEDIA_TYPE = "application/problem+json"
+
+# Not meant to be dereferenced: the URI only has to be stable and unique per kind (RFC 9457 3.1.1).
+TYPE_BASE = "urn:mlx-manager:problem:"
+
+
+@dataclass(frozen=True)
+class Kind:
+    status: int
+    title: str
+    openai_type: str  # the `error.type` the OpenAI API uses for this class of failure
+
+
+KINDS: dict[str, Kind] = {
+    "bad_request": Kind(400, "Bad request", "invalid_request_error"),
+    "invalid_request": Kind(400, "The request cannot be run", "invalid_request_error"),
+    "chat_template_missing": Kind(400, "The model has no chat template", "invalid_request_error"),
+    "unauthorized": Kind(401, "Missing or wrong credential", "authentication_error"),
+    "forbidden": Kind(403, "Not allowed from this client", "permission_error"),
+    "not_found": Kind(404, "No such route", "not_found_error"),
+    "model_not_found": Kind(404, "Unknown model", "invalid_request_error"),
+    "model_not_allowed": Kind(404, "Model not allowed", "invalid_request_error"),
+    "method_not_allowed": Kind(405, "Method not allowed", "invalid_request_error"),
+    "body_too_large": Kind(413, "Request body too large", "invalid_request_error"),
+    "unsupported_media_type": Kind(415, "Unsupported media type", "invalid_request_error"),
+    "invalid_json": Kind(422, "Malformed JSON", "invalid_request_error"),
+    "validation_error": Kind(422, "Invalid request", "invalid_request_error"),
+    "invalid_settings": Kind(422, "Invalid settings file", "invalid_request_error"),
+    "internal_error": Kind(500, "Internal server error", "server_error"),
+    "model_load_failed": Kind(500, "The model could not be loaded", "server_error"),
+    "generation_failed": Kind(500, "Generation failed", "server_error"),
+    "overloaded": Kind(503, "Server overloaded", "server_error"),
+    "draining": Kind(503, "Server shutting down", "server_error"),
+    "not_ready": Kind(503, "Not ready", "server_error"),
+    "timeout": Kind(504, "Request timed out", "timeout_error"),
+}
+
+# Starlette's own HTTPExceptions carry only a status: name them by it.
+_KIND_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+def kind_for_status(status: int) -> str:
+    if status in _KIND_BY_STATUS:
+        return _KIND_BY_STATUS[status]
+    return "internal_error" if status >= 500 else "bad_request"
+
+
+class Problem(Exception):
+    """Raise anywhere in request handling; the daemon turns it into a problem response."""
+
+    def __init__(
+        self,
+        kind: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        spec = KINDS[kind]
+        self.kind = kind
+        self.detail = detail
+        self.status = status or spec.status
+        self.title = title or spec.title
+        self.headers = dict(headers or {})
+        self.param = param
+        self.extra = extra  # extension members, e.g. timeout_seconds or errors
+
+    def document(self, *, instance: str, request_id: str) -> dict[str, Any]:
+        return {
+            "type": TYPE_BASE + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+            "request_id": request_id,
+            **self.extra,
+            "error": {
+                "message": self.detail,
+                "type": KINDS[self.kind].openai_type,
+                "param": self.param,
+                "code": self.kind,
+            },
+        }
+
+    def response(self, *, instance: str, request_id: str) -> JSONResponse:
+        headers = {**self.headers, "X-Request-ID": request_id}
+        return JSONResponse(
+            self.document(instance=instance, request_id=request_id),
+            status_code=self.status,
+            headers=headers,
+            media_type=MEDIA_TYPE,
+        )
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """A Retry-After header: whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

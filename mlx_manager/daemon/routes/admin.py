@@ -1,0 +1,56 @@
+"""Admin endpoints: loopback clients with the admin token only (issue 11).
+
+The token lives in `$MLX_MANAGER_HOME/admin.token` (mode 0600), so only the user who runs the
+daemon can read it; the loopback check keeps the endpoint off the network even if it leaks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from mlx_manager.daemon.problems import Problem
+from mlx_manager.daemon.reload import reload_settings
+from mlx_manager.daemon.schemas import ReloadResult
+from mlx_manager.daemon.state import Daemon, DaemonState, get_daemon
+
+log = logging.getLogger("mlx_manager.daemon")
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def require_admin(request: Request, daemon: Annotated[DaemonState, Depends(get_daemon)]) -> None:
+    client = request.client.host if request.client else None
+    if not _is_loopback(client):
+        log.warning("refused admin call %s from %s", request.url.path, client)
+        raise Problem("forbidden", "admin endpoints answer only clients on this machine")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), daemon.admin_token.encode()):
+        raise Problem(
+            "unauthorized",
+            "admin endpoints need 'Authorization: Bearer <token>' with the token in the admin.token file",
+            headers={"WWW-Authenticate": 'Bearer realm="mlx-manager-admin"'},
+        )
+
+
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@router.post("/admin/reload", response_model=ReloadResult)
+async def reload(daemon: Daemon) -> ReloadResult:
+    """Re-read the settings (file and environment); apply what can change live.
+
+    An invalid file changes nothing: the answer is a 422 problem saying why."""
+    return reload_settings(daemon)

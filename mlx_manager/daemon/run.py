@@ -1,0 +1,137 @@
+"""`run_daemon`: the daemon process — settings, logging, socket, daemon.json, uvicorn, graceful stop.
+
+A stop (SIGTERM, Ctrl-C) drains: new requests get 503 draining, in-flight ones may finish for
+up to server.drain_timeout, then the engine stops (ending any left with an error) and the
+process exits 0. A second Ctrl-C stops at once. (The signal handling itself is in server.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+from datetime import datetime, timezone
+
+from mlx_manager import __version__
+from mlx_manager.runtime import daemon_file, ensure_home, read_daemon_info, write_private
+
+log = logging.getLogger("mlx_manager.daemon")
+
+DEFAULT_HOST = "127.0.0.1"
+# Once drained, uvicorn only closes idle connections; this bounds that last step.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+EXIT_ERROR, EXIT_USAGE = 1, 2
+
+
+class StartupError(Exception):
+    """The daemon cannot start; `serve` prints the message as one line and exits `exit_code`."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message, self.hint, self.exit_code = message, hint, exit_code
+
+
+def run_daemon(host: str | None = None, port: int | None = None, model: str | None = None) -> None:
+    """Run the daemon in the foreground until stopped. Raises StartupError when it cannot start."""
+    import uvicorn
+
+    from mlx_manager.daemon.app import create_app
+    from mlx_manager.daemon.logs import configure_logging
+    from mlx_manager.daemon.server import DrainingServer
+    from mlx_manager.settings import SettingsError, load_settings
+
+    flags = {"server.host": host, "server.port": port}
+    try:
+        settings = load_settings(flags)
+    except SettingsError as exc:
+        raise StartupError(str(exc), "Fix the setting (mlx-manager config ...) and start again.", EXIT_USAGE) from None
+    ensure_home()
+    running = read_daemon_info()
+    if running is not None:
+        raise StartupError(
+            f"a daemon is already running (pid {running['pid']}, {running.get('url')})",
+            "Stop it first, or give this one another MLX_MANAGER_HOME.",
+        )
+    sock = bind(settings.server.host, settings.server.port)
+    configure_logging(settings)
+    app = create_app(
+        settings,
+        extra_preload=[model] if model else [],
+        flag_overrides={key: value for key, value in flags.items() if value is not None},
+    )
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # ours (configure_logging): file + stderr
+        access_log=False,  # the middleware logs each API request with its id and outcome
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+    )
+    server = DrainingServer(config, app.state.daemon)
+    app.state.daemon.on_fatal = lambda: setattr(server, "should_exit", True)
+    bound_port = sock.getsockname()[1]
+    url = f"http://{_client_host(settings.server.host)}:{bound_port}"
+    write_daemon_file(settings.server.host, bound_port, url)
+    log.info("mlx-manager %s serving the OpenAI API on %s (pid %d)", __version__, url, os.getpid())
+    try:
+        server.run(sockets=[sock])
+    finally:
+        remove_daemon_file()
+        sock.close()
+    if app.state.daemon.fatal_error:
+        raise StartupError(app.state.daemon.fatal_error, "Check the model (--model or models.preload).")
+    log.info("stopped")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before anything else, so a busy port is one clear error."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = addresses[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host!r}: {exc.strerror}", "Check server.host or --host.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop (TIME_WAIT)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"port {port} on {host} is already in use", "Stop the program using it, or pass --port."
+            ) from None
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}", "Check --host and --port.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _client_host(host: str) -> str:
+    """The address a local client should use to reach a daemon listening on `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def write_daemon_file(host: str, port: int, url: str) -> None:
+    info = {
+        "pid": os.getpid(),
+        "host": host,
+        "port": port,
+        "url": url,
+        "version": __version__,
+        "started_at": datetime.now(timezone.utc).isoformat(),
+    }
+    write_private(daemon_file(), json.dumps(info, indent=2) + "\n")
+
+
+def remove_daemon_file() -> None:
+    """Remove daemon.json if it is still ours (never a successor's)."""
+    path = daemon_file()
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()

@@ -1,0 +1,100 @@
+"""The daemon's mutable state, shared by middleware and routes, and the dependency aliases for it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+
+from mlx_manager.daemon.outcome import RequestOutcome
+
+if TYPE_CHECKING:
+    from mlx_manager.engine import Engine, EngineConfig
+    from mlx_manager.settings import Settings
+
+log = logging.getLogger("mlx_manager.daemon")
+
+OutcomeSink = Callable[[RequestOutcome], None]
+
+
+@dataclass
+class DaemonState:
+    settings: Settings  # swapped whole on reload; a request reads it once, at its start
+    engine: Engine
+    admin_token: str
+    owns_engine: bool = True
+    # Flag values (dotted key -> value) that a reload must keep over file and environment.
+    flag_overrides: dict[str, Any] = field(default_factory=dict)
+    # `serve --model`: preloaded in addition to models.preload, and kept across reloads.
+    extra_preload: list[str] = field(default_factory=list)
+    started_at: int = field(default_factory=lambda: int(time.time()))  # epoch seconds, as OpenAI's `created`
+    draining: bool = False
+    preloading: list[str] = field(default_factory=list)  # preload models not loaded yet
+    in_flight: int = 0
+    # Set when the daemon cannot do what it was started for (a preload model failed to load);
+    # `serve` then stops and exits non-zero with this message. `on_fatal` asks the server to stop.
+    fatal_error: str | None = None
+    on_fatal: Callable[[], None] | None = None
+    # Called with every finished request's outcome. The audit writer plugs in here
+    # (see create_app); a sink must not block: it runs on the event loop.
+    outcome_sinks: list[OutcomeSink] = field(default_factory=list)
+    _idle: asyncio.Event | None = None
+
+    def engine_config(self) -> EngineConfig:
+        from mlx_manager.engine import EngineConfig
+
+        config = EngineConfig.from_settings(self.settings)
+        preload = list(dict.fromkeys([*self.extra_preload, *config.preload]))
+        return dataclasses.replace(config, preload=preload)
+
+    def timeout_for(self, endpoint: str) -> float:
+        """The deadline, in seconds, of a request to `endpoint` ("chat", "completions", "embeddings")."""
+        return float(getattr(self.settings.timeouts, endpoint))
+
+    # -- in-flight bookkeeping (for draining) ---------------------------------------------------
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if `timeout` seconds pass first."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
+
+    def emit(self, outcome: RequestOutcome) -> None:
+        for sink in self.outcome_sinks:
+            try:
+                sink(outcome)
+            except Exception:  # an observer's bug must not break the response path
+                log.exception("outcome sink %r failed for request %s", sink, outcome.request_id)
+
+
+def get_daemon(request: Request) -> DaemonState:
+    return request.app.state.daemon
+
+
+def get_outcome(request: Request) -> RequestOutcome:
+    return request.scope["mlx_manager.outcome"]
+
+
+Daemon = Annotated[DaemonState, Depends(get_daemon)]
+Outcome = Annotated[RequestOutcome, Depends(get_outcome)]
