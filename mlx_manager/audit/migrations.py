@@ -1,0 +1,59 @@
+"""Named, ordered schema migrations, recorded in `audit_migrations` and applied when a store opens.
+
+Each migration is frozen once released: never edit one, append a new one. They are plain SQL
+(not `create_all`) so that a database written by any earlier version upgrades the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "0001_create_audit_logs",
+        (
+            """
+            CREATE TABLE audit_logs (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                request_id VARCHAR NOT NULL,
+                timestamp VARCHAR NOT NULL,
+                model VARCHAR,
+                backend_type VARCHAR NOT NULL DEFAULT 'local',
+                endpoint VARCHAR NOT NULL,
+                status VARCHAR NOT NULL,
+                http_status INTEGER,
+                duration_ms FLOAT NOT NULL,
+                time_to_first_token_ms FLOAT,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                total_tokens INTEGER NOT NULL DEFAULT 0,
+                error_type VARCHAR
+            )
+            """,
+        ),
+    ),
+    Migration(
+        "0002_audit_logs_indexes",
+        (
+            "CREATE INDEX ix_audit_logs_timestamp ON audit_logs (timestamp)",
+            "CREATE INDEX ix_audit_logs_model ON audit_logs (model, timestamp)",
+            "CREATE INDEX ix_audit_logs_backend_type ON audit_logs (backend_type, timestamp)",
+            "CREATE INDEX ix_audit_logs_status ON audit_logs (status, timestamp)",
+            "CREATE INDEX ix_audit_logs_request_id ON audit_logs (request_id)",
+        ),
+    ),
+)
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS audit_migrations (
+    name VARCHAR PRIMARY KEY,
+    applied_at VARCHAR NOT NULL
+)
+"""

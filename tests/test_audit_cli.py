@@ -1,0 +1,431 @@
+"""`mlx-manager audit tail | query | stats | prune` against a real SQLite file, as a user sees them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mlx_manager.cli import app
+from tests.audit_rows import ago, fill, record
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def cli(*args: str, input: str | None = None):
+    return runner.invoke(app, ["audit", *args], input=input)
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def db(isolated_home) -> Path:
+    return isolated_home / "audit.db"
+
+
+@pytest.fixture
+def sample(db) -> Path:
+    base = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    fill(db, [
+        record(request_id="r-a", timestamp=base, model="m1", status="success", duration_ms=100.0),
+        record(request_id="r-b", timestamp=base + timedelta(minutes=1), model="m2", endpoint="/v1/completions",
+               status="error", http_status=404, error_type="model_not_found", duration_ms=5.0, completion_tokens=0),
+        record(request_id="r-c", timestamp=base + timedelta(minutes=2), model="m1", endpoint="/v1/embeddings",
+               status="timeout", http_status=504, error_type="timeout", duration_ms=900.0, completion_tokens=0),
+        record(request_id="r-d", timestamp=ago(minutes=10), model="m1", status="cancelled", http_status=None,
+               duration_ms=300.0, time_to_first_token_ms=40.0, backend_type="openai"),
+        record(request_id="r-e", timestamp=ago(minutes=1), model="m2", status="success", duration_ms=200.0,
+               time_to_first_token_ms=20.0),
+    ])
+    return db
+
+
+def request_ids(result) -> list[str]:
+    return [row["request_id"] for row in json_lines(result.stdout)]
+
+
+# -- missing, corrupt and bad input -------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["tail"], ["query", "--model", "m1"], ["stats"], ["prune", "--older-than", "7d"]])
+def test_a_missing_database_says_so_and_succeeds(db, command):
+    result = cli(*command)
+    assert result.exit_code == 0
+    assert f"no audit log yet at {db}" in result.stderr
+    assert not db.exists()  # reading never creates the file
+
+
+def test_a_missing_database_prints_nothing_on_stdout_in_json_mode(db):
+    result = cli("tail", "--json")
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["tail"], ["query"], ["stats"], ["prune", "--older-than", "7d", "--yes"]])
+def test_a_corrupt_database_is_a_clear_one_line_error(db, command):
+    db.write_bytes(b"definitely not sqlite " * 500)
+    result = cli(*command)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert f"{db} is not a readable audit database" in lines[0] and "Move the file aside" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_a_corrupt_database_in_json_mode_reports_json(db):
+    db.write_bytes(b"definitely not sqlite " * 500)
+    result = cli("query", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stderr)
+    assert "not a readable audit database" in error["error"] and error["hint"]
+
+
+@pytest.mark.parametrize(
+    ("args", "accepted"),
+    [
+        (["query", "--since", "yesterday"], "30m, 2h, 7d"),
+        (["query", "--until", "soon"], "2026-05-01"),
+        (["query", "--status", "ok"], "'success', 'error', 'timeout', 'cancelled'"),
+        (["query", "--backend", "gpt"], "'local', 'openai', 'anthropic'"),
+        (["query", "--order", "sideways"], "'newest', 'oldest'"),
+        (["query", "--limit", "-1"], "greater than or equal to 0"),
+        (["stats", "--by", "colour"], "'model', 'endpoint', 'status', 'backend'"),
+        (["stats", "--since", "last week"], "30m, 2h, 7d"),
+        (["prune", "--older-than", "ancient"], "30m, 2h, 7d"),
+        (["prune"], "--older-than"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_accepted_forms(sample, args, accepted):
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert accepted in " ".join(result.stderr.split()).replace("│ ", "").replace(" │", "")
+
+
+def test_contradictory_options_are_usage_errors(sample):
+    both = cli("query", "--json", "--csv")
+    assert both.exit_code == 2 and "--json and --csv cannot be used together" in both.stderr
+    window = cli("query", "--since", "1h", "--until", "2h")
+    assert window.exit_code == 2 and "--since must be earlier than --until" in window.stderr
+
+
+# -- tail ---------------------------------------------------------------------------------
+
+
+def test_tail_shows_the_latest_rows_newest_last(db):
+    fill(db, [record(request_id=f"t-{i:02d}", timestamp=ago(minutes=60 - i)) for i in range(30)])
+    table = cli("tail")
+    assert table.exit_code == 0
+    shown = [line.split()[2] for line in table.stdout.splitlines() if " t-" in line]
+    assert shown == [f"t-{i:02d}" for i in range(10, 30)]  # the last 20 by default
+    assert "time (UTC)" in table.stdout and "tiny-model" in table.stdout and "success" in table.stdout
+    as_json = cli("tail", "-n", "3", "--json")
+    assert request_ids(as_json) == ["t-27", "t-28", "t-29"]
+
+
+def test_tail_on_an_empty_log(db):
+    fill(db, [])
+    result = cli("tail")
+    assert result.exit_code == 0 and "has no requests yet" in result.stderr
+
+
+class Follower:
+    """`audit tail --follow` in its own process; its output lines arrive through a reader thread."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from mlx_manager.cli import main; main()", "audit", "tail", "--follow", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.errors: queue.Queue[str] = queue.Queue()
+        for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors)):
+            threading.Thread(target=lambda s=stream, q=sink: [q.put(line) for line in s], daemon=True).start()
+
+    def read_line(self, timeout: float = 20) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output within {timeout}s") from None
+
+    def wait_for_error_line(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.errors.get(timeout=max(0.01, deadline - time.monotonic())):
+            pass
+
+    def stop_with_ctrl_c(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        time.sleep(0.1)  # let the reader threads drain
+        stderr = "".join(self.errors.get_nowait() for _ in range(self.errors.qsize()))
+        return code, stderr
+
+
+def test_tail_follow_shows_a_row_written_after_it_started_and_ctrl_c_exits_0(db):
+    fill(db, [record(request_id="before")])
+    follower = Follower("--json", "-n", "5")
+    try:
+        assert json.loads(follower.read_line())["request_id"] == "before"
+        time.sleep(0.5)  # it is now polling
+        fill(db, [record(request_id="after")])
+        written = time.perf_counter()
+        line = follower.read_line()
+        shown_after = time.perf_counter() - written
+        assert json.loads(line)["request_id"] == "after"
+        assert shown_after < 0.5, f"the new row took {shown_after:.2f}s to show"
+    finally:
+        code, stderr = follower.stop_with_ctrl_c()
+    assert code == 0
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
+def test_tail_follow_waits_for_a_log_that_does_not_exist_yet(db):
+    follower = Follower()
+    try:
+        follower.wait_for_error_line("waiting for the daemon")
+        writer_script = textwrap.dedent(
+            f"""
+            import asyncio
+            from pathlib import Path
+            from tests.audit_rows import record
+            from mlx_manager.audit import AuditWriter
+
+            async def main():
+                writer = AuditWriter(Path({str(db)!r}))
+                await writer.start()
+                writer.record(record(request_id="first-ever", model="fresh-model"))
+                await writer.stop()
+
+            asyncio.run(main())
+            """
+        )
+        subprocess.run([sys.executable, "-c", writer_script], check=True, cwd=ROOT, timeout=60)
+        lines = [follower.read_line() for _ in range(3)]  # the table: header, rule, row
+        assert "time (UTC)" in lines[0]
+        assert "first-ever" in lines[2] and "fresh-model" in lines[2], lines
+    finally:
+        code, stderr = follower.stop_with_ctrl_c()
+    assert code == 0 and "Traceback" not in stderr
+
+
+# -- query --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ["r-e", "r-d", "r-c", "r-b", "r-a"]),
+        (["--model", "m1"], ["r-d", "r-c", "r-a"]),
+        (["--status", "error"], ["r-b"]),
+        (["--endpoint", "/v1/embeddings"], ["r-c"]),
+        (["--backend", "openai"], ["r-d"]),
+        (["--request-id", "r-b"], ["r-b"]),
+        (["--since", "2h"], ["r-e", "r-d"]),
+        (["--since", "30m", "--model", "m1"], ["r-d"]),
+        (["--since", "2026-05-01T12:01:00Z", "--until", "2026-05-01T12:02:00"], ["r-b"]),
+        (["--until", "2026-05-02"], ["r-c", "r-b", "r-a"]),
+        (["--order", "oldest", "--limit", "2"], ["r-a", "r-b"]),
+        (["-n", "1"], ["r-e"]),
+    ],
+)
+def test_query_filters(sample, args, expected):
+    result = cli("query", *args, "--json")
+    assert result.exit_code == 0, result.output
+    assert request_ids(result) == expected
+
+
+def test_query_json_rows_have_every_field(sample):
+    [row] = json_lines(cli("query", "--request-id", "r-d", "--json").stdout)
+    assert row["model"] == "m1" and row["status"] == "cancelled" and row["http_status"] is None
+    assert row["time_to_first_token_ms"] == 40.0 and row["backend_type"] == "openai"
+    assert row["timestamp"].endswith("Z") and isinstance(row["id"], int)
+
+
+def test_query_table_and_csv(sample):
+    table = cli("query", "--model", "m2")
+    assert table.exit_code == 0
+    assert "model_not_found" in table.stdout and "404" in table.stdout and "r-e" in table.stdout
+    assert "2026-05-01 12:01:00" in table.stdout
+    as_csv = cli("query", "--status", "timeout", "--csv")
+    [row] = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert row["request_id"] == "r-c" and row["http_status"] == "504" and row["error_type"] == "timeout"
+
+
+def test_query_with_no_match(sample):
+    result = cli("query", "--model", "nobody")
+    assert result.exit_code == 0 and result.stdout == "" and "No requests match." in result.stderr
+    assert cli("query", "--model", "nobody", "--json").stdout == ""
+
+
+# -- stats --------------------------------------------------------------------------------
+
+
+def test_stats_json_and_table(sample):
+    result = cli("stats", "--json")
+    assert result.exit_code == 0
+    [overall] = json_lines(result.stdout)
+    assert overall["requests"] == 5 and overall["errors"] == 1 and overall["timeouts"] == 1
+    assert overall["cancelled"] == 1 and overall["error_rate"] == 0.2
+    assert overall["p50_duration_ms"] == 200.0 and overall["p95_duration_ms"] == 900.0
+    assert overall["mean_ttft_ms"] == 30.0
+    table = cli("stats")
+    assert "requests" in table.stdout and "p95 ms" in table.stdout and "1 (20.0%)" in table.stdout
+
+
+def test_stats_by_model_and_since(sample):
+    groups = json_lines(cli("stats", "--by", "model", "--json").stdout)
+    assert [(g["model"], g["requests"]) for g in groups] == [("m1", 3), ("m2", 2)]
+    recent = json_lines(cli("stats", "--since", "1h", "--by", "status", "--json").stdout)
+    assert {g["status"]: g["requests"] for g in recent} == {"cancelled": 1, "success": 1}
+    table = cli("stats", "--by", "endpoint")
+    assert "/v1/embeddings" in table.stdout
+
+
+def test_stats_on_an_empty_window(sample):
+    result = cli("stats", "--since", "2030-01-01")
+    assert result.exit_code == 0 and "No requests in this window." in result.stderr
+
+
+# -- prune --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aged(db) -> Path:
+    fill(db, [record(request_id=f"old-{i}", timestamp=ago(days=10)) for i in range(12)])
+    fill(db, [record(request_id=f"new-{i}", timestamp=ago(days=1)) for i in range(3)])
+    return db
+
+
+def count(path: Path) -> int:
+    return len(json_lines(cli("query", "--limit", "0", "--json").stdout))
+
+
+def test_prune_dry_run_changes_nothing(aged):
+    result = cli("prune", "--older-than", "7d", "--dry-run")
+    assert result.exit_code == 0
+    assert "Would delete 12 requests from before" in result.stdout and "nothing changed" in result.stdout
+    assert count(aged) == 15
+
+
+def test_prune_asks_first(aged):
+    declined = cli("prune", "--older-than", "7d", input="n\n")
+    assert declined.exit_code == 1
+    assert "Delete 12 requests from before" in declined.stderr and "Nothing deleted." in declined.stderr
+    assert count(aged) == 15
+    no_answer = cli("prune", "--older-than", "7d", input="")
+    assert no_answer.exit_code == 1 and "Nothing deleted." in no_answer.stderr and count(aged) == 15
+    accepted = cli("prune", "--older-than", "7d", input="y\n")
+    assert accepted.exit_code == 0 and "Deleted 12 requests" in accepted.stdout
+    assert sorted(request_ids(cli("query", "--json"))) == ["new-0", "new-1", "new-2"]
+
+
+def test_prune_yes_json_and_nothing_to_do(aged):
+    result = cli("prune", "--older-than", "7d", "--yes", "--json")
+    assert result.exit_code == 0
+    assert json_lines(result.stdout)[0]["deleted"] == 12
+    again = cli("prune", "--older-than", "7d", "--yes")
+    assert again.exit_code == 0 and "nothing to prune" in again.stdout
+    by_date = cli("prune", "--older-than", (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat(),
+                  "--dry-run", "--json")
+    assert json_lines(by_date.stdout)[0]["would_delete"] == 3
+
+
+def test_prune_while_a_writer_writes(db):
+    # Another process writes through the daemon's writer for the whole prune; neither side may
+    # fail with "database is locked", and every row written must still be there afterwards.
+    fill(db, [record(request_id=f"old-{i}", timestamp=ago(days=10)) for i in range(20_000)])
+    writer_script = textwrap.dedent(
+        f"""
+        import asyncio, sys, time
+        from pathlib import Path
+        from tests.audit_rows import record
+        from mlx_manager.audit import AuditWriter
+
+        async def main():
+            writer = AuditWriter(Path({str(db)!r}))
+            await writer.start()
+            print("started", flush=True)
+            deadline = time.monotonic() + 3
+            n = 0
+            while time.monotonic() < deadline:
+                for _ in range(20):
+                    writer.record(record(request_id=f"live-{{n}}"))
+                    n += 1
+                await asyncio.sleep(0.005)
+            await writer.stop()
+            print(n, writer.written, writer.dropped, flush=True)
+
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer_script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(0.3)
+        started = time.perf_counter()
+        result = cli("prune", "--older-than", "7d", "--yes")
+        pruning = time.perf_counter() - started
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert result.exit_code == 0, result.output
+    assert "Deleted 20,000 requests" in result.stdout
+    recorded, written, dropped = map(int, out.split())
+    assert recorded == written and dropped == 0, err
+    assert "locked" not in err
+    rows = json_lines(cli("query", "--limit", "0", "--json").stdout)
+    assert len(rows) == recorded and all(r["request_id"].startswith("live-") for r in rows)
+    assert pruning < 3, f"the prune took {pruning:.1f}s: it was held up by the writer"
+
+
+# -- help ---------------------------------------------------------------------------------
+
+
+def test_every_audit_command_has_help_examples_and_option_help():
+    group = typer.main.get_command(app).commands["audit"]
+    assert set(group.commands) == {"tail", "query", "stats", "prune"}
+    for name, command in group.commands.items():
+        assert command.help and "\n" not in command.help.strip(), name
+        assert command.epilog and "Examples:" in command.epilog and f"mlx-manager audit {name}" in command.epilog
+        for param in command.params:
+            if param.name != "help":
+                assert param.help, f"audit {name} {param.opts} has no help"
+    for name in group.commands:
+        result = runner.invoke(app, ["audit", name, "--help"])
+        assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+def test_audit_help_does_not_import_sqlalchemy():
+    code = (
+        "import sys\n"
+        "from mlx_manager.cli import app\n"
+        "for argv in (['audit', '--help'], ['audit', 'query', '--help'], ['audit', 'tail', '--help']):\n"
+        "    try:\n"
+        "        app(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('sqlalchemy', 'sqlmodel', 'sqlite3') if m in sys.modules), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
