@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from mlx_manager import __version__
 from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
-from mlx_manager.daemon.routes import admin, chat, completions, health, models
+from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, health, models
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine import Engine
 from mlx_manager.runtime import admin_token
@@ -43,18 +43,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        daemon.engine.start()  # no-op if already running; preloads on its own thread
+        from mlx_manager.daemon.auditing import Auditing
+
+        auditing = Auditing(daemon)
+        await auditing.start()  # before the first request: every request leaves its row
+        daemon.engine.start()  # no-op if already running
         preload = asyncio.create_task(watch_preload(daemon))
-        # AUDIT HOOK: start the audit writer here and subscribe it to every request's outcome:
-        #     writer = AuditWriter(settings.audit_path()); await writer.start()
-        #     daemon.outcome_sinks.append(lambda outcome: writer.record(AuditRecord(**outcome.audit_fields())))
         try:
             yield
         finally:
             preload.cancel()
             if daemon.owns_engine:
                 await stop_engine(daemon)
-            # AUDIT HOOK: `await writer.stop()` here, after the engine: it flushes every queued row.
+            await auditing.stop()  # after the engine: the last requests' rows are queued by now
 
     app = FastAPI(
         title="mlx-manager",
@@ -66,7 +67,7 @@ def create_app(
     )
     app.state.daemon = daemon
     handlers.install(app)
-    for module in (chat, completions, models, health, admin):
+    for module in (chat, completions, models, health, admin, audit_feed):
         app.include_router(module.router)
     app.add_middleware(DaemonMiddleware, daemon=daemon)
     return app

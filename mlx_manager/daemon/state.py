@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from mlx_manager.daemon.outcome import RequestOutcome
 
 if TYPE_CHECKING:
+    from mlx_manager.audit import AuditWriter
     from mlx_manager.engine import Engine, EngineConfig
     from mlx_manager.settings import Settings
 
@@ -40,6 +41,7 @@ class DaemonState:
     # Set when the daemon cannot do what it was started for (a preload model failed to load);
     # `serve` then stops and exits non-zero with this message. `on_fatal` asks the server to stop.
     fatal_error: str | None = None
+    audit: AuditWriter | None = None  # set by the lifespan once the audit log is open
     on_fatal: Callable[[], None] | None = None
     # Called with every finished request's outcome. The audit writer plugs in here
     # (see create_app); a sink must not block: it runs on the event loop.

@@ -12,6 +12,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
+from starlette.requests import HTTPConnection
 
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.reload import reload_settings
@@ -31,18 +32,26 @@ def _is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
-def require_admin(request: Request, daemon: Annotated[DaemonState, Depends(get_daemon)]) -> None:
-    client = request.client.host if request.client else None
+def admin_refusal(connection: HTTPConnection, daemon: DaemonState) -> Problem | None:
+    """Why this HTTP request or WebSocket may not use an admin endpoint, or None if it may."""
+    client = connection.client.host if connection.client else None
     if not _is_loopback(client):
-        log.warning("refused admin call %s from %s", request.url.path, client)
-        raise Problem("forbidden", "admin endpoints answer only clients on this machine")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        log.warning("refused admin call %s from %s", connection.url.path, client)
+        return Problem("forbidden", "admin endpoints answer only clients on this machine")
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), daemon.admin_token.encode()):
-        raise Problem(
+        return Problem(
             "unauthorized",
             "admin endpoints need 'Authorization: Bearer <token>' with the token in the admin.token file",
             headers={"WWW-Authenticate": 'Bearer realm="mlx-manager-admin"'},
         )
+    return None
+
+
+def require_admin(request: Request, daemon: Annotated[DaemonState, Depends(get_daemon)]) -> None:
+    problem = admin_refusal(request, daemon)
+    if problem is not None:
+        raise problem
 
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])

@@ -1,0 +1,48 @@
+"""WS /admin/audit/feed: the audit log's new rows as JSON, as they are committed (the admin panel's feed).
+
+Protected like every admin endpoint: loopback clients with the admin token only. A refused
+client is accepted and closed at once with code 1008 (policy violation) and the reason, so it
+learns why instead of seeing a bare failed handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, WebSocket
+
+from mlx_manager.daemon.routes.admin import admin_refusal
+
+router = APIRouter(tags=["admin"])
+POLICY_VIOLATION, GOING_AWAY, INTERNAL_ERROR = 1008, 1001, 1011
+
+
+@router.websocket("/admin/audit/feed")
+async def audit_feed(websocket: WebSocket) -> None:
+    daemon = websocket.app.state.daemon
+    await websocket.accept()
+    problem = admin_refusal(websocket, daemon)
+    if problem is not None:
+        await websocket.close(code=POLICY_VIOLATION, reason=problem.detail)
+        return
+    if daemon.audit is None:
+        await websocket.close(code=INTERNAL_ERROR, reason="the audit log is not open")
+        return
+    # Rows go out while another task listens: the client leaving (or the server closing the
+    # connection at shutdown) must end the feed even when no row is coming.
+    sender = asyncio.create_task(_send_rows(websocket, daemon.audit))
+    try:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+
+
+async def _send_rows(websocket: WebSocket, writer) -> None:
+    async with writer.subscribe() as feed:
+        async for row in feed:
+            await websocket.send_json(row)
+    await websocket.close(code=GOING_AWAY, reason="the audit log closed")
