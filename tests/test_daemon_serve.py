@@ -192,3 +192,22 @@ def test_help_does_not_import_the_server_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.slow
+def test_config_set_applies_to_the_running_daemon(daemons, slow_model):
+    daemon = daemons("--model", slow_model)
+    daemon.wait_ready(slow_model)
+    result = subprocess.run([MLX_MANAGER, "config", "set", "timeouts.chat", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"running daemon at {daemon.url} applied it" in result.stdout
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        daemon.openai().chat.completions.create(
+            model=slow_model, messages=[{"role": "user", "content": "go"}], max_tokens=100000
+        )
+    assert caught.value.status_code == 504
+    assert caught.value.response.json()["timeout_seconds"] == 1
+    assert time.monotonic() - started < 5
+    code, stderr = daemon.stop()
+    assert code == 0, stderr
