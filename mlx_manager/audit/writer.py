@@ -218,6 +218,12 @@ class AuditWriter:
         if len(self._pending) >= self.batch_size:
             self._wake_soon()
 
+    @property
+    def sql_engine(self):
+        """The SQLAlchemy engine of the open database (for tracing its statements)."""
+        assert self._store is not None, "AuditWriter not started"
+        return self._store.engine
+
     def subscribe(self, *, maxsize: int = 1000) -> AuditFeed:
         """A live feed of rows (JSON-ready dicts, `COLUMNS` keys) from now on, each once committed."""
         feed = AuditFeed(self, maxsize)

@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from mlx_manager import __version__
+from mlx_manager import __version__, telemetry
 from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
-from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, health, models
+from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, health, metrics, models
 from mlx_manager.daemon.state import DaemonState
+from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.engine import Engine
+from mlx_manager.metrics import Metrics
 from mlx_manager.runtime import admin_token
 from mlx_manager.settings import Settings
 
@@ -40,6 +42,7 @@ def create_app(
         extra_preload=list(extra_preload or []),
     )
     daemon.engine = engine if engine is not None else Engine(daemon.engine_config())
+    figures = daemon_metrics(daemon)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -47,6 +50,8 @@ def create_app(
 
         auditing = Auditing(daemon)
         await auditing.start()  # before the first request: every request leaves its row
+        figures.watch(audit_backlog=lambda: auditing.writer.backlog)
+        telemetry.instrument_sqlalchemy(auditing.writer.sql_engine)
         daemon.engine.start()  # no-op if already running
         preload = asyncio.create_task(watch_preload(daemon))
         try:
@@ -66,11 +71,41 @@ def create_app(
         redoc_url=None,
     )
     app.state.daemon = daemon
+    app.state.metrics = figures
+    telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, models, health, admin, audit_feed):
+    for module in (chat, completions, models, health, metrics, admin, audit_feed):
         app.include_router(module.router)
     app.add_middleware(DaemonMiddleware, daemon=daemon)
     return app
+
+
+def daemon_metrics(daemon: DaemonState) -> Metrics:
+    """Prometheus figures: live gauges read at scrape time, counters fed by each request's outcome."""
+    engine = daemon.engine
+    figures = Metrics(
+        queue_depth=lambda: engine.status().queue_depth,
+        loaded_models=lambda: len(engine.status().loaded),
+        active_requests=lambda: daemon.in_flight,
+    )
+
+    def observe(outcome: RequestOutcome) -> None:
+        if not outcome.endpoint.startswith("/v1/"):
+            return
+        ttft = outcome.time_to_first_token_ms
+        figures.observe_request(
+            outcome.endpoint,
+            outcome.model,
+            outcome.status,
+            (outcome.duration_ms or 0) / 1000,
+            None if ttft is None else ttft / 1000,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+        )
+
+    daemon.outcome_sinks.append(observe)
+    engine.model_load_listeners.append(lambda _model, seconds: figures.observe_model_load(seconds))
+    return figures
 
 
 async def watch_preload(daemon: DaemonState) -> None:

@@ -21,6 +21,7 @@ from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_error, sse_done
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine import EngineError, Finished, GenerationRequest, Job, SamplingParams, Started, TextDelta
+from mlx_manager.telemetry import generation_span
 
 log = logging.getLogger("mlx_manager.daemon")
 
@@ -79,6 +80,9 @@ class Generation:
         self.outcome = outcome
         self.job: Job = daemon.engine.submit(request)  # Overloaded / EngineStopped: at once
         self._events = aiter(self.job)
+        self.finish_reason: str | None = None  # "stop"/"length", or why it ended early
+        # Ends in close(), which for a stream runs in the stream's own task.
+        self.span = generation_span(request.model, endpoint, request.request_id).start()
 
     async def next_event(self):
         """The job's next event, or Problem("timeout") once the deadline has passed."""
@@ -86,6 +90,7 @@ class Generation:
             async with asyncio.timeout_at(self.deadline):
                 return await anext(self._events)
         except TimeoutError:
+            self.finish_reason = "timeout"
             self.job.cancel()  # the model must stop computing it, not only the client waiting
             raise Problem(
                 "timeout",
@@ -113,6 +118,7 @@ class Generation:
                 return "".join(parts), event
 
     def _finished(self, event: Finished) -> None:
+        self.finish_reason = event.finish_reason
         self.outcome.prompt_tokens = event.prompt_tokens
         self.outcome.completion_tokens = event.completion_tokens
 
@@ -123,6 +129,12 @@ class Generation:
             self.outcome.completion_tokens = self.job.completion_tokens
         if self.outcome.prompt_tokens is None and self.job.prompt_tokens:
             self.outcome.prompt_tokens = self.job.prompt_tokens
+        span = self.span
+        span.prompt_tokens = self.outcome.prompt_tokens
+        span.completion_tokens = self.outcome.completion_tokens
+        span.time_to_first_token_ms = self.outcome.time_to_first_token_ms
+        span.finish_reason = self.finish_reason or ("cancelled" if self.job.cancelled else "error")
+        span.end()
 
 
 class ClientGone(Exception):

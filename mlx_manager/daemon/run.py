@@ -42,6 +42,7 @@ def run_daemon(host: str | None = None, port: int | None = None, model: str | No
     from mlx_manager.daemon.logs import configure_logging
     from mlx_manager.daemon.server import DrainingServer
     from mlx_manager.settings import SettingsError, load_settings
+    from mlx_manager.telemetry import configure_telemetry
 
     flags = {"server.host": host, "server.port": port}
     try:
@@ -57,6 +58,7 @@ def run_daemon(host: str | None = None, port: int | None = None, model: str | No
         )
     sock = bind(settings.server.host, settings.server.port)
     configure_logging(settings)
+    configure_telemetry(settings)  # once, before the app is built
     app = create_app(
         settings,
         extra_preload=[model] if model else [],

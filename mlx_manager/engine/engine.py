@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from mlx_manager.engine.errors import EngineError, EngineStopped, Overloaded
 from mlx_manager.engine.types import Event, Finished, GenerationRequest, Started
@@ -136,6 +136,8 @@ class Engine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Called on the inference thread with (model id, seconds) after each model load.
+        self.model_load_listeners: list[Callable[[str, float], None]] = []
         self._waiting = 0  # submitted, not yet taken into a batch
         self._active = 0  # started, not yet finished
         self._lock = threading.Lock()

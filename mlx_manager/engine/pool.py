@@ -51,7 +51,8 @@ def resolve(model_id: str) -> Path:
 
 
 class ModelPool:
-    def __init__(self, allowed: list[str], max_loaded: int, keep_alive: float) -> None:
+    def __init__(self, allowed: list[str], max_loaded: int, keep_alive: float, load_listeners: list | None = None) -> None:
+        self.load_listeners = load_listeners if load_listeners is not None else []
         self.allowed = allowed
         self.max_loaded = max_loaded
         self.keep_alive = keep_alive
@@ -87,18 +88,24 @@ class ModelPool:
         return entry
 
     def _load(self, model_id: str, path: Path) -> LoadedModel:
+        import mlx.core as mx
         from mlx_lm import load
 
+        from mlx_manager.telemetry import model_load_span
+
         self.loading = model_id
-        started = time.perf_counter()
         try:
-            model, tokenizer, config = load(str(path), return_config=True)
+            with model_load_span(model_id) as span:
+                model, tokenizer, config = load(str(path), return_config=True)
+                span.memory_bytes = mx.get_active_memory()
         except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
         finally:
             self.loading = None
-        seconds = time.perf_counter() - started
+        seconds = span.seconds or 0.0
         log.info("loaded model %s from %s in %.2fs", model_id, path, seconds)
+        for listener in self.load_listeners:
+            listener(model_id, seconds)
         context = config.get("max_position_embeddings")
         return LoadedModel(model_id, path, model, tokenizer, context if isinstance(context, int) else None, seconds)
 

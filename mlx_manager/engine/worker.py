@@ -224,7 +224,7 @@ class Worker:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         config = engine.config
-        self.pool = ModelPool(list(config.allowed), config.max_loaded, config.keep_alive)
+        self.pool = ModelPool(list(config.allowed), config.max_loaded, config.keep_alive, engine.model_load_listeners)
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot
         self._running = True
