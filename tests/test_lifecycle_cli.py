@@ -99,6 +99,8 @@ def test_start_status_stop(clean_up):
     url, daemon, supervisor = start()
     clean_up |= {daemon, supervisor}
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/v1/models").status_code == 200
+    assert httpx.get(f"{url}/v1/models/no-such-model").status_code == 404
 
     code, body = status_json()
     assert code == 0
@@ -106,9 +108,12 @@ def test_start_status_stop(clean_up):
     assert (body["daemon_pid"], body["supervisor_pid"], body["url"]) == (daemon, supervisor, url)
     assert body["version"] and body["rss_bytes"] > 0 and body["uptime_seconds"] >= 0
     assert body["restarts"] == 0 and body["queue_depth"] == 0 and body["models_loaded"] == []
+    # The main figures come from the daemon's /metrics.
+    assert body["figures"]["requests"] == 2 and body["figures"]["requests_by_status"] == {"success": 1, "error": 1}
     human = cli("status")
     assert human.returncode == 0
     assert human.stdout.startswith("Running, healthy.") and f"pid {daemon}" in human.stdout
+    assert "2 served (1 error, 1 success)" in human.stdout
 
     again = cli("start")
     assert again.returncode == 0
@@ -233,6 +238,16 @@ def test_start_on_a_busy_port_fails_with_the_reason(clean_up):
     assert lock_holder() is None and read_daemon_info() is None  # nothing left running
     assert cli("status").returncode == 1  # it gave up; `status` says why
     assert "already in use" in cli("status").stdout
+
+
+def test_start_with_a_model_that_cannot_load_fails_with_the_reason(clean_up, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    done = cli("start", "--port", str(free_port()), "--model", missing)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: the daemon did not start: could not preload model '{missing}'")
+    assert lock_holder() is None and read_daemon_info() is None
+    assert cli("status").returncode == 1
 
 
 def test_start_replaces_a_stale_state_file(clean_up):

@@ -210,6 +210,8 @@ def _show_status(s: Status) -> None:
         ("Queue", f"{s.queue_depth} waiting, {s.active_jobs or 0} running" if s.queue_depth is not None else None),
         ("Memory", f"{s.rss_bytes / 1024**2:.0f} MiB RSS" if s.rss_bytes is not None else None),
         ("CPU", f"{s.cpu_percent:.0f} %" if s.cpu_percent is not None else None),
+        ("Requests", _requests_line(s.figures) if s.figures else None),
+        ("Tokens", _tokens_line(s.figures) if s.figures else None),
         ("Restarts", str(s.restarts) if s.supervised else None),
         ("Last exit", _exit_line(s.last_exit) if s.last_exit else None),
     ]
@@ -217,6 +219,22 @@ def _show_status(s: Status) -> None:
         if value:
             grid.add_row(label, value)
     console.print(grid, markup=False, highlight=False)
+
+
+def _requests_line(figures: dict[str, Any]) -> str:
+    by_status = ", ".join(f"{n} {status}" for status, n in sorted(figures["requests_by_status"].items()))
+    line = f"{figures['requests']} served" + (f" ({by_status})" if by_status else "")
+    ttft = figures.get("time_to_first_token_seconds_mean")
+    if ttft is not None:
+        line += f"; mean time to first token {ttft * 1000:.0f} ms"
+    return line
+
+
+def _tokens_line(figures: dict[str, Any]) -> str:
+    line = f"{figures['prompt_tokens']} prompt, {figures['completion_tokens']} completion"
+    if figures.get("audit_backlog"):
+        line += f"; {figures['audit_backlog']} audit rows waiting to be written"
+    return line
 
 
 def _exit_line(last_exit: dict[str, Any]) -> str:

@@ -20,23 +20,31 @@ class Answer:
         return self.status == 200
 
 
-def get(url: str, path: str, timeout: float) -> Answer | None:
-    """The daemon's answer to GET `path`, or None when it did not answer in time (or at all)."""
+def fetch(url: str, path: str, timeout: float) -> tuple[int, bytes] | None:
+    """Status and body of GET `path`, or None when the daemon did not answer in time (or at all)."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
     try:
         connection.request("GET", path, headers={"User-Agent": "mlx-manager-supervisor"})
         response = connection.getresponse()
-        raw = response.read()
+        return response.status, response.read()
     except (OSError, http.client.HTTPException):
         return None
     finally:
         connection.close()
+
+
+def get(url: str, path: str, timeout: float) -> Answer | None:
+    """The daemon's JSON answer to GET `path`, or None when it did not answer in time (or at all)."""
+    answer = fetch(url, path, timeout)
+    if answer is None:
+        return None
+    status, raw = answer
     try:
         body = json.loads(raw)
     except ValueError:
         body = {}
-    return Answer(response.status, body if isinstance(body, dict) else {})
+    return Answer(status, body if isinstance(body, dict) else {})
 
 
 def healthy(url: str, timeout: float) -> bool:

@@ -36,6 +36,7 @@ class Status:
     reason: str | None = None
     problem: str | None = None  # why it is not healthy, in a few words
     stale: bool = False  # a state file left by a supervisor that died without cleaning up
+    figures: dict[str, Any] | None = None  # the main Prometheus figures from GET /metrics
 
     @property
     def exit_code(self) -> int:
@@ -100,6 +101,14 @@ def _ask_daemon(result: Status, state: dict[str, Any]) -> None:
         result.queue_depth = body.get("queue_depth")
         result.active_jobs = body.get("active_jobs")
         result.loading = body.get("loading")
+    scraped = probe.fetch(result.url, "/metrics", PROBE_TIMEOUT)
+    if scraped is not None and scraped[0] == 200:
+        from mlx_manager.metrics import scrape_summary
+
+        try:
+            result.figures = scrape_summary(scraped[1].decode())
+        except ValueError:  # not Prometheus text: an older or foreign daemon
+            result.figures = None
 
 
 def _measure(result: Status) -> None:
