@@ -1,0 +1,1 @@
+complete --command mlx-manager --no-files --arguments "(env _MLX_MANAGER_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) mlx-manager)" --condition "env _MLX_MANAGER_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) mlx-manager"
