@@ -305,3 +305,20 @@ def test_stop_fails_waiting_jobs_and_refuses_new_ones(fast_model):
             e.submit(request(fast_model))
 
     asyncio.run(main())
+
+
+def test_deltas_that_piled_up_can_be_taken_at_once(engine, fast_model):
+    async def main():
+        e = engine()
+        full, _, _ = await collect(e.submit(request(fast_model, "pile up", 40)))
+        job = e.submit(request(fast_model, "pile up", 40))
+        while not job.done:  # let the model run ahead of this consumer
+            await asyncio.sleep(0.01)
+        text = []
+        async for event in job:
+            if isinstance(event, TextDelta):
+                text.append(event.text + job.take_ready_text())
+        assert "".join(text) == full
+        assert len(text) < 5  # far fewer pieces than tokens
+
+    asyncio.run(main())

@@ -195,7 +195,8 @@ async def _events(generation: Generation, fmt: Format) -> AsyncIterator[str]:
             event = await generation.next_event()
             if isinstance(event, TextDelta):
                 outcome.first_token()
-                yield sse_data(fmt.delta_chunk(event.text))
+                # Deltas that arrived while the last chunk was written go out together.
+                yield sse_data(fmt.delta_chunk(event.text + generation.job.take_ready_text()))
             elif isinstance(event, Finished):
                 generation._finished(event)
                 yield sse_data(fmt.final_chunk(event.finish_reason))

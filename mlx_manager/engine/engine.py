@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from mlx_manager.engine.errors import EngineError, EngineStopped, Overloaded
-from mlx_manager.engine.types import Event, Finished, GenerationRequest, Started
+from mlx_manager.engine.types import Event, Finished, GenerationRequest, Started, TextDelta
 
 if TYPE_CHECKING:
     from mlx_manager.settings import Settings
@@ -94,6 +94,16 @@ class Job:
             yield item
             if isinstance(item, Finished):
                 return
+
+    def take_ready_text(self) -> str:
+        """The text of the deltas already waiting, taken at once (up to the next other event).
+
+        A consumer that fell behind the model sends what piled up as one piece instead of one
+        message per token."""
+        parts = []
+        while self._events and isinstance(self._events[0], TextDelta):
+            parts.append(self._events.popleft().text)
+        return "".join(parts)
 
     def _release(self) -> None:
         """The engine let go of this job (finished, failed or cancelled)."""
