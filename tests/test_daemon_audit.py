@@ -195,3 +195,18 @@ def test_live_feed_refuses_without_the_admin_token(server):
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=5)
     assert closed.value.rcvd.code == 1008
+
+
+def test_the_daemon_prunes_old_rows_at_start(tmp_path, monkeypatch):
+    from tests.audit_rows import ago, fill, record
+
+    home = tmp_path / "prune-home"
+    monkeypatch.setenv("MLX_MANAGER_HOME", str(home))
+    settings = settings_with(audit={"retention_days": 7})
+    path = settings.audit_path()
+    fill(path, [record(request_id=f"old-{i}", timestamp=ago(days=8 + i)) for i in range(30)]
+         + [record(request_id=f"new-{i}", timestamp=ago(days=6)) for i in range(5)])
+    engine = RecordingEngine(EngineConfig())
+    with LiveServer(create_app(settings, engine=engine)):
+        assert wait_until(lambda: len(rows(path)) == 5, timeout=10)
+    assert {r["request_id"] for r in rows(path)} == {f"new-{i}" for i in range(5)}
