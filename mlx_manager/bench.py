@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -83,7 +84,9 @@ def percentile(values: list[float], q: float) -> float | None:
 def _client(url: str):
     from openai import AsyncOpenAI
 
-    return AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="bench", max_retries=0, timeout=600)
+    # A daemon with API keys needs one: the same variable that adds a key to the daemon gives it here.
+    key = os.environ.get("MLX_MANAGER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "bench"
+    return AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=key, max_retries=0, timeout=600)
 
 
 async def resolve_model(url: str, model: str | None) -> str:

@@ -2,13 +2,17 @@
 
 - `daemon.json`: pid, host, port, url, version and start time of the running daemon (removed on exit).
 - `admin.token`: the admin credential (mode 0600) the CLI sends to the daemon's admin endpoints.
+
+Every file here, like the config, the audit database and the logs, is created 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging.handlers
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from mlx_manager.settings import home
@@ -38,16 +42,36 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# A shorter token in the file (empty, truncated) is not a credential: the daemon makes a new one.
+MIN_ADMIN_TOKEN_LENGTH = 32
+
+
 def admin_token(create: bool = False) -> str | None:
-    """The admin credential; `create=True` (the daemon) makes one if none exists."""
+    """The admin credential; `create=True` (the daemon) makes one if none exists, and makes sure
+    only its owner can read the file."""
     path = admin_token_file()
     if path.exists():
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if not create:
+            return token
+        if len(token) >= MIN_ADMIN_TOKEN_LENGTH:
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:  # others could read it: no secret any more
+                path.chmod(0o600)
+            return token
     if not create:
         return None
     token = secrets.token_urlsafe(32)
     write_private(path, token + "\n")
     return token
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files are created 0600: logs hold request ids, model names and client
+    addresses, and the file a rotation opens would otherwise follow the umask (often 0644)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def read_daemon_info() -> dict | None:

@@ -18,11 +18,12 @@ import tempfile
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "MLX_MANAGER_"
 
@@ -78,6 +79,13 @@ class ServerSettings(Section):
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="Most sequences decoded together in one batch."
     )
+    max_messages: int = Field(
+        256, ge=1, le=100000, description="Most messages in one chat request; more is refused with 422."
+    )
+    rate_limit: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Requests per minute one client may make to /v1 (by API key, else by address); 0 turns it off.",
+    )
 
 
 class TimeoutSettings(Section):
@@ -97,7 +105,10 @@ class ModelSettings(Section):
     )
     preload: list[str] = Field(default_factory=list, description="Models loaded when the daemon starts.")
     default_max_tokens: int = Field(
-        512, ge=1, le=1_000_000, description="max_tokens used when a request gives none."
+        512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."
+    )
+    max_tokens: int = Field(
+        131072, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for; more is refused with 422."
     )
 
 
@@ -119,6 +130,42 @@ class LogSettings(Section):
     file: str = Field("", description="Daemon log file; empty means logs/daemon.log under the home folder.")
 
 
+# `mlx-manager keys add` makes 256-bit random keys, so one SHA-256 per key is as strong as a slow
+# password hash here and cheap enough to check on every request.
+KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ApiKey(Section):
+    """One API key as the config file keeps it: never the key itself, only its SHA-256."""
+
+    name: str = Field(pattern=KEY_NAME, description="Name that `mlx-manager keys` lists and revokes it by.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, in hex.")
+    created: datetime = Field(description="When the key was made (UTC).")
+
+
+class AuthSettings(Section):
+    keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="API keys /v1 requests must send as 'Authorization: Bearer KEY', stored hashed; "
+        "managed by `mlx-manager keys`, never printed.",
+        json_schema_extra={"secret": True},
+    )
+    keys_file: str = Field(
+        "",
+        description="File of more API keys in plain text, one per line (e.g. a mounted secret); "
+        "the MLX_MANAGER_API_KEY variable adds one more.",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def unique_names(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        names = [key.name for key in keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"two keys are named {duplicates[0]!r}; names must be unique")
+        return keys
+
+
 class SupervisorSettings(Section):
     health_interval: Duration = Field(5, ge=0.1, le=3600, description="Seconds between the supervisor's /health probes.")
     hang_timeout: Duration = Field(
@@ -138,6 +185,7 @@ class Settings(Section):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     log: LogSettings = Field(default_factory=LogSettings)
     supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     def audit_path(self) -> Path:
         return Path(self.audit.path).expanduser() if self.audit.path else home() / "audit.db"
@@ -196,6 +244,8 @@ class KeyInfo:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    # Secret keys are never printed back (`config get/list` show a count) nor set with `config set`.
+    secret: bool = False
 
     @property
     def env_var(self) -> str:
@@ -203,6 +253,8 @@ class KeyInfo:
 
     def expected(self) -> str:
         """What a valid value looks like, for error messages and help."""
+        if self.secret:
+            return "entries made by `mlx-manager keys add NAME`"
         span = ""
         if self.low is not None and self.high is not None:
             span = f" from {plain(self.low)} to {plain(self.high)}"
@@ -246,6 +298,7 @@ def key_infos() -> dict[str, KeyInfo]:
                 low=low,
                 high=high,
                 choices=choices,
+                secret=bool((field.json_schema_extra or {}).get("secret")),
             )
     return infos
 

@@ -64,10 +64,11 @@ class LiveServer:
         return self.daemon.engine
 
     def openai(self, **options: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **options)
+        """The official client; `api_key=` sends a real key to a daemon that has keys."""
+        return openai.OpenAI(**{"base_url": self.url + "/v1", "api_key": "unused", "max_retries": 0, **options})
 
     def async_openai(self, **options: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **options)
+        return openai.AsyncOpenAI(**{"base_url": self.url + "/v1", "api_key": "unused", "max_retries": 0, **options})
 
     def http(self, **options: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, **{"timeout": 60, **options})

@@ -44,7 +44,7 @@ def test_help_lists_commands_without_heavy_imports():
 
 
 def test_each_group_help_stays_light():
-    for group in ("serve", "config", "audit"):
+    for group in ("serve", "config", "audit", "keys"):
         code, out, modules = _modules_after(group, "--help")
         assert code == 0, out
         assert not modules & set(HEAVY), f"{group} --help imported {sorted(modules & set(HEAVY))}"

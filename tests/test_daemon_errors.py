@@ -206,3 +206,26 @@ def test_plain_client_reads_the_openai_error_message(server):
     # A plain client that only looks at `error.message` (as many OpenAI wrappers do) gets a sentence.
     response = httpx.post(server.url + CHAT, json={"model": "m"})
     assert response.json()["error"]["message"] == "messages: Field required"
+
+
+# Found by the fuzz test (tests/test_fuzz.py): each of these once crashed MLX or answered 500.
+@pytest.mark.parametrize("prompt", [[600], [1, 2**65], [10**12]])  # the fast model knows 512 token ids
+def test_prompt_token_ids_outside_the_vocabulary_are_refused(server, fast_model, prompt):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.openai().completions.create(model=fast_model, prompt=prompt, max_tokens=2)
+    assert caught.value.code == "invalid_request"
+    assert caught.value.message.endswith("prompt token ids must be between 0 and 511")
+
+
+def test_a_negative_token_id_is_a_validation_error(server, fast_model):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        server.openai().completions.create(model=fast_model, prompt=[1, -1], max_tokens=2)
+    assert caught.value.code == "validation_error"
+
+
+def test_any_top_k_and_any_seed_are_served(server, fast_model):
+    for top_k, seed in ((10**7, -5), (512, 2**70), (3, None)):
+        answer = server.openai().completions.create(
+            model=fast_model, prompt="hi", max_tokens=2, seed=seed, extra_body={"top_k": top_k}
+        )
+        assert answer.usage.completion_tokens >= 1

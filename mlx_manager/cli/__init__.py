@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_manager import __version__
-from mlx_manager.cli import audit, bench, config, lifecycle, serve, service
+from mlx_manager.cli import audit, bench, config, keys, lifecycle, serve, service
 
 app = typer.Typer(
     name="mlx-manager",
@@ -40,6 +40,7 @@ def root(
 
 app.command(epilog=serve.EPILOG)(serve.serve)
 app.add_typer(config.app, name="config")
+app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.add_typer(service.app, name="service")
 app.command(epilog=bench.EPILOG)(bench.bench)

@@ -13,7 +13,8 @@ EPILOG = (
     "Examples:\n\n"
     "  mlx-manager bench\n\n"
     "  mlx-manager bench --concurrency 1,8 --requests 32 --max-tokens 128\n\n"
-    "  mlx-manager bench --url http://127.0.0.1:10242 --vs http://127.0.0.1:8080 --model ./my-model"
+    "  mlx-manager bench --url http://127.0.0.1:10242 --vs http://127.0.0.1:8080 --model ./my-model\n\n"
+    "  MLX_MANAGER_API_KEY=mlxm-... mlx-manager bench"
 )
 
 
@@ -53,7 +54,10 @@ def bench(
     vs_model: Annotated[Optional[str], typer.Option(help="Model id on the --vs server (default: same as --model).")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Measure tokens/s, time to first token and latency of an OpenAI-compatible server."""
+    """Measure tokens/s, time to first token and latency of an OpenAI-compatible server.
+
+    A server with API keys takes the key in MLX_MANAGER_API_KEY (or OPENAI_API_KEY).
+    """
     from mlx_manager.bench import BenchError, BenchPlan, run_bench
 
     plan = BenchPlan(_levels(concurrency), requests, max_tokens, prompt_tokens, stream)

@@ -91,11 +91,25 @@ def _broken(error: SettingsError, json_output: bool = False) -> NoReturn:
 
 
 def _effective(json_output: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every key's value as `config` may show it: secret ones (API keys) only as a count."""
     try:
         settings, origins = load_settings_with_origins()
     except SettingsError as error:
         _broken(error, json_output)
-    return flatten(settings), origins
+    values = {key: _hidden(value) if key_infos()[key].secret else value for key, value in flatten(settings).items()}
+    return values, origins
+
+
+def _hidden(value: Any) -> str:
+    count = len(value) if isinstance(value, list) else int(bool(value))
+    return f"(hidden: {count} key{'' if count == 1 else 's'})"
+
+
+def _refuse_secret(key: str, action: str) -> None:
+    """API keys are made and revoked by `mlx-manager keys` only: `config` never takes one in plain text."""
+    if key_infos().get(key) is not None and key_infos()[key].secret:
+        fail(f"{key} cannot be {action} with `mlx-manager config`.",
+             "Use `mlx-manager keys add NAME` or `mlx-manager keys revoke NAME`.", code=EXIT_USAGE)
 
 
 def _shown(value: Any) -> str:
@@ -117,7 +131,7 @@ def _env_note(key: str) -> None:
         warn(f"{var} is set in this environment and overrides the file's value here.")
 
 
-def _apply_live(summary: str, keys: list[str] | None) -> None:
+def apply_live(summary: str, keys: list[str] | None) -> None:
     """Tell a running daemon to reload and say, on the summary line, what it made of the change.
     `keys` are the keys this command changed; None reports whatever the daemon says changed."""
     from mlx_manager.cli.daemon_client import request_reload
@@ -190,6 +204,7 @@ def set_(
     ],
 ) -> None:
     """Validate a value and write it to the config file; a running daemon reloads it."""
+    _refuse_secret(key, "set")
     try:
         typed = parse_value(key, value)
     except SettingsError as error:
@@ -204,12 +219,13 @@ def set_(
     set_in_document(document, key, typed)
     _save(document.as_string())
     _env_note(key)
-    _apply_live(f"Set {key} = {_shown(typed)}", [key])
+    apply_live(f"Set {key} = {_shown(typed)}", [key])
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config unset timeouts.chat")
 def unset(key: KeyArgument) -> None:
     """Remove a setting from the config file so its default applies again; a running daemon reloads."""
+    _refuse_secret(key, "unset")
     path = config_path()
     try:
         text = read_config_text(path)
@@ -232,10 +248,10 @@ def unset(key: KeyArgument) -> None:
         _broken(error)  # the file held other problems before; removing this key did not fix them
     _save(new_text)
     if not known:  # the file was broken until now, so the daemon may have missed earlier changes
-        _apply_live(f"Removed unknown key {key} from {path}", None)
+        apply_live(f"Removed unknown key {key} from {path}", None)
         return
     _env_note(key)
-    _apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
+    apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
 
 
 @app.command(
@@ -311,7 +327,7 @@ def edit() -> None:
     if changed == []:
         _say(f"Saved {path} (no setting changed value)")
         return
-    _apply_live(f"Saved {path}" + (f"; changed {', '.join(changed)}" if changed else ""), changed)
+    apply_live(f"Saved {path}" + (f"; changed {', '.join(changed)}" if changed else ""), changed)
 
 
 def _run_editor(text: str) -> str:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from mlx_manager.cli.output import JsonOption, console, err_console, fail, print_json
+from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json
+from mlx_manager.cli.serve import InsecureOption
 
 if TYPE_CHECKING:
     from mlx_manager.supervisor.control import Running
@@ -42,7 +43,7 @@ ForceOption = Annotated[bool, typer.Option("--force", help="Kill at once, withou
 
 START_EPILOG = (
     "Examples:\n\n  mlx-manager start\n\n  mlx-manager start --port 8080 --model ./models/my-model\n\n"
-    "  mlx-manager start --host 0.0.0.0 --wait 300"
+    "  mlx-manager keys add laptop && mlx-manager start --host 0.0.0.0 --wait 300"
 )
 STOP_EPILOG = "Examples:\n\n  mlx-manager stop\n\n  mlx-manager stop --timeout 120\n\n  mlx-manager stop --force"
 RESTART_EPILOG = "Examples:\n\n  mlx-manager restart\n\n  mlx-manager restart --model ./models/other-model"
@@ -68,14 +69,39 @@ def _say(line: str) -> None:
 # -- start / stop / restart ---------------------------------------------------------------------------
 
 
-def start(host: HostOption = None, port: PortOption = None, model: ModelOption = None, wait: WaitOption = 120) -> None:
+def start(
+    host: HostOption = None,
+    port: PortOption = None,
+    model: ModelOption = None,
+    wait: WaitOption = 120,
+    insecure_no_auth: InsecureOption = False,
+) -> None:
     """Start the daemon in the background under a supervisor that restarts it if it crashes or hangs.
 
     Returns once the daemon is ready (prints its URL and pid), or prints why it could not start.
+    On an address other than loopback it needs an API key (`mlx-manager keys add NAME`).
 
     When it already runs, says so and does nothing.
     """
-    _start({"host": host, "port": port, "model": model_argument(model)}, wait)
+    flags = {"host": host, "port": port, "model": model_argument(model), "insecure_no_auth": insecure_no_auth or None}
+    _check_bind(flags)
+    _start(flags, wait)
+
+
+def _check_bind(flags: dict[str, Any]) -> None:
+    """Refuse a network address without an API key here, before any process is started or stopped;
+    the daemon checks again itself (and says why if the settings cannot be read)."""
+    from mlx_manager.auth import load_keyring, unsafe_bind
+    from mlx_manager.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings({"server.host": flags.get("host")})
+        keyring = load_keyring(settings)
+    except SettingsError:
+        return
+    refusal = unsafe_bind(settings.server.host, keyring, bool(flags.get("insecure_no_auth")))
+    if refusal is not None:
+        fail(refusal, code=EXIT_USAGE)
 
 
 def _start(flags: dict[str, Any], wait: float) -> None:
@@ -154,13 +180,18 @@ def restart(
     model: ModelOption = None,
     timeout: TimeoutOption = 30,
     wait: WaitOption = 120,
+    insecure_no_auth: InsecureOption = False,
 ) -> None:
-    """Stop the daemon, then start it again with the same options (those given here replace them)."""
+    """Stop the daemon, then start it again with the same options (those given here replace them).
+
+    --insecure-no-auth, once given, is kept; `stop` then `start` drops it.
+    """
     from mlx_manager.supervisor.state import read_state
 
     previous = (read_state() or {}).get("flags") or {}
-    given = {"host": host, "port": port, "model": model_argument(model)}
+    given = {"host": host, "port": port, "model": model_argument(model), "insecure_no_auth": insecure_no_auth or None}
     flags = {name: given[name] if given[name] is not None else previous.get(name) for name in given}
+    _check_bind(flags)  # before the stop: a refused restart leaves the running daemon alone
     stop(timeout=timeout, force=False)
     _start(flags, wait)
 

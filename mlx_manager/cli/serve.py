@@ -9,8 +9,18 @@ import typer
 EPILOG = (
     "Examples:\n\n"
     "  mlx-manager serve\n\n"
-    "  mlx-manager serve --model ./models/my-model --port 8080"
+    "  mlx-manager serve --model ./models/my-model --port 8080\n\n"
+    "  mlx-manager keys add laptop && mlx-manager serve --host 0.0.0.0"
 )
+
+# Shared with start/restart: a network address without any API key is refused unless this is given.
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-no-auth",
+        help="Allow listening on a network address without any API key (anyone who can reach it may use the API).",
+    ),
+]
 
 
 def serve(
@@ -19,15 +29,17 @@ def serve(
     model: Annotated[
         Optional[str], typer.Option(help="Preload this model (a local folder or a cached Hugging Face id).")
     ] = None,
+    insecure_no_auth: InsecureOption = False,
 ) -> None:
     """Run the OpenAI-compatible inference daemon in the foreground.
 
     Ctrl-C or SIGTERM stops it gracefully: running requests may finish (server.drain_timeout).
+    On an address other than loopback it needs an API key (`mlx-manager keys add NAME`).
     """
     from mlx_manager.cli.output import fail
     from mlx_manager.daemon.run import StartupError, run_daemon
 
     try:
-        run_daemon(host=host, port=port, model=model)
+        run_daemon(host=host, port=port, model=model, insecure_no_auth=insecure_no_auth)
     except StartupError as exc:
         fail(exc.message.rstrip(".") + ".", exc.hint, code=exc.exit_code)

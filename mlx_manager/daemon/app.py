@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from mlx_manager import __version__, telemetry
+from mlx_manager.auth import load_keyring
 from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
+from mlx_manager.daemon.openapi import describe_errors
 from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, health, metrics, models
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.daemon.outcome import RequestOutcome
@@ -30,13 +32,19 @@ def create_app(
     *,
     extra_preload: list[str] | None = None,
     flag_overrides: dict | None = None,
+    require_key: bool = False,
 ) -> FastAPI:
     """The app, with its engine: one made from `settings` (started and stopped with the app), or
-    the caller's (started with the app if it is not yet; stopped by the caller)."""
+    the caller's (started with the app if it is not yet; stopped by the caller).
+
+    API keys come from `settings` (and auth.keys_file, MLX_MANAGER_API_KEY): SettingsError if a
+    configured source cannot be read. `require_key` (a network address) closes /v1 when no key is left."""
     daemon = DaemonState(
         settings=settings,
         engine=None,  # type: ignore[arg-type]  # set just below, once the preload list is known
         admin_token=admin_token(create=True) or "",
+        keyring=load_keyring(settings),
+        require_key=require_key,
         owns_engine=engine is None,
         flag_overrides=dict(flag_overrides or {}),
         extra_preload=list(extra_preload or []),
@@ -76,6 +84,7 @@ def create_app(
     handlers.install(app)
     for module in (chat, completions, models, health, metrics, admin, audit_feed):
         app.include_router(module.router)
+    describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)
     return app
 

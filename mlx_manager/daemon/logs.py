@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 
+from mlx_manager.runtime import PrivateRotatingFileHandler
 from mlx_manager.settings import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -17,11 +17,9 @@ BACKUPS = 5
 def configure_logging(settings: Settings) -> None:
     path = settings.log_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():  # created private: logs hold request ids, model names, client addresses
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     formatter = logging.Formatter(FORMAT)
     handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
+        PrivateRotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
     ]
     # Under the supervisor, stderr already goes to its log: writing both would double every line.
     if os.environ.get("MLX_MANAGER_SUPERVISED") != "1":

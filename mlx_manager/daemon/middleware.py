@@ -1,4 +1,5 @@
-"""The one ASGI middleware every HTTP request passes: request id, draining, body limit, outcome.
+"""The one ASGI middleware every HTTP request passes: request id, draining, API key, rate limit,
+body limit, outcome.
 
 Pure ASGI (not BaseHTTPMiddleware) so that streaming responses pass through untouched and the
 body limit can count the bytes of a chunked upload as they arrive.
@@ -13,6 +14,7 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlx_manager.auth import ADD_KEY_HINT, bearer_token
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem, retry_after
 from mlx_manager.daemon.state import DaemonState
@@ -25,6 +27,8 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 _PROBES = ("/health", "/ready")
 # Paths whose outcome is worth a record (the audit log): the API and the admin endpoints.
 _RECORDED = ("/v1/", "/admin/")
+# The OpenAI API: what API keys and the rate limit guard.
+_API = "/v1/"
 DRAIN_RETRY_AFTER = 5.0
 
 
@@ -106,11 +110,53 @@ class DaemonMiddleware:
         if self.daemon.draining and path not in _PROBES:
             detail = "the daemon is shutting down and takes no new requests"
             return Problem("draining", detail, headers=retry_after(DRAIN_RETRY_AFTER))
+        if path.startswith(_API) or path == _API.rstrip("/"):
+            key_name, problem = self._authenticate(scope)
+            if problem is not None:
+                return problem
+            problem = self._rate_limit(scope, key_name)
+            if problem is not None:
+                return problem
         limit = self.daemon.settings.server.max_body_bytes
         length = _content_length(scope)
         if length is not None and length > limit:
             return Problem("body_too_large", f"the request body is larger than {limit} bytes (server.max_body_bytes)")
         return None
+
+    def _authenticate(self, scope: Scope) -> tuple[str | None, Problem | None]:
+        """(name of the key the request presents, or a 401 problem). No keys at all: (None, None)."""
+        keyring = self.daemon.keyring
+        if not keyring and not self.daemon.require_key:
+            return None, None
+        token = bearer_token(_header(scope, b"authorization") or "")
+        if not keyring:
+            detail = f"this daemon listens on a network address and has no API key left. {ADD_KEY_HINT}."
+        elif token is None:
+            detail = "this API needs a key: send 'Authorization: Bearer <key>'"
+        else:
+            name = keyring.match(token)
+            if name is not None:
+                return name, None
+            detail = "the API key is not valid (mistyped, revoked, or for another server)"
+        # RFC 6750: a wrong token says invalid_token; a missing one only names the scheme.
+        challenge = 'Bearer realm="mlx-manager"' + (', error="invalid_token"' if token else "")
+        return None, Problem("unauthorized", detail, headers={"WWW-Authenticate": challenge})
+
+    def _rate_limit(self, scope: Scope, key_name: str | None) -> Problem | None:
+        per_minute = self.daemon.settings.server.rate_limit
+        client = f"key {key_name}" if key_name else f"address {(scope.get('client') or ('?',))[0]}"
+        wait = self.daemon.rate_limiter.take(client, per_minute)
+        if wait is None:
+            return None
+        detail = f"more than {per_minute} requests per minute from this client (server.rate_limit); retry later"
+        return Problem("rate_limited", detail, headers=retry_after(wait), limit=per_minute)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _log_outcome(outcome: RequestOutcome) -> None:

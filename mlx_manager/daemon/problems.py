@@ -40,6 +40,8 @@ KINDS: dict[str, Kind] = {
     "invalid_json": Kind(422, "Malformed JSON", "invalid_request_error"),
     "validation_error": Kind(422, "Invalid request", "invalid_request_error"),
     "invalid_settings": Kind(422, "Invalid settings file", "invalid_request_error"),
+    "limit_exceeded": Kind(422, "Request over a limit", "invalid_request_error"),
+    "rate_limited": Kind(429, "Too many requests", "rate_limit_error"),
     "internal_error": Kind(500, "Internal server error", "server_error"),
     "model_load_failed": Kind(500, "The model could not be loaded", "server_error"),
     "generation_failed": Kind(500, "Generation failed", "server_error"),
@@ -50,7 +52,10 @@ KINDS: dict[str, Kind] = {
 }
 
 # Starlette's own HTTPExceptions carry only a status: name them by it.
-_KIND_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+_KIND_BY_STATUS = {
+    401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+    415: "unsupported_media_type", 429: "rate_limited",
+}
 
 
 def kind_for_status(status: int) -> str:

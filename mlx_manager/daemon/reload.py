@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from mlx_manager.auth import load_keyring
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.schemas import ReloadResult
 from mlx_manager.daemon.state import DaemonState
@@ -25,11 +26,15 @@ def reload_settings(daemon: DaemonState) -> ReloadResult:
     try:
         # The same flags as at start, so `serve --port 8080` does not read as a port change.
         new = load_settings(daemon.flag_overrides)
+        keyring = load_keyring(new)  # an unreadable keys file must not leave the API open
     except SettingsError as exc:
         log.warning("settings reload refused, keeping the running settings: %s", exc)
         raise Problem("invalid_settings", f"settings not reloaded, the running ones are kept: {exc}") from None
     changed = changed_keys(daemon.settings, new)
     daemon.settings = new  # requests that start from now on see the new values
+    if keyring != daemon.keyring:  # added or revoked keys hold from the next request on
+        log.info("API keys reloaded: %d key(s)", len(keyring))
+    daemon.keyring = keyring
     if changed:
         daemon.engine.reconfigure(daemon.engine_config())
     if "log.level" in changed:

@@ -34,21 +34,30 @@ class StartupError(Exception):
         self.message, self.hint, self.exit_code = message, hint, exit_code
 
 
-def run_daemon(host: str | None = None, port: int | None = None, model: str | None = None) -> None:
-    """Run the daemon in the foreground until stopped. Raises StartupError when it cannot start."""
+def run_daemon(
+    host: str | None = None, port: int | None = None, model: str | None = None, insecure_no_auth: bool = False
+) -> None:
+    """Run the daemon in the foreground until stopped. Raises StartupError when it cannot start,
+    which includes a network address without any API key unless `insecure_no_auth`."""
     import uvicorn
 
+    from mlx_manager.auth import is_loopback_host, load_keyring, unsafe_bind
     from mlx_manager.daemon.app import create_app
     from mlx_manager.daemon.logs import configure_logging
     from mlx_manager.daemon.server import DrainingServer
     from mlx_manager.settings import SettingsError, load_settings
-    from mlx_manager.telemetry import configure_telemetry
+    from mlx_manager.telemetry import configure_telemetry, instrument_httpx
 
     flags = {"server.host": host, "server.port": port}
     try:
         settings = load_settings(flags)
+        keyring = load_keyring(settings)
     except SettingsError as exc:
         raise StartupError(str(exc), "Fix the setting (mlx-manager config ...) and start again.", EXIT_USAGE) from None
+    refusal = unsafe_bind(settings.server.host, keyring, insecure_no_auth)
+    if refusal is not None:
+        raise StartupError(refusal, exit_code=EXIT_USAGE)
+    on_network = not is_loopback_host(settings.server.host)
     ensure_home()
     running = read_daemon_info()
     if running is not None:
@@ -59,10 +68,12 @@ def run_daemon(host: str | None = None, port: int | None = None, model: str | No
     sock = bind(settings.server.host, settings.server.port)
     configure_logging(settings)
     configure_telemetry(settings)  # once, before the app is built
+    instrument_httpx()  # outgoing calls (cloud routing, later) are traced like the rest
     app = create_app(
         settings,
         extra_preload=[model] if model else [],
         flag_overrides={key: value for key, value in flags.items() if value is not None},
+        require_key=on_network and not insecure_no_auth,
     )
     config = uvicorn.Config(
         app,
@@ -78,6 +89,9 @@ def run_daemon(host: str | None = None, port: int | None = None, model: str | No
     url = f"http://{_client_host(settings.server.host)}:{bound_port}"
     write_daemon_file(settings.server.host, bound_port, url)
     log.info("mlx-manager %s serving the OpenAI API on %s (pid %d)", __version__, url, os.getpid())
+    if on_network and not keyring:
+        log.warning("listening on %s with no API key (--insecure-no-auth): anyone who can reach it may use it",
+                    settings.server.host)
     try:
         server.run(sockets=[sock])
     finally:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
+TokenId = Annotated[int, Field(ge=0)]  # the upper bound is the model's vocabulary: the engine checks it
 
 
 class Lenient(BaseModel):
@@ -88,7 +89,7 @@ class ChatCompletionRequest(GenerationFields):
 
 class CompletionRequest(GenerationFields):
     # One prompt only (n = 1): a string, a list of token ids, or a one-element list of either.
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool = False
 
     @model_validator(mode="after")

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
+from mlx_manager.auth import KeyRing
 from mlx_manager.daemon.outcome import RequestOutcome
+from mlx_manager.daemon.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from mlx_manager.audit import AuditWriter
@@ -30,6 +32,11 @@ class DaemonState:
     engine: Engine
     admin_token: str
     owns_engine: bool = True
+    # The API keys /v1 requests must present (none: open); rebuilt from the settings on reload.
+    keyring: KeyRing = field(default_factory=KeyRing)
+    # Listening on a network address: with no key left (all revoked), /v1 is closed, not open.
+    require_key: bool = False
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     # Flag values (dotted key -> value) that a reload must keep over file and environment.
     flag_overrides: dict[str, Any] = field(default_factory=dict)
     # `serve --model`: preloaded in addition to models.preload, and kept across reloads.

@@ -28,6 +28,8 @@ class LoadedModel:
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
     active_jobs: int = 0
+    # Rows of the embedding table: a prompt token id outside it makes MLX read out of bounds.
+    vocab_size: int | None = None
 
 
 def resolve(model_id: str) -> Path:
@@ -107,7 +109,11 @@ class ModelPool:
         for listener in self.load_listeners:
             listener(model_id, seconds)
         context = config.get("max_position_embeddings")
-        return LoadedModel(model_id, path, model, tokenizer, context if isinstance(context, int) else None, seconds)
+        vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        return LoadedModel(
+            model_id, path, model, tokenizer, context if isinstance(context, int) else None, seconds,
+            vocab_size=vocab if isinstance(vocab, int) else None,
+        )
 
     def _make_room(self) -> None:
         while len(self._models) >= self.max_loaded:

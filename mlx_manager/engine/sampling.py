@@ -25,7 +25,7 @@ def sampler_for(params: SamplingParams) -> Sampler:
 
 
 def _seeded_sampler(params: SamplingParams) -> Sampler:
-    key = mx.random.key(params.seed)
+    key = mx.random.key(params.seed % 2**64)  # MLX takes a uint64; OpenAI clients may send any integer
     temp = params.temperature
 
     def sample(logprobs: mx.array) -> mx.array:

@@ -8,6 +8,7 @@ text deltas. A cancelled job is removed from its batch before the next step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -302,9 +303,16 @@ class Worker:
         batch = self.batches.get(entry.path)
         if batch is None:
             batch = self.batches[entry.path] = ModelBatch(entry, self.engine.config.max_batch_size)
-        slot = Slot(job, TextStream(entry.tokenizer.detokenizer, job.request.stop), list(tokens), sampler_for(job.request.sampling))
+        sampling = job.request.sampling
+        if sampling.top_k >= _vocab(entry):  # top-k of the whole vocabulary is no top-k; mlx-lm refuses it
+            sampling = dataclasses.replace(sampling, top_k=0)
+        slot = Slot(job, TextStream(entry.tokenizer.detokenizer, job.request.stop), list(tokens), sampler_for(sampling))
         job.prompt_tokens = len(tokens)
-        batch.add(slot, tokens)
+        try:
+            batch.add(slot, tokens)
+        except Exception:
+            self._release(entry.path, batch)  # a batch this job was to open must not stay behind empty
+            raise
         entry.active_jobs += 1
         job._emit(Started(len(tokens)))
 
@@ -321,8 +329,10 @@ class Worker:
             tokens = tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))
         else:
             tokens = list(request.prompt or [])
-            vocab = len(tokenizer.tokenizer) if hasattr(tokenizer, "tokenizer") else None
-            if vocab and any(not 0 <= t < vocab for t in tokens):
+            # Checked here, not left to MLX: an id past the embedding table reads out of bounds
+            # (a crash of the whole process), and one past int64 fails to convert.
+            vocab = _vocab(entry)
+            if any(not 0 <= t < vocab for t in tokens):
                 raise InvalidRequest(f"prompt token ids must be between 0 and {vocab - 1}")
         if not tokens:
             raise InvalidRequest("the prompt is empty")
@@ -400,6 +410,11 @@ class Worker:
             if kind == "submit":
                 payload._emit(stopped)
         self.pool.unload_all()
+
+
+def _vocab(entry: LoadedModel) -> int:
+    """How many token ids the model knows: its embedding rows, else the tokenizer's size."""
+    return entry.vocab_size or len(entry.tokenizer._tokenizer)
 
 
 def _text_of(content: Any) -> str:

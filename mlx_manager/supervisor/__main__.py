@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
-import os
 import sys
 
+from mlx_manager.runtime import PrivateRotatingFileHandler
 from mlx_manager.supervisor.options import SupervisorOptions
 from mlx_manager.supervisor.state import supervisor_log
 
@@ -32,12 +31,16 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
-def serve_command(host: str | None, port: int | None, model: str | None) -> list[str]:
+def serve_command(
+    host: str | None, port: int | None, model: str | None, insecure_no_auth: bool = False
+) -> list[str]:
     """The daemon's command line: this interpreter, so it runs the same install as the supervisor."""
     command = [sys.executable, "-m", "mlx_manager.cli", "serve"]
     for flag, value in (("--host", host), ("--port", port), ("--model", model)):
         if value is not None:
             command += [flag, str(value)]
+    if insecure_no_auth:
+        command.append("--insecure-no-auth")
     return command
 
 
@@ -51,6 +54,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--model")
+    parser.add_argument("--insecure-no-auth", action="store_true", help="passed on to `serve`")
     parser.add_argument("--health-interval", type=float, default=defaults.health_interval)
     parser.add_argument("--hang-timeout", type=float, default=defaults.hang_timeout)
     parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout)
@@ -69,10 +73,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def configure_logging() -> None:
     path = supervisor_log()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():  # private, like the daemon's log: it holds what the daemon printed
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    # Private, like the daemon's log: it holds what the daemon printed.
     handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
+        PrivateRotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
     ]
     if sys.stderr.isatty():  # run by hand in a terminal; when detached, stderr is this same file
         handlers.append(logging.StreamHandler(sys.stderr))
@@ -100,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         retry_before_ready=args.retry_before_ready,
     )
     configure_logging()
-    flags = {"host": args.host, "port": args.port, "model": args.model}
-    return Supervisor(command or serve_command(args.host, args.port, args.model), options, flags).run()
+    flags = {"host": args.host, "port": args.port, "model": args.model, "insecure_no_auth": args.insecure_no_auth or None}
+    command = command or serve_command(args.host, args.port, args.model, args.insecure_no_auth)
+    return Supervisor(command, options, flags).run()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def supervisor_command(flags: dict[str, Any], options: SupervisorOptions) -> lis
     for name in ("host", "port", "model"):
         if flags.get(name) is not None:
             command += [f"--{name}", str(flags[name])]
+    if flags.get("insecure_no_auth"):
+        command.append("--insecure-no-auth")
     return command
 
 

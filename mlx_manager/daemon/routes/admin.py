@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.requests import HTTPConnection
 
+from mlx_manager.auth import bearer_token
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.reload import reload_settings
 from mlx_manager.daemon.schemas import ReloadResult
@@ -38,8 +39,10 @@ def admin_refusal(connection: HTTPConnection, daemon: DaemonState) -> Problem | 
     if not _is_loopback(client):
         log.warning("refused admin call %s from %s", connection.url.path, client)
         return Problem("forbidden", "admin endpoints answer only clients on this machine")
-    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), daemon.admin_token.encode()):
+    token = bearer_token(connection.headers.get("authorization", ""))
+    expected = daemon.admin_token.encode()
+    # An empty expected token (no token file could be made) must refuse everyone, not admit "".
+    if token is None or not expected or not secrets.compare_digest(token.encode(), expected):
         return Problem(
             "unauthorized",
             "admin endpoints need 'Authorization: Bearer <token>' with the token in the admin.token file",

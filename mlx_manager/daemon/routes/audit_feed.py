@@ -12,6 +12,8 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket
 
+from mlx_manager.daemon.middleware import request_id_from
+from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.routes.admin import admin_refusal
 
 router = APIRouter(tags=["admin"])
@@ -25,6 +27,11 @@ async def audit_feed(websocket: WebSocket) -> None:
     problem = admin_refusal(websocket, daemon)
     if problem is not None:
         await websocket.close(code=POLICY_VIOLATION, reason=problem.detail)
+        # The middleware records HTTP requests only: a refused feed leaves its audit row here.
+        outcome = RequestOutcome(request_id_from(websocket.scope), websocket.url.path, "GET")
+        outcome.fail(problem.kind)
+        outcome.finish(problem.status)
+        daemon.emit(outcome)
         return
     if daemon.audit is None:
         await websocket.close(code=INTERNAL_ERROR, reason="the audit log is not open")

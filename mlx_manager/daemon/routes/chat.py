@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from mlx_manager.daemon.generation import Format, Generation, respond, sampling_of
+from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.schemas import ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine import GenerationRequest
@@ -58,10 +59,13 @@ class ChatFormat(Format):
 async def chat_completions(body: ChatCompletionRequest, request: Request, daemon: Daemon, outcome: Outcome):
     """Chat completion, whole or streamed (`stream: true`) as server-sent events."""
     outcome.model, outcome.stream = body.model, body.stream
+    settings = daemon.settings  # read once: a reload mid-request does not change this one's limits
+    check_messages(len(body.messages), settings)
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     job_request = GenerationRequest(
         model=body.model,
         messages=body.engine_messages(),
-        max_tokens=body.requested_max_tokens() or daemon.settings.models.default_max_tokens,
+        max_tokens=max_tokens_for(body.requested_max_tokens(), settings, param),
         stop=body.stop_list(),
         sampling=sampling_of(body),
         request_id=outcome.request_id,

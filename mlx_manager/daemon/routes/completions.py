@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from mlx_manager.daemon.generation import Format, Generation, respond, sampling_of
+from mlx_manager.daemon.limits import max_tokens_for
 from mlx_manager.daemon.schemas import Completion, CompletionChoice, CompletionRequest, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine import GenerationRequest
@@ -58,7 +59,7 @@ async def completions(body: CompletionRequest, request: Request, daemon: Daemon,
     job_request = GenerationRequest(
         model=body.model,
         prompt=body.prompt,
-        max_tokens=body.requested_max_tokens() or daemon.settings.models.default_max_tokens,
+        max_tokens=max_tokens_for(body.requested_max_tokens(), daemon.settings),
         stop=body.stop_list(),
         sampling=sampling_of(body),
         request_id=outcome.request_id,

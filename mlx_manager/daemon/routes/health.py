@@ -27,6 +27,8 @@ async def ready(daemon: Daemon) -> dict:
         raise Problem("not_ready", "the daemon is draining before it stops", headers=retry_after(5), reason="draining")
     if not status.running:
         raise Problem("not_ready", "the inference engine is not running", reason="engine_stopped")
+    if daemon.fatal_error:  # stopping because a preload failed: never "ready" in the meantime
+        raise Problem("not_ready", daemon.fatal_error, reason="failed")
     loading = status.loading or (daemon.preloading[0] if daemon.preloading else None)
     if loading:
         detail = f"loading model {loading!r}"
