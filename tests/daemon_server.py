@@ -95,11 +95,13 @@ class LiveServer:
         self.stop()
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """The predicate's first truthy value within `timeout` seconds (its last value otherwise)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         time.sleep(interval)
     return predicate()
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import httpx
 import psutil
@@ -18,6 +19,10 @@ import pytest
 
 from mlx_manager.runtime import read_daemon_info
 from mlx_manager.supervisor.state import lock_holder, read_state, same_process, write_state
+from tests.daemon_server import wait_until as _wait_until
+
+# Status checks here start a process each: poll gently.
+wait_until = partial(_wait_until, interval=0.1)
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +42,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def gone(pid: int) -> bool:

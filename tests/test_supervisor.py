@@ -21,6 +21,7 @@ from mlx_manager.supervisor.policy import RestartPolicy
 from mlx_manager.supervisor.state import (
     Lock, lock_holder, read_state, same_process, state_file, supervisor_log, supervisor_running, write_state,
 )
+from tests.daemon_server import wait_until
 
 CRASH = "import sys; sys.exit(3)"
 # Appends its start time to a file, then crashes: the gaps between lines are the backoff delays.
@@ -39,16 +40,6 @@ while True:
     time.sleep(0.1)
 """
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def supervise(*options: str, child: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
