@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlx_manager.cli.completion import complete_model
 from mlx_manager.cli.output import JsonOption, console, fail, print_json
 
 EPILOG = (
@@ -44,7 +45,10 @@ def _default_url() -> str:
 
 def bench(
     url: Annotated[Optional[str], typer.Option(help="Server to measure (default: the running daemon).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model id to request (default: the first one /v1/models lists).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Model id to request (default: the first one /v1/models lists).", autocompletion=complete_model),
+    ] = None,
     concurrency: Annotated[str, typer.Option(help="Concurrent clients per level, comma-separated.")] = "1,4,8",
     requests: Annotated[int, typer.Option(min=1, max=100000, help="Requests per level.")] = 16,
     max_tokens: Annotated[int, typer.Option(min=1, max=100000, help="max_tokens of every request.")] = 128,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json
-from mlx_manager.cli.serve import InsecureOption
+from mlx_manager.cli.serve import InsecureOption, ModelOption
 
 if TYPE_CHECKING:
     from mlx_manager.supervisor.control import Running
@@ -27,9 +27,6 @@ HostOption = Annotated[
     Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
 ]
 PortOption = Annotated[Optional[int], typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")]
-ModelOption = Annotated[
-    Optional[str], typer.Option("--model", help="Preload this model (a local folder or a cached Hugging Face id).")
-]
 WaitOption = Annotated[
     float, typer.Option("--wait", min=1, metavar="SECONDS", help="How long to wait for the daemon to be ready.")
 ]

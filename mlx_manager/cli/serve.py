@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlx_manager.cli.completion import complete_model
+
 EPILOG = (
     "Examples:\n\n"
     "  mlx-manager serve\n\n"
@@ -23,12 +25,18 @@ InsecureOption = Annotated[
 ]
 
 
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model", help="Preload this model (a local folder or a cached Hugging Face id).", autocompletion=complete_model
+    ),
+]
+
+
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default from settings: 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (default from settings: 10242).")] = None,
-    model: Annotated[
-        Optional[str], typer.Option(help="Preload this model (a local folder or a cached Hugging Face id).")
-    ] = None,
+    model: ModelOption = None,
     insecure_no_auth: InsecureOption = False,
 ) -> None:
     """Run the OpenAI-compatible inference daemon in the foreground.

@@ -1,0 +1,31 @@
+"""Dynamic shell completion shared by several commands (model ids for `--model`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _cached_repo_ids() -> list[str]:
+    """Hugging Face repos in the local cache (`models--org--name` folders), as `org/name`."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface", "hub"
+    )
+    try:
+        entries = os.listdir(cache)
+    except OSError:
+        return []
+    return sorted(e[len("models--"):].replace("--", "/", 1) for e in entries if e.startswith("models--"))
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Models worth offering: allowed and preloaded ones from the settings, then the HF cache."""
+    from mlx_manager.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+        configured = [*settings.models.allowed, *settings.models.preload]
+    except SettingsError:
+        configured = []
+    candidates = dict.fromkeys([*configured, *_cached_repo_ids()])
+    return [c for c in candidates if c.startswith(incomplete)]
