@@ -1,6 +1,6 @@
 """Benchmark: the daemon against mlx_lm.server, same generated model, same client, one run.
 
-    python -m tests.bench_server [--requests 16] [--max-tokens 128] [--size bench]
+    python -m tests.bench_server [--requests 16] [--max-tokens 128] [--prompt-tokens 64] [--size bench]
 
 Starts both servers the same way (a subprocess each, the model folder given on the command
 line), then runs `mlx-manager bench --vs`, which interleaves the two level by level (1 and 8
@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--size", default="bench")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in words")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mlx-bench-server-"))
@@ -69,14 +70,14 @@ def main() -> int:
             str(bin_dir / "mlx-manager"), "bench",
             "--url", f"http://127.0.0.1:{ours}", "--vs", f"http://127.0.0.1:{theirs}",
             "--model", model, "--concurrency", "1,8", "--requests", str(args.requests),
-            "--max-tokens", str(args.max_tokens), "--prompt-tokens", "64",
+            "--max-tokens", str(args.max_tokens), "--prompt-tokens", str(args.prompt_tokens),
         ]
         print("A:", " ".join(commands["mlx-manager"]))
         print("B:", " ".join(commands["mlx_lm.server"]))
         print("bench:", " ".join(bench), flush=True)
         result = subprocess.run(bench, env={**env, "COLUMNS": "160"})
         print(f"reproduce: HF_HUB_OFFLINE=1 python -m tests.bench_server --requests {args.requests} "
-              f"--max-tokens {args.max_tokens} --size {args.size}")
+              f"--max-tokens {args.max_tokens} --prompt-tokens {args.prompt_tokens} --size {args.size}")
         return result.returncode
     finally:
         for process in processes:
