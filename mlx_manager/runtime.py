@@ -82,12 +82,12 @@ def read_daemon_info() -> dict | None:
     except (OSError, ValueError):
         return None
     pid = info.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not alive(pid):
         return None
     return info
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running, and not a zombie (`kill -0` succeeds on a zombie that nobody reaped yet)."""
     import psutil
 

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_manager.runtime import read_daemon_info as _daemon_file_info
+from mlx_manager.runtime import read_daemon_info
 from mlx_manager.supervisor.logfile import tail
 from mlx_manager.supervisor.options import SupervisorOptions
 from mlx_manager.supervisor.state import (
-    GIVEN_UP, RUNNING, STOPPED, alive, lock_holder, lock_if_free, read_state, same_process,
+    GIVEN_UP, RUNNING, STOPPED, lock_holder, lock_if_free, read_state, same_process,
     supervisor_log, supervisor_running, wait_gone, write_state,
 )
 from mlx_manager.supervisor.supervisor import EXIT_LOCKED, terminate
@@ -63,13 +63,6 @@ def find_running() -> Running | None:
     if info is not None:
         return Running(info.get("url"), info.get("pid"), None)
     return None
-
-
-def read_daemon_info() -> dict[str, Any] | None:
-    """daemon.json, when the daemon it names still runs. A killed daemon whose parent died too
-    can linger as a zombie where nothing reaps orphans (containers): that is not running."""
-    info = _daemon_file_info()
-    return info if info is not None and alive(info["pid"]) else None
 
 
 # -- start ------------------------------------------------------------------------------------------

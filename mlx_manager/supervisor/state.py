@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlx_manager.runtime import alive
 from mlx_manager.settings import home
 
 # What the supervisor is doing, as written in the state file's "state".
@@ -142,19 +143,6 @@ def process_started(pid: int) -> float | None:
         return process.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie: an orphan's exit may be reaped late (or never, in a container
-    without an init), and a zombie answers `kill -0` although it is long gone."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # another user's process: alive, and not ours
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
