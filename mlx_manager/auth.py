@@ -113,20 +113,27 @@ def is_loopback_host(host: str) -> bool:
     """True when every address `host` stands for is on this machine only (127.0.0.0/8, ::1)."""
     name = host.strip("[]")
     try:
-        return _loopback(ipaddress.ip_address(name))
+        ipaddress.ip_address(name.split("%")[0])
+        return is_loopback_address(name)
     except ValueError:
         pass
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
     except (OSError, UnicodeError):
         return name == "localhost"
-    return bool(addresses) and all(_loopback(ipaddress.ip_address(a.split("%")[0])) for a in addresses)
+    return bool(addresses) and all(is_loopback_address(a) for a in addresses)
 
 
-def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback
+def is_loopback_address(address: str | None) -> bool:
+    """True for a literal loopback IP (127.0.0.0/8, ::1, ::ffff:127.x.x.x). Never resolves a name:
+    a client's address is checked as it came in."""
+    try:
+        ip = ipaddress.ip_address((address or "").strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def unsafe_bind(host: str, keyring: KeyRing, insecure_no_auth: bool) -> str | None:

@@ -6,7 +6,6 @@ daemon can read it; the loopback check keeps the endpoint off the network even i
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 from typing import Annotated
@@ -14,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.requests import HTTPConnection
 
-from mlx_manager.auth import bearer_token
+from mlx_manager.auth import bearer_token, is_loopback_address
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.reload import reload_settings
 from mlx_manager.daemon.schemas import ReloadResult
@@ -23,20 +22,10 @@ from mlx_manager.daemon.state import Daemon, DaemonState, get_daemon
 log = logging.getLogger("mlx_manager.daemon")
 
 
-def _is_loopback(host: str | None) -> bool:
-    try:
-        address = ipaddress.ip_address(host or "")
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def admin_refusal(connection: HTTPConnection, daemon: DaemonState) -> Problem | None:
     """Why this HTTP request or WebSocket may not use an admin endpoint, or None if it may."""
     client = connection.client.host if connection.client else None
-    if not _is_loopback(client):
+    if not is_loopback_address(client):
         log.warning("refused admin call %s from %s", connection.url.path, client)
         return Problem("forbidden", "admin endpoints answer only clients on this machine")
     token = bearer_token(connection.headers.get("authorization", ""))
