@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -93,6 +95,17 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(*models: str, settings: Settings | None = None, **engine_config: Any) -> Iterator[LiveServer]:
+    """A live daemon (the real app, a RecordingEngine) with `models` loaded before its first request."""
+    from mlx_manager.daemon.app import create_app
+
+    engine = RecordingEngine(EngineConfig(preload=list(models), **engine_config))
+    with LiveServer(create_app(settings or Settings(), engine=engine)) as live:
+        assert wait_until(lambda: set(models) <= set(engine.status().loaded), timeout=120)
+        yield live
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):

@@ -17,9 +17,8 @@ from mlx_manager.cli import app as cli_app
 from mlx_manager.daemon.app import create_app
 from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.daemon.run import write_daemon_file
-from mlx_manager.engine import EngineConfig
 from mlx_manager.settings import Settings, SettingsError
-from tests.daemon_server import LiveServer, RecordingEngine, assert_problem, settings_with, wait_until
+from tests.daemon_server import LiveServer, assert_problem, serving, settings_with, wait_until
 
 ALICE, BOB = new_key(), new_key()
 HELLO = [{"role": "user", "content": "hello"}]
@@ -50,9 +49,7 @@ def server(tmp_path_factory, fast_model):
         env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
         env.delenv("MLX_MANAGER_API_KEY", raising=False)
         settings = settings_with(auth={"keys": [key_entry("alice", ALICE), key_entry("bob", BOB)]})
-        engine = RecordingEngine(EngineConfig(preload=[fast_model]))
-        with LiveServer(create_app(settings, engine=engine)) as live:
-            assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
+        with serving(fast_model, settings=settings) as live:
             yield live
 
 
@@ -242,9 +239,7 @@ def test_the_rate_limiter_refills_and_forgets_idle_clients():
 
 def test_limits_are_422_with_the_limit_and_413_for_the_body(fast_model):
     settings = settings_with(server={"max_messages": 2, "max_body_bytes": 2048}, models={"max_tokens": 8})
-    engine = RecordingEngine(EngineConfig(preload=[fast_model]))
-    with LiveServer(create_app(settings, engine=engine)) as live:
-        assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
+    with serving(fast_model, settings=settings) as live:
         client = live.openai()
         with pytest.raises(openai.UnprocessableEntityError) as caught:
             client.chat.completions.create(model=fast_model, messages=HELLO * 3)
@@ -261,6 +256,6 @@ def test_limits_are_422_with_the_limit_and_413_for_the_body(fast_model):
         assert caught.value.status_code == 413 and caught.value.code == "body_too_large"
         # No max_tokens given: the default (512) is held to the ceiling.
         answer = client.completions.create(model=fast_model, prompt="count", temperature=0)
-        assert engine.jobs[-1].request.max_tokens == 8 and answer.usage.completion_tokens <= 8
+        assert live.engine.jobs[-1].request.max_tokens == 8 and answer.usage.completion_tokens <= 8
         with httpx.Client(base_url=live.url) as http:
             assert http.post("/v1/completions", json={"model": fast_model, "prompt": "a", "max_tokens": 8}).status_code == 200

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig
-from tests.daemon_server import LiveServer, RecordingEngine, settings_with, wait_until
+from tests.daemon_server import serving, wait_until
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))
 
@@ -20,9 +18,7 @@ MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))
 @pytest.fixture
 def server(tmp_path, monkeypatch, fast_model):
     monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "bench-home"))
-    engine = RecordingEngine(EngineConfig(preload=[fast_model]))
-    with LiveServer(create_app(settings_with(), engine=engine)) as live:
-        assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
+    with serving(fast_model) as live:
         yield live
 
 

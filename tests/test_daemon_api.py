@@ -7,10 +7,8 @@ import json
 
 import pytest
 
-from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig
-from mlx_manager.settings import Settings
-from tests.daemon_server import LiveServer, RecordingEngine, wait_until
+from tests.daemon_server import serving
+
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -19,9 +17,7 @@ HELLO = [{"role": "user", "content": "hello there"}]
 def server(tmp_path_factory, fast_model):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
-        engine = RecordingEngine(EngineConfig(preload=[fast_model]))
-        with LiveServer(create_app(Settings(), engine=engine)) as live:
-            assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
+        with serving(fast_model) as live:
             yield live
 
 

@@ -9,10 +9,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_manager import telemetry
-from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig
 from mlx_manager.settings import Settings
-from tests.daemon_server import LiveServer, RecordingEngine, wait_until
+from tests.daemon_server import serving, wait_until
 
 CHAT = "/v1/chat/completions"
 MARKER = "TANGERINE-WALRUS-SECRET-4410"
@@ -36,9 +34,7 @@ def value(figures, name: str, **labels) -> float:
 @pytest.fixture
 def server(tmp_path, monkeypatch, fast_model):
     monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "obs-home"))
-    engine = RecordingEngine(EngineConfig(preload=[fast_model]))
-    with LiveServer(create_app(Settings(), engine=engine)) as live:
-        assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
+    with serving(fast_model) as live:
         yield live
 
 
@@ -79,9 +75,8 @@ def test_generation_and_load_spans_from_real_requests(capfire, tmp_path, monkeyp
     monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "trace-home"))
     telemetry.configure_telemetry(Settings(), span_processors=[SimpleSpanProcessor(capfire.exporter)])
     try:
-        engine = RecordingEngine(EngineConfig(preload=[fast_model]))
-        with LiveServer(create_app(Settings(), engine=engine)) as server:
-            assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
+        with serving(fast_model) as server:
+            engine = server.engine
             client = server.openai()
             whole = client.chat.completions.create(
                 model=fast_model, messages=[{"role": "user", "content": MARKER}], max_tokens=6
