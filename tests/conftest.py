@@ -48,3 +48,11 @@ def no_template_model(tmp_path_factory) -> str:
     from tests.models import build_model
 
     return str(build_model(tmp_path_factory.mktemp("models") / "no-template", "fast", chat_template=False))
+
+
+@pytest.fixture(scope="session")
+def minilm_model(request) -> str:
+    """all-MiniLM-L6-v2, a real sentence-transformers embedding model (384 dimensions)."""
+    from tests.embedding_model import minilm_folder
+
+    return str(minilm_folder(request.config.cache.mkdir("all-minilm-l6-v2")))

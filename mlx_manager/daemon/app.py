@@ -13,7 +13,7 @@ from mlx_manager.auth import load_keyring
 from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
 from mlx_manager.daemon.openapi import describe_errors
-from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, health, metrics, models
+from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, embeddings, health, metrics, models
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.engine import Engine
@@ -82,7 +82,7 @@ def create_app(
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, models, health, metrics, admin, audit_feed):
+    for module in (chat, completions, embeddings, models, health, metrics, admin, audit_feed):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)

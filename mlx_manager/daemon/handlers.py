@@ -23,6 +23,7 @@ from mlx_manager.engine.errors import (
     ModelNotAllowed,
     ModelNotFound,
     Overloaded,
+    WrongModelKind,
 )
 
 log = logging.getLogger("mlx_manager.daemon")
@@ -32,6 +33,7 @@ _ENGINE_KINDS: list[tuple[type[EngineError], str]] = [
     (ModelNotAllowed, "model_not_allowed"),
     (ModelLoadFailed, "model_load_failed"),
     (ChatTemplateMissing, "chat_template_missing"),
+    (WrongModelKind, "wrong_model_kind"),
     (InvalidRequest, "invalid_request"),
     (GenerationFailed, "generation_failed"),
 ]
@@ -45,7 +47,7 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
         return Problem("draining", str(exc), headers=retry_after(5))
     for cls, kind in _ENGINE_KINDS:
         if isinstance(exc, cls):
-            param = "model" if kind.startswith("model_") else None
+            param = "model" if kind.startswith("model_") or kind == "wrong_model_kind" else None
             return Problem(kind, str(exc), param=param)
     log.error("unmapped engine error %s: %s", type(exc).__name__, exc)
     return Problem("internal_error", "the engine failed in an unexpected way")

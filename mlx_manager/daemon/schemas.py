@@ -107,6 +107,34 @@ class CompletionRequest(GenerationFields):
         return self.max_tokens
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+
+
+class EmbeddingsRequest(Lenient):
+    model: str = Field(min_length=1)
+    # A string, a list of strings, a list of token ids (one input) or a list of token id lists.
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    # Not OpenAI's: cut inputs over the model's limit instead of refusing them with a 400.
+    truncate: bool = False
+
+    @model_validator(mode="after")
+    def some_input(self) -> EmbeddingsRequest:
+        value = self.input
+        if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
+            self.input = [value]
+        if not self.input:
+            raise ValueError("input must not be empty")
+        if len(self.input) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input has {len(self.input)} items; at most {MAX_EMBEDDING_INPUTS} per request")
+        for index, item in enumerate(self.input):
+            if not item:
+                raise ValueError(f"input {index} is empty")
+        return self
+
+
 # -- responses ------------------------------------------------------------------------------------
 
 
@@ -171,3 +199,21 @@ class ReloadResult(BaseModel):
     applied: list[str]
     restart_needed: list[str]
     error: str | None = None
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="The vector, or its float32 little-endian bytes in base64.")
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

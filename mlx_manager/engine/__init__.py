@@ -10,9 +10,11 @@ the inference thread, so importing this package stays cheap.
             ...
     finally:
         job.cancel()                     # no-op once finished; frees the batch slot otherwise
+
+    vectors = await engine.submit_embedding(EmbeddingRequest(model=..., inputs=[...])).result()
 """
 
-from mlx_manager.engine.engine import Engine, EngineConfig, EngineStatus, Job
+from mlx_manager.engine.engine import EmbeddingJob, Engine, EngineConfig, EngineStatus, Job
 from mlx_manager.engine.errors import (
     ChatTemplateMissing,
     EngineError,
@@ -23,11 +25,24 @@ from mlx_manager.engine.errors import (
     ModelNotAllowed,
     ModelNotFound,
     Overloaded,
+    WrongModelKind,
 )
-from mlx_manager.engine.types import Event, Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from mlx_manager.engine.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    Event,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    Started,
+    TextDelta,
+)
 
 __all__ = [
     "ChatTemplateMissing",
+    "EmbeddingJob",
+    "EmbeddingRequest",
+    "EmbeddingResult",
     "Engine",
     "EngineConfig",
     "EngineError",
@@ -46,4 +61,5 @@ __all__ = [
     "SamplingParams",
     "Started",
     "TextDelta",
+    "WrongModelKind",
 ]

@@ -14,10 +14,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from mlx_manager.engine.errors import EngineError, EngineStopped, Overloaded
-from mlx_manager.engine.types import Event, Finished, GenerationRequest, Started, TextDelta
+from mlx_manager.engine.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    Event,
+    Finished,
+    GenerationRequest,
+    Started,
+    TextDelta,
+)
 
 if TYPE_CHECKING:
     from mlx_manager.settings import Settings
@@ -138,6 +146,79 @@ class Job:
             pass
 
 
+class EmbeddingJob:
+    """One submitted embedding request. Await `result()`; cancel it when the caller gives up.
+
+    It counts as waiting until its first batch runs, then as active until it ends."""
+
+    def __init__(self, request: EmbeddingRequest, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+        self.id = next(_job_ids)
+        self.request = request
+        self.cancelled = False
+        self.done = False
+        self.started = False
+        # Filled on the inference thread by EmbeddingQueue.add / step.
+        self.entry: Any = None
+        self.tokens: list[list[int]] = []
+        self.order: list[int] = []  # input indexes, shortest first: batches pad less
+        self.cursor = 0
+        self.vectors: list[Any] = []
+        self.prompt_tokens = 0
+        self._future: asyncio.Future = loop.create_future()
+        self._loop = loop
+        self._engine = engine
+
+    async def result(self) -> EmbeddingResult:
+        """The vectors; raises the EngineError that stopped the job. Cancelling the caller cancels the job."""
+        try:
+            return await self._future
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop computing this job: the inference thread drops it before its next batch."""
+        if not self.done:
+            self.cancelled = True
+
+    # Called from the inference thread only.
+    def prepare(self, entry: Any, tokens: list[list[int]]) -> None:
+        self.entry, self.tokens = entry, tokens
+        self.order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        self.vectors = [None] * len(tokens)
+        self.prompt_tokens = sum(len(ids) for ids in tokens)
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self._engine._taken()
+            self._engine._count_active(+1)
+
+    def settle(self, result: EmbeddingResult | None = None, error: BaseException | None = None) -> None:
+        """Hand the caller its result or error; releases the job's place in the counts."""
+        if self.done:
+            return
+        self.done = True
+        if self.started:
+            self._engine._count_active(-1)
+        else:
+            self._engine._taken()
+
+        def deliver() -> None:
+            if self._future.done():
+                return
+            if error is not None:
+                self._future.set_exception(error)
+            elif result is not None:
+                self._future.set_result(result)
+            else:  # dropped after a cancel
+                self._future.cancel()
+
+        try:
+            self._loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
 class Engine:
     """Owns the inference thread. Thread-safe to call from one asyncio loop."""
 
@@ -178,17 +259,16 @@ class Engine:
 
     # -- work ------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Job:
-        if self._stopping or self._thread is None:
-            raise EngineStopped("the engine is shutting down")
-        with self._lock:
-            if self._waiting >= self.config.queue_limit:
-                raise Overloaded(
-                    f"{self._waiting} requests are already waiting (server.queue_limit = {self.config.queue_limit})",
-                    retry_after=1.0,
-                )
-            self._waiting += 1
+        self._reserve_place()
         job = Job(request, asyncio.get_running_loop(), self)
         self._send(("submit", job))
+        return job
+
+    def submit_embedding(self, request: EmbeddingRequest) -> EmbeddingJob:
+        """Queue an embedding request; await `job.result()`. May raise Overloaded or EngineStopped."""
+        self._reserve_place()
+        job = EmbeddingJob(request, asyncio.get_running_loop(), self)
+        self._send(("embed", job))
         return job
 
     async def load(self, model_id: str) -> None:
@@ -218,6 +298,18 @@ class Engine:
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
 
+    def _reserve_place(self) -> None:
+        """Count one more waiting request, or refuse it if the engine is stopping or the queue full."""
+        if self._stopping or self._thread is None:
+            raise EngineStopped("the engine is shutting down")
+        with self._lock:
+            if self._waiting >= self.config.queue_limit:
+                raise Overloaded(
+                    f"{self._waiting} requests are already waiting (server.queue_limit = {self.config.queue_limit})",
+                    retry_after=1.0,
+                )
+            self._waiting += 1
+
     def _count_active(self, delta: int) -> None:
         with self._lock:
             self._active += delta
@@ -227,4 +319,4 @@ class Engine:
             self._waiting -= 1
 
 
-__all__ = ["Engine", "EngineConfig", "EngineStatus", "Job", "EngineError"]
+__all__ = ["EmbeddingJob", "Engine", "EngineConfig", "EngineStatus", "Job", "EngineError"]

@@ -41,3 +41,7 @@ class EngineStopped(EngineError):
 
 class GenerationFailed(EngineError):
     """An error inside MLX while generating this job; other jobs are unaffected."""
+
+
+class WrongModelKind(EngineError):
+    """An embedding model asked to generate, or a generative model asked for embeddings."""

@@ -6,6 +6,7 @@ Runs on the inference thread only (loading and freeing MLX memory are MLX work).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -30,6 +31,7 @@ class LoadedModel:
     active_jobs: int = 0
     # Rows of the embedding table: a prompt token id outside it makes MLX read out of bounds.
     vocab_size: int | None = None
+    kind: str = "generate"  # or "embed": then `model` is an engine.embedding.EmbeddingModel
 
 
 def resolve(model_id: str) -> Path:
@@ -91,23 +93,38 @@ class ModelPool:
 
     def _load(self, model_id: str, path: Path) -> LoadedModel:
         import mlx.core as mx
-        from mlx_lm import load
 
+        from mlx_manager.engine.embedding import EmbeddingModel, is_embedding_model
         from mlx_manager.telemetry import model_load_span
 
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadFailed(f"could not load {model_id!r}: its config.json is unreadable ({exc})") from None
+        embedding = is_embedding_model(path, config)
         self.loading = model_id
         try:
             with model_load_span(model_id) as span:
-                model, tokenizer, config = load(str(path), return_config=True)
+                if embedding:
+                    model = EmbeddingModel(path, config)
+                    tokenizer = model.tokenizer
+                else:
+                    from mlx_lm import load
+
+                    model, tokenizer = load(str(path))
                 span.memory_bytes = mx.get_active_memory()
-        except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+        except (ModelLoadFailed, FileNotFoundError, ValueError, KeyError, OSError, TypeError) as exc:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
         finally:
             self.loading = None
         seconds = span.seconds or 0.0
-        log.info("loaded model %s from %s in %.2fs", model_id, path, seconds)
+        log.info("loaded %s model %s from %s in %.2fs", "embedding" if embedding else "text", model_id, path, seconds)
         for listener in self.load_listeners:
             listener(model_id, seconds)
+        if embedding:
+            return LoadedModel(
+                model_id, path, model, tokenizer, model.max_tokens, seconds, vocab_size=model.vocab_size, kind="embed"
+            )
         context = config.get("max_position_embeddings")
         vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         return LoadedModel(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,20 @@ class Finished:
 
 
 Event = Started | TextDelta | Finished
+
+
+@dataclass
+class EmbeddingRequest:
+    """Vectors for one or more inputs: all texts, or all token id lists."""
+
+    model: str
+    inputs: list[str] | list[list[int]]
+    dimensions: int | None = None  # cut each vector to its first N values (then re-normalised)
+    truncate: bool = False  # cut inputs over the model's limit instead of refusing them
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: Any  # numpy float32 array, one row per input, in input order
+    prompt_tokens: int

@@ -16,19 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlx_manager.engine.embedding import EmbeddingQueue, result_of
 from mlx_manager.engine.errors import (
     ChatTemplateMissing,
     EngineError,
     EngineStopped,
     GenerationFailed,
     InvalidRequest,
+    WrongModelKind,
 )
 from mlx_manager.engine.pool import LoadedModel, ModelPool
 from mlx_manager.engine.textstream import TextStream
 from mlx_manager.engine.types import Finished, Started, TextDelta
 
 if TYPE_CHECKING:
-    from mlx_manager.engine.engine import Engine, Job
+    from mlx_manager.engine.engine import EmbeddingJob, Engine, Job
 
 log = logging.getLogger("mlx_manager.engine")
 
@@ -227,17 +229,19 @@ class Worker:
         self.pool = ModelPool(list(config.allowed), config.max_loaded, config.keep_alive, engine.model_load_listeners)
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot
+        self.embeddings = EmbeddingQueue()
         self._running = True
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         while self._running:
-            busy = bool(self.batches) or bool(self.pending)
+            busy = bool(self.batches) or bool(self.pending) or bool(self.embeddings)
             self._drain_commands(block=not busy)
             self._admit_pending()
             for path, batch in list(self.batches.items()):
                 self._step(path, batch)
-            if not self.batches:
+            self._embed_step()
+            if not self.batches and not self.embeddings:
                 self.pool.sweep()
         self._shutdown()
 
@@ -257,6 +261,8 @@ class Worker:
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "submit":
             self.pending.append(payload)
+        elif kind == "embed":
+            self._admit_embedding(payload)
         elif kind == "cancel":
             self._cancel(payload)
         elif kind == "load":
@@ -294,6 +300,8 @@ class Worker:
         from mlx_manager.engine.sampling import sampler_for
 
         entry = self.pool.get(job.request.model)
+        if entry.kind == "embed":
+            raise WrongModelKind(f"model {job.request.model!r} is an embedding model; use /v1/embeddings")
         tokens = self._prompt_tokens(entry, job)
         if entry.context_length and len(tokens) >= entry.context_length:
             raise InvalidRequest(
@@ -374,6 +382,45 @@ class Worker:
             batch.close()
             del self.batches[path]
 
+    # -- embeddings ----------------------------------------------------------------------------
+    def _admit_embedding(self, job: EmbeddingJob) -> None:
+        if job.cancelled:
+            job.settle()
+            return
+        try:
+            entry = self.pool.get(job.request.model)
+            if entry.kind != "embed":
+                raise WrongModelKind(f"model {job.request.model!r} is not an embedding model")
+            self.embeddings.add(job, entry)
+        except EngineError as exc:
+            job.settle(error=exc)
+            return
+        except Exception as exc:  # a tokenizer bug must not take the thread down
+            log.exception("embedding job %s could not start", job.request.request_id)
+            job.settle(error=GenerationFailed(f"the request could not be prepared: {type(exc).__name__}"))
+            return
+        entry.active_jobs += 1
+
+    def _embed_step(self) -> None:
+        for job in self.embeddings.drop_cancelled():
+            job.entry.active_jobs -= 1
+            job.settle()
+        if not self.embeddings:
+            return
+        entry = self.embeddings.jobs[0].entry
+        try:
+            finished = self.embeddings.step()
+        except Exception as exc:
+            failed = self.embeddings.fail(entry)
+            log.error("embedding step failed for %d job(s): %s", len(failed), exc)
+            for job in failed:
+                entry.active_jobs -= 1
+                job.settle(error=GenerationFailed(f"embedding failed: {type(exc).__name__}"))
+            return
+        for job in finished:
+            entry.active_jobs -= 1
+            job.settle(result=result_of(job))
+
     def _load(self, model_id: str, loop, future) -> None:
         def settle(error: BaseException | None) -> None:
             if not future.done():
@@ -401,6 +448,9 @@ class Worker:
         self.batches.clear()
         while self.pending:
             self.pending.popleft()._emit(stopped)
+        for job in self.embeddings.jobs:
+            job.settle(error=stopped)
+        self.embeddings.jobs.clear()
         while True:
             try:
                 kind, payload = self.engine._commands.get_nowait()
@@ -408,6 +458,8 @@ class Worker:
                 break
             if kind == "submit":
                 payload._emit(stopped)
+            elif kind == "embed":
+                payload.settle(error=stopped)
         self.pool.unload_all()
 
 
