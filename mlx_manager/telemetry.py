@@ -212,6 +212,7 @@ class GenerationSpan:
         "_started",
         "completion_tokens",
         "finish_reason",
+        "first_token_at",
         "prompt_tokens",
         "time_to_first_token_ms",
         "tokens_per_second",
@@ -224,6 +225,9 @@ class GenerationSpan:
         # Decode speed; left unset, it is worked out on exit from the tokens after the first one.
         self.tokens_per_second: float | None = None
         self.finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"...
+        # perf_counter() at the first token, when known: the decode speed is measured from it (the
+        # time to first token counts from the request's start, which is before this span's).
+        self.first_token_at: float | None = None
         self._span = span
         self._started = 0.0
 
@@ -268,7 +272,10 @@ class GenerationSpan:
             figures[TIME_TO_FIRST_TOKEN_MS] = round(float(self.time_to_first_token_ms), 3)
         rate = self.tokens_per_second
         if rate is None and self.completion_tokens and self.time_to_first_token_ms is not None:
-            decoding = elapsed - float(self.time_to_first_token_ms) / 1000
+            if self.first_token_at is not None:
+                decoding = time.perf_counter() - self.first_token_at
+            else:
+                decoding = elapsed - float(self.time_to_first_token_ms) / 1000
             if self.completion_tokens > 1 and decoding > 0:
                 rate = (int(self.completion_tokens) - 1) / decoding
         if rate is not None:

@@ -133,6 +133,7 @@ class Generation:
         span.prompt_tokens = self.outcome.prompt_tokens
         span.completion_tokens = self.outcome.completion_tokens
         span.time_to_first_token_ms = self.outcome.time_to_first_token_ms
+        span.first_token_at = self.outcome.first_token_at
         span.finish_reason = self.finish_reason or ("cancelled" if self.job.cancelled else "error")
         span.end()
 

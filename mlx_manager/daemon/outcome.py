@@ -30,6 +30,7 @@ class RequestOutcome:
     completion_tokens: int | None = None
     duration_ms: float | None = None
     time_to_first_token_ms: float | None = None
+    first_token_at: float | None = None  # perf_counter() at the first token
     nothing_sent: bool = False  # the client left before its answer: whatever status was "sent" never arrived
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -38,7 +39,8 @@ class RequestOutcome:
 
     def first_token(self) -> None:
         if self.time_to_first_token_ms is None:
-            self.time_to_first_token_ms = self.elapsed_ms()
+            self.first_token_at = time.perf_counter()
+            self.time_to_first_token_ms = (self.first_token_at - self._t0) * 1000
 
     def fail(self, kind: str, status: Status | None = None) -> None:
         """Record an error; the first recorded failure wins (a timeout is not re-labelled later)."""
