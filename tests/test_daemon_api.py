@@ -182,3 +182,4 @@ def test_ready_reports_loaded_models(server, fast_model):
     with server.http() as http:
         body = http.get("/ready").json()
     assert body["status"] == "ready" and fast_model in body["loaded"]
+    assert body["blas"] == (server.engine.status().blas or "bundled")

@@ -103,12 +103,15 @@ def test_start_status_stop(clean_up):
     assert (body["daemon_pid"], body["supervisor_pid"], body["url"]) == (daemon, supervisor, url)
     assert body["version"] and body["rss_bytes"] > 0 and body["uptime_seconds"] >= 0
     assert body["restarts"] == 0 and body["queue_depth"] == 0 and body["models_loaded"] == []
+    if sys.platform.startswith("linux"):  # server.blas = "auto" found the OpenBLAS our dependencies bring
+        assert "blas" in body["blas"].lower() and body["blas"] != "bundled"
     # The main figures come from the daemon's /metrics.
     assert body["figures"]["requests"] == 2 and body["figures"]["requests_by_status"] == {"success": 1, "error": 1}
     human = cli("status")
     assert human.returncode == 0
     assert human.stdout.startswith("Running, healthy.") and f"pid {daemon}" in human.stdout
     assert "2 served (1 error, 1 success)" in human.stdout
+    assert "BLAS" in human.stdout
 
     again = cli("start")
     assert again.returncode == 0

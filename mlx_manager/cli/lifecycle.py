@@ -236,6 +236,7 @@ def _show_status(s: Status) -> None:
         ("Models", ", ".join(s.models_loaded) or "none loaded" if s.version else None),
         ("Loading", s.loading),
         ("Queue", f"{s.queue_depth} waiting, {s.active_jobs or 0} running" if s.queue_depth is not None else None),
+        ("BLAS", "MLX's bundled reference BLAS" if s.blas == "bundled" else s.blas),
         ("Memory", f"{s.rss_bytes / 1024**2:.0f} MiB RSS" if s.rss_bytes is not None else None),
         ("CPU", f"{s.cpu_percent:.0f} %" if s.cpu_percent is not None else None),
         ("Requests", _requests_line(s.figures) if s.figures else None),

@@ -61,6 +61,7 @@ class EngineStatus:
     active_jobs: int
     loading: str | None
     running: bool
+    blas: str | None = None  # the optimised BLAS library MLX uses; None: MLX's own
 
 
 _job_ids = itertools.count(1)
@@ -234,6 +235,7 @@ class Engine:
         self._waiting = 0  # submitted, not yet taken into a batch
         self._active = 0  # started, not yet finished
         self._lock = threading.Lock()
+        self._blas: str | None = None
         from mlx_manager.engine.worker import Worker
 
         self._worker = Worker(self)
@@ -244,7 +246,7 @@ class Engine:
             return
         from mlx_manager.engine import blas
 
-        blas.use(self.config.blas)  # before MLX's first matrix product
+        self._blas = blas.use(self.config.blas)  # before MLX's first matrix product
         self._thread = threading.Thread(target=self._worker.run, name="mlx-inference", daemon=True)
         self._thread.start()
 
@@ -291,6 +293,7 @@ class Engine:
             active_jobs=self._active,
             loading=worker.pool.loading,
             running=self._thread is not None and not self._stopping,
+            blas=self._blas,
         )
 
     def known_models(self) -> list[str]:

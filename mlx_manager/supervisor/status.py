@@ -28,6 +28,7 @@ class Status:
     loading: str | None = None
     queue_depth: int | None = None
     active_jobs: int | None = None
+    blas: str | None = None  # "bundled" or the optimised BLAS library's path
     rss_bytes: int | None = None
     cpu_percent: float | None = None
     restarts: int = 0
@@ -101,6 +102,7 @@ def _ask_daemon(result: Status, state: dict[str, Any]) -> None:
         result.queue_depth = body.get("queue_depth")
         result.active_jobs = body.get("active_jobs")
         result.loading = body.get("loading")
+        result.blas = body.get("blas")
     scraped = probe.fetch(result.url, "/metrics", PROBE_TIMEOUT)
     if scraped is not None and scraped[0] == 200:
         from mlx_manager.metrics import scrape_summary

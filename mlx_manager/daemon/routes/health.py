@@ -38,4 +38,5 @@ async def ready(daemon: Daemon) -> dict:
         "loaded": status.loaded,
         "queue_depth": status.queue_depth,
         "active_jobs": status.active_jobs,
+        "blas": status.blas or "bundled",
     }
