@@ -10,13 +10,15 @@ config file is read, checked and written. Precedence: flag > environment > file 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
 import json
 import os
 import re
 import tempfile
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from mlx_manager.locking import flock_within
 
 ENV_PREFIX = "MLX_MANAGER_"
 
@@ -601,3 +605,32 @@ def write_config_text(text: str, path: Path | None = None) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# Seconds a command that changes the config file waits for another one to finish.
+CONFIG_LOCK_TIMEOUT = 10.0
+
+
+class ConfigBusyError(TimeoutError):
+    """Another mlx-manager command held the config file's lock for longer than we would wait."""
+
+
+@contextlib.contextmanager
+def config_lock(path: Path | None = None, timeout: float | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on `config.toml.lock` next to the config file (mode 0600, folder 0700)
+    for a whole read-modify-write, so two commands changing the file at once cannot lose a change.
+    Waits up to `timeout` seconds (CONFIG_LOCK_TIMEOUT by default), then raises ConfigBusyError;
+    other OSErrors (an unwritable folder) propagate. The kernel drops the lock if the process dies."""
+    path = path or config_path()
+    lock_path = path.with_name(f"{path.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children (PEP 446)
+    try:
+        if not flock_within(fd, CONFIG_LOCK_TIMEOUT if timeout is None else timeout):
+            raise ConfigBusyError(f"another mlx-manager command is changing {path}; try again")
+        try:
+            yield path
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -6,12 +6,14 @@ a config file that is already broken exits 1 and names the file, line and key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,10 +21,12 @@ import typer
 
 from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, warn
 from mlx_manager.settings import (
+    ConfigBusyError,
     Settings,
     SettingsError,
     changed_keys,
     check_config_text,
+    config_lock,
     config_path,
     flatten,
     home,
@@ -160,6 +164,21 @@ def apply_live(summary: str, keys: list[str] | None) -> None:
     _say(f"{summary} ({said})")
 
 
+@contextlib.contextmanager
+def changing_config(json_output: bool = False) -> Iterator[None]:
+    """Hold the config file's lock around a whole read-modify-write, so that two commands changing
+    it at once cannot lose one change; exit 1 if another command keeps it locked too long."""
+    path = config_path()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(config_lock(path))
+        except ConfigBusyError as error:
+            fail(f"{error}.", code=EXIT_ERROR, json_output=json_output)
+        except OSError as error:
+            fail(f"cannot lock {path}: {error.strerror or error}", code=EXIT_ERROR, json_output=json_output)
+        yield
+
+
 def _save(text: str, json_output: bool = False) -> None:
     try:
         write_config_text(text)
@@ -210,14 +229,15 @@ def set_(
     except SettingsError as error:
         _refuse(error)
     path = config_path()
-    try:
-        text = read_config_text(path)
-        check_config_text(text, path)
-        document = parse_config_document(text, path)
-    except SettingsError as error:
-        _broken(error)
-    set_in_document(document, key, typed)
-    _save(document.as_string())
+    with changing_config():
+        try:
+            text = read_config_text(path)
+            check_config_text(text, path)
+            document = parse_config_document(text, path)
+        except SettingsError as error:
+            _broken(error)
+        set_in_document(document, key, typed)
+        _save(document.as_string())
     _env_note(key)
     apply_live(f"Set {key} = {_shown(typed)}", [key])
 
@@ -227,26 +247,27 @@ def unset(key: KeyArgument) -> None:
     """Remove a setting from the config file so its default applies again; a running daemon reloads."""
     _refuse_secret(key, "unset")
     path = config_path()
-    try:
-        text = read_config_text(path)
-        document = parse_config_document(text, path)
-    except SettingsError as error:
-        _broken(error)
     known = key in key_infos()
-    if not unset_in_document(document, key):
-        if not known:
-            try:
-                key_info(key)
-            except SettingsError as error:
-                _refuse(error)
-        _say(f"{key} is not set in {path}; nothing to do.")
-        return
-    new_text = document.as_string()
-    try:
-        check_config_text(new_text, path)
-    except SettingsError as error:
-        _broken(error)  # the file held other problems before; removing this key did not fix them
-    _save(new_text)
+    with changing_config():
+        try:
+            text = read_config_text(path)
+            document = parse_config_document(text, path)
+        except SettingsError as error:
+            _broken(error)
+        if not unset_in_document(document, key):
+            if not known:
+                try:
+                    key_info(key)
+                except SettingsError as error:
+                    _refuse(error)
+            _say(f"{key} is not set in {path}; nothing to do.")
+            return
+        new_text = document.as_string()
+        try:
+            check_config_text(new_text, path)
+        except SettingsError as error:
+            _broken(error)  # the file held other problems before; removing this key did not fix them
+        _save(new_text)
     if not known:  # the file was broken until now, so the daemon may have missed earlier changes
         apply_live(f"Removed unknown key {key} from {path}", None)
         return
@@ -319,9 +340,24 @@ def edit() -> None:
             if sys.stdin.isatty() and typer.confirm(f"{error}\nEdit again?", default=True, err=True):
                 continue
             fail(f"{error}.", f"Nothing was saved; {path} is unchanged.", code=EXIT_USAGE)
-    _save(draft)
+    # The editor session holds no lock (a human may take minutes), so another command may have
+    # changed the file meanwhile: write only over the text the user saw, or with their consent.
+    base = original
+    while True:
+        with changing_config():
+            try:
+                current = read_config_text(path)
+            except SettingsError as error:
+                _broken(error)
+            if current == base:
+                _save(draft)
+                break
+        raced = f"{path} was changed by another command while you were editing it"
+        if not (sys.stdin.isatty() and typer.confirm(f"{raced}. Replace it with your version?", default=False, err=True)):
+            fail(f"{raced}; nothing was saved.", "Run `mlx-manager config edit` again.", code=EXIT_ERROR)
+        base = current
     try:
-        changed: list[str] | None = changed_keys(check_config_text(original, path), after)
+        changed: list[str] | None = changed_keys(check_config_text(base, path), after)
     except SettingsError:
         changed = None  # the old file was broken, so the daemon may hold older values: reload anyway
     if changed == []:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from mlx_manager.cli.config import changing_config
 from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, warn
 from mlx_manager.settings import (
     KEY_NAME,
@@ -100,14 +101,15 @@ def add(name: NameArgument, json_output: JsonOption = False) -> None:
     if not re.fullmatch(KEY_NAME, name):
         fail(f"{name!r} is not a valid key name; use up to 64 letters, digits, '.', '_' or '-'.",
              code=EXIT_USAGE, json_output=json_output)
-    settings, document = _read(json_output)
-    if any(key.name == name for key in settings.auth.keys):
-        fail(f"a key named {name} already exists.",
-             f"Revoke it first (`mlx-manager keys revoke {name}`) or choose another name.",
-             code=EXIT_ERROR, json_output=json_output)
-    key, created = new_key(), now_utc()
-    add_key_entry(document, name, key_digest(key), created)
-    _save(document, json_output)
+    with changing_config(json_output):
+        settings, document = _read(json_output)
+        if any(key.name == name for key in settings.auth.keys):
+            fail(f"a key named {name} already exists.",
+                 f"Revoke it first (`mlx-manager keys revoke {name}`) or choose another name.",
+                 code=EXIT_ERROR, json_output=json_output)
+        key, created = new_key(), now_utc()
+        add_key_entry(document, name, key_digest(key), created)
+        _save(document, json_output)
     if json_output:
         print_json({"name": name, "key": key, "created": created.isoformat(), "daemon": _reload_json()})
         return
@@ -167,12 +169,13 @@ def revoke(name: NameArgument, json_output: JsonOption = False) -> None:
     """Remove an API key: a running daemon refuses it from the next request on."""
     from mlx_manager.auth import remove_key_entry
 
-    settings, document = _read(json_output)
-    if not remove_key_entry(document, name):
-        names = ", ".join(k.name for k in settings.auth.keys) or "none"
-        fail(f"no key named {name} (keys: {names}).", "`mlx-manager keys list` shows them.",
-             code=EXIT_ERROR, json_output=json_output)
-    _save(document, json_output)
+    with changing_config(json_output):
+        settings, document = _read(json_output)
+        if not remove_key_entry(document, name):
+            names = ", ".join(k.name for k in settings.auth.keys) or "none"
+            fail(f"no key named {name} (keys: {names}).", "`mlx-manager keys list` shows them.",
+                 code=EXIT_ERROR, json_output=json_output)
+        _save(document, json_output)
     last = len(settings.auth.keys) == 1
     if json_output:
         print_json({"revoked": name, "keys_left": len(settings.auth.keys) - 1, "daemon": _reload_json()})

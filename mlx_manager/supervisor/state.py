@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlx_manager.locking import flock_within
 from mlx_manager.runtime import alive
 from mlx_manager.settings import home
 
@@ -75,16 +76,9 @@ class Lock:
         supervisor that starts at that moment must not conclude another one runs."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children (PEP 446)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.05)
+        if not flock_within(fd, wait):
+            os.close(fd)
+            return False
         self._fd = fd
         # The pid in the lock file is for people (`cat supervisor.lock`); the lock itself decides.
         os.ftruncate(fd, 0)
