@@ -5,6 +5,7 @@ cannot run here, so the agent is checked by reading it back as a property list."
 
 from __future__ import annotations
 
+import os
 import plistlib
 import shutil
 import subprocess
@@ -107,3 +108,88 @@ def test_install_writes_the_unit_and_uninstall_removes_it(user_dirs, tmp_path):
     assert not unit_path.exists()
     again = runner.invoke(app, ["service", "uninstall"])
     assert again.exit_code == 0 and "Not installed" in again.stdout
+
+
+# -- bind safety: the same refusal as `serve` and `start`, at install time --------------------------------
+
+BIND_REFUSAL = (
+    "Error: refusing to listen on 0.0.0.0 without an API key: anyone who can reach it could use the API. "
+    "Add a key with `mlx-manager keys add NAME`, or pass --insecure-no-auth to allow it anyway."
+)
+
+
+def service_path() -> Path:
+    from mlx_manager.supervisor import service as files
+
+    return files.launchd_path() if files.current_platform() == "macos" else files.systemd_path()
+
+
+def serve_arguments(text: str) -> list[str]:
+    """The words after `serve` in the unit's ExecStart= or the agent's ProgramArguments."""
+    if text.lstrip().startswith("<?xml"):
+        words = plistlib.loads(text.encode())["ProgramArguments"]
+    else:
+        words = exec_start(text).removeprefix("ExecStart=").split()
+    return words[words.index("serve") + 1 :]
+
+
+def add_key(home: Path) -> None:
+    from mlx_manager.auth import key_digest, new_key
+
+    (home / "config.toml").write_text(
+        f'[[auth.keys]]\nname = "laptop"\nsha256 = "{key_digest(new_key())}"\ncreated = 2025-01-01T00:00:00Z\n'
+    )
+
+
+def test_install_refuses_a_network_address_without_a_key_and_writes_nothing():
+    result = runner.invoke(app, ["service", "install", "--no-enable", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == BIND_REFUSAL
+    assert result.stdout == ""
+    assert not service_path().exists()
+
+
+def test_install_refuses_a_network_host_from_the_config_file(isolated_home):
+    (isolated_home / "config.toml").write_text('[server]\nhost = "0.0.0.0"\n')
+    result = runner.invoke(app, ["service", "install", "--no-enable"])
+    assert result.exit_code == 2 and result.stderr.strip() == BIND_REFUSAL
+    assert not service_path().exists()
+
+
+def test_a_key_only_in_this_shell_does_not_count(monkeypatch):
+    """The service does not get MLX_MANAGER_API_KEY (a secret is not written into the unit): it would
+    start without the key, and refuse to."""
+    monkeypatch.setenv("MLX_MANAGER_API_KEY", "a-long-enough-shell-only-key")
+    result = runner.invoke(app, ["service", "install", "--no-enable", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == BIND_REFUSAL + " (MLX_MANAGER_API_KEY in this shell: not passed to the service.)"
+    assert not service_path().exists()
+    assert os.environ["MLX_MANAGER_API_KEY"] == "a-long-enough-shell-only-key"  # restored
+
+
+@pytest.mark.parametrize("platform", ["linux", "macos"])
+def test_insecure_no_auth_installs_and_goes_on_the_command_line(platform, monkeypatch, tmp_path):
+    import mlx_manager.supervisor.service as files
+
+    monkeypatch.setattr(files, "current_platform", lambda: platform)
+    result = runner.invoke(app, ["service", "install", "--no-enable", "--host", "0.0.0.0", "--insecure-no-auth"])
+    assert result.exit_code == 0, result.output
+    text = service_path().read_text()
+    assert serve_arguments(text) == ["--host", "0.0.0.0", "--insecure-no-auth"]
+    assert text == show("--platform", platform, "--host", "0.0.0.0", "--insecure-no-auth")
+    if platform == "linux":
+        verify(text, tmp_path)
+
+
+def test_loopback_needs_no_flag():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        result = runner.invoke(app, ["service", "install", "--no-enable", "--host", host])
+        assert result.exit_code == 0, result.output
+        assert serve_arguments(service_path().read_text()) == ["--host", host]
+
+
+def test_with_a_key_configured_no_flag_is_needed(isolated_home):
+    add_key(isolated_home)
+    result = runner.invoke(app, ["service", "install", "--no-enable", "--host", "0.0.0.0"])
+    assert result.exit_code == 0, result.output
+    assert serve_arguments(service_path().read_text()) == ["--host", "0.0.0.0"]

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
 
-from mlx_manager.cli.output import console, warn
+from mlx_manager.cli.output import EXIT_USAGE, console, fail, warn
+from mlx_manager.cli.serve import InsecureOption
 
 app = typer.Typer(
     help="Install, remove or show a login service (systemd user unit or launchd agent) for the daemon.",
@@ -39,6 +42,47 @@ def _model(model: str | None) -> str | None:
     return model_argument(model)
 
 
+@contextmanager
+def _service_environment() -> Iterator[list[str]]:
+    """os.environ as the service will see it: of the MLX_MANAGER_* variables only those the service
+    file passes on (supervisor.service.environment). Yields the names hidden, restores them after."""
+    from mlx_manager.settings import ENV_PREFIX
+    from mlx_manager.supervisor.service import environment
+
+    passed = {name: value for name, value in environment().items() if name.startswith(ENV_PREFIX)}
+    saved = {name: value for name, value in os.environ.items() if name.startswith(ENV_PREFIX)}
+    hidden = sorted(name for name in saved if name not in passed)
+    try:
+        for name in saved:
+            del os.environ[name]
+        os.environ.update(passed)
+        yield hidden
+    finally:
+        for name in passed:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+
+
+def _check_bind(host: str | None, insecure_no_auth: bool) -> None:
+    """Refuse, as `serve` and `start` do (auth.unsafe_bind), a service that would listen on a network
+    address without any API key: it would fail at every start. Judged by the settings the service
+    will read, so a key only in this shell's MLX_MANAGER_API_KEY does not count. Settings that
+    cannot be read are left to the daemon to report, as `start` does."""
+    from mlx_manager.auth import load_keyring, unsafe_bind
+    from mlx_manager.settings import SettingsError, load_settings
+
+    with _service_environment() as hidden:
+        try:
+            settings = load_settings({"server.host": host})
+            keyring = load_keyring(settings)
+        except SettingsError:
+            return
+    refusal = unsafe_bind(settings.server.host, keyring, insecure_no_auth)
+    if refusal is not None:
+        hint = f"({', '.join(hidden)} in this shell: not passed to the service.)" if hidden else None
+        fail(refusal, hint, code=EXIT_USAGE)
+
+
 @app.command(
     epilog="Examples:\n\n  mlx-manager service show\n\n  mlx-manager service show --platform macos --port 8080"
 )
@@ -50,6 +94,7 @@ def show(
         Optional[str],
         typer.Option("--platform", help="linux (systemd user unit) or macos (launchd agent); default: this system's."),
     ] = None,
+    insecure_no_auth: InsecureOption = False,
 ) -> None:
     """Print the service file `install` would write, without installing anything."""
     from mlx_manager.supervisor.service import current_platform, service_file
@@ -57,12 +102,13 @@ def show(
     chosen = platform or current_platform()
     if chosen not in ("linux", "macos"):
         raise typer.BadParameter(f"{chosen!r} is not a platform: use linux or macos", param_hint="--platform")
-    typer.echo(service_file(chosen, host, port, _model(model)).text, nl=False)
+    typer.echo(service_file(chosen, host, port, _model(model), insecure_no_auth).text, nl=False)
 
 
 @app.command(
     epilog="Examples:\n\n  mlx-manager service install\n\n  mlx-manager service install --port 8080 --model ./models/my-model\n\n"
-    "  mlx-manager service install --no-enable"
+    "  mlx-manager service install --no-enable\n\n"
+    "  mlx-manager keys add laptop && mlx-manager service install --host 0.0.0.0"
 )
 def install(
     host: HostOption = None,
@@ -71,11 +117,16 @@ def install(
     enable: Annotated[
         bool, typer.Option("--enable/--no-enable", help="Also enable and start the service now (else only write the file).")
     ] = True,
+    insecure_no_auth: InsecureOption = False,
 ) -> None:
-    """Write a login service that runs the daemon and restarts it on failure, then enable and start it."""
+    """Write a login service that runs the daemon and restarts it on failure, then enable and start it.
+
+    On an address other than loopback it needs an API key (`mlx-manager keys add NAME`).
+    """
     from mlx_manager.supervisor.service import current_platform, service_file
 
-    service = service_file(current_platform(), host, port, _model(model))
+    _check_bind(host, insecure_no_auth)
+    service = service_file(current_platform(), host, port, _model(model), insecure_no_auth)
     service.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = service.path.with_name(f".{service.path.name}.tmp")
     tmp.write_text(service.text)

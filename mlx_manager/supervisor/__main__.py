@@ -15,6 +15,7 @@ import sys
 
 from mlx_manager.runtime import PrivateRotatingFileHandler
 from mlx_manager.supervisor.options import SupervisorOptions
+from mlx_manager.supervisor.service import serve_command
 from mlx_manager.supervisor.state import supervisor_log
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -29,19 +30,6 @@ class _Formatter(logging.Formatter):
         if getattr(record, "raw", False):
             return record.getMessage()
         return super().format(record)
-
-
-def serve_command(
-    host: str | None, port: int | None, model: str | None, insecure_no_auth: bool = False
-) -> list[str]:
-    """The daemon's command line: this interpreter, so it runs the same install as the supervisor."""
-    command = [sys.executable, "-m", "mlx_manager.cli", "serve"]
-    for flag, value in (("--host", host), ("--port", port), ("--model", model)):
-        if value is not None:
-            command += [flag, str(value)]
-    if insecure_no_auth:
-        command.append("--insecure-no-auth")
-    return command
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -104,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     configure_logging()
     flags = {"host": args.host, "port": args.port, "model": args.model, "insecure_no_auth": args.insecure_no_auth or None}
-    command = command or serve_command(args.host, args.port, args.model, args.insecure_no_auth)
+    command = command or serve_command(
+        # This interpreter, so the daemon runs the same install as the supervisor.
+        args.host, args.port, args.model, args.insecure_no_auth, program=[sys.executable, "-m", "mlx_manager.cli"]
+    )
     return Supervisor(command, options, flags).run()
 
 

@@ -35,14 +35,24 @@ class ServiceFile:
     text: str
 
 
-def serve_command(host: str | None, port: int | None, model: str | None) -> list[str]:
-    """The console script next to this interpreter, or the interpreter itself running the CLI."""
-    script = Path(sys.executable).parent / "mlx-manager"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "mlx_manager.cli"]
-    command.append("serve")
+def serve_command(
+    host: str | None,
+    port: int | None,
+    model: str | None,
+    insecure_no_auth: bool = False,
+    program: list[str] | None = None,
+) -> list[str]:
+    """`PROGRAM serve` and its flags. The program is by default the console script next to this
+    interpreter, or the interpreter itself running the CLI."""
+    if program is None:
+        script = Path(sys.executable).parent / "mlx-manager"
+        program = [str(script)] if script.exists() else [sys.executable, "-m", "mlx_manager.cli"]
+    command = [*program, "serve"]
     for flag, value in (("--host", host), ("--port", port), ("--model", model)):
         if value is not None:
             command += [flag, str(value)]
+    if insecure_no_auth:
+        command.append("--insecure-no-auth")
     return command
 
 
@@ -53,9 +63,13 @@ def environment() -> dict[str, str]:
 
 
 def service_file(
-    platform: Platform, host: str | None = None, port: int | None = None, model: str | None = None
+    platform: Platform,
+    host: str | None = None,
+    port: int | None = None,
+    model: str | None = None,
+    insecure_no_auth: bool = False,
 ) -> ServiceFile:
-    command, env = serve_command(host, port, model), environment()
+    command, env = serve_command(host, port, model, insecure_no_auth), environment()
     if platform == "macos":
         return ServiceFile(platform, launchd_path(), launchd_agent(command, env))
     return ServiceFile(platform, systemd_path(), systemd_unit(command, env))
