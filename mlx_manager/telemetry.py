@@ -294,6 +294,18 @@ def model_load_span(model_id: str) -> ModelLoadSpan:
     return ModelLoadSpan(model_id, span)
 
 
+def embedding_span(model: str, request_id: str) -> GenerationSpan:
+    """A span around one embeddings request: its model, prompt tokens and outcome (no inputs)."""
+    span = None
+    if _logfire is not None:
+        span = _logfire.span(
+            "embed {gen_ai.request.model}",
+            _span_name="embedding",
+            **{MODEL: model, ENDPOINT: "embeddings", REQUEST_ID: request_id},
+        )
+    return GenerationSpan(span)
+
+
 def generation_span(model: str, endpoint: str, request_id: str) -> GenerationSpan:
     """A span around one generation, for the caller to fill with token counts and speeds."""
     span = None

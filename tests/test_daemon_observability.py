@@ -110,3 +110,24 @@ def _ended(capfire, name: str):
         s for s in capfire.exporter.exported_spans
         if s.name == name and (s.attributes or {}).get("logfire.span_type") != "pending_span"
     ]
+
+
+def test_embedding_span_has_figures_and_no_input_text(capfire, tmp_path, monkeypatch, minilm_model):
+    monkeypatch.delenv("LOGFIRE_TOKEN", raising=False)
+    monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "trace-home"))
+    telemetry.configure_telemetry(Settings(), span_processors=[SimpleSpanProcessor(capfire.exporter)])
+    try:
+        with serving(minilm_model) as server:
+            result = server.openai().embeddings.create(model=minilm_model, input=[MARKER, "a second input"])
+            assert wait_until(lambda: _ended(capfire, "embedding"))
+        [span] = _ended(capfire, "embedding")
+        attributes = span.attributes
+        assert attributes["gen_ai.request.model"] == minilm_model and attributes["mlx_manager.endpoint"] == "embeddings"
+        assert attributes["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
+        assert attributes["gen_ai.usage.output_tokens"] == 0 and attributes["mlx_manager.finish_reason"] == "stop"
+        recorded = repr([(s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
+                         for s in capfire.exporter.exported_spans])
+        assert MARKER not in recorded and MARKER.lower() not in recorded  # BERT's tokenizer lower-cases
+    finally:
+        telemetry._logfire = None
+        logfire.configure(send_to_logfire=False, console=False, metrics=False, distributed_tracing=False)

@@ -14,7 +14,7 @@ from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.schemas import EmbeddingList, EmbeddingsRequest
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine import EmbeddingRequest, EmbeddingResult
-from mlx_manager.telemetry import generation_span
+from mlx_manager.telemetry import embedding_span
 
 router = APIRouter(tags=["embeddings"])
 
@@ -34,7 +34,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request, daemon: Daemon, 
             request_id=outcome.request_id,
         )
     )
-    span = generation_span(body.model, "embeddings", outcome.request_id).start()
+    span = embedding_span(body.model, outcome.request_id).start()
     span.finish_reason = "error"
     try:
         async with asyncio.timeout(timeout):
