@@ -44,11 +44,13 @@ def db(isolated_home) -> Path:
 def sample(db) -> Path:
     base = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
     fill(db, [
-        record(request_id="r-a", timestamp=base, model="m1", status="success", duration_ms=100.0),
+        record(request_id="r-a", timestamp=base, model="m1", status="success", duration_ms=100.0, api_key="alice"),
         record(request_id="r-b", timestamp=base + timedelta(minutes=1), model="m2", endpoint="/v1/completions",
-               status="error", http_status=404, error_type="model_not_found", duration_ms=5.0, completion_tokens=0),
+               status="error", http_status=404, error_type="model_not_found", duration_ms=5.0, completion_tokens=0,
+               api_key="bob"),
         record(request_id="r-c", timestamp=base + timedelta(minutes=2), model="m1", endpoint="/v1/embeddings",
-               status="timeout", http_status=504, error_type="timeout", duration_ms=900.0, completion_tokens=0),
+               status="timeout", http_status=504, error_type="timeout", duration_ms=900.0, completion_tokens=0,
+               api_key="alice"),
         record(request_id="r-d", timestamp=ago(minutes=10), model="m1", status="cancelled", http_status=None,
                duration_ms=300.0, time_to_first_token_ms=40.0, backend_type="openai"),
         record(request_id="r-e", timestamp=ago(minutes=1), model="m2", status="success", duration_ms=200.0,
@@ -105,7 +107,7 @@ def test_a_corrupt_database_in_json_mode_reports_json(db):
         (["query", "--backend", "gpt"], "'local', 'openai', 'anthropic'"),
         (["query", "--order", "sideways"], "'newest', 'oldest'"),
         (["query", "--limit", "-1"], "greater than or equal to 0"),
-        (["stats", "--by", "colour"], "'model', 'endpoint', 'status', 'backend'"),
+        (["stats", "--by", "colour"], "'model', 'endpoint', 'status', 'backend', 'key'"),
         (["stats", "--since", "last week"], "30m, 2h, 7d"),
         (["prune", "--older-than", "ancient"], "30m, 2h, 7d"),
         (["prune"], "--older-than"),
@@ -240,6 +242,10 @@ def test_tail_follow_waits_for_a_log_that_does_not_exist_yet(db):
         (["--endpoint", "/v1/embeddings"], ["r-c"]),
         (["--backend", "openai"], ["r-d"]),
         (["--request-id", "r-b"], ["r-b"]),
+        (["--key", "alice"], ["r-c", "r-a"]),
+        (["-k", "bob"], ["r-b"]),
+        (["--key", "alice", "--status", "timeout"], ["r-c"]),
+        (["--key", "carol"], []),
         (["--since", "2h"], ["r-e", "r-d"]),
         (["--since", "30m", "--model", "m1"], ["r-d"]),
         (["--since", "2026-05-01T12:01:00Z", "--until", "2026-05-01T12:02:00"], ["r-b"]),
@@ -259,6 +265,28 @@ def test_query_json_rows_have_every_field(sample):
     assert row["model"] == "m1" and row["status"] == "cancelled" and row["http_status"] is None
     assert row["time_to_first_token_ms"] == 40.0 and row["backend_type"] == "openai"
     assert row["timestamp"].endswith("Z") and isinstance(row["id"], int)
+    assert row["api_key"] is None  # made without a key
+    [alice] = json_lines(cli("query", "--request-id", "r-a", "--json").stdout)
+    assert alice["api_key"] == "alice"
+
+
+def test_query_by_key_shows_only_that_keys_rows(sample):
+    as_json = cli("query", "--key", "alice", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    rows = json_lines(as_json.stdout)
+    assert [(r["request_id"], r["api_key"]) for r in rows] == [("r-c", "alice"), ("r-a", "alice")]
+    table = cli("query", "--key", "alice")
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:5] == ["time", "(UTC)", "request", "id", "key"]
+    shown = [line.split()[2:4] for line in lines if " r-" in line]
+    assert shown == [["r-c", "alice"], ["r-a", "alice"]]
+    assert "bob" not in table.stdout and "r-b" not in table.stdout and "r-e" not in table.stdout
+    as_csv = list(csv.DictReader(io.StringIO(cli("query", "--key", "bob", "--csv").stdout)))
+    assert [(r["request_id"], r["api_key"]) for r in as_csv] == [("r-b", "bob")]
+    everyone = cli("query")
+    keys = {line.split()[2]: line.split()[3] for line in everyone.stdout.splitlines() if " r-" in line}
+    assert keys == {"r-a": "alice", "r-b": "bob", "r-c": "alice", "r-d": "-", "r-e": "-"}
 
 
 def test_query_table_and_csv(sample):
@@ -299,6 +327,38 @@ def test_stats_by_model_and_since(sample):
     assert {g["status"]: g["requests"] for g in recent} == {"cancelled": 1, "success": 1}
     table = cli("stats", "--by", "endpoint")
     assert "/v1/embeddings" in table.stdout
+
+
+def test_stats_by_key_and_for_one_key(sample):
+    groups = json_lines(cli("stats", "--by", "key", "--json").stdout)
+    assert [(g["key"], g["requests"], g["errors"], g["timeouts"]) for g in groups] == [
+        ("alice", 2, 0, 1), (None, 2, 0, 0), ("bob", 1, 1, 0)  # among equals, no key last
+    ]
+    [alice] = json_lines(cli("stats", "--key", "alice", "--json").stdout)
+    assert alice["requests"] == 2 and alice["timeouts"] == 1
+    table = cli("stats", "--by", "key")
+    assert table.exit_code == 0, table.output
+    rows = {line.split()[0]: line.split()[1] for line in table.stdout.splitlines()
+            if line.split() and line.split()[0] in ("alice", "bob", "-")}
+    assert rows == {"alice": "2", "bob": "1", "-": "2"}
+
+
+def test_key_names_complete_from_the_configured_keys(isolated_home, tmp_path):
+    from tests.test_cli_help import complete
+
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("# a comment\nfile-key-0123456789\n")
+    (isolated_home / "config.toml").write_text(
+        f'[auth]\nkeys_file = "{keys_file}"\n\n'
+        '[[auth.keys]]\nname = "alice"\nsha256 = "' + "a" * 64 + '"\ncreated = 2025-01-01T00:00:00Z\n\n'
+        '[[auth.keys]]\nname = "albert"\nsha256 = "' + "b" * 64 + '"\ncreated = 2025-01-01T00:00:00Z\n'
+    )
+    env = {"MLX_MANAGER_HOME": str(isolated_home), "MLX_MANAGER_API_KEY": "env-key-0123456789"}
+    assert complete("mlx-manager audit query --key al", env) == ["alice", "albert"]
+    assert complete("mlx-manager audit stats --key ", env) == [
+        "alice", "albert", "keys_file:2", "MLX_MANAGER_API_KEY"
+    ]
+    assert complete("mlx-manager audit stats --by ") == ["model", "endpoint", "status", "backend", "key"]
 
 
 def test_stats_on_an_empty_window(sample):

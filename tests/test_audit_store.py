@@ -43,6 +43,7 @@ FINAL_INDEXES = {
     "ix_audit_logs_backend_type": ["backend_type", "timestamp"],
     "ix_audit_logs_status": ["status", "timestamp"],
     "ix_audit_logs_request_id": ["request_id"],
+    "ix_audit_logs_api_key": ["api_key", "timestamp"],
 }
 
 # The schema the first release wrote (migration 0001 only), frozen here on purpose: if someone
@@ -69,6 +70,23 @@ CREATE TABLE audit_logs (
 INSERT INTO audit_logs (request_id, timestamp, model, endpoint, status, http_status, duration_ms,
                         prompt_tokens, completion_tokens, total_tokens)
 VALUES ('old-1', '2026-01-02T03:04:05.000000Z', 'old-model', '/v1/completions', 'success', 200, 42.0, 3, 4, 7);
+"""
+
+# The schema the release before API key names wrote (migrations 0001 and 0002), frozen the same way.
+V2_SCHEMA = V1_SCHEMA.replace(
+    "INSERT INTO audit_migrations VALUES ('0001_create_audit_logs', '2026-01-01T00:00:00.000000Z');",
+    "INSERT INTO audit_migrations VALUES ('0001_create_audit_logs', '2026-01-01T00:00:00.000000Z');\n"
+    "INSERT INTO audit_migrations VALUES ('0002_audit_logs_indexes', '2026-01-01T00:00:00.000000Z');",
+) + """
+CREATE INDEX ix_audit_logs_timestamp ON audit_logs (timestamp);
+CREATE INDEX ix_audit_logs_model ON audit_logs (model, timestamp);
+CREATE INDEX ix_audit_logs_backend_type ON audit_logs (backend_type, timestamp);
+CREATE INDEX ix_audit_logs_status ON audit_logs (status, timestamp);
+CREATE INDEX ix_audit_logs_request_id ON audit_logs (request_id);
+INSERT INTO audit_logs (request_id, timestamp, model, endpoint, status, http_status, duration_ms,
+                        prompt_tokens, completion_tokens, total_tokens, error_type)
+VALUES ('old-2', '2026-01-02T03:05:00.000000Z', 'old-model', '/v1/chat/completions', 'error', 401, 1.5, 0, 0, 0,
+        'unauthorized');
 """
 
 
@@ -130,6 +148,36 @@ def test_an_old_schema_database_upgrades_and_keeps_its_rows(db):
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     assert row["request_id"] == "old-1" and row["model"] == "old-model" and row["total_tokens"] == 7
     assert row["timestamp"] == "2026-01-02T03:04:05.000000Z"
+    assert row["api_key"] is None
+
+
+def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_rows(db):
+    db.parent.mkdir()
+    legacy = sqlite3.connect(db)
+    legacy.executescript(V2_SCHEMA)
+    legacy.close()
+
+    with AuditStore.open(db, migrate=False) as store:
+        assert store.applied_migrations() == ["0001_create_audit_logs", "0002_audit_logs_indexes"]
+        assert store.migrate() == ["0003_audit_logs_api_key"]
+        assert store.applied_migrations() == [m.name for m in MIGRATIONS]
+        inspector = inspect(store.engine)
+        assert [c["name"] for c in inspector.get_columns("audit_logs")] == list(COLUMNS)
+        assert {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("audit_logs")} == FINAL_INDEXES
+    fill(db, [record(request_id="new-alice", api_key="alice"), record(request_id="new-open")])
+    rows = all_rows(db)
+    assert [(r["request_id"], r["api_key"]) for r in rows] == [
+        ("old-1", None), ("old-2", None), ("new-alice", "alice"), ("new-open", None)
+    ]
+    old_2 = rows[1]
+    assert (old_2["status"], old_2["http_status"], old_2["error_type"]) == ("error", 401, "unauthorized")
+    assert old_2["timestamp"] == "2026-01-02T03:05:00.000000Z" and old_2["duration_ms"] == 1.5
+    with AuditStore.open(db, create=False) as store, store.read() as conn:
+        assert ids(query_rows(conn, AuditFilter(api_key="alice"))) == ["new-alice"]
+        # the key filter is one index range scan, like the model filter
+        plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM audit_logs WHERE api_key = 'alice' ORDER BY timestamp DESC"))
+        assert "ix_audit_logs_api_key" in plan
 
 
 @pytest.mark.parametrize("applied", range(1, len(MIGRATIONS)))
@@ -429,11 +477,12 @@ def test_the_wal_file_is_private_too(db):
 def sample(db) -> Path:
     base = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
     fill(db, [
-        record(request_id="a", timestamp=base, model="m1", endpoint="/v1/chat/completions", status="success"),
+        record(request_id="a", timestamp=base, model="m1", endpoint="/v1/chat/completions", status="success",
+               api_key="alice"),
         record(request_id="b", timestamp=base + timedelta(minutes=1), model="m2", endpoint="/v1/completions",
-               status="error", http_status=404, error_type="model_not_found"),
+               status="error", http_status=404, error_type="model_not_found", api_key="bob"),
         record(request_id="c", timestamp=base + timedelta(minutes=2), model="m1", endpoint="/v1/embeddings",
-               status="timeout", http_status=504, error_type="timeout"),
+               status="timeout", http_status=504, error_type="timeout", api_key="alice"),
         record(request_id="d", timestamp=base + timedelta(minutes=3), model=None, endpoint="/v1/chat/completions",
                status="error", http_status=422, error_type="invalid_request"),
         record(request_id="e", timestamp=base + timedelta(minutes=4), model="m1", endpoint="/v1/chat/completions",
@@ -455,6 +504,9 @@ def ids(rows):
         (AuditFilter(endpoint="/v1/chat/completions"), ["e", "d", "a"]),
         (AuditFilter(backend_type="openai"), ["e"]),
         (AuditFilter(request_id="c"), ["c"]),
+        (AuditFilter(api_key="alice"), ["c", "a"]),
+        (AuditFilter(api_key="bob", model="m2"), ["b"]),
+        (AuditFilter(api_key="carol"), []),
         (AuditFilter(since=datetime(2026, 5, 1, 12, 1, tzinfo=timezone.utc),
                      until=datetime(2026, 5, 1, 12, 3, tzinfo=timezone.utc)), ["c", "b"]),  # [since, until)
         (AuditFilter(model="m1", status="timeout", since=datetime(2026, 5, 1, tzinfo=timezone.utc)), ["c"]),
@@ -476,6 +528,7 @@ def test_query_order_limit_and_after_id(sample):
         row = query_rows(conn, AuditFilter(request_id="e"))[0]
     assert list(row) == list(COLUMNS)
     assert row["model"] == "m1" and row["http_status"] is None and row["timestamp"] == "2026-05-01T12:04:00.000000Z"
+    assert row["api_key"] is None
 
 
 def test_the_query_binds_every_value():
@@ -490,15 +543,17 @@ def test_the_query_binds_every_value():
 
 
 def test_stats_numbers(db):
-    rows = [record(model="m1", duration_ms=float(ms), completion_tokens=10, time_to_first_token_ms=ms / 10)
-            for ms in range(100, 1100, 100)]  # 10 requests, 100..1000 ms
-    rows += [record(model="m2", status="error", duration_ms=50.0, completion_tokens=0, http_status=500),
+    rows = [record(model="m1", duration_ms=float(ms), completion_tokens=10, time_to_first_token_ms=ms / 10,
+                   api_key="alice") for ms in range(100, 1100, 100)]  # 10 requests, 100..1000 ms
+    rows += [record(model="m2", status="error", duration_ms=50.0, completion_tokens=0, http_status=500, api_key="bob"),
              record(model="m2", status="timeout", duration_ms=5000.0, completion_tokens=0, http_status=504)]
     fill(db, rows)
     with AuditStore.open(db, create=False) as store, store.read() as conn:
         [overall] = compute_stats(conn)
         groups = compute_stats(conn, by="model")
         by_status = compute_stats(conn, by="status")
+        by_key = compute_stats(conn, by="key")
+        [bob] = compute_stats(conn, AuditFilter(api_key="bob"))
         empty = compute_stats(conn, AuditFilter(since=ago(days=-1)))
     assert overall["requests"] == 12 and overall["errors"] == 1 and overall["timeouts"] == 1
     assert overall["error_rate"] == pytest.approx(1 / 12)
@@ -511,6 +566,10 @@ def test_stats_numbers(db):
     assert groups[0]["p50_duration_ms"] == 500.0 and groups[0]["p95_duration_ms"] == 1000.0
     assert groups[1]["tokens_per_second"] is None and groups[1]["mean_ttft_ms"] is None
     assert {g["status"]: g["requests"] for g in by_status} == {"success": 10, "error": 1, "timeout": 1}
+    assert [(g["key"], g["requests"], g["errors"], g["timeouts"]) for g in by_key] == [
+        ("alice", 10, 0, 0), ("bob", 1, 1, 0), (None, 1, 0, 1)  # among equals, no key last
+    ]
+    assert (bob["requests"], bob["errors"]) == (1, 1)
     assert empty == []
 
 

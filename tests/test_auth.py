@@ -85,6 +85,46 @@ def test_a_wrong_key_is_an_authentication_error(server, fast_model, key):
     assert audit_row(server, "wrong-key")["error_type"] == "unauthorized"
 
 
+def test_each_audit_row_names_the_key_that_made_it_never_the_key_itself(server, fast_model):
+    server.openai(api_key=ALICE).chat.completions.create(
+        model=fast_model, messages=HELLO, max_tokens=2, extra_headers={"X-Request-ID": "by-alice-1"}
+    )
+    for _ in server.openai(api_key=BOB).completions.create(
+        model=fast_model, prompt="hi", max_tokens=2, stream=True, extra_headers={"X-Request-ID": "by-bob-1"}
+    ):
+        pass
+    server.openai(api_key=BOB).models.list(extra_headers={"X-Request-ID": "by-bob-2"})
+    with pytest.raises(openai.NotFoundError):  # a refusal after the key matched is still that key's
+        server.openai(api_key=ALICE).chat.completions.create(
+            model="no/such-model", messages=HELLO, extra_headers={"X-Request-ID": "by-alice-404"}
+        )
+    with pytest.raises(openai.AuthenticationError):
+        server.openai(api_key=ALICE + "x").models.list(extra_headers={"X-Request-ID": "wrong-key-null"})
+    with server.http() as http:
+        assert http.get("/v1/models", headers={"X-Request-ID": "no-key-null"}).status_code == 401
+
+    assert audit_row(server, "by-alice-1")["api_key"] == "alice"
+    assert audit_row(server, "by-bob-1")["api_key"] == "bob"
+    assert audit_row(server, "by-bob-2")["api_key"] == "bob"
+    assert (audit_row(server, "by-alice-404")["api_key"], audit_row(server, "by-alice-404")["http_status"]) == (
+        "alice", 404
+    )
+    for refused in ("wrong-key-null", "no-key-null"):
+        row = audit_row(server, refused)
+        assert (row["http_status"], row["error_type"], row["api_key"]) == (401, "unauthorized", None)
+
+    secrets = [ALICE.encode(), BOB.encode(), b"mlxm-"]
+    for key in (ALICE, BOB):
+        secrets += [key_digest(key).encode(), key_digest(key).upper().encode(), bytes.fromhex(key_digest(key))]
+    files = [p for p in server.daemon.audit.path.parent.glob("audit.db*") if p.is_file()]
+    assert {p.name for p in files} >= {"audit.db", "audit.db-wal"}
+    assert any(b"alice" in p.read_bytes() for p in files)  # the rows are in what is scanned
+    for path in files:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret not in data, (path, secret[:8])
+
+
 def test_other_schemes_and_every_v1_route_need_the_key(server):
     with server.http() as http:
         for path in ("/v1/models", "/v1/models/some-model", "/v1/nope"):
@@ -101,6 +141,7 @@ def test_an_api_key_does_not_open_the_admin_endpoints(server):
     assert_problem(response, 401, "unauthorized")
     row = audit_row(server, "admin-1")
     assert (row["endpoint"], row["status"], row["error_type"]) == ("/admin/reload", "error", "unauthorized")
+    assert row["api_key"] is None  # API keys are not admin credentials: none is recorded
 
 
 def test_a_refused_audit_feed_leaves_an_audit_row(server):
@@ -138,9 +179,13 @@ def test_keys_from_a_file_and_the_environment(tmp_path, monkeypatch):
     keys_file.write_text(f"# team keys\n\n{from_file}\n")
     monkeypatch.setenv("MLX_MANAGER_API_KEY", from_env)
     with LiveServer(create_app(settings_with(auth={"keys_file": str(keys_file)}))) as live, live.http() as http:
-        for key in (from_env, from_file):
-            assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        for key, request_id in ((from_env, "from-env-1"), (from_file, "from-file-1")):
+            headers = {"Authorization": f"Bearer {key}", "X-Request-ID": request_id}
+            assert http.get("/v1/models", headers=headers).status_code == 200
         assert_problem(http.get("/v1/models", headers={"Authorization": "Bearer team keys"}), 401, "unauthorized")
+        # The audit log names them as the keyring does: the variable's name, the file's line.
+        assert audit_row(live, "from-env-1")["api_key"] == "MLX_MANAGER_API_KEY"
+        assert audit_row(live, "from-file-1")["api_key"] == "keys_file:3"
     assert [name for name, _ in load_keyring(settings_with(auth={"keys_file": str(keys_file)})).entries] == [
         "keys_file:3", "MLX_MANAGER_API_KEY"
     ]
@@ -222,6 +267,7 @@ def test_the_rate_limit_is_429_with_retry_after_per_client(tmp_path):
         assert wait_until(lambda: live.daemon.audit is not None)
         row = audit_row(live, "too-many-1")
         assert (row["status"], row["error_type"], row["http_status"]) == ("error", "rate_limited", 429)
+        assert row["api_key"] == "alice"  # the key matched before the limit refused it
 
 
 def test_the_rate_limiter_refills_and_forgets_idle_clients():

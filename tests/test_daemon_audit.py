@@ -58,6 +58,18 @@ def test_success_row_has_the_request_metadata(server, fast_model):
     assert row["total_tokens"] == completion.usage.total_tokens
     assert row["duration_ms"] > 0 and row["error_type"] is None
     assert row["timestamp"]
+    assert row["api_key"] is None  # this daemon has no API keys
+
+
+def test_without_keys_no_row_names_a_key_whatever_the_client_sends(server, fast_model):
+    server.openai(api_key="mlxm-" + "z" * 43).completions.create(
+        model=fast_model, prompt="hi", max_tokens=2, extra_headers={"X-Request-ID": "keyless-1"}
+    )
+    with server.http() as http:
+        assert http.get("/v1/models", headers={"X-Request-ID": "keyless-2"}).status_code == 200
+    for request_id in ("keyless-1", "keyless-2"):
+        row = row_for(server, request_id)
+        assert row["status"] == "success" and row["api_key"] is None
 
 
 def test_streamed_request_is_recorded_when_the_stream_ends(server, fast_model):
@@ -186,6 +198,7 @@ def test_live_feed_streams_new_rows_to_an_admin(server, fast_model):
         )
         reader.join(15)
     assert received and received[0]["request_id"] == "feed-row-1" and received[0]["status"] == "success"
+    assert "api_key" in received[0] and received[0]["api_key"] is None  # every column, the key name too
 
 
 def test_live_feed_refuses_without_the_admin_token(server):

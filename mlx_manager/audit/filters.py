@@ -25,6 +25,7 @@ class AuditFilter:
     endpoint: str | None = None
     backend_type: str | None = None
     request_id: str | None = None
+    api_key: str | None = None  # the key's name
     since: datetime | None = None
     until: datetime | None = None
 

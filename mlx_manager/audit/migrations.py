@@ -49,6 +49,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_audit_logs_request_id ON audit_logs (request_id)",
         ),
     ),
+    Migration(
+        "0003_audit_logs_api_key",
+        (
+            # The NAME of the API key that made the request (never the key or its hash); NULL
+            # when no key was configured or none matched. Older rows keep NULL.
+            "ALTER TABLE audit_logs ADD COLUMN api_key VARCHAR",
+            "CREATE INDEX ix_audit_logs_api_key ON audit_logs (api_key, timestamp)",
+        ),
+    ),
 )
 
 MIGRATIONS_TABLE = """

@@ -33,7 +33,7 @@ class UTCTimestamp(TypeDecorator):
 
 
 class AuditLog(SQLModel, table=True):
-    """One API request: who asked which model, when, how it ended, how long it took, how many tokens."""
+    """One API request: which key asked which model, when, how it ended, how long it took, how many tokens."""
 
     __tablename__: ClassVar[str] = "audit_logs"  # type: ignore[misc]
     __table_args__ = (
@@ -44,6 +44,7 @@ class AuditLog(SQLModel, table=True):
         Index("ix_audit_logs_backend_type", "backend_type", "timestamp"),
         Index("ix_audit_logs_status", "status", "timestamp"),
         Index("ix_audit_logs_request_id", "request_id"),
+        Index("ix_audit_logs_api_key", "api_key", "timestamp"),
         # AUTOINCREMENT: ids are never reused after a prune, so `tail --follow` can poll `id > last`.
         {"sqlite_autoincrement": True},
     )
@@ -62,3 +63,6 @@ class AuditLog(SQLModel, table=True):
     completion_tokens: int = 0
     total_tokens: int = 0
     error_type: str | None = None
+    # Last because migration 0003 added it (ALTER TABLE appends): the name of the API key the
+    # request was made with, never the key itself; None without keys or before one matched.
+    api_key: str | None = None

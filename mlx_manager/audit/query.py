@@ -29,6 +29,7 @@ _FILTER_COLUMNS = {
     "endpoint": TABLE.c.endpoint,
     "backend_type": TABLE.c.backend_type,
     "request_id": TABLE.c.request_id,
+    "api_key": TABLE.c.api_key,
 }
 
 # Timestamps are selected as their stored text: callers want JSON, not datetime objects.

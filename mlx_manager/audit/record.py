@@ -34,6 +34,7 @@ COLUMNS: tuple[str, ...] = (
     "completion_tokens",
     "total_tokens",
     "error_type",
+    "api_key",  # last: migration 0003 appended it to the table
 )
 # What an insert supplies: every column but `id`, which SQLite assigns.
 INSERT_COLUMNS: tuple[str, ...] = COLUMNS[1:]
@@ -49,6 +50,9 @@ class AuditRecord:
     None count as 0; `total_tokens` defaults to prompt + completion.
     `time_to_first_token_ms` is set for streams; `error_type` for failures: a short kind such
     as `timeout` or `model_not_found`, never a message that could echo user input.
+    `api_key` is the NAME of the API key the request was made with (`keys add NAME`, or the
+    keyring's name for a key from auth.keys_file or MLX_MANAGER_API_KEY), never the key or its
+    hash; None when the daemon has no keys or the request was refused before a key matched.
     """
 
     request_id: str
@@ -64,6 +68,7 @@ class AuditRecord:
     completion_tokens: int | None = 0
     total_tokens: int | None = None
     error_type: str | None = None
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.timestamp.tzinfo is None or self.timestamp.utcoffset() is None:
@@ -95,6 +100,7 @@ class AuditRecord:
             self.completion_tokens,
             self.total_tokens,
             self.error_type,
+            self.api_key,
         )
 
 

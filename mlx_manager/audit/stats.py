@@ -1,4 +1,4 @@
-"""Summary numbers over the rows a filter selects, optionally per model, endpoint, status or backend.
+"""Summary numbers over the rows a filter selects, optionally per model, endpoint, status, backend or API key.
 
 One pass over the table: SQLite computes the counts, means and sums, and hands each group's
 durations (in whole microseconds) over as one `group_concat` string, from which Python takes
@@ -15,13 +15,14 @@ from sqlalchemy import Connection, Integer, case, cast, func, literal_column, se
 from mlx_manager.audit.filters import AuditFilter
 from mlx_manager.audit.query import TABLE, filter_clauses
 
-GroupBy = Literal["model", "endpoint", "status", "backend"]
-GROUP_BYS: tuple[str, ...] = ("model", "endpoint", "status", "backend")
+GroupBy = Literal["model", "endpoint", "status", "backend", "key"]
+GROUP_BYS: tuple[str, ...] = ("model", "endpoint", "status", "backend", "key")
 _GROUP_COLUMNS = {
     "model": TABLE.c.model,
     "endpoint": TABLE.c.endpoint,
     "status": TABLE.c.status,
     "backend": TABLE.c.backend_type,
+    "key": TABLE.c.api_key,  # the API key's name
 }
 
 
@@ -82,7 +83,8 @@ def compute_stats(conn: Connection, filters: AuditFilter | None = None, *, by: G
             tokens_per_second=(row.completion_tokens * 1000 / row.producing_ms) if row.producing_ms else None,
         )
         results.append(item)
-    results.sort(key=lambda item: (-item["requests"], str(item.get(by, ""))))
+    # Largest first; among equals by name, the group without one (no model, no key) last.
+    results.sort(key=lambda item: (-item["requests"], item.get(by) is None, str(item.get(by) or "")))
     return results
 
 

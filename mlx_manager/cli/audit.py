@@ -23,6 +23,7 @@ from rich.text import Text
 
 from mlx_manager.audit.filters import AGE_FORMS, TIME_FORMS, AuditFilter, parse_time
 from mlx_manager.audit.record import COLUMNS, Backend, Status
+from mlx_manager.cli.completion import complete_key_name
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json
 
 if TYPE_CHECKING:
@@ -64,6 +65,16 @@ EndpointOption = Annotated[
     Optional[str], typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
 ]
 BackendOption = Annotated[Optional[Backend], typer.Option("--backend", help="Only this backend type.")]
+KeyOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--key",
+        "-k",
+        metavar="NAME",
+        help="Only requests made with the API key of this name (`mlx-manager keys list` shows them).",
+        autocompletion=complete_key_name,
+    ),
+]
 
 
 # -- tail ------------------------------------------------------------------------------
@@ -139,6 +150,7 @@ QUERY_EPILOG = (
     "  mlx-manager audit query --model my-model --since 7d --limit 50\n\n"
     "  mlx-manager audit query --status timeout --since 2026-05-01 --until 2026-05-02\n\n"
     "  mlx-manager audit query --request-id 5f0c... --json\n\n"
+    "  mlx-manager audit query --key laptop --since 1d\n\n"
     "  mlx-manager audit query --since 30d --limit 0 --csv > requests.csv"
 )
 
@@ -149,6 +161,7 @@ def query(
     status: Annotated[Optional[Status], typer.Option("--status", "-s", help="Only requests that ended this way.")] = None,
     endpoint: EndpointOption = None,
     backend: BackendOption = None,
+    key: KeyOption = None,
     request_id: Annotated[Optional[str], typer.Option("--request-id", "-r", help="Only the request with this id.")] = None,
     since: SinceOption = None,
     until: UntilOption = None,
@@ -159,11 +172,11 @@ def query(
     json_output: JsonOption = False,
     csv_output: Annotated[bool, typer.Option("--csv", help="Print CSV with a header line instead of a table.")] = False,
 ) -> None:
-    """Find requests by model, status, endpoint, backend, request id and time."""
+    """Find requests by model, status, endpoint, backend, API key name, request id and time."""
     if json_output and csv_output:
         fail("--json and --csv cannot be used together.", "Pick one output format.", code=EXIT_USAGE)
     filters = _filters(json_output, model=model, status=status, endpoint=endpoint, backend_type=backend,
-                       request_id=request_id, since=since, until=until)
+                       api_key=key, request_id=request_id, since=since, until=until)
     path = _audit_path(json_output)
     store = _open(path, json_output)
     if store is None:
@@ -200,7 +213,8 @@ STATS_EPILOG = (
     "Examples:\n\n"
     "  mlx-manager audit stats\n\n"
     "  mlx-manager audit stats --since 24h --by model\n\n"
-    "  mlx-manager audit stats --since 7d --by endpoint --json"
+    "  mlx-manager audit stats --since 7d --by endpoint --json\n\n"
+    "  mlx-manager audit stats --since 7d --by key"
 )
 
 
@@ -209,16 +223,18 @@ def stats(
     since: SinceOption = None,
     until: UntilOption = None,
     by: Annotated[
-        Optional[Literal["model", "endpoint", "status", "backend"]],
-        typer.Option("--by", help="One line per model, endpoint, status or backend."),
+        Optional[Literal["model", "endpoint", "status", "backend", "key"]],
+        typer.Option("--by", help="One line per model, endpoint, status, backend or API key name."),
     ] = None,
     model: ModelOption = None,
     endpoint: EndpointOption = None,
     backend: BackendOption = None,
+    key: KeyOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Summarise requests: count, error and timeout rates, p50/p95 duration, time to first token, tokens/s."""
-    filters = _filters(json_output, model=model, endpoint=endpoint, backend_type=backend, since=since, until=until)
+    filters = _filters(json_output, model=model, endpoint=endpoint, backend_type=backend, api_key=key,
+                       since=since, until=until)
     path = _audit_path(json_output)
     store = _open(path, json_output)
     if store is None:
@@ -403,6 +419,7 @@ _STATUS_STYLES = {"success": "green", "error": "red", "timeout": "yellow", "canc
 _TABLE_COLUMNS = (
     ("time (UTC)", "timestamp", "left", 19),
     ("request id", "request_id", "left", 12),
+    ("key", "api_key", "left", 6),
     ("model", "model", "left", 16),
     ("endpoint", "endpoint", "left", 20),
     ("status", "status", "left", 9),

@@ -1,4 +1,4 @@
-"""Dynamic shell completion shared by several commands (model ids for `--model`)."""
+"""Dynamic shell completion shared by several commands (model ids for `--model`, API key names for `--key`)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,21 @@ def complete_model(incomplete: str) -> list[str]:
         configured = []
     candidates = dict.fromkeys([*configured, *_cached_repo_ids()])
     return [c for c in candidates if c.startswith(incomplete)]
+
+
+def complete_key_name(incomplete: str) -> list[str]:
+    """API key names the daemon would record: `[[auth.keys]]`, then auth.keys_file and the environment."""
+    from mlx_manager.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError:
+        return []
+    names = [key.name for key in settings.auth.keys]
+    try:
+        from mlx_manager.auth import load_keyring
+
+        names += [name for name, _digest in load_keyring(settings).entries]
+    except SettingsError:  # an unreadable keys file or a too-short environment key: offer the rest
+        pass
+    return [name for name in dict.fromkeys(names) if name.startswith(incomplete)]

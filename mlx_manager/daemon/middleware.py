@@ -79,7 +79,7 @@ class DaemonMiddleware:
         # Only requests that do work count for the drain: probes and refusals end at once.
         counted = False
         try:
-            refusal = self._refusal(scope, path)
+            refusal = self._refusal(scope, path, outcome)
             if refusal is not None:
                 outcome.fail(refusal.kind)
                 await refusal.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
@@ -105,8 +105,9 @@ class DaemonMiddleware:
                 _log_outcome(outcome)
                 daemon.emit(outcome)
 
-    def _refusal(self, scope: Scope, path: str) -> Problem | None:
-        """A problem to answer at once, before any routing or body reading."""
+    def _refusal(self, scope: Scope, path: str, outcome: RequestOutcome) -> Problem | None:
+        """A problem to answer at once, before any routing or body reading. Names the API key
+        on the outcome as soon as one matched, so a later refusal (429, 413) is still its."""
         if self.daemon.draining and path not in _PROBES:
             detail = "the daemon is shutting down and takes no new requests"
             return Problem("draining", detail, headers=retry_after(DRAIN_RETRY_AFTER))
@@ -114,6 +115,7 @@ class DaemonMiddleware:
             key_name, problem = self._authenticate(scope)
             if problem is not None:
                 return problem
+            outcome.api_key = key_name
             problem = self._rate_limit(scope, key_name)
             if problem is not None:
                 return problem
@@ -162,7 +164,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 def _log_outcome(outcome: RequestOutcome) -> None:
     """The access log line: uvicorn's own lacks the request id and the outcome."""
     log.info(
-        "%s %s %s %s %.0fms model=%s tokens=%s+%s request_id=%s%s",
+        "%s %s %s %s %.0fms model=%s tokens=%s+%s request_id=%s%s%s",
         outcome.method,
         outcome.endpoint,
         outcome.http_status if outcome.http_status is not None else "-",
@@ -172,6 +174,7 @@ def _log_outcome(outcome: RequestOutcome) -> None:
         outcome.prompt_tokens or 0,
         outcome.completion_tokens or 0,
         outcome.request_id,
+        f" key={outcome.api_key}" if outcome.api_key else "",
         f" error={outcome.error_type}" if outcome.error_type else "",
     )
 

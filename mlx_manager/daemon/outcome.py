@@ -26,6 +26,7 @@ class RequestOutcome:
     status: Status | None = None  # None until known; finish() derives it from the HTTP status
     http_status: int | None = None
     error_type: str | None = None  # the problem kind, e.g. "timeout", "model_not_found"
+    api_key: str | None = None  # the NAME of the API key that matched (never the key); None: none did
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     duration_ms: float | None = None
@@ -81,4 +82,5 @@ class RequestOutcome:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "error_type": self.error_type,
+            "api_key": self.api_key,
         }
