@@ -70,39 +70,50 @@ def test_metrics_move_by_the_right_amounts(server, fast_model):
     assert ("mlx_manager_audit_backlog", ()) in after
 
 
-def test_generation_and_load_spans_from_real_requests(capfire, tmp_path, monkeypatch, fast_model):
+@pytest.fixture
+def traced(capfire, tmp_path, monkeypatch):
+    """Telemetry on (no Logfire token: nothing is sent), every span kept by capfire; off again after."""
     monkeypatch.delenv("LOGFIRE_TOKEN", raising=False)
     monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "trace-home"))
     telemetry.configure_telemetry(Settings(), span_processors=[SimpleSpanProcessor(capfire.exporter)])
     try:
-        with serving(fast_model) as server:
-            engine = server.engine
-            client = server.openai()
-            whole = client.chat.completions.create(
-                model=fast_model, messages=[{"role": "user", "content": MARKER}], max_tokens=6
-            )
-            for _ in client.completions.create(model=fast_model, prompt=MARKER, max_tokens=3, stream=True):
-                pass
-            assert wait_until(lambda: len(_ended(capfire, "generation")) == 2)
-        generations = _ended(capfire, "generation")
-        by_endpoint = {s.attributes["mlx_manager.endpoint"]: s.attributes for s in generations}
-        chat = by_endpoint["chat"]
-        assert chat["gen_ai.request.model"] == fast_model
-        assert chat["gen_ai.usage.output_tokens"] == whole.usage.completion_tokens == 6
-        assert chat["gen_ai.usage.input_tokens"] == whole.usage.prompt_tokens
-        assert chat["mlx_manager.finish_reason"] == "length"
-        assert chat["mlx_manager.time_to_first_token_ms"] > 0 and chat["mlx_manager.tokens_per_second"] > 0
-        assert chat["mlx_manager.request_id"] == engine.jobs[0].request.request_id
-        assert by_endpoint["completions"]["gen_ai.usage.output_tokens"] == 3
-        [load] = _ended(capfire, "model load")
-        assert load.attributes["mlx_manager.model_id"] == fast_model
-        assert load.attributes["mlx_manager.load_seconds"] > 0 and load.attributes["mlx_manager.memory_bytes"] > 0
-        recorded = repr([(s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
-                         for s in capfire.exporter.exported_spans])
-        assert MARKER not in recorded
+        yield
     finally:
         telemetry._logfire = None
         logfire.configure(send_to_logfire=False, console=False, metrics=False, distributed_tracing=False)
+
+
+def _recorded(capfire) -> str:
+    """Every span's name, attributes and event attributes, as one text to search."""
+    return repr([(s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
+                 for s in capfire.exporter.exported_spans])
+
+
+@pytest.mark.usefixtures("traced")
+def test_generation_and_load_spans_from_real_requests(capfire, fast_model):
+    with serving(fast_model) as server:
+        engine = server.engine
+        client = server.openai()
+        whole = client.chat.completions.create(
+            model=fast_model, messages=[{"role": "user", "content": MARKER}], max_tokens=6
+        )
+        for _ in client.completions.create(model=fast_model, prompt=MARKER, max_tokens=3, stream=True):
+            pass
+        assert wait_until(lambda: len(_ended(capfire, "generation")) == 2)
+    generations = _ended(capfire, "generation")
+    by_endpoint = {s.attributes["mlx_manager.endpoint"]: s.attributes for s in generations}
+    chat = by_endpoint["chat"]
+    assert chat["gen_ai.request.model"] == fast_model
+    assert chat["gen_ai.usage.output_tokens"] == whole.usage.completion_tokens == 6
+    assert chat["gen_ai.usage.input_tokens"] == whole.usage.prompt_tokens
+    assert chat["mlx_manager.finish_reason"] == "length"
+    assert chat["mlx_manager.time_to_first_token_ms"] > 0 and chat["mlx_manager.tokens_per_second"] > 0
+    assert chat["mlx_manager.request_id"] == engine.jobs[0].request.request_id
+    assert by_endpoint["completions"]["gen_ai.usage.output_tokens"] == 3
+    [load] = _ended(capfire, "model load")
+    assert load.attributes["mlx_manager.model_id"] == fast_model
+    assert load.attributes["mlx_manager.load_seconds"] > 0 and load.attributes["mlx_manager.memory_bytes"] > 0
+    assert MARKER not in _recorded(capfire)
 
 
 def _ended(capfire, name: str):
@@ -112,22 +123,15 @@ def _ended(capfire, name: str):
     ]
 
 
-def test_embedding_span_has_figures_and_no_input_text(capfire, tmp_path, monkeypatch, minilm_model):
-    monkeypatch.delenv("LOGFIRE_TOKEN", raising=False)
-    monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "trace-home"))
-    telemetry.configure_telemetry(Settings(), span_processors=[SimpleSpanProcessor(capfire.exporter)])
-    try:
-        with serving(minilm_model) as server:
-            result = server.openai().embeddings.create(model=minilm_model, input=[MARKER, "a second input"])
-            assert wait_until(lambda: _ended(capfire, "embedding"))
-        [span] = _ended(capfire, "embedding")
-        attributes = span.attributes
-        assert attributes["gen_ai.request.model"] == minilm_model and attributes["mlx_manager.endpoint"] == "embeddings"
-        assert attributes["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
-        assert attributes["gen_ai.usage.output_tokens"] == 0 and attributes["mlx_manager.finish_reason"] == "stop"
-        recorded = repr([(s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
-                         for s in capfire.exporter.exported_spans])
-        assert MARKER not in recorded and MARKER.lower() not in recorded  # BERT's tokenizer lower-cases
-    finally:
-        telemetry._logfire = None
-        logfire.configure(send_to_logfire=False, console=False, metrics=False, distributed_tracing=False)
+@pytest.mark.usefixtures("traced")
+def test_embedding_span_has_figures_and_no_input_text(capfire, minilm_model):
+    with serving(minilm_model) as server:
+        result = server.openai().embeddings.create(model=minilm_model, input=[MARKER, "a second input"])
+        assert wait_until(lambda: _ended(capfire, "embedding"))
+    [span] = _ended(capfire, "embedding")
+    attributes = span.attributes
+    assert attributes["gen_ai.request.model"] == minilm_model and attributes["mlx_manager.endpoint"] == "embeddings"
+    assert attributes["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
+    assert attributes["gen_ai.usage.output_tokens"] == 0 and attributes["mlx_manager.finish_reason"] == "stop"
+    recorded = _recorded(capfire)
+    assert MARKER not in recorded and MARKER.lower() not in recorded  # BERT's tokenizer lower-cases
