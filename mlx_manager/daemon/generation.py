@@ -70,6 +70,16 @@ def sampling_of(body: Any) -> SamplingParams:
     )
 
 
+def timeout_problem(endpoint: str, timeout: float) -> Problem:
+    """The 504 for a request that outlived `timeouts.<endpoint>`."""
+    return Problem(
+        "timeout",
+        f"the request took longer than timeouts.{endpoint} = {timeout:g} seconds",
+        headers={"x-should-retry": "false"},  # a retry would only wait as long again
+        timeout_seconds=timeout,
+    )
+
+
 class Generation:
     def __init__(self, daemon: DaemonState, outcome: RequestOutcome, endpoint: str, request: GenerationRequest) -> None:
         # The deadline is fixed at the request's start from the settings of that moment: a
@@ -92,12 +102,7 @@ class Generation:
         except TimeoutError:
             self.finish_reason = "timeout"
             self.job.cancel()  # the model must stop computing it, not only the client waiting
-            raise Problem(
-                "timeout",
-                f"the request took longer than timeouts.{self.endpoint} = {self.timeout:g} seconds",
-                headers={"x-should-retry": "false"},  # a retry would only wait as long again
-                timeout_seconds=self.timeout,
-            ) from None
+            raise timeout_problem(self.endpoint, self.timeout) from None
 
     async def started(self) -> Started:
         """Wait for the job to be in a batch: queue wait, model load and prompt checks are over."""

@@ -8,7 +8,6 @@ thread (`worker.py`) through a thread-safe command queue; events come back throu
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
 import threading
 import time
@@ -64,14 +63,11 @@ class EngineStatus:
     blas: str | None = None  # the optimised BLAS library MLX uses; None: MLX's own
 
 
-_job_ids = itertools.count(1)
-
 
 class Job:
     """One submitted generation. Iterate it for events; cancel it when the caller gives up."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
-        self.id = next(_job_ids)
         self.request = request
         self.completion_tokens = 0  # written by the inference thread
         self.prompt_tokens = 0
@@ -155,7 +151,6 @@ class EmbeddingJob:
     It counts as waiting until its first batch runs, then as active until it ends."""
 
     def __init__(self, request: EmbeddingRequest, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
-        self.id = next(_job_ids)
         self.request = request
         self.cancelled = False
         self.done = False

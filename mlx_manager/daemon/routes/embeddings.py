@@ -9,8 +9,7 @@ import json
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from mlx_manager.daemon.generation import CLIENT_CLOSED_REQUEST, ClientGone, unless_disconnected
-from mlx_manager.daemon.problems import Problem
+from mlx_manager.daemon.generation import CLIENT_CLOSED_REQUEST, ClientGone, timeout_problem, unless_disconnected
 from mlx_manager.daemon.schemas import EmbeddingList, EmbeddingsRequest
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine import EmbeddingRequest, EmbeddingResult
@@ -42,12 +41,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request, daemon: Daemon, 
         span.finish_reason = "stop"
     except TimeoutError:
         span.finish_reason = "timeout"
-        raise Problem(
-            "timeout",
-            f"the request took longer than timeouts.embeddings = {timeout:g} seconds",
-            headers={"x-should-retry": "false"},
-            timeout_seconds=timeout,
-        ) from None
+        raise timeout_problem("embeddings", timeout) from None
     except ClientGone:
         span.finish_reason = "cancelled"
         outcome.cancel(nothing_sent=True)
