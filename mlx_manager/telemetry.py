@@ -203,9 +203,11 @@ class ModelLoadSpan:
         self._span.__exit__(exc_type, exc, tb)
 
 
-class GenerationSpan:
-    """`with generation_span(model, endpoint, request_id) as gen:` then set the figures on `gen`.
-    Only these numbers and a short finish reason reach the span: there is no place for text."""
+class EngineSpan:
+    """A span around one request's work in the engine (a generation or an embedding):
+    `with generation_span(model, endpoint, request_id) as gen:` then set the figures on `gen`,
+    or `start()` it and `end()` it later. Only these numbers and a short finish reason reach
+    the span: there is no place for text."""
 
     __slots__ = (
         "_span",
@@ -231,13 +233,13 @@ class GenerationSpan:
         self._span = span
         self._started = 0.0
 
-    def __enter__(self) -> GenerationSpan:
+    def __enter__(self) -> EngineSpan:
         if self._span is not None:
             self._span.__enter__()
             self._started = time.perf_counter()
         return self
 
-    def start(self) -> GenerationSpan:
+    def start(self) -> EngineSpan:
         """Open the span without making it the current one: for a generation that ends in
         another task (a stream's body), where leaving a context entered elsewhere would fail.
         Its parent is still the request's span, current when this is called. End it with end()."""
@@ -294,7 +296,7 @@ def model_load_span(model_id: str) -> ModelLoadSpan:
     return ModelLoadSpan(model_id, span)
 
 
-def embedding_span(model: str, request_id: str) -> GenerationSpan:
+def embedding_span(model: str, request_id: str) -> EngineSpan:
     """A span around one embeddings request: its model, prompt tokens and outcome (no inputs)."""
     span = None
     if _logfire is not None:
@@ -303,10 +305,10 @@ def embedding_span(model: str, request_id: str) -> GenerationSpan:
             _span_name="embedding",
             **{MODEL: model, ENDPOINT: "embeddings", REQUEST_ID: request_id},
         )
-    return GenerationSpan(span)
+    return EngineSpan(span)
 
 
-def generation_span(model: str, endpoint: str, request_id: str) -> GenerationSpan:
+def generation_span(model: str, endpoint: str, request_id: str) -> EngineSpan:
     """A span around one generation, for the caller to fill with token counts and speeds."""
     span = None
     if _logfire is not None:
@@ -315,7 +317,7 @@ def generation_span(model: str, endpoint: str, request_id: str) -> GenerationSpa
             _span_name="generation",
             **{MODEL: model, ENDPOINT: endpoint, REQUEST_ID: request_id},
         )
-    return GenerationSpan(span)
+    return EngineSpan(span)
 
 
 # -- privacy hooks, called by logfire ---------------------------------------------------------

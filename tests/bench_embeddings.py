@@ -68,7 +68,7 @@ def main() -> None:
     model_dir = str(minilm_folder(REPO / ".pytest_cache" / "d" / "all-minilm-l6-v2"))
 
     from mlx_manager.daemon.app import create_app
-    from mlx_manager.engine import EngineConfig
+    from mlx_manager.engine.config import EngineConfig
     from mlx_manager.settings import Settings
     from tests.daemon_server import LiveServer, RecordingEngine, wait_until
 

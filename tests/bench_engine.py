@@ -50,7 +50,7 @@ def bench_mlx_batch(model, tokenizer, prompts, max_tokens) -> float:
 
 
 async def bench_engine(engine, model_id, prompts, max_tokens) -> float:
-    from mlx_manager.engine import Finished, GenerationRequest, SamplingParams
+    from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams
 
     async def one(prompt):
         job = engine.submit(
@@ -75,7 +75,8 @@ def main() -> int:
 
     from mlx_lm import load
 
-    from mlx_manager.engine import Engine, EngineConfig
+    from mlx_manager.engine.config import EngineConfig
+    from mlx_manager.engine.engine import Engine
 
     folder = build_model(tempfile.mkdtemp(prefix="mlx-bench-") + "/model", args.size)
     model, tokenizer = load(str(folder))

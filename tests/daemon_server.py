@@ -17,7 +17,10 @@ import httpx
 import openai
 import uvicorn
 
-from mlx_manager.engine import Engine, EngineConfig, GenerationRequest, Job
+from mlx_manager.engine.config import EngineConfig
+from mlx_manager.engine.engine import Engine
+from mlx_manager.engine.jobs import Job
+from mlx_manager.engine.types import GenerationRequest
 from mlx_manager.settings import Settings
 
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig
+from mlx_manager.engine.config import EngineConfig
 from tests.daemon_server import LiveServer, RecordingEngine, settings_with, wait_until
 
 HELLO = [{"role": "user", "content": "hello"}]

@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig
+from mlx_manager.daemon.state import engine_config
+from mlx_manager.engine.config import EngineConfig
 from mlx_manager.runtime import admin_token
 from mlx_manager.settings import Settings, config_path
 from tests.daemon_server import LiveServer, RecordingEngine, assert_problem, settings_with, wait_until
@@ -33,7 +34,7 @@ def chat_body(model: str, max_tokens: int = LONG, **extra) -> dict:
 
 
 def make_server(model: str, settings: Settings | None = None) -> LiveServer:
-    engine = RecordingEngine(EngineConfig.from_settings(settings or Settings()))
+    engine = RecordingEngine(engine_config(settings or Settings()))
     live = LiveServer(create_app(settings or Settings(), engine=engine))
     live.outcomes = []
     live.daemon.outcome_sinks.append(live.outcomes.append)

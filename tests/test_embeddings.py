@@ -13,8 +13,9 @@ import openai
 import pytest
 
 from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig, ModelLoadFailed
-from mlx_manager.engine.embedding import Pooling, _pool, pooling_of
+from mlx_manager.engine.config import EngineConfig
+from mlx_manager.engine.errors import ModelLoadFailed
+from mlx_manager.engine.embedding_model import Pooling, _pool, pooling_of
 from tests.daemon_server import LiveServer, RecordingEngine, assert_problem, settings_with, wait_until
 from tests.embedding_model import reference
 from tests.test_daemon_audit import row_for

@@ -8,21 +8,10 @@ import time
 
 import pytest
 
-from mlx_manager.engine import (
-    ChatTemplateMissing,
-    Engine,
-    EngineConfig,
-    Finished,
-    GenerationFailed,
-    GenerationRequest,
-    InvalidRequest,
-    ModelNotAllowed,
-    ModelNotFound,
-    Overloaded,
-    SamplingParams,
-    Started,
-    TextDelta,
-)
+from mlx_manager.engine.config import EngineConfig
+from mlx_manager.engine.engine import Engine
+from mlx_manager.engine.errors import ChatTemplateMissing, GenerationFailed, InvalidRequest, ModelNotAllowed, ModelNotFound, Overloaded
+from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -287,7 +276,7 @@ def test_a_failing_step_fails_only_that_job(engine, fast_model, monkeypatch):
 
 
 def test_stop_fails_waiting_jobs_and_refuses_new_ones(fast_model):
-    from mlx_manager.engine import EngineStopped
+    from mlx_manager.engine.errors import EngineStopped
 
     async def main():
         e = Engine(EngineConfig())

@@ -54,7 +54,9 @@ def test_partial_stop_is_released_when_it_turns_out_not_to_be_one(tokenizer):
 
 
 def test_a_model_in_the_hugging_face_cache_loads_offline(fast_model, tmp_path, monkeypatch):
-    from mlx_manager.engine import Engine, EngineConfig, Finished, GenerationRequest, SamplingParams
+    from mlx_manager.engine.config import EngineConfig
+    from mlx_manager.engine.engine import Engine
+    from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams
 
     cache = tmp_path / "hub"
     snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / "0123456789abcdef"

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 
 from mlx_manager.auth import key_digest, new_key
 from mlx_manager.daemon.app import create_app
-from mlx_manager.engine import EngineConfig
+from mlx_manager.engine.config import EngineConfig
 from tests.daemon_server import LiveServer, RecordingEngine, settings_with, wait_until
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,10 @@ from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
 from mlx_manager.daemon.openapi import describe_errors
 from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, embeddings, health, metrics, models
+from mlx_manager.daemon.outcome import RequestOutcome, end_span
 from mlx_manager.daemon.state import DaemonState
-from mlx_manager.daemon.outcome import RequestOutcome
-from mlx_manager.engine import Engine
+from mlx_manager.engine.engine import Engine
+from mlx_manager.engine.errors import EngineError
 from mlx_manager.metrics import Metrics
 from mlx_manager.runtime import admin_token
 from mlx_manager.settings import Settings
@@ -50,6 +51,7 @@ def create_app(
         extra_preload=list(extra_preload or []),
     )
     daemon.engine = engine if engine is not None else Engine(daemon.engine_config())
+    daemon.outcome_sinks.append(end_span)
     figures = daemon_metrics(daemon)
 
     @asynccontextmanager
@@ -122,8 +124,6 @@ async def watch_preload(daemon: DaemonState) -> None:
 
     A model that cannot be loaded is fatal: a daemon started to serve it would only fail every
     request for it, so it stops with the reason (and a supervisor sees a crash, not a success)."""
-    from mlx_manager.engine import EngineError
-
     daemon.preloading = list(daemon.engine.config.preload)
     for model_id in list(daemon.preloading):
         try:

@@ -11,7 +11,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
+from mlx_manager.daemon.call import CLIENT_CLOSED_REQUEST, ClientGone
 from mlx_manager.daemon.problems import Problem, kind_for_status, retry_after
 from mlx_manager.engine.errors import (
     ChatTemplateMissing,
@@ -87,6 +89,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem):
         return problem_response(request, exc)
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: the client left
 
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, exc: EngineError):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
+from mlx_manager.telemetry import EngineSpan
+
 Status = Literal["success", "error", "timeout", "cancelled"]
 
 
@@ -33,6 +35,9 @@ class RequestOutcome:
     time_to_first_token_ms: float | None = None
     first_token_at: float | None = None  # perf_counter() at the first token
     nothing_sent: bool = False  # the client left before its answer: whatever status was "sent" never arrived
+    # How the engine's work ended: "stop"/"length", or "timeout", "cancelled", "error".
+    finish_reason: str | None = None
+    span: EngineSpan | None = None  # the engine work's span, ended by `end_span` once the response is over
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def elapsed_ms(self) -> float:
@@ -84,3 +89,16 @@ class RequestOutcome:
             "error_type": self.error_type,
             "api_key": self.api_key,
         }
+
+
+def end_span(outcome: RequestOutcome) -> None:
+    """The span sink: the engine work's span gets the outcome's figures and ends."""
+    span = outcome.span
+    if span is None:
+        return
+    span.prompt_tokens = outcome.prompt_tokens
+    span.completion_tokens = outcome.completion_tokens
+    span.time_to_first_token_ms = outcome.time_to_first_token_ms
+    span.first_token_at = outcome.first_token_at
+    span.finish_reason = outcome.finish_reason
+    span.end()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -15,11 +14,12 @@ from fastapi import Depends, Request
 from mlx_manager.auth import KeyRing
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.ratelimit import RateLimiter
+from mlx_manager.engine.config import EngineConfig
+from mlx_manager.engine.engine import Engine
+from mlx_manager.settings import Settings
 
 if TYPE_CHECKING:
     from mlx_manager.audit import AuditWriter
-    from mlx_manager.engine import Engine, EngineConfig
-    from mlx_manager.settings import Settings
 
 log = logging.getLogger("mlx_manager.daemon")
 
@@ -56,11 +56,8 @@ class DaemonState:
     _idle: asyncio.Event | None = None
 
     def engine_config(self) -> EngineConfig:
-        from mlx_manager.engine import EngineConfig
-
-        config = EngineConfig.from_settings(self.settings)
-        preload = list(dict.fromkeys([*self.extra_preload, *config.preload]))
-        return dataclasses.replace(config, preload=preload)
+        """The engine's limits from the current settings, with `serve --model` preloaded too."""
+        return engine_config(self.settings, self.extra_preload)
 
     def timeout_for(self, endpoint: str) -> float:
         """The deadline, in seconds, of a request to `endpoint` ("chat", "completions", "embeddings")."""
@@ -95,6 +92,19 @@ class DaemonState:
                 sink(outcome)
             except Exception:  # an observer's bug must not break the response path
                 log.exception("outcome sink %r failed for request %s", sink, outcome.request_id)
+
+
+def engine_config(settings: Settings, extra_preload: list[str] | None = None) -> EngineConfig:
+    """The engine's limits from the settings; `extra_preload` models are loaded first."""
+    return EngineConfig(
+        allowed=list(settings.models.allowed),
+        max_loaded=settings.models.max_loaded,
+        keep_alive=settings.models.keep_alive,
+        preload=list(dict.fromkeys([*(extra_preload or []), *settings.models.preload])),
+        queue_limit=settings.server.queue_limit,
+        max_batch_size=settings.server.max_batch_size,
+        blas=settings.server.blas,
+    )
 
 
 def get_daemon(request: Request) -> DaemonState:

@@ -1,7 +1,9 @@
 """The inference engine: the only package that imports mlx / mlx_lm.
 
-Callers (the daemon) use `Engine` and the types below; MLX itself is imported lazily by
-the inference thread, so importing this package stays cheap.
+Callers (the daemon) import what they use from its modules: `engine.Engine`,
+`config.EngineConfig`, the request and event types in `types`, the errors in `errors`. This
+file imports nothing, and MLX itself is imported lazily by the inference thread, so importing
+any of them stays cheap.
 
     engine = Engine(EngineConfig(...)); engine.start()
     job = engine.submit(GenerationRequest(model=..., messages=[...]))   # may raise Overloaded
@@ -12,54 +14,7 @@ the inference thread, so importing this package stays cheap.
         job.cancel()                     # no-op once finished; frees the batch slot otherwise
 
     vectors = await engine.submit_embedding(EmbeddingRequest(model=..., inputs=[...])).result()
+
+Inside, imports flow one way: engine -> worker -> batch / pool / embedding_queue -> jobs ->
+types / errors. The worker never sees the Engine; jobs report to an `Admission` counter.
 """
-
-from mlx_manager.engine.engine import EmbeddingJob, Engine, EngineConfig, EngineStatus, Job
-from mlx_manager.engine.errors import (
-    ChatTemplateMissing,
-    EngineError,
-    EngineStopped,
-    GenerationFailed,
-    InvalidRequest,
-    ModelLoadFailed,
-    ModelNotAllowed,
-    ModelNotFound,
-    Overloaded,
-    WrongModelKind,
-)
-from mlx_manager.engine.types import (
-    EmbeddingRequest,
-    EmbeddingResult,
-    Event,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    Started,
-    TextDelta,
-)
-
-__all__ = [
-    "ChatTemplateMissing",
-    "EmbeddingJob",
-    "EmbeddingRequest",
-    "EmbeddingResult",
-    "Engine",
-    "EngineConfig",
-    "EngineError",
-    "EngineStatus",
-    "EngineStopped",
-    "Event",
-    "Finished",
-    "GenerationFailed",
-    "GenerationRequest",
-    "InvalidRequest",
-    "Job",
-    "ModelLoadFailed",
-    "ModelNotAllowed",
-    "ModelNotFound",
-    "Overloaded",
-    "SamplingParams",
-    "Started",
-    "TextDelta",
-    "WrongModelKind",
-]

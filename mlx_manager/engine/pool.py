@@ -10,11 +10,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound
+from mlx_manager.engine.types import ModelStatus
 
 log = logging.getLogger("mlx_manager.engine")
 
@@ -31,7 +33,7 @@ class LoadedModel:
     active_jobs: int = 0
     # Rows of the embedding table: a prompt token id outside it makes MLX read out of bounds.
     vocab_size: int | None = None
-    kind: str = "generate"  # or "embed": then `model` is an engine.embedding.EmbeddingModel
+    kind: str = "generate"  # or "embed": then `model` is an engine.embedding_model.EmbeddingModel
 
 
 def resolve(model_id: str) -> Path:
@@ -55,17 +57,40 @@ def resolve(model_id: str) -> Path:
 
 
 class ModelPool:
-    def __init__(self, allowed: list[str], max_loaded: int, keep_alive: float, load_listeners: list | None = None) -> None:
-        self.load_listeners = load_listeners if load_listeners is not None else []
+    """The loaded models, least recently used first. `on_change` is called when a load starts
+    or ends and when a model goes, so the worker can publish a fresh status."""
+
+    def __init__(
+        self,
+        allowed: list[str],
+        max_loaded: int,
+        keep_alive: float,
+        load_listeners: list[Callable[[str, float], None]],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.load_listeners = load_listeners
         self.allowed = allowed
         self.max_loaded = max_loaded
         self.keep_alive = keep_alive
         self.loading: str | None = None
-        self._models: OrderedDict[Path, LoadedModel] = OrderedDict()  # least recently used first
+        self._on_change = on_change
+        self._models: OrderedDict[Path, LoadedModel] = OrderedDict()
         self._ids: dict[str, Path] = {}
 
-    def loaded_ids(self) -> list[str]:
-        return [m.model_id for m in list(self._models.values())]
+    def statuses(self) -> tuple[ModelStatus, ...]:
+        """What `Engine.status()` shows of each loaded model, least recently used first."""
+        now = time.monotonic()
+        return tuple(
+            ModelStatus(
+                model_id=m.model_id,
+                path=str(m.path),
+                kind=m.kind,
+                active_jobs=m.active_jobs,
+                idle_seconds=0.0 if m.active_jobs else now - m.last_used,
+                keep_alive=self.keep_alive,
+            )
+            for m in self._models.values()
+        )
 
     def check_allowed(self, model_id: str) -> None:
         if not self.allowed or model_id in self.allowed:
@@ -75,8 +100,9 @@ class ModelPool:
             return
         raise ModelNotAllowed(f"model {model_id!r} is not in models.allowed")
 
-    def get(self, model_id: str) -> LoadedModel:
-        """The loaded model for this id, loading it (and evicting the least recently used) if needed."""
+    def load(self, model_id: str) -> LoadedModel:
+        """The loaded model for this id, loading it first (which may take seconds, and evicts the
+        least recently used model) if it is not loaded yet."""
         self.check_allowed(model_id)
         path = self._ids.get(model_id)
         if path is None or path not in self._models:
@@ -85,16 +111,18 @@ class ModelPool:
         entry = self._models.get(path)
         if entry is None:
             self._make_room()
-            entry = self._load(model_id, path)
+            entry = self._read(model_id, path)
             self._models[path] = entry
+            self._on_change()
         self._models.move_to_end(path)
         entry.last_used = time.monotonic()
         return entry
 
-    def _load(self, model_id: str, path: Path) -> LoadedModel:
+    def _read(self, model_id: str, path: Path) -> LoadedModel:
+        """Load a model's weights and tokenizer from its folder."""
         import mlx.core as mx
 
-        from mlx_manager.engine.embedding import EmbeddingModel, is_embedding_model
+        from mlx_manager.engine.embedding_model import EmbeddingModel, is_embedding_model
         from mlx_manager.telemetry import model_load_span
 
         try:
@@ -103,6 +131,7 @@ class ModelPool:
             raise ModelLoadFailed(f"could not load {model_id!r}: its config.json is unreadable ({exc})") from None
         embedding = is_embedding_model(path, config)
         self.loading = model_id
+        self._on_change()
         try:
             with model_load_span(model_id) as span:
                 if embedding:
@@ -117,6 +146,7 @@ class ModelPool:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
         finally:
             self.loading = None
+            self._on_change()
         seconds = span.seconds or 0.0
         log.info("loaded %s model %s from %s in %.2fs", "embedding" if embedding else "text", model_id, path, seconds)
         for listener in self.load_listeners:
@@ -172,6 +202,7 @@ class ModelPool:
         del entry
         gc.collect()
         mx.clear_cache()
+        self._on_change()
 
     def unload_all(self) -> None:
         for path in list(self._models):

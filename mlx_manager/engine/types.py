@@ -71,3 +71,26 @@ class EmbeddingRequest:
 class EmbeddingResult:
     vectors: Any  # numpy float32 array, one row per input, in input order
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One loaded model as `Engine.status()` shows it."""
+
+    model_id: str
+    path: str
+    kind: str  # "generate" or "embed"
+    active_jobs: int
+    idle_seconds: float  # since its last use (0 while it has jobs)
+    keep_alive: float  # seconds idle before it is unloaded; 0: never
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    loaded: list[str]
+    queue_depth: int
+    active_jobs: int
+    loading: str | None
+    running: bool
+    blas: str | None = None  # the optimised BLAS library MLX uses; None: MLX's own
+    models: tuple[ModelStatus, ...] = ()

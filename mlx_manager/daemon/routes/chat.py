@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mlx_manager.daemon.generation import Format, Generation, respond, sampling_of
+from mlx_manager.daemon.generation import Format, GenerationCall, respond, sampling_of
 from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.schemas import ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
-from mlx_manager.engine import GenerationRequest
+from mlx_manager.engine.types import GenerationRequest
 
 router = APIRouter(tags=["chat"])
 
@@ -70,6 +70,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
         sampling=sampling_of(body),
         request_id=outcome.request_id,
     )
-    generation = Generation(daemon, outcome, "chat", job_request)
+    call = GenerationCall(daemon, request, "chat", job_request)
     fmt = ChatFormat(outcome.request_id, body.model, body.include_usage(), int(time.time()))
-    return await respond(request, generation, fmt, body.stream)
+    return await respond(call, fmt, body.stream)

@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mlx_manager.daemon.generation import Format, Generation, respond, sampling_of
+from mlx_manager.daemon.generation import Format, GenerationCall, respond, sampling_of
 from mlx_manager.daemon.limits import max_tokens_for
 from mlx_manager.daemon.schemas import Completion, CompletionChoice, CompletionRequest, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
-from mlx_manager.engine import GenerationRequest
+from mlx_manager.engine.types import GenerationRequest
 
 router = APIRouter(tags=["completions"])
 
@@ -64,6 +64,6 @@ async def completions(body: CompletionRequest, request: Request, daemon: Daemon,
         sampling=sampling_of(body),
         request_id=outcome.request_id,
     )
-    generation = Generation(daemon, outcome, "completions", job_request)
+    call = GenerationCall(daemon, request, "completions", job_request)
     fmt = CompletionFormat(outcome.request_id, body.model, body.include_usage(), int(time.time()))
-    return await respond(request, generation, fmt, body.stream)
+    return await respond(call, fmt, body.stream)

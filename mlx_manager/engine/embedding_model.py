@@ -1,40 +1,20 @@
-"""Embedding models on the inference thread: load with mlx-embeddings, tokenize, batch, pool.
+"""An embedding model on the inference thread: load with mlx-embeddings, tokenize, run, pool.
 
 Pooling follows the model's sentence-transformers files when it has them (`modules.json`,
 `1_Pooling/config.json`, `sentence_bert_config.json`): mean, CLS, max or last-token pooling, then
 L2 normalisation if the model has a Normalize module — what sentence-transformers itself does.
 Without them, mlx-embeddings' own `text_embeds` is used.
-
-Work is batched across requests: each step takes up to `MAX_BATCH` sequences from the waiting
-requests, shortest first within a request so that padding stays small, and runs one forward pass.
-A step is sized by the speed measured on the steps before it to take about `STEP_SECONDS`, so
-that text generation running beside it is never held up for long, and a cancelled request (a
-timeout, a client gone) is dropped before the next step: its work really stops.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlx_manager.engine.errors import InvalidRequest, ModelLoadFailed
-from mlx_manager.engine.types import EmbeddingResult
 
-if TYPE_CHECKING:
-    from mlx_manager.engine.engine import EmbeddingJob
-    from mlx_manager.engine.pool import LoadedModel
-
-log = logging.getLogger("mlx_manager.engine")
-
-MAX_BATCH = 64
-MAX_BATCH_TOKENS = 16384
-STEP_SECONDS = 0.25
-FIRST_STEP_TOKENS = 256  # before any speed is known
 # Encoder-only architectures: they cannot generate, whatever files come with them.
 ENCODER_TYPES = {"bert", "xlm-roberta", "xlm_roberta", "modernbert"}
 
@@ -165,94 +145,3 @@ def _pool(hidden: Any, mask: Any, mode: str) -> Any:
     if mode == "max":
         return mx.where(weights > 0, hidden, -1e9).max(axis=1)
     return (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1e-9)
-
-
-class EmbeddingQueue:
-    """The waiting embedding requests of every model; `step()` runs one batch."""
-
-    def __init__(self) -> None:
-        self.jobs: deque[EmbeddingJob] = deque()
-
-    @staticmethod
-    def _budget(model: EmbeddingModel) -> int:
-        """Padded tokens for the next step of this model: about STEP_SECONDS of work."""
-        rate = model.tokens_per_second
-        if rate is None:
-            return FIRST_STEP_TOKENS
-        return max(1, min(MAX_BATCH_TOKENS, int(rate * STEP_SECONDS)))
-
-    def __bool__(self) -> bool:
-        return bool(self.jobs)
-
-    def add(self, job: EmbeddingJob, entry: LoadedModel) -> None:
-        """Tokenize and check a job (raises InvalidRequest), then queue it."""
-        request, model = job.request, entry.model
-        if isinstance(request.inputs[0], str):
-            tokens = model.tokenize(list(request.inputs), request.truncate)
-        else:
-            tokens = model.check_ids([list(ids) for ids in request.inputs], request.truncate)
-        if any(not ids for ids in tokens):
-            raise InvalidRequest("an input is empty")
-        if request.dimensions is not None and request.dimensions > model.dimensions:
-            raise InvalidRequest(
-                f"dimensions is {request.dimensions}; model {request.model!r} makes vectors of {model.dimensions}"
-            )
-        job.prepare(entry, tokens)
-        self.jobs.append(job)
-
-    def drop_cancelled(self) -> list[EmbeddingJob]:
-        dropped = [job for job in self.jobs if job.cancelled]
-        if dropped:
-            self.jobs = deque(job for job in self.jobs if not job.cancelled)
-        return dropped
-
-    def step(self) -> list[EmbeddingJob]:
-        """One forward pass over the next sequences of the first model in line; returns finished jobs."""
-        entry = self.jobs[0].entry
-        budget = self._budget(entry.model)
-        taken: list[tuple[EmbeddingJob, int]] = []
-        width = 0
-        for job in self.jobs:
-            if job.entry is not entry:
-                continue
-            while job.cursor < len(job.order) and len(taken) < MAX_BATCH:
-                index = job.order[job.cursor]
-                new_width = max(width, len(job.tokens[index]))
-                if taken and new_width * (len(taken) + 1) > budget:
-                    break
-                taken.append((job, index))
-                width = new_width
-                job.cursor += 1
-            if len(taken) >= MAX_BATCH or (taken and job.cursor < len(job.order)):
-                break
-        for job in dict.fromkeys(job for job, _ in taken):
-            job.start()
-        started = time.perf_counter()
-        vectors = entry.model.embed([job.tokens[index] for job, index in taken])
-        rate = width * len(taken) / max(time.perf_counter() - started, 1e-6)
-        previous = entry.model.tokens_per_second
-        entry.model.tokens_per_second = rate if previous is None else 0.5 * previous + 0.5 * rate
-        for row, (job, index) in enumerate(taken):
-            job.vectors[index] = vectors[row]
-        finished = [job for job in dict.fromkeys(job for job, _ in taken) if job.cursor >= len(job.order)]
-        for job in finished:
-            self.jobs.remove(job)
-        return finished
-
-    def fail(self, entry: LoadedModel) -> list[EmbeddingJob]:
-        """After a failed step: take every job of that model out of line."""
-        failed = [job for job in self.jobs if job.entry is entry]
-        self.jobs = deque(job for job in self.jobs if job.entry is not entry)
-        return failed
-
-
-def result_of(job: EmbeddingJob) -> EmbeddingResult:
-    import numpy as np
-
-    vectors = np.stack(job.vectors)
-    dimensions = job.request.dimensions
-    if dimensions is not None and dimensions < vectors.shape[1]:
-        vectors = vectors[:, :dimensions]
-        if job.entry.model.pooling.normalize:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return EmbeddingResult(vectors=np.ascontiguousarray(vectors, dtype=np.float32), prompt_tokens=job.prompt_tokens)

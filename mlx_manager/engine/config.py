@@ -1,0 +1,16 @@
+"""The engine's limits, as the daemon derives them from its settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    allowed: list[str] = field(default_factory=list)
+    max_loaded: int = 2
+    keep_alive: float = 1800.0
+    preload: list[str] = field(default_factory=list)
+    queue_limit: int = 64
+    max_batch_size: int = 32
+    blas: str = "auto"  # see engine/blas.py
