@@ -56,3 +56,48 @@ def minilm_model(request) -> str:
     from tests.embedding_model import minilm_folder
 
     return str(minilm_folder(request.config.cache.mkdir("all-minilm-l6-v2")))
+
+
+# Scripted models (tests/scripted_model.py): real mlx-lm models whose greedy output is a fixed
+# script; each fixture's exact outputs are the constant named in its docstring (`.text(...)`).
+# With tools offered they call; after a tool result they answer; without tools they say `plain`.
+
+
+@pytest.fixture(scope="session")
+def hermes_tool_model(tmp_path_factory) -> str:
+    """Qwen/Hermes style: thinks, calls get_weather(Paris); after the result, thinks and answers (HERMES_TOOL)."""
+    from tests.scripted_model import HERMES_TOOL
+
+    return str(HERMES_TOOL.build(tmp_path_factory.mktemp("models") / "hermes-tool"))
+
+
+@pytest.fixture(scope="session")
+def hermes_parallel_model(tmp_path_factory) -> str:
+    """Qwen/Hermes style: thinks, then two calls in one answer, Paris and London (HERMES_PARALLEL)."""
+    from tests.scripted_model import HERMES_PARALLEL
+
+    return str(HERMES_PARALLEL.build(tmp_path_factory.mktemp("models") / "hermes-parallel"))
+
+
+@pytest.fixture(scope="session")
+def hermes_split_tags_model(tmp_path_factory) -> str:
+    """Qwen/Hermes style, no thinking: one call whose tags come as `<tool` + `_call>` (HERMES_SPLIT_TAGS)."""
+    from tests.scripted_model import HERMES_SPLIT_TAGS
+
+    return str(HERMES_SPLIT_TAGS.build(tmp_path_factory.mktemp("models") / "hermes-split-tags"))
+
+
+@pytest.fixture(scope="session")
+def mistral_tool_model(tmp_path_factory) -> str:
+    """Mistral style: `[TOOL_CALLS]get_weather[ARGS]{...}`; after the result, answers (MISTRAL_TOOL)."""
+    from tests.scripted_model import MISTRAL_TOOL
+
+    return str(MISTRAL_TOOL.build(tmp_path_factory.mktemp("models") / "mistral-tool"))
+
+
+@pytest.fixture(scope="session")
+def mistral_parallel_model(tmp_path_factory) -> str:
+    """Mistral style: two calls in one answer, Paris and London, no end tag (MISTRAL_PARALLEL)."""
+    from tests.scripted_model import MISTRAL_PARALLEL
+
+    return str(MISTRAL_PARALLEL.build(tmp_path_factory.mktemp("models") / "mistral-parallel"))
