@@ -135,3 +135,22 @@ def test_embedding_span_has_figures_and_no_input_text(capfire, minilm_model):
     assert attributes["gen_ai.usage.output_tokens"] == 0 and attributes["mlx_manager.finish_reason"] == "stop"
     recorded = _recorded(capfire)
     assert MARKER not in recorded and MARKER.lower() not in recorded  # BERT's tokenizer lower-cases
+
+
+@pytest.mark.usefixtures("traced")
+def test_spans_hold_no_tool_definitions_calls_results_or_reasoning(capfire, hermes_tool_model):
+    from tests.scripted_model import HERMES_TOOL, WEATHER_TOOL
+
+    tool = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "description": MARKER}}
+    history = HERMES_TOOL.messages(after_tool=True)
+    history[-1]["content"] = MARKER
+    with serving(hermes_tool_model) as server:
+        client = server.openai()
+        called = client.chat.completions.create(model=hermes_tool_model, messages=HERMES_TOOL.messages(), tools=[tool])
+        assert called.choices[0].message.tool_calls  # the model really called
+        for _ in client.chat.completions.create(model=hermes_tool_model, messages=history, tools=[tool], stream=True):
+            pass
+        assert wait_until(lambda: len(_ended(capfire, "generation")) == 2)
+    recorded = _recorded(capfire)
+    for secret in (MARKER, "get_weather", '"city"', HERMES_TOOL.answer, HERMES_TOOL.thinking, HERMES_TOOL.answer_thinking):
+        assert secret not in recorded

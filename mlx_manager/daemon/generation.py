@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -20,10 +21,32 @@ from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.errors import EngineError
 from mlx_manager.engine.jobs import Job
-from mlx_manager.engine.types import Event, Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from mlx_manager.engine.types import (
+    Event,
+    Finished,
+    GenerationRequest,
+    ReasoningDelta,
+    SamplingParams,
+    Started,
+    TextDelta,
+    ToolCall,
+)
 from mlx_manager.telemetry import generation_span
 
 log = logging.getLogger("mlx_manager.daemon")
+
+
+Piece = TextDelta | ReasoningDelta | ToolCall
+
+
+@dataclass
+class Answer:
+    """A whole generation: its answer text, its thinking, the tool calls it made, how it ended."""
+
+    finished: Finished
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class Format:
@@ -35,25 +58,18 @@ class Format:
     def first_chunk(self) -> dict[str, Any] | None:
         return None
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
+    def piece_chunks(self, piece: Piece) -> list[dict[str, Any]]:
+        """The chunks that stream one piece of output (text, reasoning or a tool call)."""
         raise NotImplementedError
 
-    def final_chunk(self, finish_reason: str) -> dict[str, Any]:
+    def final_chunk(self, finished: Finished) -> dict[str, Any]:
         raise NotImplementedError
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
         raise NotImplementedError
 
-    def complete(self, text: str, finish_reason: str, usage: dict[str, int]) -> Any:
+    def complete(self, answer: Answer) -> Any:
         raise NotImplementedError
-
-
-def usage_of(finished: Finished) -> dict[str, int]:
-    return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-    }
 
 
 def sampling_of(body: Any) -> SamplingParams:
@@ -83,17 +99,26 @@ class GenerationCall(EngineCall):
         if isinstance(event, Started):
             self.outcome.prompt_tokens = event.prompt_tokens
 
-    async def collect(self) -> tuple[str, Finished]:
-        """The whole text and the Finished event."""
-        parts: list[str] = []
+    async def collect(self) -> Answer:
+        """The whole answer, once the job finished."""
+        text: list[str] = []
+        reasoning: list[str] = []
+        calls: list[ToolCall] = []
         while True:
             event = await self.next_event()
-            if isinstance(event, TextDelta):
+            if isinstance(event, Started):
+                continue
+            if not isinstance(event, Finished):
                 self.outcome.first_token()
-                parts.append(event.text)
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, ToolCall):
+                calls.append(event)
             elif isinstance(event, Finished):
                 self.finished(event)
-                return "".join(parts), event
+                return Answer(event, "".join(text), "".join(reasoning), calls)
 
     def finished(self, event: Finished) -> None:
         self.ended = True
@@ -128,8 +153,7 @@ async def respond(call: GenerationCall, fmt: Format, stream: bool) -> Any:
         if stream:
             streaming = True
             return EventStream(_events(call, fmt), on_close=call.close_stream)
-        text, finished = await call.collect()
-        return fmt.complete(text, finished.finish_reason, usage_of(finished))
+        return fmt.complete(await call.collect())
     finally:
         if not streaming:
             call.close()
@@ -144,17 +168,22 @@ async def _events(call: GenerationCall, fmt: Format) -> AsyncIterator[str]:
             yield sse_data(first)
         while True:
             event = await call.next_event(watch_client=False)
-            if isinstance(event, TextDelta):
+            if isinstance(event, Started):
+                continue
+            if not isinstance(event, Finished):
                 outcome.first_token()
+            if isinstance(event, (TextDelta, ReasoningDelta)):
                 # Deltas that arrived while the last chunk was written go out together.
-                yield sse_data(fmt.delta_chunk(event.text + call.job.take_ready_text()))
-            elif isinstance(event, Finished):
+                event = type(event)(event.text + call.job.take_ready_text(type(event)))
+            if isinstance(event, Finished):
                 call.finished(event)
-                yield sse_data(fmt.final_chunk(event.finish_reason))
+                yield sse_data(fmt.final_chunk(event))
                 if fmt.include_usage:
-                    yield sse_data(fmt.usage_chunk(usage_of(event)))
+                    yield sse_data(fmt.usage_chunk(event))
                 yield sse_done()
                 return
+            for chunk in fmt.piece_chunks(event):
+                yield sse_data(chunk)
     except Problem as problem:
         yield _error_event(call, problem)
     except EngineError as exc:

@@ -25,6 +25,7 @@ from mlx_manager.engine.errors import (
     ModelNotAllowed,
     ModelNotFound,
     Overloaded,
+    ToolsNotSupported,
     WrongModelKind,
 )
 
@@ -36,6 +37,7 @@ _ENGINE_KINDS: list[tuple[type[EngineError], str]] = [
     (ModelLoadFailed, "model_load_failed"),
     (ChatTemplateMissing, "chat_template_missing"),
     (WrongModelKind, "wrong_model_kind"),
+    (ToolsNotSupported, "tools_not_supported"),
     (InvalidRequest, "invalid_request"),
     (GenerationFailed, "generation_failed"),
 ]
@@ -49,7 +51,9 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
         return Problem("draining", str(exc), headers=retry_after(5))
     for cls, kind in _ENGINE_KINDS:
         if isinstance(exc, cls):
-            param = "model" if kind.startswith("model_") or kind == "wrong_model_kind" else None
+            param = {"wrong_model_kind": "model", "tools_not_supported": "tools"}.get(kind)
+            if kind.startswith("model_"):
+                param = "model"
             return Problem(kind, str(exc), param=param)
     log.error("unmapped engine error %s: %s", type(exc).__name__, exc)
     return Problem("internal_error", "the engine failed in an unexpected way")

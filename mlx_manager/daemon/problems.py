@@ -30,6 +30,7 @@ KINDS: dict[str, Kind] = {
     "invalid_request": Kind(400, "The request cannot be run", "invalid_request_error"),
     "chat_template_missing": Kind(400, "The model has no chat template", "invalid_request_error"),
     "wrong_model_kind": Kind(400, "The model does not serve this endpoint", "invalid_request_error"),
+    "tools_not_supported": Kind(400, "The model cannot call tools", "invalid_request_error"),
     "unauthorized": Kind(401, "Missing or wrong credential", "authentication_error"),
     "forbidden": Kind(403, "Not allowed from this client", "permission_error"),
     "not_found": Kind(404, "No such route", "not_found_error"),

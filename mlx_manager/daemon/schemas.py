@@ -7,9 +7,10 @@ known fields with invalid values (422). Fields OpenAI defines that have no meani
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 TokenId = Annotated[int, Field(ge=0)]  # the upper bound is the model's vocabulary: the engine checks it
@@ -28,10 +29,53 @@ class ContentPart(Lenient):
     text: str | None = None
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,128}$")]
+
+
+class FunctionCall(Lenient):
+    name: FunctionName
+    arguments: str  # a JSON object, as text
+
+    def arguments_object(self) -> Any:
+        """The arguments as chat templates take them: an object (text that is not JSON stays text)."""
+        try:
+            return json.loads(self.arguments)
+        except ValueError:
+            return self.arguments
+
+
+class ToolCallIn(Lenient):
+    """A call an earlier assistant message made, sent back as history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = Field(None, validate_default=True)  # tool: the call this message answers
+    # assistant: its thinking, which some templates show again (Qwen3 drops old turns' thinking)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def only_assistants_call(cls, calls: list[ToolCallIn] | None, info: ValidationInfo) -> list[ToolCallIn] | None:
+        role = info.data.get("role")
+        if calls is not None and role != "assistant":
+            raise ValueError(f"only assistant messages carry tool calls, not {role!r} messages")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def tool_results_name_their_call(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not call_id:
+            raise ValueError("a tool message must name the call it answers")
+        return call_id
 
     @field_validator("content")
     @classmethod
@@ -46,6 +90,24 @@ class Message(Lenient):
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text or "" for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: text content, a developer message as the
+        system message, call arguments as objects."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments_object()}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        reasoning = self.reasoning_content or self.reasoning
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        return message
 
 
 class GenerationFields(Lenient):
@@ -76,15 +138,73 @@ class GenerationFields(Lenient):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class FunctionDefinition(Lenient):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(Lenient):
+    type: str
+    function: FunctionDefinition | None = None
+
+    @model_validator(mode="after")
+    def a_function(self) -> Tool:
+        if self.type != "function":
+            raise ValueError(f"tools of type {self.type!r} are not supported; only 'function'")
+        if self.function is None:
+            raise ValueError("a function tool needs its 'function' definition")
+        return self
+
+
+class NamedFunction(Lenient):
+    name: FunctionName
+
+
+class NamedToolChoice(Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
 class ChatCompletionRequest(GenerationFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = Field(None, max_length=512)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Not OpenAI's, but vLLM's, mlx-lm's and SGLang's: variables for the chat template.
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def tool_choice_names_a_tool(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        tools: list[Tool] = info.data.get("tools") or []
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in tools if t.function is not None]
+            if choice.function.name not in names:
+                raise ValueError(f"it names function {choice.function.name!r}, which is not among the tools")
+        elif choice == "required" and not tools:
+            raise ValueError("'required' needs tools")
+        return choice
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def engine_messages(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them; None when there are none to offer (none given,
+        or tool_choice "none", which hides them from the model)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class CompletionRequest(GenerationFields):
@@ -144,15 +264,39 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ChatUsage(Usage):
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    # The model's thinking, under both names clients read: `reasoning_content` (DeepSeek, most
+    # local servers) and `reasoning` (vLLM and mlx-lm today); null when the model did not think.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -162,7 +306,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: ChatUsage
     system_fingerprint: str | None = None
 
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_manager.engine.jobs import Job
+from mlx_manager.engine.output import Output
 from mlx_manager.engine.pool import LoadedModel
-from mlx_manager.engine.textstream import TextStream
-from mlx_manager.engine.types import Finished, TextDelta
+from mlx_manager.engine.types import Finished
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Slot:
     """A job inside a batch."""
 
     job: Job
-    text: TextStream
+    output: Output
     tokens: list[int]  # the prompt, then every token generated: enough to rebuild its cache
     sampler: Any
     uid: int = -1
@@ -152,28 +152,29 @@ class ModelBatch:
         ]
         for slot in finished:
             # mlx-lm dropped the ones it finished; a stop string is ours to remove.
-            self.remove(slot.uid) if slot.text.stopped else self.slots.pop(slot.uid, None)
+            self.remove(slot.uid) if slot.output.stopped else self.slots.pop(slot.uid, None)
         return finished
 
     def _deliver(self, slot: Slot, token: int, reason: str | None) -> bool:
-        """Send the text this token completes; True when the job is over."""
+        """Send what this token completes; True when the job is over."""
         self.fresh.discard(slot.uid)
-        job = slot.job
+        job, output = slot.job, slot.output
         if reason == "stop":  # an end-of-sequence token: not part of the text
-            text = slot.text.finish()
+            pieces = output.finish()
         else:
             job.completion_tokens += 1
             slot.tokens.append(token)
-            text = slot.text.add(token)
-            if reason == "length" and not slot.text.stopped:
-                text += slot.text.finish()
-        if text:
-            job.emit(TextDelta(text))
-        if slot.text.stopped:
+            pieces = output.add(token)
+            if reason == "length" and not output.stopped:
+                pieces += output.finish()
+        for piece in pieces:
+            job.emit(piece)
+        if output.stopped:
             reason = "stop"
         if reason is None:
             return False
-        job.emit(Finished(reason, slot.prompt_tokens, job.completion_tokens))
+        finish_reason = "tool_calls" if reason == "stop" and output.calls else reason
+        job.emit(Finished(finish_reason, slot.prompt_tokens, job.completion_tokens, output.reasoning_tokens))  # type: ignore[arg-type]
         return True
 
     def recover(self) -> list[Slot]:

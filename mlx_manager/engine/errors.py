@@ -45,3 +45,7 @@ class GenerationFailed(EngineError):
 
 class WrongModelKind(EngineError):
     """An embedding model asked to generate, or a generative model asked for embeddings."""
+
+
+class ToolsNotSupported(EngineError):
+    """A request with tools for a model whose chat template has no tool-call format."""

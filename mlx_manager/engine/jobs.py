@@ -22,6 +22,7 @@ from mlx_manager.engine.types import (
     Event,
     Finished,
     GenerationRequest,
+    ReasoningDelta,
     Started,
     TextDelta,
 )
@@ -145,15 +146,15 @@ class Job(_Work):
             if isinstance(item, Finished):
                 return
 
-    def take_ready_text(self) -> str:
-        """The text of the deltas already waiting, taken at once (up to the next other event).
+    def take_ready_text(self, kind: type[TextDelta | ReasoningDelta] = TextDelta) -> str:
+        """The text of the deltas of `kind` already waiting, taken at once (up to the next other event).
 
         A consumer that fell behind the model sends what piled up as one piece instead of one
         message per token."""
         parts = []
-        while self._events and isinstance(self._events[0], TextDelta):
+        while self._events and type(self._events[0]) is kind:
             item = self._events.popleft()
-            assert isinstance(item, TextDelta)
+            assert isinstance(item, (TextDelta, ReasoningDelta))
             parts.append(item.text)
         return "".join(parts)
 

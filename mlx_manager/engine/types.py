@@ -19,15 +19,25 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """One generation: either `prompt` (completions) or `messages` (chat), never both."""
+    """One generation: either `prompt` (completions) or `messages` (chat), never both.
+
+    `messages` are what the model's chat template takes (text content, assistant `tool_calls`
+    with arguments as objects, `tool` messages). `tools` (OpenAI function definitions) go to
+    the template and turn on parsing of the model's tool calls; `template_kwargs` are extra
+    template variables such as `enable_thinking`. With `parallel_tool_calls` false the
+    generation ends after the first complete call."""
 
     model: str
     prompt: str | list[int] | None = None
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool = True
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_effort: str | None = None  # anything but "none" needs a model that thinks
 
 
 @dataclass(frozen=True)
@@ -39,21 +49,42 @@ class Started:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New text (complete UTF-8 characters only, stop strings held back)."""
+    """New answer text (complete UTF-8 characters only, stop strings and markup held back)."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """New text of the model's thinking section (its think tags are not part of it)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One complete tool call the model made: `arguments` is a JSON object, as text."""
+
+    index: int  # 0, 1, ... in the order the model made them
+    id: str
+    name: str
+    arguments: str
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
 class Finished:
     """Last event of a job that ran to its end."""
 
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0  # of completion_tokens, those of the thinking section
 
 
-Event = Started | TextDelta | Finished
+Event = Started | TextDelta | ReasoningDelta | ToolCall | Finished
 
 
 @dataclass

@@ -26,11 +26,12 @@ from mlx_manager.engine.errors import (
     EngineStopped,
     GenerationFailed,
     InvalidRequest,
+    ToolsNotSupported,
     WrongModelKind,
 )
 from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.pool import LoadedModel, ModelPool
-from mlx_manager.engine.textstream import TextStream
+from mlx_manager.engine.output import Output
 from mlx_manager.engine.types import ModelStatus, Started
 
 log = logging.getLogger("mlx_manager.engine")
@@ -151,7 +152,16 @@ class Worker:
         sampling = job.request.sampling
         if sampling.top_k >= vocab_size(entry):  # top-k of the whole vocabulary is no top-k; mlx-lm refuses it
             sampling = dataclasses.replace(sampling, top_k=0)
-        slot = Slot(job, TextStream(entry.tokenizer.detokenizer, job.request.stop), list(tokens), sampler_for(sampling))
+        request = job.request
+        output = Output(
+            entry.tokenizer,
+            tokens,
+            request.stop,
+            chat=request.messages is not None,
+            tools=request.tools,
+            parallel_tool_calls=request.parallel_tool_calls,
+        )
+        slot = Slot(job, output, list(tokens), sampler_for(sampling))
         job.prompt_tokens = len(tokens)
         try:
             batch.add(slot, tokens)
@@ -272,11 +282,28 @@ def vocab_size(entry: LoadedModel) -> int:
 
 def prompt_tokens(entry: LoadedModel, job: Job) -> list[int]:
     """The prompt as token ids: the chat template applied to the messages, or the text encoded."""
+    from jinja2 import TemplateError  # what chat templates raise; comes with transformers
+
     request, tokenizer = job.request, entry.tokenizer
     if request.messages is not None:
         if not tokenizer.has_chat_template:
             raise ChatTemplateMissing(f"model {request.model!r} has no chat template; use /v1/completions")
-        tokens = list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True))
+        if request.reasoning_effort not in (None, "none") and not tokenizer.has_thinking:
+            raise InvalidRequest(
+                f"reasoning_effort: model {request.model!r} does not think (its tokenizer has no thinking section)"
+            )
+        if request.tools is not None and not tokenizer.has_tool_calling:
+            raise ToolsNotSupported(
+                f"model {request.model!r} has no tool-call format in its chat template, so it cannot be offered tools"
+            )
+        try:
+            tokens = list(
+                tokenizer.apply_chat_template(
+                    request.messages, tools=request.tools, add_generation_prompt=True, **request.template_kwargs
+                )
+            )
+        except TemplateError as exc:  # the template's own checks (roles that must alternate...)
+            raise InvalidRequest(f"the chat template of model {request.model!r} refused the messages: {exc}") from None
     elif isinstance(request.prompt, str):
         bos = tokenizer.bos_token
         tokens = tokenizer.encode(request.prompt, add_special_tokens=bos is None or not request.prompt.startswith(bos))

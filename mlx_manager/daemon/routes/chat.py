@@ -7,11 +7,22 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mlx_manager.daemon.generation import Format, GenerationCall, respond, sampling_of
+from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, respond, sampling_of
 from mlx_manager.daemon.limits import check_messages, max_tokens_for
-from mlx_manager.daemon.schemas import ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Usage
+from mlx_manager.daemon.problems import Problem
+from mlx_manager.daemon.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChatUsage,
+    CompletionTokensDetails,
+    FunctionCallOut,
+    NamedToolChoice,
+    ToolCallOut,
+)
 from mlx_manager.daemon.state import Daemon, Outcome
-from mlx_manager.engine.types import GenerationRequest
+from mlx_manager.engine.types import Finished, GenerationRequest, ReasoningDelta, TextDelta
 
 router = APIRouter(tags=["chat"])
 
@@ -33,34 +44,75 @@ class ChatFormat(Format):
     def first_chunk(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, None)
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk({"content": text}, None)
+    def piece_chunks(self, piece: Piece) -> list[dict[str, Any]]:
+        if isinstance(piece, TextDelta):
+            return [self._chunk({"content": piece.text}, None)]
+        if isinstance(piece, ReasoningDelta):
+            return [self._chunk({"reasoning_content": piece.text, "reasoning": piece.text}, None)]
+        # As OpenAI streams a call: its id, type and name first, then its arguments.
+        header = {"index": piece.index, "id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}}
+        arguments = {"index": piece.index, "function": {"arguments": piece.arguments}}
+        return [self._chunk({"tool_calls": [header]}, None), self._chunk({"tool_calls": [arguments]}, None)]
 
-    def final_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk({}, finish_reason)
+    def final_chunk(self, finished: Finished) -> dict[str, Any]:
+        return self._chunk({}, finished.finish_reason)
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
         chunk = self._chunk({}, None)
         chunk["choices"] = []
-        chunk["usage"] = usage
+        chunk["usage"] = chat_usage(finished).model_dump()
         return chunk
 
-    def complete(self, text: str, finish_reason: str, usage: dict[str, int]) -> ChatCompletion:
+    def complete(self, answer: Answer) -> ChatCompletion:
+        calls = [
+            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in answer.tool_calls
+        ]
+        message = ChatMessage(
+            content=answer.text if answer.text or not calls else None,
+            reasoning_content=answer.reasoning or None,
+            reasoning=answer.reasoning or None,
+            tool_calls=calls or None,
+        )
         return ChatCompletion(
             id=f"chatcmpl-{self.request_id}",
             created=self.created,
             model=self.model,
-            choices=[ChatChoice(message=ChatMessage(content=text), finish_reason=finish_reason)],
-            usage=Usage(**usage),
+            choices=[ChatChoice(message=message, finish_reason=answer.finished.finish_reason)],
+            usage=chat_usage(answer.finished),
         )
 
 
+def chat_usage(finished: Finished) -> ChatUsage:
+    return ChatUsage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=finished.reasoning_tokens),
+    )
+
+
+def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
+    """Variables for the chat template: the request's own, and thinking on or off by
+    `reasoning_effort` ("none" turns it off; templates that take an effort get it too)."""
+    variables = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:
+        variables.setdefault("enable_thinking", body.reasoning_effort != "none")
+        variables.setdefault("reasoning_effort", body.reasoning_effort)
+    return variables
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request, daemon: Daemon, outcome: Outcome):
+async def chat_completions(body: ChatCompletionRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Any:
     """Chat completion, whole or streamed (`stream: true`) as server-sent events."""
     outcome.model, outcome.stream = body.model, body.stream
     settings = daemon.settings  # read once: a reload mid-request does not change this one's limits
     check_messages(len(body.messages), settings)
+    if body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice):
+        raise Problem(
+            "invalid_request",
+            "tool_choice: forcing a tool call ('required' or a named function) is not supported yet; use 'auto'",
+            param="tool_choice",
+        )
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     job_request = GenerationRequest(
         model=body.model,
@@ -69,6 +121,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
         stop=body.stop_list(),
         sampling=sampling_of(body),
         request_id=outcome.request_id,
+        tools=body.offered_tools(),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        template_kwargs=template_kwargs(body),
+        reasoning_effort=body.reasoning_effort,
     )
     call = GenerationCall(daemon, request, "chat", job_request)
     fmt = ChatFormat(outcome.request_id, body.model, body.include_usage(), int(time.time()))

@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mlx_manager.daemon.generation import Format, GenerationCall, respond, sampling_of
+from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, respond, sampling_of
 from mlx_manager.daemon.limits import max_tokens_for
 from mlx_manager.daemon.schemas import Completion, CompletionChoice, CompletionRequest, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
-from mlx_manager.engine.types import GenerationRequest
+from mlx_manager.engine.types import Finished, GenerationRequest, TextDelta
 
 router = APIRouter(tags=["completions"])
 
@@ -30,26 +30,35 @@ class CompletionFormat(Format):
             chunk["usage"] = None
         return chunk
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk(text, None)
+    def piece_chunks(self, piece: Piece) -> list[dict[str, Any]]:
+        assert isinstance(piece, TextDelta)  # a plain completion has no reasoning or tool calls
+        return [self._chunk(piece.text, None)]
 
-    def final_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk("", finish_reason)
+    def final_chunk(self, finished: Finished) -> dict[str, Any]:
+        return self._chunk("", finished.finish_reason)
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
         chunk = self._chunk("", None)
         chunk["choices"] = []
-        chunk["usage"] = usage
+        chunk["usage"] = usage_of(finished).model_dump()
         return chunk
 
-    def complete(self, text: str, finish_reason: str, usage: dict[str, int]) -> Completion:
+    def complete(self, answer: Answer) -> Completion:
         return Completion(
             id=f"cmpl-{self.request_id}",
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
-            usage=Usage(**usage),
+            choices=[CompletionChoice(text=answer.text, finish_reason=answer.finished.finish_reason)],
+            usage=usage_of(answer.finished),
         )
+
+
+def usage_of(finished: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+    )
 
 
 @router.post("/v1/completions", response_model=Completion)
