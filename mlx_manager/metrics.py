@@ -26,7 +26,7 @@ MAX_ENDPOINTS = 32
 OTHER = "other"
 
 GaugeSource = Callable[[], float]
-GAUGES = ("active_requests", "queue_depth", "loaded_models", "audit_backlog")
+GAUGES = ("active_requests", "queue_depth", "loaded_models", "audit_backlog", "prompt_cache_bytes")
 
 
 class _BoundedLabel:
@@ -61,6 +61,7 @@ class Metrics:
         queue_depth: GaugeSource | None = None,
         loaded_models: GaugeSource | None = None,
         audit_backlog: GaugeSource | None = None,
+        prompt_cache_bytes: GaugeSource | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -88,11 +89,21 @@ class Metrics:
         self.model_load = Histogram(
             f"{PREFIX}_model_load_seconds", "Time to load a model.", buckets=LOAD_BUCKETS, registry=r
         )
+        self.cache_hits = Counter(
+            f"{PREFIX}_prompt_cache_hits", "Generations whose prompt reused a cached prefix.", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            f"{PREFIX}_prompt_cache_misses", "Generations whose prompt was computed from scratch.", ["model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            f"{PREFIX}_prompt_cache_cached_tokens", "Prompt tokens restored from the prompt cache.", ["model"], registry=r
+        )
         self._gauges = {
             "active_requests": Gauge(f"{PREFIX}_active_requests", "Requests in flight.", registry=r),
             "queue_depth": Gauge(f"{PREFIX}_queue_depth", "Generations waiting for the engine.", registry=r),
             "loaded_models": Gauge(f"{PREFIX}_loaded_models", "Models loaded in memory.", registry=r),
             "audit_backlog": Gauge(f"{PREFIX}_audit_backlog", "Audit records not yet written.", registry=r),
+            "prompt_cache_bytes": Gauge(f"{PREFIX}_prompt_cache_bytes", "Memory held by prompt caches.", registry=r),
         }
         self._models = _BoundedLabel(MAX_MODELS)
         self._endpoints = _BoundedLabel(MAX_ENDPOINTS)
@@ -101,6 +112,7 @@ class Metrics:
             queue_depth=queue_depth,
             loaded_models=loaded_models,
             audit_backlog=audit_backlog,
+            prompt_cache_bytes=prompt_cache_bytes,
         )
 
     def watch(self, **sources: GaugeSource | None) -> None:
@@ -121,9 +133,11 @@ class Metrics:
         ttft_s: float | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
         """Count one finished request. `status` is success / error / timeout / cancelled
-        (a timeout is also counted in timeouts_total); unknown figures are None."""
+        (a timeout is also counted in timeouts_total); unknown figures are None. `cached_tokens`
+        is given for a generation whose prompt went through the prompt cache (0: a miss)."""
         endpoint = self._endpoints(endpoint)
         model = self._models(model)
         self.requests.labels(endpoint, model, status).inc()
@@ -137,6 +151,9 @@ class Metrics:
             self.completion_tokens.labels(model).inc(completion_tokens)
         if status == "timeout":
             self.timeouts.labels(endpoint).inc()
+        if cached_tokens is not None:
+            (self.cache_hits if cached_tokens else self.cache_misses).labels(model).inc()
+            self.cached_tokens.labels(model).inc(cached_tokens)
 
     def observe_model_load(self, seconds: float) -> None:
         self.model_load.observe(seconds)
@@ -190,6 +207,9 @@ def scrape_summary(text: str) -> dict[str, Any]:
         "timeouts": int(total("timeouts_total")),
         "prompt_tokens": int(total("prompt_tokens_total")),
         "completion_tokens": int(total("completion_tokens_total")),
+        "prompt_cache_hits": int(total("prompt_cache_hits_total")),
+        "prompt_cache_misses": int(total("prompt_cache_misses_total")),
+        "prompt_cache_cached_tokens": int(total("prompt_cache_cached_tokens_total")),
     }
     for gauge in GAUGES:
         values = [value for _, value in samples.get(f"{PREFIX}_{gauge}", []) if not math.isnan(value)]

@@ -10,6 +10,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    """A home for what session- and module-scoped fixtures make before a test's own home exists:
+    no test ever writes to the real one."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("session-home")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own MLX_MANAGER_HOME, no inherited MLX_MANAGER_* settings and a fixed terminal."""

@@ -138,7 +138,10 @@ def test_async_client(server, fast_model):
 
     whole, chunks = asyncio.run(main())
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
-    assert chunks[-1].usage == whole.usage
+    streamed = chunks[-1].usage
+    assert streamed.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(exclude={"prompt_tokens_details"})
+    # The same prompt again: all of it but the last token comes from the prompt cache.
+    assert streamed.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
 
 
 def test_eight_concurrent_streams(server, fast_model):

@@ -147,8 +147,8 @@ def test_render_is_valid_prometheus_text_with_every_metric():
 def test_scrape_summary_gives_the_main_figures():
     live = {"queue": 3}
     metrics = Metrics(queue_depth=lambda: live["queue"], loaded_models=lambda: 1, active_requests=lambda: 2)
-    metrics.observe_request("/v1/chat/completions", "a", "success", 1.0, 0.1, 10, 20)
-    metrics.observe_request("/v1/chat/completions", "b", "success", 3.0, 0.3, 5, 5)
+    metrics.observe_request("/v1/chat/completions", "a", "success", 1.0, 0.1, 10, 20, cached_tokens=8)
+    metrics.observe_request("/v1/chat/completions", "b", "success", 3.0, 0.3, 5, 5, cached_tokens=0)
     metrics.observe_request("/v1/completions", "a", "timeout", 60.0, None, 7, None)
     metrics.observe_model_load(2.0)
 
@@ -163,6 +163,10 @@ def test_scrape_summary_gives_the_main_figures():
         "queue_depth": 3,
         "loaded_models": 1,
         "audit_backlog": 0,
+        "prompt_cache_hits": 1,
+        "prompt_cache_misses": 1,
+        "prompt_cache_cached_tokens": 8,
+        "prompt_cache_bytes": 0,
         "request_duration_seconds_mean": pytest.approx(64.0 / 3),
         "time_to_first_token_seconds_mean": pytest.approx(0.2),
         "model_load_seconds_mean": pytest.approx(2.0),

@@ -98,6 +98,7 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
         queue_depth=lambda: engine.status().queue_depth,
         loaded_models=lambda: len(engine.status().loaded),
         active_requests=lambda: daemon.in_flight,
+        prompt_cache_bytes=lambda: sum(m.cache.bytes for m in engine.status().models),
     )
 
     def observe(outcome: RequestOutcome) -> None:
@@ -112,6 +113,7 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
             None if ttft is None else ttft / 1000,
             outcome.prompt_tokens,
             outcome.completion_tokens,
+            outcome.cached_tokens,
         )
 
     daemon.outcome_sinks.append(observe)

@@ -87,6 +87,7 @@ class GenerationCall(EngineCall):
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
         self.job: Job = daemon.engine.submit(job_request)  # Overloaded / EngineStopped: at once
         super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
+        self.outcome.tools_offered = job_request.tools is not None
         self._events = aiter(self.job)
         self.ended = False  # the answer reached its end: Finished, or an error event in a stream
 
@@ -116,15 +117,19 @@ class GenerationCall(EngineCall):
                 reasoning.append(event.text)
             elif isinstance(event, ToolCall):
                 calls.append(event)
+                self.outcome.tool_calls += 1
             elif isinstance(event, Finished):
                 self.finished(event)
                 return Answer(event, "".join(text), "".join(reasoning), calls)
 
     def finished(self, event: Finished) -> None:
         self.ended = True
-        self.outcome.finish_reason = event.finish_reason
-        self.outcome.prompt_tokens = event.prompt_tokens
-        self.outcome.completion_tokens = event.completion_tokens
+        outcome = self.outcome
+        outcome.finish_reason = event.finish_reason
+        outcome.prompt_tokens = event.prompt_tokens
+        outcome.completion_tokens = event.completion_tokens
+        outcome.cached_tokens = event.cached_tokens
+        outcome.reasoning_tokens = event.reasoning_tokens
 
     def cancel(self) -> None:
         self.job.cancel()
@@ -175,6 +180,8 @@ async def _events(call: GenerationCall, fmt: Format) -> AsyncIterator[str]:
             if isinstance(event, (TextDelta, ReasoningDelta)):
                 # Deltas that arrived while the last chunk was written go out together.
                 event = type(event)(event.text + call.job.take_ready_text(type(event)))
+            if isinstance(event, ToolCall):
+                outcome.tool_calls += 1
             if isinstance(event, Finished):
                 call.finished(event)
                 yield sse_data(fmt.final_chunk(event))

@@ -31,6 +31,10 @@ class RequestOutcome:
     api_key: str | None = None  # the NAME of the API key that matched (never the key); None: none did
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, restored from the prompt cache (generations only)
+    reasoning_tokens: int | None = None  # of completion_tokens, those of the thinking section
+    tools_offered: bool = False
+    tool_calls: int = 0  # calls the model made
     duration_ms: float | None = None
     time_to_first_token_ms: float | None = None
     first_token_at: float | None = None  # perf_counter() at the first token

@@ -1,6 +1,11 @@
 """The running generations of one model: one alone on mlx-lm's single-sequence loop, several
 together in its `BatchGenerator` (continuous batching: a new job joins at the next step).
 
+A job's prompt starts from the longest prefix the model's prompt cache has; the rest is
+prefilled in chunks (`prefill_chunk` tokens a step), so a long prompt never holds up the other
+streams for long and a cancelled job stops within one chunk. When a job ends, its state goes
+back into the prompt cache for the next turn of its conversation.
+
 Everything here runs on the inference thread.
 """
 
@@ -12,6 +17,7 @@ from typing import Any
 from mlx_manager.engine.jobs import Job
 from mlx_manager.engine.output import Output
 from mlx_manager.engine.pool import LoadedModel
+from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import Finished
 
 
@@ -23,61 +29,93 @@ class Slot:
     output: Output
     tokens: list[int]  # the prompt, then every token generated: enough to rebuild its cache
     sampler: Any
+    cached: int = 0  # prompt tokens restored from the prompt cache
     uid: int = -1
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.tokens) - self.job.completion_tokens
 
+    @property
+    def remaining(self) -> int:
+        return self.job.request.max_tokens - self.job.completion_tokens
+
 
 class Solo:
-    """A lone job on mlx-lm's single-sequence loop (`generate_step`): no batching overhead."""
+    """A lone job: its prompt prefilled a chunk per step, then mlx-lm's single-sequence loop
+    (`generate_step`), which has no batching overhead."""
 
-    def __init__(self, entry: LoadedModel, slot: Slot, tokens: list[int]) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
+    def __init__(self, entry: LoadedModel, slot: Slot, cache: list[Any] | None, held: list[int], rest: list[int],
+                 prefill_chunk: int) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
+        self.entry = entry
         self.slot = slot
-        self.prompt = tokens
-        self.cache = make_prompt_cache(entry.model)
+        self.cache = cache if cache is not None else make_prompt_cache(entry.model)
+        self.held = list(held)  # the tokens the cache holds
+        self.rest = list(rest)  # prompt tokens still to prefill (at least one)
+        self.prefill_chunk = prefill_chunk
+        self.steps: Any = None
         self.last_token: int | None = None
-        self.steps = generate_step(
-            mx.array(tokens),
-            entry.model,
-            max_tokens=slot.job.request.max_tokens,
-            sampler=slot.sampler,
-            prompt_cache=self.cache,
-        )
 
-    def next_token(self) -> int:
+    def advance(self) -> int | None:
+        """One step of work: a chunk of the prompt (None), or the next token."""
+        import mlx.core as mx
+
+        if self.steps is None:
+            if len(self.rest) > self.prefill_chunk:
+                chunk, self.rest = self.rest[: self.prefill_chunk], self.rest[self.prefill_chunk :]
+                self.entry.model(mx.array(chunk)[None], cache=self.cache)
+                mx.eval([layer.state for layer in self.cache])
+                self.held += chunk
+                return None
+            from mlx_lm.generate import generate_step
+
+            self.steps = generate_step(
+                mx.array(self.rest),
+                self.entry.model,
+                max_tokens=self.slot.remaining,
+                sampler=self.slot.sampler,
+                prompt_cache=self.cache,
+            )
+            self.held += self.rest
+            self.rest = []
         token, _ = next(self.steps)
+        # generate_step feeds each token to the model before it yields it (it runs one step
+        # ahead), so the cache now holds this token too.
         self.last_token = int(token)
+        self.held.append(self.last_token)
         return self.last_token
 
-    def hand_over(self) -> tuple[list[int], list[Any] | None]:
-        """What a BatchGenerator needs to continue this job: a prompt and the cache before it.
+    def close(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
 
-        generate_step has already fed the last token to the model (its next step runs ahead),
-        so the cache is trimmed by one and the token is given again as the new prompt. A job
-        that has not stepped yet simply starts over from its prompt.
-        """
-        self.steps.close()
-        if self.last_token is None:
-            return self.prompt, None
+    def hand_over(self) -> tuple[list[int], list[Any] | None, list[int]]:
+        """What a BatchGenerator needs to continue this job: the prompt still to feed, the cache
+        before it, and the tokens that cache holds.
+
+        A job already generating gives its last token again as the prompt (the cache is trimmed
+        by one: generate_step had fed it already); one still prefilling hands over the rest of
+        its prompt."""
+        self.close()
+        if self.last_token is None:  # still reading its prompt
+            return self.rest, self.cache if self.held else None, self.held
         for layer in self.cache:
             layer.trim(1)
-        return [self.last_token], self.cache
+        return [self.last_token], self.cache, self.held[:-1]
 
 
 class ModelBatch:
     """The running jobs of one model: one alone on the fast path, several in a BatchGenerator."""
 
-    def __init__(self, entry: LoadedModel, max_batch_size: int) -> None:
+    def __init__(self, entry: LoadedModel, max_batch_size: int, prompt_cache: PromptCache, prefill_chunk: int) -> None:
         self.entry = entry
         self.max_batch_size = max_batch_size
+        self.prompt_cache = prompt_cache
+        self.prefill_chunk = prefill_chunk
         self.eos = entry.tokenizer.eos_token_ids
-        self.generator = None
+        self.generator: Any = None
         self.solo: Solo | None = None
         self.slots: dict[int, Slot] = {}
         self.fresh: set[int] = set()  # joined, no token yet: the suspects if a step fails
@@ -87,17 +125,29 @@ class ModelBatch:
         return len(self.slots)
 
     def add(self, slot: Slot, tokens: list[int]) -> None:
+        cache, cached = self.prompt_cache.fetch(tokens)
+        slot.cached = cached
         if not self.slots and self.generator is None:
             slot.uid = self._solo_uid
-            self.solo = Solo(self.entry, slot, tokens)
+            self.solo = Solo(self.entry, slot, cache, tokens[:cached], tokens[cached:], self.prefill_chunk)
         else:
             if self.solo is not None:
                 self._move_solo_to_batch()
-            (slot.uid,) = self._batch().insert([tokens], max_tokens=[slot.job.request.max_tokens], samplers=[slot.sampler])
+            slot.uid = self._insert(slot, tokens[cached:], cache, tokens[:cached])
         self.slots[slot.uid] = slot
         self.fresh.add(slot.uid)
 
-    def _batch(self):
+    def _insert(self, slot: Slot, prompt: list[int], cache: list[Any] | None, held: list[int]) -> int:
+        (uid,) = self._batch().insert(
+            [prompt],
+            max_tokens=[slot.remaining],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[list(held)],
+            samplers=[slot.sampler],
+        )
+        return int(uid)
+
+    def _batch(self) -> Any:
         if self.generator is None:
             from mlx_lm.generate import BatchGenerator
 
@@ -106,53 +156,64 @@ class ModelBatch:
                 stop_tokens=[[t] for t in self.eos],
                 completion_batch_size=self.max_batch_size,
                 prefill_batch_size=min(8, self.max_batch_size),
+                prefill_step_size=self.prefill_chunk,
             )
         return self.generator
 
     def _move_solo_to_batch(self) -> None:
         solo, self.solo = self.solo, None
+        assert solo is not None
         slot = self.slots.pop(solo.slot.uid)
         self.fresh.discard(slot.uid)
-        prompt, cache = solo.hand_over()
-        remaining = slot.job.request.max_tokens - slot.job.completion_tokens
-        (slot.uid,) = self._batch().insert(
-            [prompt], max_tokens=[remaining], caches=[cache] if cache else None, samplers=[slot.sampler]
-        )
+        prompt, cache, held = solo.hand_over()
+        slot.uid = self._insert(slot, prompt, cache, held)
         self.slots[slot.uid] = slot
 
-    def remove(self, uid: int) -> Slot | None:
+    def remove(self, uid: int, *, keep_cache: bool = False) -> Slot | None:
+        """Take a job out; with `keep_cache`, its state goes into the prompt cache."""
         slot = self.slots.pop(uid, None)
         if slot is None:
             return None
         self.fresh.discard(uid)
         if self.solo is not None and self.solo.slot is slot:
-            self.solo.steps.close()
-            self.solo = None
+            solo, self.solo = self.solo, None
+            solo.close()
+            if keep_cache and solo.steps is not None:
+                self.prompt_cache.store(solo.held, solo.cache)
         elif self.generator is not None:
-            self.generator.remove([uid])
+            extracted = self.generator.remove([uid], return_prompt_caches=keep_cache)
+            if keep_cache and uid in extracted:
+                cache, held = extracted[uid]
+                self.prompt_cache.store(list(held), cache)
         return slot
 
     def step(self) -> list[Slot]:
-        """One decode step for every job; returns the slots that finished."""
+        """One step for every job (a decode step, or a chunk of a prompt); returns the slots that finished."""
         if self.solo is not None:
             slot = self.solo.slot
-            token = self.solo.next_token()
+            token = self.solo.advance()
+            if token is None:  # still reading the prompt
+                return []
             reason = "stop" if token in self.eos else None
             if reason is None and slot.job.completion_tokens + 1 >= slot.job.request.max_tokens:
                 reason = "length"
             finished = [slot] if self._deliver(slot, token, reason) else []
             if finished:
-                self.remove(slot.uid)
+                self.remove(slot.uid, keep_cache=True)
             return finished
         _, responses = self.generator.next()
-        finished = [
-            slot
-            for r in responses
-            if (slot := self.slots.get(r.uid)) is not None and self._deliver(slot, r.token, r.finish_reason)
-        ]
-        for slot in finished:
-            # mlx-lm dropped the ones it finished; a stop string is ours to remove.
-            self.remove(slot.uid) if slot.output.stopped else self.slots.pop(slot.uid, None)
+        finished = []
+        for r in responses:
+            slot = self.slots.get(r.uid)
+            if slot is None or not self._deliver(slot, r.token, r.finish_reason):
+                continue
+            finished.append(slot)
+            if r.finish_reason is not None:  # mlx-lm let go of it, and handed its state over
+                self.slots.pop(slot.uid, None)
+                self.fresh.discard(slot.uid)
+                self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
+            else:  # a stop string, or the one tool call it was allowed: ours to remove
+                self.remove(slot.uid, keep_cache=True)
         return finished
 
     def _deliver(self, slot: Slot, token: int, reason: str | None) -> bool:
@@ -174,7 +235,15 @@ class ModelBatch:
         if reason is None:
             return False
         finish_reason = "tool_calls" if reason == "stop" and output.calls else reason
-        job.emit(Finished(finish_reason, slot.prompt_tokens, job.completion_tokens, output.reasoning_tokens))  # type: ignore[arg-type]
+        job.emit(
+            Finished(
+                finish_reason,  # type: ignore[arg-type]
+                slot.prompt_tokens,
+                job.completion_tokens,
+                reasoning_tokens=output.reasoning_tokens,
+                cached_tokens=slot.cached,
+            )
+        )
         return True
 
     def recover(self) -> list[Slot]:
@@ -190,14 +259,13 @@ class ModelBatch:
         self.close()
         self.generator, self.slots, self.fresh = None, {}, set()
         for slot in survivors:
-            remaining = slot.job.request.max_tokens - slot.job.completion_tokens
-            (slot.uid,) = self._batch().insert([list(slot.tokens)], max_tokens=[remaining], samplers=[slot.sampler])
+            slot.uid = self._insert(slot, list(slot.tokens), None, [])
             self.slots[slot.uid] = slot
         return failed
 
     def close(self) -> None:
         if self.solo is not None:
-            self.solo.steps.close()
+            self.solo.close()
             self.solo = None
         if self.generator is not None:
             self.generator.close()

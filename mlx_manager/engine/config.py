@@ -14,3 +14,6 @@ class EngineConfig:
     queue_limit: int = 64
     max_batch_size: int = 32
     blas: str = "auto"  # see engine/blas.py
+    prefill_chunk: int = 512  # prompt tokens read per step, between decode steps of running streams
+    cache_max_bytes: int = 1 << 30  # each model's prompt cache; 0 turns it off
+    cache_max_entries: int = 64

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound
-from mlx_manager.engine.types import ModelStatus
+from mlx_manager.engine.prompt_cache import PromptCache
+from mlx_manager.engine.types import CacheStatus, ModelStatus
 
 log = logging.getLogger("mlx_manager.engine")
 
@@ -34,6 +35,7 @@ class LoadedModel:
     # Rows of the embedding table: a prompt token id outside it makes MLX read out of bounds.
     vocab_size: int | None = None
     kind: str = "generate"  # or "embed": then `model` is an engine.embedding_model.EmbeddingModel
+    prompt_cache: PromptCache | None = None  # made with its first generation; goes with the model
 
 
 def resolve(model_id: str) -> Path:
@@ -88,9 +90,13 @@ class ModelPool:
                 active_jobs=m.active_jobs,
                 idle_seconds=0.0 if m.active_jobs else now - m.last_used,
                 keep_alive=self.keep_alive,
+                cache=m.prompt_cache.status() if m.prompt_cache is not None else CacheStatus(),
             )
             for m in self._models.values()
         )
+
+    def entries(self) -> list[LoadedModel]:
+        return list(self._models.values())
 
     def check_allowed(self, model_id: str) -> None:
         if not self.allowed or model_id in self.allowed:

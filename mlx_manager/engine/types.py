@@ -82,6 +82,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int = 0  # of completion_tokens, those of the thinking section
+    cached_tokens: int = 0  # of prompt_tokens, those restored from the prompt cache
 
 
 Event = Started | TextDelta | ReasoningDelta | ToolCall | Finished
@@ -105,6 +106,17 @@ class EmbeddingResult:
 
 
 @dataclass(frozen=True)
+class CacheStatus:
+    """What a model's prompt cache did and holds."""
+
+    hits: int = 0  # prompts that reused a cached prefix
+    misses: int = 0
+    cached_tokens: int = 0  # prompt tokens not computed again, in all
+    entries: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """One loaded model as `Engine.status()` shows it."""
 
@@ -114,6 +126,7 @@ class ModelStatus:
     active_jobs: int
     idle_seconds: float  # since its last use (0 while it has jobs)
     keep_alive: float  # seconds idle before it is unloaded; 0: never
+    cache: CacheStatus = CacheStatus()
 
 
 @dataclass(frozen=True)

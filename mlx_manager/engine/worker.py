@@ -31,6 +31,7 @@ from mlx_manager.engine.errors import (
 )
 from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.pool import LoadedModel, ModelPool
+from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.output import Output
 from mlx_manager.engine.types import ModelStatus, Started
 
@@ -111,6 +112,13 @@ class Worker:
                 self.pool.allowed = list(config.allowed)
                 self.pool.max_loaded = config.max_loaded
                 self.pool.keep_alive = config.keep_alive
+                for entry in self.pool.entries():
+                    if entry.prompt_cache is not None:
+                        entry.prompt_cache.max_bytes = config.cache_max_bytes
+                        entry.prompt_cache.max_entries = config.cache_max_entries
+                        entry.prompt_cache.shrink()
+                for batch in self.batches.values():
+                    batch.prefill_chunk = config.prefill_chunk
             case Stop():
                 self._running = False
 
@@ -148,7 +156,10 @@ class Worker:
             )
         batch = self.batches.get(entry.path)
         if batch is None:
-            batch = self.batches[entry.path] = ModelBatch(entry, self.config.max_batch_size)
+            if entry.prompt_cache is None:
+                entry.prompt_cache = PromptCache(self.config.cache_max_bytes, self.config.cache_max_entries)
+            batch = ModelBatch(entry, self.config.max_batch_size, entry.prompt_cache, self.config.prefill_chunk)
+            self.batches[entry.path] = batch
         sampling = job.request.sampling
         if sampling.top_k >= vocab_size(entry):  # top-k of the whole vocabulary is no top-k; mlx-lm refuses it
             sampling = dataclasses.replace(sampling, top_k=0)
@@ -175,7 +186,7 @@ class Worker:
         for path, batch in self.batches.items():
             for slot in list(batch.slots.values()):
                 if slot.job is job:
-                    batch.remove(slot.uid)
+                    batch.remove(slot.uid)  # no cache entry: its state may be half computed
                     batch.entry.active_jobs -= 1
                     self._release(path, batch)
                     job.end()

@@ -11,6 +11,7 @@ from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece,
 from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.schemas import (
+    PromptTokensDetails,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -87,6 +88,7 @@ def chat_usage(finished: Finished) -> ChatUsage:
         prompt_tokens=finished.prompt_tokens,
         completion_tokens=finished.completion_tokens,
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
         completion_tokens_details=CompletionTokensDetails(reasoning_tokens=finished.reasoning_tokens),
     )
 

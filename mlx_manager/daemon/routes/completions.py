@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, respond, sampling_of
 from mlx_manager.daemon.limits import max_tokens_for
-from mlx_manager.daemon.schemas import Completion, CompletionChoice, CompletionRequest, Usage
+from mlx_manager.daemon.schemas import PromptTokensDetails, Completion, CompletionChoice, CompletionRequest, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import Finished, GenerationRequest, TextDelta
 
@@ -58,6 +58,7 @@ def usage_of(finished: Finished) -> Usage:
         prompt_tokens=finished.prompt_tokens,
         completion_tokens=finished.completion_tokens,
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
     )
 
 

@@ -1,0 +1,125 @@
+"""The prompt cache of one model: the KV state of earlier prompts, found by longest common prefix.
+
+A job's prompt is looked up before it is prefilled: the longest cached prefix is restored (a
+copy, so the entry stays valid for the next user; MLX shares the buffers until one side writes)
+and only the rest of the prompt is computed. When a job ends, its state (prompt plus generated
+tokens) is kept, so a conversation's next turn, which resends all of it, pays only for what is
+new; two conversations with the same system prompt share that prefix.
+
+A trimmable cache (plain KV) can serve any prefix of an entry: its copy is trimmed back to the
+common prefix. A cache that cannot be trimmed (rotating windows that wrapped, state-space
+layers) only serves prompts that extend an entry exactly. Entries are evicted least recently
+used first, past `max_entries` or `max_bytes`. Runs on the inference thread only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_manager.engine.types import CacheStatus
+
+
+
+@dataclass
+class _Entry:
+    cache: list[Any]
+    nbytes: int
+    trimmable: bool
+
+
+class PromptCache:
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        from mlx_lm.models.cache import PromptTrie
+
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.hits = self.misses = self.cached_tokens = 0
+        self.bytes = 0
+        self._trie = PromptTrie()
+        self._lru: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()  # least recently used first
+
+    def status(self) -> CacheStatus:
+        return CacheStatus(self.hits, self.misses, self.cached_tokens, len(self._lru), self.bytes)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 and self.max_entries > 0
+
+    def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
+        """(a copy of the cached state of the longest prefix of `tokens` it has, its length), or
+        (None, 0). At least the last token is always left to compute: it gives the first logits."""
+        if not self.enabled or len(tokens) < 2 or not self._lru:
+            return self._miss()
+        found = self._trie.search(None, tokens)
+        candidates: list[tuple[list[int], int]] = []  # (an entry's tokens, how many of them to reuse)
+        if found.exact is not None:
+            candidates.append((found.exact, len(tokens) - 1))
+        if found.longer is not None and found.common_prefix > len(found.shorter or ()):
+            candidates.append((found.longer, min(len(tokens) - 1, found.common_prefix)))
+        if found.shorter is not None:  # a strict prefix of the prompt: used whole, no trim
+            candidates.append((found.shorter, len(found.shorter)))
+        for key_tokens, reuse in candidates:
+            key = tuple(key_tokens)
+            entry = self._lru[key]
+            if reuse < len(key) and not entry.trimmable:
+                continue
+            self._lru.move_to_end(key)
+            cache = copy.deepcopy(entry.cache)
+            if reuse < len(key):
+                for layer in cache:
+                    layer.trim(len(key) - reuse)
+            self.hits += 1
+            self.cached_tokens += reuse
+            return cache, reuse
+        return self._miss()
+
+    def _miss(self) -> tuple[None, int]:
+        if self.enabled:
+            self.misses += 1
+        return None, 0
+
+    def store(self, tokens: list[int], cache: list[Any]) -> None:
+        """Keep the state of `tokens` (exactly the tokens `cache` holds) for later prompts."""
+        if not self.enabled or not tokens:
+            return
+        import mlx.core as mx
+
+        mx.eval([layer.state for layer in cache])
+        key = tuple(tokens)
+        trimmable = all(layer.is_trimmable() for layer in cache)
+        entry = _Entry(cache, sum(layer.nbytes for layer in cache), trimmable)
+        if entry.nbytes > self.max_bytes:
+            return
+        self._remove(key)
+        self._trie.add(None, list(key), entry)
+        self._lru[key] = entry
+        self.bytes += entry.nbytes
+        if trimmable:  # an entry can serve all its prefixes: shorter ones only take space
+            for length, _ in self._trie.pop_prefixes(None, list(key)):
+                self._forget(key[:length])
+        self.shrink()
+
+    def shrink(self) -> None:
+        """Evict least recently used entries until the limits hold (also after they changed)."""
+        while self._lru and (len(self._lru) > self.max_entries or self.bytes > self.max_bytes):
+            self._remove(next(iter(self._lru)))
+
+    def clear(self) -> None:
+        from mlx_lm.models.cache import PromptTrie
+
+        self._trie = PromptTrie()
+        self._lru.clear()
+        self.bytes = 0
+
+    def _remove(self, key: tuple[int, ...]) -> None:
+        if key in self._lru:
+            self._trie.pop(None, list(key))
+            self._forget(key)
+
+    def _forget(self, key: tuple[int, ...]) -> None:
+        entry = self._lru.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.nbytes
