@@ -3,6 +3,10 @@
 C workers each send requests back to back (distinct prompts, so no prompt cache flatters a
 server) through the official async `openai` client, and every figure comes from what the
 client saw: time to first token, request latency, completion tokens.
+
+In conversation mode (`turns` > 1) each worker holds conversations instead: a system prompt
+of its own, then `turns` user messages, each request resending the whole history as chat
+clients do, so a server's prompt cache shows in the later turns' time to first token.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class RequestResult:
     ttft: float | None = None
     completion_tokens: int = 0
     error: str | None = None
+    turn: int = 1
+    text: str = ""
 
 
 @dataclass
@@ -49,6 +55,8 @@ class LevelReport:
     latency_p50: float | None
     latency_p95: float | None
     tokens_per_second_per_request: float | None
+    ttft_first_turn_p50: float | None = None  # conversation mode only
+    ttft_later_turns_p50: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +69,8 @@ class BenchPlan:
     max_tokens: int = 128
     prompt_tokens: int = 64
     stream: bool = True
+    turns: int = 1  # more: conversations of this many turns; `requests` counts conversations
+    system_tokens: int = 0  # words of each conversation's system prompt
 
 
 _prompt_counter = itertools.count()
@@ -120,19 +130,36 @@ async def resolve_model(url: str, model: str | None) -> str:
     return ids[0]
 
 
-async def one_request(client, model: str, plan: BenchPlan) -> RequestResult:
+async def one_conversation(client, model: str, plan: BenchPlan) -> list[RequestResult]:
+    """`plan.turns` requests, each with the whole conversation so far; stops at the first error."""
+    messages = []
+    if plan.system_tokens:
+        messages.append({"role": "system", "content": distinct_prompt(plan.system_tokens)})
+    results = []
+    for turn in range(1, plan.turns + 1):
+        messages.append({"role": "user", "content": distinct_prompt(plan.prompt_tokens)})
+        result = await one_request(client, model, plan, list(messages))
+        result.turn = turn
+        results.append(result)
+        if not result.ok:
+            break
+        messages.append({"role": "assistant", "content": result.text})
+    return results
+
+
+async def one_request(client, model: str, plan: BenchPlan, messages: list[dict] | None = None) -> RequestResult:
     import openai
 
-    prompt = distinct_prompt(plan.prompt_tokens)
     started = time.perf_counter()
-    messages = [{"role": "user", "content": prompt}]
+    messages = messages or [{"role": "user", "content": distinct_prompt(plan.prompt_tokens)}]
     try:
         if not plan.stream:
             response = await client.chat.completions.create(
                 model=model, messages=messages, max_tokens=plan.max_tokens, temperature=0
             )
             tokens = response.usage.completion_tokens if response.usage else 0
-            return RequestResult(True, time.perf_counter() - started, completion_tokens=tokens)
+            text = response.choices[0].message.content or ""
+            return RequestResult(True, time.perf_counter() - started, completion_tokens=tokens, text=text)
         stream = await client.chat.completions.create(
             model=model,
             messages=messages,
@@ -141,16 +168,17 @@ async def one_request(client, model: str, plan: BenchPlan) -> RequestResult:
             stream=True,
             stream_options={"include_usage": True},
         )
-        ttft, chunks, usage_tokens = None, 0, None
+        ttft, chunks, usage_tokens, parts = None, 0, None, []
         async for chunk in stream:
             if chunk.usage is not None:
                 usage_tokens = chunk.usage.completion_tokens
             if chunk.choices and chunk.choices[0].delta.content:
                 chunks += 1
+                parts.append(chunk.choices[0].delta.content)
                 if ttft is None:
                     ttft = time.perf_counter() - started
         tokens = usage_tokens if usage_tokens is not None else chunks
-        return RequestResult(True, time.perf_counter() - started, ttft, tokens)
+        return RequestResult(True, time.perf_counter() - started, ttft, tokens, text="".join(parts))
     except openai.APIStatusError as exc:
         return RequestResult(False, time.perf_counter() - started, error=f"http {exc.status_code}")
     except openai.APITimeoutError:
@@ -167,7 +195,10 @@ async def run_level(url: str, model: str, concurrency: int, plan: BenchPlan, tic
 
     async def worker() -> None:
         while next(remaining) < plan.requests:
-            results.append(await one_request(client, model, plan))
+            if plan.turns > 1:
+                results.extend(await one_conversation(client, model, plan))
+            else:
+                results.append(await one_request(client, model, plan))
             if tick:
                 tick()
 
@@ -190,6 +221,7 @@ def summarize(url: str, concurrency: int, results: list[RequestResult], seconds:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     latencies = [r.latency for r in ok]
     per_request = [r.completion_tokens / r.latency for r in ok if r.latency > 0]
+    conversation = any(r.turn > 1 for r in results)
     return LevelReport(
         url=url,
         concurrency=concurrency,
@@ -203,6 +235,12 @@ def summarize(url: str, concurrency: int, results: list[RequestResult], seconds:
         latency_p50=percentile(latencies, 50),
         latency_p95=percentile(latencies, 95),
         tokens_per_second_per_request=statistics.fmean(per_request) if per_request else None,
+        ttft_first_turn_p50=percentile([r.ttft for r in ok if r.turn == 1 and r.ttft is not None], 50)
+        if conversation
+        else None,
+        ttft_later_turns_p50=percentile([r.ttft for r in ok if r.turn > 1 and r.ttft is not None], 50)
+        if conversation
+        else None,
     )
 
 
@@ -221,7 +259,16 @@ async def run_bench(
     return reports
 
 
-RATIO_FIELDS = ("tokens_per_second", "ttft_p50", "ttft_p95", "latency_p50", "latency_p95", "tokens_per_second_per_request")
+RATIO_FIELDS = (
+    "tokens_per_second",
+    "ttft_p50",
+    "ttft_p95",
+    "latency_p50",
+    "latency_p95",
+    "tokens_per_second_per_request",
+    "ttft_first_turn_p50",
+    "ttft_later_turns_p50",
+)
 
 
 def ratios(a: LevelReport, b: LevelReport) -> dict[str, float | None]:

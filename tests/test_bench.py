@@ -70,3 +70,20 @@ def test_unreachable_and_foreign_servers_are_one_line_errors(server):
     assert bad.returncode == 2 and "http://" in bad.stderr
     levels = bench("--concurrency", "0,x")
     assert levels.returncode == 2 and "1,4,8" in levels.stderr
+
+
+def test_conversation_mode_reports_first_and_later_turns(server, fast_model):
+    done = bench("--url", server.url, "--model", fast_model, "--concurrency", "2", "--requests", "2", "--turns", "3",
+                 "--system-tokens", "120", "--max-tokens", "5", "--prompt-tokens", "6", "--json")
+    assert done.returncode == 0, done.stderr
+    [[level]] = json.loads(done.stdout)["servers"]
+    assert level["requests"] == 2 * 3 and level["errors"] == {}
+    assert level["ttft_first_turn_p50"] > 0 and level["ttft_later_turns_p50"] > 0
+    with sqlite3.connect(server.daemon.audit.path) as db:
+        # The probe, the warm-up, then two conversations of three requests each.
+        assert wait_until(lambda: db.execute("SELECT count(*) FROM audit_logs").fetchone()[0] == 8)
+    # Each later turn resent the conversation, and the daemon's prompt cache reused it.
+    assert server.engine.status().models[0].cache.hits >= 4
+    human = bench("--url", server.url, "--model", fast_model, "--concurrency", "1", "--requests", "1", "--turns", "2",
+                  "--max-tokens", "2", "--prompt-tokens", "4")
+    assert human.returncode == 0 and "TTFT p50 later" in human.stdout

@@ -15,6 +15,7 @@ EPILOG = (
     "  mlx-manager bench\n\n"
     "  mlx-manager bench --concurrency 1,8 --requests 32 --max-tokens 128\n\n"
     "  mlx-manager bench --url http://127.0.0.1:10242 --vs http://127.0.0.1:8080 --model ./my-model\n\n"
+    "  mlx-manager bench --turns 6 --system-tokens 1000 --max-tokens 48 --concurrency 4 --requests 4\n\n"
     "  MLX_MANAGER_API_KEY=mlxm-... mlx-manager bench"
 )
 
@@ -54,6 +55,11 @@ def bench(
     max_tokens: Annotated[int, typer.Option(min=1, max=100000, help="max_tokens of every request.")] = 128,
     prompt_tokens: Annotated[int, typer.Option(min=1, max=100000, help="Approximate prompt length in words.")] = 64,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream responses (needed for time to first token).")] = True,
+    turns: Annotated[
+        int,
+        typer.Option(min=1, max=1000, help="Turns per conversation: more than 1 resends the growing history, as chat clients do; --requests then counts conversations."),
+    ] = 1,
+    system_tokens: Annotated[int, typer.Option(min=0, max=100000, help="Approximate length in words of each conversation's system prompt.")] = 0,
     vs: Annotated[Optional[str], typer.Option("--vs", help="A second server to compare against, interleaved level by level.")] = None,
     vs_model: Annotated[Optional[str], typer.Option(help="Model id on the --vs server (default: same as --model).")] = None,
     json_output: JsonOption = False,
@@ -64,13 +70,13 @@ def bench(
     """
     from mlx_manager.bench import BenchError, BenchPlan, run_bench
 
-    plan = BenchPlan(_levels(concurrency), requests, max_tokens, prompt_tokens, stream)
+    plan = BenchPlan(_levels(concurrency), requests, max_tokens, prompt_tokens, stream, turns, system_tokens)
     urls = [url or _default_url()] + ([vs] if vs else [])
     for u in urls:
         if not u.startswith(("http://", "https://")):
             fail(f"{u!r} is not an http:// or https:// URL", code=2, json_output=json_output)
     models = [model] + ([vs_model or model] if vs else [])
-    total = len(urls) * len(plan.concurrency) * plan.requests
+    total = len(urls) * len(plan.concurrency) * plan.requests  # conversations, in conversation mode
     try:
         if json_output:
             reports = asyncio.run(run_bench(urls, models, plan))
@@ -103,8 +109,12 @@ def _render(reports, urls) -> None:
     def ms(value):
         return "-" if value is None else f"{value * 1000:.0f}"
 
+    conversation = reports[0][0].ttft_first_turn_p50 is not None
     table = Table(title="mlx-manager bench", title_justify="left")
-    for name in ("server", "clients", "requests", "errors", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms", "tok/s per req"):
+    names = ["server", "clients", "requests", "errors", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms", "tok/s per req"]
+    if conversation:
+        names += ["TTFT p50 turn 1", "TTFT p50 later"]
+    for name in names:
         table.add_column(name, justify="left" if name in ("server", "errors") else "right")
     for level in range(len(reports[0])):
         rows = [rs[level] for rs in reports]
@@ -112,14 +122,20 @@ def _render(reports, urls) -> None:
             errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "0"
             per = "-" if r.tokens_per_second_per_request is None else f"{r.tokens_per_second_per_request:.1f}"
             name = f"{label} {r.url}" if len(rows) > 1 else r.url
-            table.add_row(name, str(r.concurrency), str(r.requests), errors, f"{r.tokens_per_second:.1f}",
-                          ms(r.ttft_p50), ms(r.ttft_p95), ms(r.latency_p50), ms(r.latency_p95), per)
+            cells = [name, str(r.concurrency), str(r.requests), errors, f"{r.tokens_per_second:.1f}",
+                     ms(r.ttft_p50), ms(r.ttft_p95), ms(r.latency_p50), ms(r.latency_p95), per]
+            if conversation:
+                cells += [ms(r.ttft_first_turn_p50), ms(r.ttft_later_turns_p50)]
+            table.add_row(*cells)
         if len(rows) == 2:
             q = ratios(*rows)
 
             def x(name):
                 return "-" if q[name] is None else f"{q[name]:.2f}x"
 
-            table.add_row("A/B", str(rows[0].concurrency), "", "", x("tokens_per_second"), x("ttft_p50"), x("ttft_p95"),
-                          x("latency_p50"), x("latency_p95"), x("tokens_per_second_per_request"), style="bold")
+            cells = ["A/B", str(rows[0].concurrency), "", "", x("tokens_per_second"), x("ttft_p50"), x("ttft_p95"),
+                     x("latency_p50"), x("latency_p95"), x("tokens_per_second_per_request")]
+            if conversation:
+                cells += [x("ttft_first_turn_p50"), x("ttft_later_turns_p50")]
+            table.add_row(*cells, style="bold")
     console.print(table)
