@@ -187,3 +187,48 @@ def test_usage_reports_cached_tokens(fast_model):
             )
         )
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_the_disk_tier_serves_a_known_prompt_after_a_restart_and_only_for_the_same_model(engine, tmp_path):
+    from tests.models import build_model
+
+    model = str(build_model(tmp_path / "model", "fast", seed=1))
+    folder = tmp_path / "prompt-cache"
+    prompt = "a conversation the daemon has seen before " * 12
+
+    async def ask(e):
+        _, finished = await run(e, GenerationRequest(model=model, prompt=prompt, max_tokens=4, sampling=GREEDY))
+        return finished
+
+    first = engine(cache_disk_folder=str(folder))
+    assert asyncio.run(ask(first)).cached_tokens == 0
+    first.stop()  # the memory tier goes to disk
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} == {".json", ".safetensors"}
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+    assert all(p.stat().st_mode & 0o777 == 0o700 for p in folder.iterdir())
+
+    restarted = asyncio.run(ask(engine(cache_disk_folder=str(folder))))
+    assert restarted.cached_tokens == restarted.prompt_tokens - 1
+
+    build_model(tmp_path / "model", "fast", seed=2)  # other weights at the same path
+    assert asyncio.run(ask(engine(cache_disk_folder=str(folder)))).cached_tokens == 0
+
+
+def test_a_corrupt_disk_entry_is_a_miss_and_goes(engine, tmp_path, fast_model, caplog):
+    folder = tmp_path / "prompt-cache"
+    prompt = "a prompt whose cache file will be damaged " * 12
+
+    async def ask(e):
+        _, finished = await run(e, GenerationRequest(model=fast_model, prompt=prompt, max_tokens=4, sampling=GREEDY))
+        return finished
+
+    first = engine(cache_disk_folder=str(folder))
+    asyncio.run(ask(first))
+    first.stop()
+    [data] = folder.rglob("*.safetensors")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])  # truncated
+    finished = asyncio.run(ask(engine(cache_disk_folder=str(folder))))
+    assert finished.cached_tokens == 0
+    assert not data.exists()
+    assert "unreadable" in caplog.text

@@ -17,3 +17,5 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens read per step, between decode steps of running streams
     cache_max_bytes: int = 1 << 30  # each model's prompt cache; 0 turns it off
     cache_max_entries: int = 64
+    cache_disk_folder: str | None = None  # the prompt cache's disk tier; None: off
+    cache_disk_max_bytes: int = 10 << 30

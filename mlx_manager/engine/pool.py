@@ -204,6 +204,8 @@ class ModelPool:
 
         entry = self._models.pop(path)
         self._ids = {k: v for k, v in self._ids.items() if v != path}
+        if entry.prompt_cache is not None:
+            entry.prompt_cache.spill_all()  # to the disk tier, when it is on
         log.info("unloaded model %s (%s)", entry.model_id, why)
         del entry
         gc.collect()

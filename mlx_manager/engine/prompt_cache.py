@@ -9,7 +9,8 @@ new; two conversations with the same system prompt share that prefix.
 A trimmable cache (plain KV) can serve any prefix of an entry: its copy is trimmed back to the
 common prefix. A cache that cannot be trimmed (rotating windows that wrapped, state-space
 layers) only serves prompts that extend an entry exactly. Entries are evicted least recently
-used first, past `max_entries` or `max_bytes`. Runs on the inference thread only.
+used first, past `max_entries` or `max_bytes`; with a disk tier (prompt_cache_disk.py) they go
+there instead of away, and come back when a prompt needs them. Runs on the inference thread only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_manager.engine.prompt_cache_disk import DiskTier
 from mlx_manager.engine.types import CacheStatus
 
 
@@ -31,18 +33,23 @@ class _Entry:
 
 
 class PromptCache:
-    def __init__(self, max_bytes: int, max_entries: int) -> None:
+    def __init__(self, max_bytes: int, max_entries: int, disk: DiskTier | None = None) -> None:
         from mlx_lm.models.cache import PromptTrie
 
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.disk = disk
         self.hits = self.misses = self.cached_tokens = 0
         self.bytes = 0
         self._trie = PromptTrie()
         self._lru: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()  # least recently used first
 
     def status(self) -> CacheStatus:
-        return CacheStatus(self.hits, self.misses, self.cached_tokens, len(self._lru), self.bytes)
+        disk = self.disk
+        return CacheStatus(
+            self.hits, self.misses, self.cached_tokens, len(self._lru), self.bytes,
+            disk_entries=len(disk) if disk else 0, disk_bytes=disk.bytes if disk else 0,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -51,7 +58,10 @@ class PromptCache:
     def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
         """(a copy of the cached state of the longest prefix of `tokens` it has, its length), or
         (None, 0). At least the last token is always left to compute: it gives the first logits."""
-        if not self.enabled or len(tokens) < 2 or not self._lru:
+        if not self.enabled or len(tokens) < 2:
+            return self._miss()
+        self._promote(tokens)
+        if not self._lru:
             return self._miss()
         found = self._trie.search(None, tokens)
         candidates: list[tuple[list[int], int]] = []  # (an entry's tokens, how many of them to reuse)
@@ -76,6 +86,28 @@ class PromptCache:
             return cache, reuse
         return self._miss()
 
+    def _promote(self, tokens: list[int]) -> None:
+        """Bring the disk tier's best entry for `tokens` into memory if it serves more of them."""
+        if self.disk is None:
+            return
+        on_disk = self.disk.search(tokens)
+        if on_disk is None:
+            return
+        key, reuse = on_disk
+        if key in self._lru or reuse <= self._best_in_memory(tokens):
+            return
+        cache = self.disk.load(key)
+        if cache is not None:
+            self._keep(key, cache)
+
+    def _best_in_memory(self, tokens: list[int]) -> int:
+        if not self._lru:
+            return 0
+        found = self._trie.search(None, tokens)
+        if found.exact is not None:
+            return len(tokens) - 1
+        return max(len(found.shorter or ()), min(len(tokens) - 1, found.common_prefix) if found.longer else 0)
+
     def _miss(self) -> tuple[None, int]:
         if self.enabled:
             self.misses += 1
@@ -88,31 +120,47 @@ class PromptCache:
         import mlx.core as mx
 
         mx.eval([layer.state for layer in cache])
-        key = tuple(tokens)
-        trimmable = all(layer.is_trimmable() for layer in cache)
-        entry = _Entry(cache, sum(layer.nbytes for layer in cache), trimmable)
+        self._keep(tuple(tokens), cache)
+
+    def _keep(self, key: tuple[int, ...], cache: list[Any]) -> None:
+        entry = _Entry(cache, sum(layer.nbytes for layer in cache), all(layer.is_trimmable() for layer in cache))
         if entry.nbytes > self.max_bytes:
+            self._spill(key, entry)
             return
         self._remove(key)
         self._trie.add(None, list(key), entry)
         self._lru[key] = entry
         self.bytes += entry.nbytes
-        if trimmable:  # an entry can serve all its prefixes: shorter ones only take space
+        if entry.trimmable:  # an entry can serve all its prefixes: shorter ones only take space
             for length, _ in self._trie.pop_prefixes(None, list(key)):
                 self._forget(key[:length])
         self.shrink()
 
+    def spill_all(self) -> None:
+        """Write every entry to the disk tier (the model is about to go, or the engine to stop)."""
+        for key, entry in list(self._lru.items()):
+            self._spill(key, entry)
+
+    def _spill(self, key: tuple[int, ...], entry: _Entry) -> None:
+        if self.disk is not None:
+            self.disk.save(key, entry.cache, entry.trimmable)
+
     def shrink(self) -> None:
         """Evict least recently used entries until the limits hold (also after they changed)."""
         while self._lru and (len(self._lru) > self.max_entries or self.bytes > self.max_bytes):
-            self._remove(next(iter(self._lru)))
+            key = next(iter(self._lru))
+            self._spill(key, self._lru[key])
+            self._remove(key)
 
     def clear(self) -> None:
+        """Forget every entry, on disk too."""
         from mlx_lm.models.cache import PromptTrie
 
         self._trie = PromptTrie()
         self._lru.clear()
         self.bytes = 0
+        if self.disk is not None:
+            self.disk.clear()
 
     def _remove(self, key: tuple[int, ...]) -> None:
         if key in self._lru:

@@ -114,6 +114,8 @@ class CacheStatus:
     cached_tokens: int = 0  # prompt tokens not computed again, in all
     entries: int = 0
     bytes: int = 0
+    disk_entries: int = 0  # the disk tier, when it is on
+    disk_bytes: int = 0
 
 
 @dataclass(frozen=True)

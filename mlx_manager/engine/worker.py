@@ -32,6 +32,7 @@ from mlx_manager.engine.errors import (
 from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.pool import LoadedModel, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
+from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
 from mlx_manager.engine.output import Output
 from mlx_manager.engine.types import ModelStatus, Started
 
@@ -157,7 +158,7 @@ class Worker:
         batch = self.batches.get(entry.path)
         if batch is None:
             if entry.prompt_cache is None:
-                entry.prompt_cache = PromptCache(self.config.cache_max_bytes, self.config.cache_max_entries)
+                entry.prompt_cache = self._prompt_cache(entry)
             batch = ModelBatch(entry, self.config.max_batch_size, entry.prompt_cache, self.config.prefill_chunk)
             self.batches[entry.path] = batch
         sampling = job.request.sampling
@@ -181,6 +182,14 @@ class Worker:
             raise
         entry.active_jobs += 1
         job.emit(Started(len(tokens)))
+
+    def _prompt_cache(self, entry: LoadedModel) -> PromptCache:
+        config = self.config
+        disk = None
+        if config.cache_disk_folder:
+            folder = Path(config.cache_disk_folder) / model_identity(entry.path)
+            disk = DiskTier(folder, config.cache_disk_max_bytes)
+        return PromptCache(config.cache_max_bytes, config.cache_max_entries, disk)
 
     def _cancel(self, job: Job) -> None:
         for path, batch in self.batches.items():
