@@ -95,6 +95,9 @@ def test_malformed_json(http):
         ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+        ({"messages": HELLO, "stop": "x" * 513}, "stop"),
+        ({"messages": HELLO, "stop": ["ok", "y" * 600]}, "stop"),
+        ({"messages": HELLO, "stop": [str(i) for i in range(17)]}, "stop"),
     ],
 )
 def test_invalid_values_are_422_with_field_errors(server, fields, param):

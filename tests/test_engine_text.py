@@ -47,6 +47,15 @@ def test_stop_string_is_cut_and_never_sent_even_across_tokens(tokenizer):
     assert not any("テ" in d for d in deltas)
 
 
+def test_overlapping_and_repetitive_stop_strings_match_where_they_first_end(tokenizer):
+    # A stop string whose start repeats inside it (a naive scan restarts at the wrong place).
+    deltas, stream = _stream(tokenizer, "aab aaab done", stop=["aaab", "zz"])
+    assert stream.stopped and "".join(deltas) == "aab "
+    # Of two stop strings, the one completed first wins, even if the other started earlier.
+    deltas, stream = _stream(tokenizer, "xabcd", stop=["abcd", "bc"])
+    assert stream.stopped and "".join(deltas) == "xa"
+
+
 def test_partial_stop_is_released_when_it_turns_out_not_to_be_one(tokenizer):
     deltas, stream = _stream(tokenizer, "café caff coffee", stop=["cafx"])
     assert not stream.stopped

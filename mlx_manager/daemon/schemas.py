@@ -12,7 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-Stop = str | Annotated[list[str], Field(max_length=16)] | None
+# Stop strings: up to 16 of up to 512 characters (OpenAI allows 4); matching them costs
+# each generated character one step per stop string.
+MAX_STOPS, MAX_STOP_LENGTH = 16, 512
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 TokenId = Annotated[int, Field(ge=0)]  # the upper bound is the model's vocabulary: the engine checks it
 
 
