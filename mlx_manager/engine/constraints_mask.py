@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 _BYTE_BITS = mx.array(((np.arange(256, dtype=np.uint8)[:, None] >> np.arange(8, dtype=np.uint8)) & 1).astype(np.bool_))
 
 
+_NEG_INF: dict[mx.Dtype, mx.array] = {}
+
+
+def _neg_inf(dtype: mx.Dtype) -> mx.array:
+    value = _NEG_INF.get(dtype)
+    if value is None:
+        value = _NEG_INF[dtype] = mx.array(-mx.inf, dtype=dtype)
+    return value
+
+
 class ConstrainedLogits:
     """Masks one sequence's logits to what its grammar allows next; forces EOS once complete.
 
@@ -42,7 +52,7 @@ class ConstrainedLogits:
         eos_bits = np.zeros(self._words.size * 32, dtype=np.bool_)
         eos_bits[[t for t in self._eos if t < vocab_size]] = True
         self._eos_words = np.packbits(eos_bits, bitorder="little").view(np.int32)
-        self._last_words: np.ndarray | None = None
+        self._last_key = b""
         self._last_allowed: mx.array | None = None
         self._fresh = True  # the next call brings the prompt (or a resumed sequence's last token)
         self._reset_state()
@@ -69,12 +79,13 @@ class ConstrainedLogits:
         if self._fresh:
             self._fresh = False
         else:
+            token = cast(int, tokens[-1].item())  # waits for the previous step: the mask needs its token
             if self.active:
-                mx.async_eval(logits)  # the forward pass runs while the mask is computed
-            self._advance(cast(int, tokens[-1].item()))
+                mx.async_eval(logits)  # this step's forward pass runs while the mask is computed
+            self._advance(token)
         if not self.active:
             return logits
-        return mx.where(self._allowed(logits.shape[-1]), logits, mx.array(-mx.inf, dtype=logits.dtype))
+        return mx.where(self._allowed(logits.shape[-1]), logits, _neg_inf(logits.dtype))
 
     def resume(self, generated: Sequence[int]) -> None:
         """Align with a sequence that goes on elsewhere: `generated` are its tokens so far.
@@ -123,15 +134,15 @@ class ConstrainedLogits:
             self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
             if self._matcher.is_error():
                 self.error = self._matcher.get_error()
-        if self.error is not None or not words.any():
+        if self.error is not None or not words.any():  # never an all -inf row: that samples garbage
             words = self._eos_words
-        last, last_words = self._last_allowed, self._last_words
-        if last is not None and last_words is not None and last.shape[0] == width and np.array_equal(words, last_words):
-            return last
+        key = words.tobytes()
+        if key == self._last_key and self._last_allowed is not None and self._last_allowed.shape[0] == width:
+            return self._last_allowed
         allowed = _BYTE_BITS[mx.array(words.view(np.uint8))].reshape(-1)
         if width <= allowed.shape[0]:
             allowed = allowed[:width]
         else:  # the model has more rows than the tokenizer has tokens: those never come out
             allowed = mx.concatenate([allowed, mx.zeros((width - allowed.shape[0],), dtype=mx.bool_)])
-        self._last_words, self._last_allowed = words.copy(), allowed
+        self._last_key, self._last_allowed = key, allowed
         return allowed
