@@ -436,6 +436,12 @@ def test_an_unsupported_feature_is_an_error_that_names_it(schema: dict[str, Any]
     assert isinstance(caught.value, InvalidRequest)  # the daemon's 400
 
 
+def test_a_schema_cannot_ask_the_engine_to_skip_what_it_cannot_enforce() -> None:
+    schema = {"type": "array", "uniqueItems": True, "x-guidance": {"lenient": True}}
+    with pytest.raises(UnsupportedSchemaFeature, match="'uniqueItems'"):
+        grammar_for_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
 @pytest.mark.parametrize(
     ("response_format", "error", "says"),
     [

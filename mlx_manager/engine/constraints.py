@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 # tokens on blank space (a random or confused model otherwise emits newlines until max_tokens),
 # and the output reads like `json.dumps`. Models that like pretty-printing still do well: only
 # the whitespace is fixed, never a value.
-JSON_OPTIONS: dict[str, Any] = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# `lenient: False` is pinned too: these options override a schema's own "x-guidance", which
+# could otherwise ask llguidance to skip the keywords it cannot enforce.
+JSON_OPTIONS: dict[str, Any] = {
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "whitespace_flexible": False,
+    "lenient": False,
+}
 CACHE_SIZE = 128  # compiled grammars kept per tokenizer (a few hundred kB each at most)
 SPEC_CACHE_SIZE = 1024  # validated specs, tokenizer-independent
 
