@@ -22,28 +22,61 @@ What is measured, per engine and tokenizer:
 - hit: a compile-cache hit as the project does it (dict lookup + a new matcher for one
   sequence from the compiled grammar), median;
 - mask: computing the next-token bitmask while walking a valid 100-200-token instance
-  (second walk; the first warms the engine's lazy lexer), mean and p99;
+  (second walk; the first warms the engine's lazy lexer), median, mean and p99;
 - apply: turning the int32 bitmask into masked MLX logits (engine-independent), three ways;
 - features: each JSON-schema feature the issue lists and some it does not: "enforced"
   (a valid instance passes, one that breaks the feature is refused), "IGNORED" (the
   breaking instance passes: silently not enforced), "REJECTS VALID", or the error text;
 - a tokenizer the engine cannot use (WordPiece, as in BERT): what the engine says.
 
-Conclusion (measured 2026-11 on the 2-core x86_64 CI machine, CPU-only MLX; the table is
-printed by running this file):
+- decoding: the project's module (mlx_manager.engine.constraints) on mlx-lm, tokens/s with
+  and without a constraint, 1 sequence (generate_step) and 8 (BatchGenerator), on the fast
+  model and on the "bench" model of tests/models.py given the 32k tokenizer; plus the
+  processor's own work per call (advance the matcher; compute + apply the mask).
 
-  llguidance 1.9.1. It compiles the typical schema in ~2-6 ms (target 50 ms) and a cache hit
-  (deep_copy of a compiled matcher) is ~2-5 us (target 1 ms); the mask costs ~20-60 us a
-  token at 32k vocabulary, and the token is consumed in a few us. It enforces every listed
-  feature (objects, arrays with min/maxItems, enums, nested, optional fields, string
-  patterns and lengths, integer and number ranges, formats, anyOf, $ref) and says which
-  keyword it does not support ("Unimplemented keys: [\"not\"]"), it takes a Lark grammar
-  with embedded JSON schemas (`%json {...}`), so a tool call can be wrapped in the model's
-  own markup, and it is already installed (mlx-vlm depends on it), with no other dependency.
-  xgrammar is as fast per token but needs torch (754 MB, plus 1 GB of triton on Linux) and
-  its compile is slower; outlines-core builds a full regex index over the vocabulary (slow
-  compile growing with vocabulary size), silently ignores integer/number ranges, and needs
-  the caller to turn a tokenizer into bytes itself.
+Conclusion: llguidance (1.9.1).
+
+First run, 2026-11-29 on the 2-core x86_64 machine (load average ~5 from other workers):
+
+  engine / tokenizer            | tokenizer | compile    | hit    | mask mean | mask p99
+  llguidance 1.9.1 / fast       | 16 ms     | 4.4 ms     | 1.8 us | 24 us     | 95 us
+  xgrammar 0.2.8 / fast         | 9 ms      | 25.5 ms    | 7.2 us | 3.5 us    | 21 us
+  outlines-core 0.2.14 / fast   | 1315 ms   | 64 ms      | 0.5 us | 4.1 us    | 6.7 us
+  llguidance 1.9.1 / bpe32k     | 819 ms    | 1.95 ms    | 1.1 us | 30 us     | 178 us
+  xgrammar 0.2.8 / bpe32k       | 788 ms    | 1749 ms    | 4.6 us | 162 us    | 4861 us
+  outlines-core 0.2.14 / bpe32k | 1341 ms   | 4074 ms    | 0.5 us | 27 us     | 139 us
+
+  (a second run at load average ~10 was 3-10x slower across the board, in the same order)
+
+Why llguidance:
+- Compile: a typical schema in 2-5 ms at 32k tokens (target 50 ms); xgrammar precomputes
+  token masks for the grammar (1.7 s here at 32k on 2 cores) and outlines-core builds a
+  regex index over the whole vocabulary (4 s, growing with vocabulary and schema).
+- A cache hit (deep_copy of the compiled matcher) is 1-2 us (target 1 ms).
+- Per token: ~30 us for the mask at 32k, a few us to take in the token; the first tokens of
+  a new grammar pay for its lazily built lexer (the p99). xgrammar is faster on the tiny
+  vocabulary, slower at 32k here.
+- Never silent: it enforces every feature the issue lists, and names what it cannot
+  enforce ("Unimplemented keys: [\"uniqueItems\"]"); xgrammar silently ignores
+  uniqueItems and `not`, and outlines-core ignores integer ranges and multipleOf and rejects
+  valid numbers in a range.
+- A tokenizer it cannot use is an error saying so ("can't determine decoder type:
+  WordPiece"); xgrammar takes a WordPiece tokenizer silently and then cannot produce the
+  JSON, outlines-core takes whatever bytes the caller makes of the vocabulary.
+- Lark grammars with embedded JSON schemas (`%json {...}`) and special tokens by id, so a
+  tool call can sit inside the model's own markup.
+- Dependencies: none, and it is already installed (mlx-vlm, which mlx-embeddings brings,
+  requires it). xgrammar requires torch (754 MB) and, on Linux x86_64, triton (1 GB).
+
+Applying the mask on the MLX side: a 256x8 byte table gathered by the bitmask's bytes is the
+quickest of the three ways measured at 32k and 152k tokens (110 us vs 220 us for NumPy
+unpacking, including an eval), and the module reuses the result while the mask is unchanged.
+
+The decoding table shows what a constrained sequence costs on this machine's tiny models,
+where a step takes ~1-10 ms and the machine is shared: there the cost is dominated by the
+wait for each step's token before the mask can be computed (the pipeline bubble every
+grammar engine has) and by noise. The processor's own work per call (median) is the part
+that carries over to larger models, whose steps are 20-50 ms.
 """
 
 from __future__ import annotations
@@ -429,6 +462,7 @@ def measure_speed(engine: Engine, tokenize: Callable[[str], list[int]]) -> dict[
     return {
         "compile": _ms(statistics.median(compile_times)),
         "hit": _us(statistics.median(hits)),
+        "mask median": _us(statistics.median(masks)),
         "mask mean": _us(statistics.fmean(masks)),
         "mask p99": _us(masks[int(len(masks) * 0.99)]),
         "walk": f"{len(tokens)} tok {'ok' if ok else 'REFUSED'}",

@@ -8,7 +8,8 @@ tokenizer; `CompiledConstraint.processor()` gives each sequence its own logits p
 
     spec = grammar_for_response_format(request.response_format)     # None for "text"
     compiled = compile_constraint(spec, entry.tokenizer)             # compiled.compile_ms -> span
-    processor = compiled.processor(after=think_end_tokens or ())     # one per sequence
+    processor = compiled.processor()          # one per sequence; after=tokenizer.think_end_tokens
+                                              # when generation starts inside a thinking section
     generate_step(..., logits_processors=[processor]) / batch.insert(..., logits_processors=[[processor]])
 
 No MLX here (the processor module imports it), and llguidance is imported on first use.
@@ -37,8 +38,7 @@ if TYPE_CHECKING:
 
 # Compact JSON with json.dumps's separators and no other whitespace: a model cannot spend its
 # tokens on blank space (a random or confused model otherwise emits newlines until max_tokens),
-# and the output reads like `json.dumps`. Models that like pretty-printing still do well: only
-# the whitespace is fixed, never a value.
+# and the output reads like `json.dumps`. Only the whitespace is fixed, never a value.
 # `lenient: False` is pinned too: these options override a schema's own "x-guidance", which
 # could otherwise ask llguidance to skip the keywords it cannot enforce.
 JSON_OPTIONS: dict[str, Any] = {
@@ -47,7 +47,7 @@ JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
     "lenient": False,
 }
-CACHE_SIZE = 128  # compiled grammars kept per tokenizer (a few hundred kB each at most)
+CACHE_SIZE = 128  # compiled grammars kept per tokenizer (they go with it when its model unloads)
 SPEC_CACHE_SIZE = 1024  # validated specs, tokenizer-independent
 
 Kind = Literal["json_object", "json_schema", "tool_call", "lark"]
