@@ -75,8 +75,12 @@ unpacking, including an eval), and the module reuses the result while the mask i
 The decoding table shows what a constrained sequence costs on this machine's tiny models,
 where a step takes ~1-10 ms and the machine is shared: there the cost is dominated by the
 wait for each step's token before the mask can be computed (the pipeline bubble every
-grammar engine has) and by noise. The processor's own work per call (median) is the part
-that carries over to larger models, whose steps are 20-50 ms.
+grammar engine has) and by noise. Run at load average ~10 (2026-11-29), the ratios swung
+from +61 % to -19 % between rows; the processor's own work per call was 28-47 us to take in
+the token and 190-370 us for mask + apply (~100 us in all on a quieter run, of which ~55 us
+the mask itself). That work is what carries over to larger models, whose steps are 20-50 ms
+(~0.5 % a sequence); the bubble is one token's wait per step, hidden partly because the
+processor starts the step's forward pass before computing its mask.
 """
 
 from __future__ import annotations
