@@ -38,6 +38,7 @@ ENDPOINT = "mlx_manager.endpoint"
 REQUEST_ID = "mlx_manager.request_id"
 TIME_TO_FIRST_TOKEN_MS = "mlx_manager.time_to_first_token_ms"
 TOKENS_PER_SECOND = "mlx_manager.tokens_per_second"
+GRAMMAR_COMPILE_MS = "mlx_manager.grammar_compile_ms"
 FINISH_REASON = "mlx_manager.finish_reason"
 MODEL_ID = "mlx_manager.model_id"
 LOAD_SECONDS = "mlx_manager.load_seconds"
@@ -52,6 +53,7 @@ OWN_ATTRIBUTES = frozenset(
         REQUEST_ID,
         TIME_TO_FIRST_TOKEN_MS,
         TOKENS_PER_SECOND,
+        GRAMMAR_COMPILE_MS,
         MODEL_ID,
         LOAD_SECONDS,
         MEMORY_BYTES,
@@ -215,6 +217,7 @@ class EngineSpan:
         "completion_tokens",
         "finish_reason",
         "first_token_at",
+        "grammar_compile_ms",
         "prompt_tokens",
         "time_to_first_token_ms",
         "tokens_per_second",
@@ -227,6 +230,7 @@ class EngineSpan:
         # Decode speed; left unset, it is worked out on exit from the tokens after the first one.
         self.tokens_per_second: float | None = None
         self.finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"...
+        self.grammar_compile_ms: float | None = None  # structured output: compiling its grammar
         # perf_counter() at the first token, when known: the decode speed is measured from it (the
         # time to first token counts from the request's start, which is before this span's).
         self.first_token_at: float | None = None
@@ -282,6 +286,8 @@ class EngineSpan:
                 rate = (int(self.completion_tokens) - 1) / decoding
         if rate is not None:
             figures[TOKENS_PER_SECOND] = round(float(rate), 3)
+        if self.grammar_compile_ms is not None:
+            figures[GRAMMAR_COMPILE_MS] = round(float(self.grammar_compile_ms), 3)
         if self.finish_reason is not None:
             reason = str(self.finish_reason)
             figures[FINISH_REASON] = reason if _FINISH_REASON.fullmatch(reason) else "other"

@@ -23,7 +23,8 @@ from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_manager.engine import InvalidRequest, constraints
+from mlx_manager.engine import constraints
+from mlx_manager.engine.errors import InvalidRequest
 from mlx_manager.engine.constraints import (
     CompiledConstraint,
     InvalidSchema,

@@ -19,6 +19,7 @@ from mlx_manager.daemon.handlers import problem_from_engine
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
 from mlx_manager.daemon.state import DaemonState
+from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, grammar_for_response_format
 from mlx_manager.engine.errors import EngineError
 from mlx_manager.engine.jobs import Job
 from mlx_manager.engine.types import (
@@ -72,6 +73,15 @@ class Format:
         raise NotImplementedError
 
 
+def constraint_of(body: Any) -> GrammarSpec | None:
+    """The grammar a request's `response_format` asks for (None for plain text), or a 400 problem
+    that says what cannot be enforced."""
+    try:
+        return grammar_for_response_format(body.response_format)
+    except ConstraintError as exc:
+        raise Problem("invalid_request", str(exc), param="response_format") from None
+
+
 def sampling_of(body: Any) -> SamplingParams:
     defaults = SamplingParams()
     return SamplingParams(
@@ -88,6 +98,8 @@ class GenerationCall(EngineCall):
         self.job: Job = daemon.engine.submit(job_request)  # Overloaded / EngineStopped: at once
         super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
         self.outcome.tools_offered = job_request.tools is not None
+        forced_call = job_request.tools is not None and job_request.tool_choice not in (None, "auto", "none")
+        self.outcome.constrained = job_request.constraint is not None or forced_call
         self._events = aiter(self.job)
         self.ended = False  # the answer reached its end: Finished, or an error event in a stream
 
@@ -99,6 +111,7 @@ class GenerationCall(EngineCall):
         event = await self.next_event()
         if isinstance(event, Started):
             self.outcome.prompt_tokens = event.prompt_tokens
+            self.outcome.grammar_compile_ms = event.grammar_compile_ms
 
     async def collect(self) -> Answer:
         """The whole answer, once the job finished."""

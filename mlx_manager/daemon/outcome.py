@@ -35,6 +35,8 @@ class RequestOutcome:
     reasoning_tokens: int | None = None  # of completion_tokens, those of the thinking section
     tools_offered: bool = False
     tool_calls: int = 0  # calls the model made
+    constrained: bool = False  # structured output: a JSON schema, or a forced tool call (never the schema)
+    grammar_compile_ms: float | None = None
     duration_ms: float | None = None
     time_to_first_token_ms: float | None = None
     first_token_at: float | None = None  # perf_counter() at the first token
@@ -105,4 +107,5 @@ def end_span(outcome: RequestOutcome) -> None:
     span.time_to_first_token_ms = outcome.time_to_first_token_ms
     span.first_token_at = outcome.first_token_at
     span.finish_reason = outcome.finish_reason
+    span.grammar_compile_ms = outcome.grammar_compile_ms
     span.end()

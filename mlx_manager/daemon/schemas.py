@@ -132,6 +132,9 @@ class GenerationFields(Lenient):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked, and turned
+    # into a grammar, by the route (an unsupported schema is a 400 that names what it uses).
+    response_format: dict[str, Any] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_manager.engine.errors import GenerationFailed
 from mlx_manager.engine.jobs import Job
 from mlx_manager.engine.output import Output
 from mlx_manager.engine.pool import LoadedModel
@@ -29,6 +30,7 @@ class Slot:
     output: Output
     tokens: list[int]  # the prompt, then every token generated: enough to rebuild its cache
     sampler: Any
+    processors: list[Any]  # logits processors (a constraint's), the job's own
     cached: int = 0  # prompt tokens restored from the prompt cache
     uid: int = -1
 
@@ -39,6 +41,12 @@ class Slot:
     @property
     def remaining(self) -> int:
         return self.job.request.max_tokens - self.job.completion_tokens
+
+    def resume_processors(self) -> None:
+        """Tell the processors where the job is, before it goes on in another batch."""
+        generated = self.tokens[self.prompt_tokens :]
+        for processor in self.processors:
+            processor.resume(generated)
 
 
 class Solo:
@@ -76,6 +84,7 @@ class Solo:
                 self.entry.model,
                 max_tokens=self.slot.remaining,
                 sampler=self.slot.sampler,
+                logits_processors=self.slot.processors or None,
                 prompt_cache=self.cache,
             )
             self.held += self.rest
@@ -144,6 +153,7 @@ class ModelBatch:
             caches=[cache] if cache is not None else None,
             all_tokens=[list(held)],
             samplers=[slot.sampler],
+            logits_processors=[slot.processors],
         )
         return int(uid)
 
@@ -166,6 +176,7 @@ class ModelBatch:
         slot = self.slots.pop(solo.slot.uid)
         self.fresh.discard(slot.uid)
         prompt, cache, held = solo.hand_over()
+        slot.resume_processors()
         slot.uid = self._insert(slot, prompt, cache, held)
         self.slots[slot.uid] = slot
 
@@ -234,6 +245,10 @@ class ModelBatch:
             reason = "stop"
         if reason is None:
             return False
+        broken = next((p.error for p in slot.processors if getattr(p, "error", None)), None)
+        if broken is not None:  # never pass off output that left its grammar as a valid answer
+            job.emit(GenerationFailed("the output left its grammar (the grammar engine and the tokenizer disagree)"))
+            return True
         finish_reason = "tool_calls" if reason == "stop" and output.calls else reason
         job.emit(
             Finished(
@@ -259,6 +274,7 @@ class ModelBatch:
         self.close()
         self.generator, self.slots, self.fresh = None, {}, set()
         for slot in survivors:
+            slot.resume_processors()
             slot.uid = self._insert(slot, list(slot.tokens), None, [])
             self.slots[slot.uid] = slot
         return failed

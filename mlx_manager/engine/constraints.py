@@ -264,16 +264,19 @@ class CompiledConstraint:
     view: TokenizerView
     matcher: LLMatcher  # pristine; never advanced, only copied
 
-    def processor(self, *, after: Sequence[int] = ()) -> ConstrainedLogits:
+    def processor(self, *, after: Sequence[int] = (), opens: int | None = None) -> ConstrainedLogits:
         """A fresh logits processor for one sequence.
 
         `after`: constrain only once these tokens have been generated (a reasoning model's
-        think-close tokens), leaving the thinking section free. Pass it only when generation
-        starts inside the thinking section.
+        think-close tokens), leaving the thinking section free: when generation starts inside
+        the thinking section. With `opens` (the think-open token), the section is optional: the
+        model may open it with its first token, or answer at once.
         """
         from mlx_manager.engine.constraints_mask import ConstrainedLogits
 
-        return ConstrainedLogits(self.matcher.deep_copy(), self.view.eos, self.view.tokenizer.vocab_size, after=after)
+        return ConstrainedLogits(
+            self.matcher.deep_copy(), self.view.eos, self.view.tokenizer.vocab_size, after=after, opens=opens
+        )
 
 
 _views: weakref.WeakKeyDictionary[Any, TokenizerView] = weakref.WeakKeyDictionary()

@@ -44,10 +44,23 @@ class ConstrainedLogits:
     allowed from then on, so the sequence ends instead of running on unconstrained.
     """
 
-    def __init__(self, matcher: LLMatcher, eos: Sequence[int], vocab_size: int, *, after: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        matcher: LLMatcher,
+        eos: Sequence[int],
+        vocab_size: int,
+        *,
+        after: Sequence[int] = (),
+        opens: int | None = None,
+    ) -> None:
+        """`after`: constrain only once these tokens were generated (the end of a thinking
+        section). With `opens`, that free section is optional: the grammar applies from the
+        first token, but that token may also be `opens` (the start of a thinking section),
+        which then leaves the output free until `after`."""
         self._matcher = matcher
         self._eos = frozenset(eos)
         self._after = tuple(after)
+        self._opens = opens if self._after else None
         self._words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         eos_bits = np.zeros(self._words.size * 32, dtype=np.bool_)
         eos_bits[[t for t in self._eos if t < vocab_size]] = True
@@ -60,7 +73,8 @@ class ConstrainedLogits:
     def _reset_state(self) -> None:
         self._seen: list[int] = []  # the generated tokens taken in, in order
         self._fed: list[bool] = []  # whether each went to the matcher (not to the `after` gate)
-        self._start: int | None = None if self._after else 0  # index in _seen where the grammar starts
+        # index in _seen where the grammar starts
+        self._start: int | None = None if self._after and self._opens is None else 0
         self.error: str | None = None
 
     # -- what the caller reads -------------------------------------------------------------------
@@ -115,6 +129,8 @@ class ConstrainedLogits:
     # -- inside ------------------------------------------------------------------------------------
     def _advance(self, token: int) -> None:
         self._seen.append(token)
+        if self._opens is not None and len(self._seen) == 1 and token == self._opens:
+            self._start = None  # the model opened its thinking section: free until `after`
         if self._start is None:
             self._fed.append(False)
             if tuple(self._seen[-len(self._after) :]) == self._after:
@@ -136,6 +152,9 @@ class ConstrainedLogits:
                 self.error = self._matcher.get_error()
         if self.error is not None or not words.any():  # never an all -inf row: that samples garbage
             words = self._eos_words
+        elif self._opens is not None and not self._seen and self._opens < words.size * 32:
+            words = words.copy()  # the first token may also open the thinking section
+            words.view(np.uint32)[self._opens // 32] |= np.uint32(1 << (self._opens % 32))
         key = words.tobytes()
         if key == self._last_key and self._last_allowed is not None and self._last_allowed.shape[0] == width:
             return self._last_allowed

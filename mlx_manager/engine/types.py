@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mlx_manager.engine.constraints import GrammarSpec
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,6 +40,10 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     reasoning_effort: str | None = None  # anything but "none" needs a model that thinks
+    # What the answer must obey: a validated response_format grammar (constraints.py), and
+    # tool_choice "required" or {"type": "function", "function": {"name": ...}} to force a call.
+    constraint: GrammarSpec | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Started:
     """First event of every job: the prompt is tokenized and the job is in the batch."""
 
     prompt_tokens: int
+    grammar_compile_ms: float | None = None  # a constrained job: compiling its grammar (a cache hit is ~0)
 
 
 @dataclass(frozen=True)

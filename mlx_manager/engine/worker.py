@@ -33,6 +33,7 @@ from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.pool import LoadedModel, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
+from mlx_manager.engine.structured import constraint_for
 from mlx_manager.engine.output import Output
 from mlx_manager.engine.types import ModelStatus, Started
 
@@ -173,7 +174,9 @@ class Worker:
             tools=request.tools,
             parallel_tool_calls=request.parallel_tool_calls,
         )
-        slot = Slot(job, output, list(tokens), sampler_for(sampling))
+        constraint = constraint_for(entry, request, tokens)
+        processors = [constraint.processor] if constraint else []
+        slot = Slot(job, output, list(tokens), sampler_for(sampling), processors)
         job.prompt_tokens = len(tokens)
         try:
             batch.add(slot, tokens)
@@ -181,7 +184,7 @@ class Worker:
             self._release(entry.path, batch)  # a batch this job was to open must not stay behind empty
             raise
         entry.active_jobs += 1
-        job.emit(Started(len(tokens)))
+        job.emit(Started(len(tokens), constraint.compile_ms if constraint else None))
 
     def _prompt_cache(self, entry: LoadedModel) -> PromptCache:
         config = self.config

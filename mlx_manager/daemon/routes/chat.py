@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, respond, sampling_of
+from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, constraint_of, respond, sampling_of
 from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.schemas import (
@@ -93,6 +93,11 @@ def chat_usage(finished: Finished) -> ChatUsage:
     )
 
 
+def _tool_choice(body: ChatCompletionRequest) -> str | dict[str, Any] | None:
+    choice = body.tool_choice
+    return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+
 def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
     """Variables for the chat template: the request's own, and thinking on or off by
     `reasoning_effort` ("none" turns it off; templates that take an effort get it too)."""
@@ -109,11 +114,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
     outcome.model, outcome.stream = body.model, body.stream
     settings = daemon.settings  # read once: a reload mid-request does not change this one's limits
     check_messages(len(body.messages), settings)
-    if body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice):
+    constraint = constraint_of(body)
+    tools = body.offered_tools()
+    if constraint is not None and tools is not None and body.tool_choice in (None, "auto"):
         raise Problem(
             "invalid_request",
-            "tool_choice: forcing a tool call ('required' or a named function) is not supported yet; use 'auto'",
-            param="tool_choice",
+            "response_format with tools the model may call (tool_choice 'auto') is not supported:"
+            " the answer could not be both; force the call (tool_choice 'required') or drop the tools",
+            param="response_format",
         )
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     job_request = GenerationRequest(
@@ -123,10 +131,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
         stop=body.stop_list(),
         sampling=sampling_of(body),
         request_id=outcome.request_id,
-        tools=body.offered_tools(),
+        tools=tools,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         template_kwargs=template_kwargs(body),
         reasoning_effort=body.reasoning_effort,
+        constraint=constraint,
+        tool_choice=_tool_choice(body),
     )
     call = GenerationCall(daemon, request, "chat", job_request)
     fmt = ChatFormat(outcome.request_id, body.model, body.include_usage(), int(time.time()))

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, respond, sampling_of
+from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, constraint_of, respond, sampling_of
 from mlx_manager.daemon.limits import max_tokens_for
 from mlx_manager.daemon.schemas import PromptTokensDetails, Completion, CompletionChoice, CompletionRequest, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
@@ -73,6 +73,7 @@ async def completions(body: CompletionRequest, request: Request, daemon: Daemon,
         stop=body.stop_list(),
         sampling=sampling_of(body),
         request_id=outcome.request_id,
+        constraint=constraint_of(body),
     )
     call = GenerationCall(daemon, request, "completions", job_request)
     fmt = CompletionFormat(outcome.request_id, body.model, body.include_usage(), int(time.time()))
