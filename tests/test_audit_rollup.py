@@ -190,8 +190,17 @@ def test_the_writer_rolls_up_closed_days_and_repairs_changes_made_behind_its_bac
 def test_kth_smallest_of_sorted_runs():
     rng = random.Random(3)
     for runs_count, size, spread in ((1, 500, 10**6), (40, 300, 10**6), (300, 20, 50), (7, 1000, 3)):
-        runs = [array("q", sorted(rng.randrange(spread) for _ in range(rng.randint(0, size)))) for _ in range(runs_count)]
+        runs = [array("q", sorted(rng.randrange(spread) for _ in range(rng.randint(0, size))))
+                for _ in range(runs_count)]
         everything = sorted(v for run in runs for v in run)
-        for k in {1, 2, len(everything) // 2, (95 * len(everything) + 99) // 100, len(everything) - 1, len(everything)}:
-            if k >= 1:
-                assert kth_smallest(runs, k) == everything[k - 1], (runs_count, size, spread, k)
+        ks = sorted(k for k in {1, 2, len(everything) // 2, (95 * len(everything) + 99) // 100, len(everything) - 1,
+                                len(everything)} if k >= 1)
+        assert kth_smallest(runs, *ks) == [everything[k - 1] for k in ks], (runs_count, size, spread)
+    # Lopsided: many runs of one or two values, a few long ones, a far tail, heavy ties.
+    for _ in range(12):
+        runs = [array("q", sorted(int(rng.lognormvariate(8, 3)) for _ in range(rng.choice([1, 1, 2, 33, 400]))))
+                for _ in range(rng.choice([2, 50, 400]))]
+        runs.append(array("q", [7] * rng.randint(0, 500)))
+        everything = sorted(v for run in runs for v in run)
+        ks = [1, rng.randint(1, len(everything)), (95 * len(everything) + 99) // 100, len(everything)]
+        assert kth_smallest(runs, *ks) == [everything[k - 1] for k in ks]

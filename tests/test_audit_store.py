@@ -33,7 +33,7 @@ from mlx_manager.audit import (
     select_rows,
 )
 from mlx_manager.audit.migrations import MIGRATIONS
-from mlx_manager.audit.record import COLUMNS, SPECS, AuditRecord, parse_timestamp
+from mlx_manager.audit.record import COLUMNS, SPECS, AuditRecord
 from tests.audit_rows import ago, fill, record
 
 FINAL_INDEXES = {
@@ -258,7 +258,7 @@ def test_records_validate_what_the_daemon_hands_over():
         record(status="ok").values()
     local = record(timestamp=datetime(2026, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
                    prompt_tokens=None, completion_tokens=5).row()
-    assert parse_timestamp(local["timestamp"]) == datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    assert datetime.fromisoformat(local["timestamp"]) == datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
     assert (local["prompt_tokens"], local["total_tokens"]) == (0, 5)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
+from operator import attrgetter
 from typing import Any, Literal
 
 Status = Literal["success", "error", "timeout", "cancelled"]
@@ -111,44 +112,44 @@ class AuditRecord:
 
     def row(self) -> dict[str, Any]:
         """The values to store, by column name: checked and normalised now. Raises ValueError."""
-        row = {name: getattr(self, name) for name in INSERT_COLUMNS}
-        timestamp = row["timestamp"]
-        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
-            raise ValueError(f"AuditRecord.timestamp must be a timezone-aware datetime, not {timestamp!r}")
-        row["timestamp"] = format_timestamp(timestamp)
-        if row["status"] is not None and row["status"] not in STATUSES:
-            raise ValueError(f"AuditRecord.status must be one of {', '.join(STATUSES)}, not {row['status']!r}")
-        if row["backend_type"] not in BACKENDS:
-            raise ValueError(
-                f"AuditRecord.backend_type must be one of {', '.join(BACKENDS)}, not {row['backend_type']!r}"
-            )
-        row["prompt_tokens"] = row["prompt_tokens"] or 0
-        row["completion_tokens"] = row["completion_tokens"] or 0
-        if row["total_tokens"] is None:
-            row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
-        for name in _REQUIRED:
-            if row[name] is None:
-                raise ValueError(f"AuditRecord.{name} is not set")
-        return row
+        return dict(zip(INSERT_COLUMNS, self.values(), strict=True))
 
     def values(self) -> tuple[Any, ...]:
-        """`row()` as a tuple in `INSERT_COLUMNS` order (what the insert statement binds)."""
-        return tuple(self.row().values())
+        """The values to store, in `INSERT_COLUMNS` order (what the insert statement binds).
+
+        Checked and normalised now (see the class docstring); raises ValueError.
+        """
+        row = list(_read_fields(self))
+        timestamp = row[_AT["timestamp"]]
+        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
+            raise ValueError(f"AuditRecord.timestamp must be a timezone-aware datetime, not {timestamp!r}")
+        row[_AT["timestamp"]] = format_timestamp(timestamp)
+        status = row[_AT["status"]]
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"AuditRecord.status must be one of {', '.join(STATUSES)}, not {status!r}")
+        if row[_AT["backend_type"]] not in BACKENDS:
+            raise ValueError(
+                f"AuditRecord.backend_type must be one of {', '.join(BACKENDS)}, not {row[_AT['backend_type']]!r}"
+            )
+        prompt = row[_AT["prompt_tokens"]] = row[_AT["prompt_tokens"]] or 0
+        completion = row[_AT["completion_tokens"]] = row[_AT["completion_tokens"]] or 0
+        if row[_AT["total_tokens"]] is None:
+            row[_AT["total_tokens"]] = prompt + completion
+        for name, at in _REQUIRED:
+            if row[at] is None:
+                raise ValueError(f"AuditRecord.{name} is not set")
+        return tuple(row)
 
 
 def format_timestamp(value: datetime) -> str:
     """The one text form of a UTC time: stored in the database, printed by --json and the live feed.
 
-    Fixed width, so text order is time order and the timestamp index serves range queries.
+    Fixed width (`2026-05-01T12:00:00.000000Z`), so text order is time order and the timestamp
+    index serves range queries.
     """
     if value.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_timestamp(text: str) -> datetime:
-    """The inverse of `format_timestamp` (an aware UTC datetime)."""
-    return datetime.fromisoformat(text)
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 # Derived from the fields above: do not write these lists out by hand anywhere else.
@@ -157,4 +158,6 @@ SPECS: dict[str, Column] = {f.name: f.metadata["column"] for f in fields(AuditRe
 INSERT_COLUMNS: tuple[str, ...] = tuple(SPECS)
 # Every column of a stored row, in table order: the keys of query rows, feed rows and --json.
 COLUMNS: tuple[str, ...] = ("id", *INSERT_COLUMNS)
-_REQUIRED: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if not spec.nullable)
+_AT: dict[str, int] = {name: at for at, name in enumerate(INSERT_COLUMNS)}
+_REQUIRED: tuple[tuple[str, int], ...] = tuple((name, _AT[name]) for name, spec in SPECS.items() if not spec.nullable)
+_read_fields = attrgetter(*INSERT_COLUMNS)

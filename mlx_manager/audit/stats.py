@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -51,6 +51,7 @@ def compute_stats(
     for value, part in partials.items():
         requests = part.requests
         producing_ms = math.fsum(part.producing_ms) if part.producing_ms else None
+        p50, p95 = kth_smallest(part.durations, nearest_rank(requests, 50), nearest_rank(requests, 95))
         item: dict[str, Any] = {by: value} if by else {}
         item.update(
             requests=requests,
@@ -59,8 +60,8 @@ def compute_stats(
             cancelled=part.cancelled,
             error_rate=part.errors / requests,
             timeout_rate=part.timeouts / requests,
-            p50_duration_ms=kth_smallest(part.durations, nearest_rank(requests, 50)) / 1000,
-            p95_duration_ms=kth_smallest(part.durations, nearest_rank(requests, 95)) / 1000,
+            p50_duration_ms=p50 / 1000,
+            p95_duration_ms=p95 / 1000,
             mean_ttft_ms=math.fsum(part.ttft_ms) / part.ttft_count if part.ttft_count else None,
             prompt_tokens=part.prompt_tokens,
             completion_tokens=part.completion_tokens,
@@ -114,38 +115,56 @@ def nearest_rank(count: int, percent: int) -> int:
     return max((percent * count + 99) // 100, 1)
 
 
-# Every SAMPLE_STEP-th value of each run is a pivot: between two neighbouring pivots lie fewer
-# than SAMPLE_STEP values of any one run, so the final sort is small.
+# One value in SAMPLE_STEP of each run is sampled, standing for its block of the run.
 SAMPLE_STEP = 32
 
 
-def kth_smallest(runs: Sequence[Sequence[int]], k: int) -> int:
-    """The k-th smallest (1-based) of all the values of `runs`, each sorted ascending.
+def kth_smallest(runs: Sequence[Sequence[int]], *ks: int) -> list[int]:
+    """The k-th smallest (1-based) of all the values of `runs` (each sorted ascending), for each k.
 
-    Binary search over a sorted sample of pivots for the first one with at least k values at
-    or below it (a bisect per run counts them); the answer lies between it and the pivot
-    before, among few enough values to sort.
+    A sample (the middle value of each block of SAMPLE_STEP values of each run, weighted by its
+    block's size) tells about where the k-th value is. Exact counts (a bisect per run) at a
+    sampled value a little below and one a little above confirm that it lies between them
+    (else the window moves and widens); the few values between the two are then sorted.
     """
     runs = [run for run in runs if len(run)]
     if len(runs) == 1:
-        return runs[0][k - 1]
-    pivots = sorted({value for run in runs for value in itertools.chain(run[SAMPLE_STEP - 1 :: SAMPLE_STEP], run[-1:])})
-    low, high = 0, len(pivots) - 1  # the largest value is a pivot: at least k values lie at or below it
-    while low < high:
-        middle = (low + high) // 2
-        if _count_at_or_below(runs, pivots[middle]) >= k:
-            high = middle
+        return [runs[0][k - 1] for k in ks]
+    values: list[int] = []
+    weights: list[int] = []
+    for run in runs:
+        whole = len(run) // SAMPLE_STEP * SAMPLE_STEP
+        middles = run[SAMPLE_STEP // 2 : whole : SAMPLE_STEP]
+        values.extend(middles)
+        weights.extend(itertools.repeat(SAMPLE_STEP, len(middles)))
+        if whole < len(run):  # the last, shorter block
+            values.append(run[(whole + len(run) - 1) // 2])
+            weights.append(len(run) - whole)
+    order = sorted(range(len(values)), key=values.__getitem__)
+    pivots = [values[i] for i in order]
+    estimated_ranks = list(itertools.accumulate(weights[i] for i in order))
+    return [_select(runs, k, pivots, estimated_ranks) for k in ks]
+
+
+def _select(runs: list[Sequence[int]], k: int, pivots: list[int], estimated_ranks: list[int]) -> int:
+    margin = 8 + math.isqrt(len(runs))  # the estimate is off by about sqrt(runs) blocks at most
+    guess = bisect_left(estimated_ranks, k)
+    low, high = guess - margin, guess + margin  # positions in pivots; -1 stands below every value
+    while True:
+        low, high = max(low, -1), min(high, len(pivots) - 1)
+        below = _count_at_or_below(runs, pivots[low]) if low >= 0 else 0
+        if below >= k:  # the k-th value is lower: move the window down
+            low, high, margin = low - 4 * margin, low, 4 * margin
+        elif high < len(pivots) - 1 and _count_at_or_below(runs, pivots[high]) < k:  # higher: move it up
+            low, high, margin = high, high + 4 * margin, 4 * margin
         else:
-            low = middle + 1
-    upper = pivots[low]
-    if low == 0:
-        below, between = 0, sorted(value for run in runs for value in run[: bisect_right(run, upper)])
+            break
+    top = pivots[high] if high < len(pivots) - 1 else max(run[-1] for run in runs)
+    if low < 0:
+        between = sorted(value for run in runs for value in run[: bisect_right(run, top)])
     else:
-        lower = pivots[low - 1]
-        below = _count_at_or_below(runs, lower)
-        between = sorted(
-            value for run in runs for value in run[bisect_right(run, lower) : bisect_right(run, upper)]
-        )
+        bottom = pivots[low]
+        between = sorted(value for run in runs for value in run[bisect_right(run, bottom) : bisect_right(run, top)])
     return between[k - below - 1]
 
 

@@ -19,8 +19,8 @@ database refuses a row (a constraint or a wrong type: only that row goes), or th
 in `stop()` gives up after `stop_timeout`; all of these are counted in `dropped` and logged.
 
 `record` takes the row's values at once (the caller may keep its object, for instance a
-`RequestOutcome` that extends `AuditRecord`). Between batches the writer also rolls up closed
-days for `audit stats` (see `rollup.py`), one day at a time. Its statements go through a
+`RequestOutcome` that extends `AuditRecord`). When no row is waiting, the writer also rolls up
+closed days for `audit stats` (see `rollup.py`), one day at a time. Its statements go through a
 SQLAlchemy engine (`sql_engine`) so telemetry can trace them; the CLI reads with `sqlite3`.
 """
 
@@ -305,8 +305,8 @@ class AuditWriter:
                     failures += 1
             if self._stopping and not self._pending:
                 return
-            if not self._stopping and self._loop.time() >= self._rollup_due:
-                await self._refresh_rollup()
+            if not self._pending and not self._stopping and self._loop.time() >= self._rollup_due:
+                await self._refresh_rollup()  # only while no row waits: rows first, the stats cache after
             delay = self.flush_interval - (self._loop.time() - started)
             if failures:
                 delay = min(0.1 * 2 ** (failures - 1), 2.0)
