@@ -11,6 +11,9 @@ Adding a column takes two edits:
    appends, so the field goes last);
 2. one field here, last: `kind: str | None = column(header="kind", position=115, priority=9)`.
 
+(Only a column that `audit stats` should group or filter by also needs the rollup: a migration
+that adds it to `audit_rollup` and empties that table, and its name in `rollup.DIMENSIONS`.)
+
 A test opens a blank database and checks that its columns are these fields, with the same
 NULL rules. This module is plain Python (no SQL library), cheap enough for the CLI to import.
 """
