@@ -89,24 +89,22 @@ def rollup_partials(conn: Connection, first_day: str, end_day: str, filters: Aud
             clauses.append(f"{name} = ?")
             params.append(value)
     key = group or "NULL"
-    rows = conn.execute(
-        f"SELECT {key}, status, requests, ttft_count, ttft_ms, prompt_tokens, completion_tokens, producing_ms,"
-        f" durations FROM {ROLLUP_TABLE} WHERE {' AND '.join(clauses)}",
+    where_days = " AND ".join(clauses)
+    sums = conn.execute(
+        f"SELECT {key}, sum(requests), sum(requests * (status = 'error')), sum(requests * (status = 'timeout')),"
+        f" sum(requests * (status = 'cancelled')), sum(ttft_count), sum(ttft_ms), sum(prompt_tokens),"
+        f" sum(completion_tokens), sum(producing_ms) FROM {ROLLUP_TABLE} WHERE {where_days} GROUP BY +{key}",
         params,
     )
-    for value, status, requests, ttft_count, ttft, prompt, completion, producing, durations in rows:
-        part = into.get(value)
-        if part is None:
-            part = into[value] = Partial()
+    for value, requests, errors, timeouts, cancelled, ttft_count, ttft, prompt, completion, producing in sums:
+        part = into.setdefault(value, Partial())
         part.requests += requests
-        if status == "error":
-            part.errors += requests
-        elif status == "timeout":
-            part.timeouts += requests
-        elif status == "cancelled":
-            part.cancelled += requests
+        part.errors += errors
+        part.timeouts += timeouts
+        part.cancelled += cancelled
         _add_sums(part, ttft_count, ttft, prompt, completion, producing)
-        part.durations.append(_unpack(durations))
+    for value, blob in conn.execute(f"SELECT {key}, durations FROM {ROLLUP_TABLE} WHERE {where_days}", params):
+        into[value].durations.append(_unpack(blob))
 
 
 def rolled_up_days(conn: Connection, since: datetime | None, until: datetime | None) -> list[str]:

@@ -262,7 +262,7 @@ def stats(
     rows = stats_rows(groups)
     layout = fit(stats_columns(by), rows, console.width, wide=wide, keep={by} if by else ())
     _say_hidden(layout)
-    print_table(console, layout, rows, caption=_window_caption(since, until), caption_justify="left")
+    print_table(console, layout, rows, caption=_window_caption(since, until))
 
 
 def _window_caption(since: datetime | None, until: datetime | None) -> str:

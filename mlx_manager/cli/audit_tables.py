@@ -12,15 +12,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from mlx_manager.audit.record import SPECS, Column
 
 Cell = str | Text
-GAP = 2  # between two columns: SIMPLE_HEAD's blank rule and one space of collapsed padding
+GAP = 2  # spaces between two columns
 SHORT_ID = 10  # a shortened request id: 9 characters and an ellipsis, as wide as its header
 SHORT_MODEL = 20
 
@@ -50,16 +48,20 @@ class Layout:
     hidden: tuple[str, ...]  # headers
     total: int
 
-    def table(self, rows: Sequence[dict[str, Any]], *, header: bool = True, **options: Any) -> Table:
-        table = Table(
-            box=box.SIMPLE_HEAD, show_header=header, show_edge=False, pad_edge=False, collapse_padding=True, **options
-        )
+    def render(self, rows: Sequence[dict[str, Any]], *, header: bool = True) -> Text:
+        """The lines of the table: the header and a rule (unless `header` is false), then one per row.
+
+        Every width is known already, so the lines are put together directly: a rich Table
+        would measure and wrap each cell again, at a cost a short command notices.
+        """
         shown = list(zip(self.columns, self.widths, strict=True))
-        for column, width in shown:
-            table.add_column(column.header, justify=column.justify, min_width=width, overflow="fold")
+        lines = Text(end="")
+        if header:
+            _add_line(lines, [(Text(c.header), c.justify, width) for c, width in shown])
+            lines.append("─" * self.total + "\n")
         for row in rows:
-            table.add_row(*(self.cell(column, row.get(column.key), width) for column, width in shown))
-        return table
+            _add_line(lines, [(self.cell(c, row.get(c.key), width), c.justify, width) for c, width in shown])
+        return lines
 
     def cell(self, column: TableColumn, value: Any, width: int) -> Cell:
         shown = column.render(value)
@@ -118,10 +120,28 @@ def fit(
 
 
 def print_table(console: Console, layout: Layout, rows: Sequence[dict[str, Any]], *, header: bool = True,
-                **options: Any) -> None:
+                caption: str | None = None) -> None:
     """Print rows in this layout; a table wider than the terminal (--wide) is not cut or folded."""
-    width = max(console.width, layout.total)
-    console.print(layout.table(rows, header=header, **options), width=width, crop=False)
+    console.print(layout.render(rows, header=header), soft_wrap=True, highlight=False, end="")
+    if caption:
+        console.print(caption, markup=False, highlight=False)
+
+
+def _add_line(out: Text, cells: list[tuple[Cell, Literal["left", "right"], int]]) -> None:
+    last = len(cells) - 1
+    for at, (value, justify, width) in enumerate(cells):
+        text = value if isinstance(value, Text) else Text(value)
+        if len(text) > width:  # a later row (tail --follow) longer than the first ones
+            text = Text(text.plain[: width - 1] + "…", style=text.style)
+        padding = " " * (width - len(text))
+        if at:
+            out.append(" " * GAP)
+        if justify == "right":
+            out.append(padding)
+        out.append_text(text)
+        if justify == "left" and at < last:
+            out.append(padding)
+    out.append("\n")
 
 
 def shorten(value: Cell, width: int, where: Literal["end", "middle"] | None) -> Cell:
