@@ -32,7 +32,13 @@ def cli(*args: str, input: str | None = None):
 
 
 def json_lines(text: str) -> list[dict]:
+    """--jsonl output: one JSON object per line."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def json_doc(text: str):
+    """--json output: exactly one JSON document (what json.load accepts)."""
+    return json.loads(text)
 
 
 @pytest.fixture
@@ -60,7 +66,7 @@ def sample(db) -> Path:
 
 
 def request_ids(result) -> list[str]:
-    return [row["request_id"] for row in json_lines(result.stdout)]
+    return [row["request_id"] for row in json_doc(result.stdout)]
 
 
 # -- missing, corrupt and bad input -------------------------------------------------------
@@ -74,9 +80,9 @@ def test_a_missing_database_says_so_and_succeeds(db, command):
     assert not db.exists()  # reading never creates the file
 
 
-def test_a_missing_database_prints_nothing_on_stdout_in_json_mode(db):
+def test_a_missing_database_prints_no_rows_on_stdout_in_json_mode(db):
     result = cli("tail", "--json")
-    assert result.exit_code == 0 and result.stdout == ""
+    assert result.exit_code == 0 and json_doc(result.stdout) == []
 
 
 @pytest.mark.parametrize("command", [["tail"], ["query"], ["stats"], ["prune", "--older-than", "7d", "--yes"]])
@@ -185,7 +191,7 @@ class Follower:
 
 def test_tail_follow_shows_a_row_written_after_it_started_and_ctrl_c_exits_0(db):
     fill(db, [record(request_id="before")])
-    follower = Follower("--json", "-n", "5")
+    follower = Follower("--jsonl", "-n", "5")
     try:
         assert json.loads(follower.read_line())["request_id"] == "before"
         time.sleep(0.5)  # it is now polling
@@ -261,19 +267,19 @@ def test_query_filters(sample, args, expected):
 
 
 def test_query_json_rows_have_every_field(sample):
-    [row] = json_lines(cli("query", "--request-id", "r-d", "--json").stdout)
+    [row] = json_doc(cli("query", "--request-id", "r-d", "--json").stdout)
     assert row["model"] == "m1" and row["status"] == "cancelled" and row["http_status"] is None
     assert row["time_to_first_token_ms"] == 40.0 and row["backend_type"] == "openai"
     assert row["timestamp"].endswith("Z") and isinstance(row["id"], int)
     assert row["api_key"] is None  # made without a key
-    [alice] = json_lines(cli("query", "--request-id", "r-a", "--json").stdout)
+    [alice] = json_doc(cli("query", "--request-id", "r-a", "--json").stdout)
     assert alice["api_key"] == "alice"
 
 
 def test_query_by_key_shows_only_that_keys_rows(sample):
     as_json = cli("query", "--key", "alice", "--json")
     assert as_json.exit_code == 0, as_json.output
-    rows = json_lines(as_json.stdout)
+    rows = json_doc(as_json.stdout)
     assert [(r["request_id"], r["api_key"]) for r in rows] == [("r-c", "alice"), ("r-a", "alice")]
     table = cli("query", "--key", "alice")
     assert table.exit_code == 0, table.output
@@ -302,7 +308,7 @@ def test_query_table_and_csv(sample):
 def test_query_with_no_match(sample):
     result = cli("query", "--model", "nobody")
     assert result.exit_code == 0 and result.stdout == "" and "No requests match." in result.stderr
-    assert cli("query", "--model", "nobody", "--json").stdout == ""
+    assert json_doc(cli("query", "--model", "nobody", "--json").stdout) == []
 
 
 # -- stats --------------------------------------------------------------------------------
@@ -311,7 +317,7 @@ def test_query_with_no_match(sample):
 def test_stats_json_and_table(sample):
     result = cli("stats", "--json")
     assert result.exit_code == 0
-    [overall] = json_lines(result.stdout)
+    [overall] = json_doc(result.stdout)
     assert overall["requests"] == 5 and overall["errors"] == 1 and overall["timeouts"] == 1
     assert overall["cancelled"] == 1 and overall["error_rate"] == 0.2
     assert overall["p50_duration_ms"] == 200.0 and overall["p95_duration_ms"] == 900.0
@@ -321,20 +327,20 @@ def test_stats_json_and_table(sample):
 
 
 def test_stats_by_model_and_since(sample):
-    groups = json_lines(cli("stats", "--by", "model", "--json").stdout)
+    groups = json_doc(cli("stats", "--by", "model", "--json").stdout)
     assert [(g["model"], g["requests"]) for g in groups] == [("m1", 3), ("m2", 2)]
-    recent = json_lines(cli("stats", "--since", "1h", "--by", "status", "--json").stdout)
+    recent = json_doc(cli("stats", "--since", "1h", "--by", "status", "--json").stdout)
     assert {g["status"]: g["requests"] for g in recent} == {"cancelled": 1, "success": 1}
     table = cli("stats", "--by", "endpoint")
     assert "/v1/embeddings" in table.stdout
 
 
 def test_stats_by_key_and_for_one_key(sample):
-    groups = json_lines(cli("stats", "--by", "key", "--json").stdout)
+    groups = json_doc(cli("stats", "--by", "key", "--json").stdout)
     assert [(g["key"], g["requests"], g["errors"], g["timeouts"]) for g in groups] == [
         ("alice", 2, 0, 1), (None, 2, 0, 0), ("bob", 1, 1, 0)  # among equals, no key last
     ]
-    [alice] = json_lines(cli("stats", "--key", "alice", "--json").stdout)
+    [alice] = json_doc(cli("stats", "--key", "alice", "--json").stdout)
     assert alice["requests"] == 2 and alice["timeouts"] == 1
     table = cli("stats", "--by", "key")
     assert table.exit_code == 0, table.output
@@ -377,7 +383,7 @@ def aged(db) -> Path:
 
 
 def count(path: Path) -> int:
-    return len(json_lines(cli("query", "--limit", "0", "--json").stdout))
+    return len(json_doc(cli("query", "--limit", "0", "--json").stdout))
 
 
 def test_prune_dry_run_changes_nothing(aged):
@@ -402,12 +408,12 @@ def test_prune_asks_first(aged):
 def test_prune_yes_json_and_nothing_to_do(aged):
     result = cli("prune", "--older-than", "7d", "--yes", "--json")
     assert result.exit_code == 0
-    assert json_lines(result.stdout)[0]["deleted"] == 12
+    assert json_doc(result.stdout)["deleted"] == 12
     again = cli("prune", "--older-than", "7d", "--yes")
     assert again.exit_code == 0 and "nothing to prune" in again.stdout
     by_date = cli("prune", "--older-than", (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat(),
                   "--dry-run", "--json")
-    assert json_lines(by_date.stdout)[0]["would_delete"] == 3
+    assert json_doc(by_date.stdout)["would_delete"] == 3
 
 
 def test_prune_while_a_writer_writes(db):
@@ -454,9 +460,127 @@ def test_prune_while_a_writer_writes(db):
     recorded, written, dropped = map(int, out.split())
     assert recorded == written and dropped == 0, err
     assert "locked" not in err
-    rows = json_lines(cli("query", "--limit", "0", "--json").stdout)
+    rows = json_doc(cli("query", "--limit", "0", "--json").stdout)
     assert len(rows) == recorded and all(r["request_id"].startswith("live-") for r in rows)
     assert pruning < 3, f"the prune took {pruning:.1f}s: it was held up by the writer"
+
+
+# -- tables that fit the terminal ---------------------------------------------------------
+
+LONG_ID = "5f0c" + "9" * 28
+LONG_MODEL = "mlx-community/Llama-3.2-3B-Instruct-4bit"
+
+
+@pytest.fixture
+def long_names(db) -> Path:
+    fill(db, [
+        record(request_id=LONG_ID, model=LONG_MODEL, api_key="laptop", time_to_first_token_ms=12.0,
+               timestamp=ago(minutes=3)),
+        record(request_id="r-b", model="/Users/someone/models/mid", status="error", http_status=404,
+               error_type="model_not_found", api_key="alice", timestamp=ago(minutes=2)),
+    ])
+    return db
+
+
+def shown(result) -> tuple[str, list[str]]:
+    """The table's header line and its rows, checked to fit in $COLUMNS."""
+    width = int(os.environ["COLUMNS"])
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert all(len(line.rstrip()) <= width for line in lines), result.stdout
+    return lines[0], lines[2:]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize(
+    ("args", "filtered"),
+    [
+        (["tail"], None),
+        (["query"], None),
+        (["query", "--key", "laptop"], "key"),
+        (["query", "--endpoint", "/v1/chat/completions"], "endpoint"),
+        (["query", "--model", LONG_MODEL], "model"),
+        (["query", "--backend", "local"], "backend"),
+    ],
+)
+def test_row_tables_fit_the_terminal_and_keep_what_identifies_a_row(long_names, monkeypatch, width, args, filtered):
+    monkeypatch.setenv("COLUMNS", str(width))
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    header, rows = shown(result)
+    for title in ("time (UTC)", "request id", "status", filtered or "status"):
+        assert title in header
+    assert any(row.split()[2] == LONG_ID[:9] + "…" for row in rows)  # a short request id
+    assert all(row.split()[2] in (LONG_ID[:9] + "…", "r-b") for row in rows)  # a short one stays whole
+    if "model" in header.split():
+        assert "mlx-commu…truct-4bit" in result.stdout  # shortened in the middle
+    hidden = [name for name in ("key", "endpoint", "ms", "ttft ms", "in", "out", "error") if name not in header.split()]
+    if width == 80:
+        assert "Hidden to fit the terminal:" in result.stderr and "--wide shows every column" in result.stderr
+        assert all(name in result.stderr for name in hidden)
+        assert "status" in header and "http" in header
+
+
+def test_row_tables_at_full_width_hide_nothing_and_wide_shows_every_column(long_names, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    roomy = cli("query")
+    assert "Hidden" not in roomy.stderr and LONG_MODEL in roomy.stdout and LONG_ID in roomy.stdout
+    monkeypatch.setenv("COLUMNS", "80")
+    wide = cli("query", "--wide")
+    assert wide.exit_code == 0 and "Hidden" not in wide.stderr
+    header = wide.stdout.splitlines()[0]
+    for title in ("request id", "key", "model", "backend", "endpoint", "status", "http", "ms", "ttft ms", "in", "out",
+                  "total", "error"):
+        assert title in header
+    assert LONG_ID in wide.stdout and LONG_MODEL in wide.stdout  # whole, on one line each
+    assert len(wide.stdout.splitlines()) == 4  # header, rule, two rows: nothing folded
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("by", ["model", "key", "endpoint", "status"])
+def test_stats_tables_fit_the_terminal_and_keep_the_group(long_names, monkeypatch, width, by):
+    monkeypatch.setenv("COLUMNS", str(width))
+    result = cli("stats", "--by", by)
+    assert result.exit_code == 0, result.output
+    header, _ = shown(result)
+    assert header.split()[:2] == [by, "requests"] and "errors" in header and "p50 ms" in header
+    groups = {line.split()[0] for line in result.stdout.splitlines()[2:4]}
+    expected = {"model": {"mlx-commu…truct-4bit", "/Users/so…models/mid"}, "key": {"laptop", "alice"},
+                "endpoint": {"/v1/chat/completions"}, "status": {"success", "error"}}[by]
+    assert groups >= expected
+    if width == 80 and by == "model":
+        assert "Hidden to fit the terminal:" in result.stderr
+    wide = cli("stats", "--by", by, "--wide")
+    assert "mean TTFT ms" in wide.stdout and "cancelled" in wide.stdout and "Hidden" not in wide.stderr
+
+
+# -- one JSON document per command; JSON lines where rows stream ---------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["tail"], ["tail", "-n", "1"], ["query"], ["query", "--model", "nobody"], ["stats"], ["stats", "--by", "key"],
+     ["stats", "--since", "2030-01-01"], ["prune", "--older-than", "30d", "--dry-run"]],
+)
+def test_json_is_one_document_on_every_command(sample, args):
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    json.load(io.StringIO(result.stdout))  # what a script does: one document, or this raises
+
+
+def test_jsonl_prints_one_row_per_line(sample):
+    as_json = json_doc(cli("query", "--json").stdout)
+    lines = cli("query", "--jsonl")
+    assert lines.exit_code == 0 and json_lines(lines.stdout) == as_json and len(lines.stdout.splitlines()) == 5
+    assert json_lines(cli("tail", "-n", "2", "--jsonl").stdout) == as_json[1::-1]
+    assert cli("query", "--model", "nobody", "--jsonl").stdout == ""
+
+
+def test_follow_streams_json_lines_not_one_document(sample):
+    result = cli("tail", "--follow", "--json")
+    assert result.exit_code == 2
+    assert "--follow --jsonl" in json.loads(result.stderr)["hint"]
+    both = cli("query", "--json", "--jsonl")
+    assert both.exit_code == 2 and "--json and --jsonl cannot be used together" in both.stderr
 
 
 # -- help ---------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, inspect
+from sqlalchemy import event
 
 from mlx_manager.audit import (
     AuditFilter,
-    AuditLog,
     AuditLogCorrupt,
     AuditLogMissing,
     AuditStore,
@@ -34,7 +33,7 @@ from mlx_manager.audit import (
     select_rows,
 )
 from mlx_manager.audit.migrations import MIGRATIONS
-from mlx_manager.audit.record import COLUMNS, AuditRecord
+from mlx_manager.audit.record import COLUMNS, SPECS, AuditRecord
 from tests.audit_rows import ago, fill, record
 
 FINAL_INDEXES = {
@@ -104,31 +103,39 @@ def all_rows(path: Path) -> list[dict]:
         return query_rows(conn, limit=0, order="oldest")
 
 
+def table_columns(conn: sqlite3.Connection, table: str = "audit_logs") -> dict[str, dict]:
+    return {name: {"name": name, "nullable": not notnull}
+            for _, name, _type, notnull, _default, _pk in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def table_indexes(conn: sqlite3.Connection, table: str = "audit_logs") -> dict[str, list[str]]:
+    return {name: [column for _, _, column in conn.execute(f"PRAGMA index_info({name})")]
+            for _, name, _unique, origin, _partial in conn.execute(f"PRAGMA index_list({table})") if origin == "c"}
+
+
+def pragma(conn: sqlite3.Connection, name: str):
+    return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+
 # -- schema and migrations --------------------------------------------------------------
 
 
 def test_blank_database_gets_the_final_schema_private_and_in_wal_mode(db):
-    with AuditStore.open(db) as store:
+    with AuditStore.open(db) as store, store.read() as conn:
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
-        inspector = inspect(store.engine)
-        columns = {c["name"]: c for c in inspector.get_columns("audit_logs")}
+        columns = table_columns(conn)
         assert list(columns) == list(COLUMNS)
-        assert list(columns) == [c.name for c in AuditLog.__table__.columns]  # the model matches the migrations
-        for column in AuditLog.__table__.columns:
-            if column.primary_key:
-                continue  # SQLite reports an INTEGER PRIMARY KEY as nullable
-            assert columns[column.name]["nullable"] == column.nullable, column.name
-        indexes = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("audit_logs")}
+        assert list(columns) == ["id", *SPECS]  # the record's fields match the migrations
+        for name, spec in SPECS.items():
+            assert columns[name]["nullable"] == spec.nullable, name
+        indexes = table_indexes(conn)
         assert indexes == FINAL_INDEXES
-        assert {ix.name: [c.name for c in ix.columns] for ix in AuditLog.__table__.indexes} == FINAL_INDEXES
-        with store.read() as conn:
-            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10_000
-            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
-            # AUTOINCREMENT: ids are never reused after a prune
-            assert "AUTOINCREMENT" in conn.exec_driver_sql(
-                "SELECT sql FROM sqlite_master WHERE name = 'audit_logs'"
-            ).scalar()
+        assert table_indexes(conn, "audit_rollup") == {"ix_audit_rollup_day": ["day"]}
+        assert pragma(conn, "journal_mode") == "wal"
+        assert pragma(conn, "busy_timeout") == 10_000
+        assert pragma(conn, "synchronous") == 2  # FULL
+        # AUTOINCREMENT: ids are never reused after a prune
+        assert "AUTOINCREMENT" in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_logs'").fetchone()[0]
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
 
@@ -141,11 +148,11 @@ def test_an_old_schema_database_upgrades_and_keeps_its_rows(db):
 
     with AuditStore.open(db) as store:
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
-        indexes = {ix["name"]: ix["column_names"] for ix in inspect(store.engine).get_indexes("audit_logs")}
-        assert indexes == FINAL_INDEXES
         with store.read() as conn:
+            indexes = table_indexes(conn)
+            assert indexes == FINAL_INDEXES
             [row] = query_rows(conn)
-            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert pragma(conn, "journal_mode") == "wal"
     assert row["request_id"] == "old-1" and row["model"] == "old-model" and row["total_tokens"] == 7
     assert row["timestamp"] == "2026-01-02T03:04:05.000000Z"
     assert row["api_key"] is None
@@ -159,11 +166,11 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
 
     with AuditStore.open(db, migrate=False) as store:
         assert store.applied_migrations() == ["0001_create_audit_logs", "0002_audit_logs_indexes"]
-        assert store.migrate() == ["0003_audit_logs_api_key"]
+        assert store.migrate() == ["0003_audit_logs_api_key", "0004_audit_rollup"]
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
-        inspector = inspect(store.engine)
-        assert [c["name"] for c in inspector.get_columns("audit_logs")] == list(COLUMNS)
-        assert {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("audit_logs")} == FINAL_INDEXES
+        with store.read() as conn:
+            assert list(table_columns(conn)) == list(COLUMNS)
+            assert table_indexes(conn) == FINAL_INDEXES
     fill(db, [record(request_id="new-alice", api_key="alice"), record(request_id="new-open")])
     rows = all_rows(db)
     assert [(r["request_id"], r["api_key"]) for r in rows] == [
@@ -175,7 +182,7 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
     with AuditStore.open(db, create=False) as store, store.read() as conn:
         assert ids(query_rows(conn, AuditFilter(api_key="alice"))) == ["new-alice"]
         # the key filter is one index range scan, like the model filter
-        plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql(
+        plan = " ".join(str(r[-1]) for r in conn.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM audit_logs WHERE api_key = 'alice' ORDER BY timestamp DESC"))
         assert "ix_audit_logs_api_key" in plan
 
@@ -193,7 +200,7 @@ def test_every_partial_migration_state_upgrades(db, applied):
 
 def test_a_newer_programs_database_still_opens(db):
     with AuditStore.open(db) as store, store.write() as conn:
-        conn.exec_driver_sql("INSERT INTO audit_migrations VALUES ('9999_from_the_future', 'x')")
+        conn.execute("INSERT INTO audit_migrations VALUES ('9999_from_the_future', 'x')")
     with AuditStore.open(db) as store:
         assert "9999_from_the_future" in store.applied_migrations()
 
@@ -243,14 +250,57 @@ def test_no_field_or_column_can_hold_request_text():
 
 
 def test_records_validate_what_the_daemon_hands_over():
+    # Checked when the row is taken (values() / AuditWriter.record), not when the record is
+    # made: the daemon fills its record in while the request runs.
     with pytest.raises(ValueError, match="timezone-aware"):
-        record(timestamp=datetime.now())
+        record(timestamp=datetime.now()).values()
     with pytest.raises(ValueError, match="success, error, timeout, cancelled"):
-        record(status="ok")
+        record(status="ok").values()
     local = record(timestamp=datetime(2026, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
-                   prompt_tokens=None, completion_tokens=5)
-    assert local.timestamp == datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
-    assert (local.prompt_tokens, local.total_tokens) == (0, 5)
+                   prompt_tokens=None, completion_tokens=5).row()
+    assert datetime.fromisoformat(local["timestamp"]) == datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    assert (local["prompt_tokens"], local["total_tokens"]) == (0, 5)
+
+
+def test_a_record_can_be_filled_in_while_its_request_runs_and_extended():
+    # The daemon's RequestOutcome is an AuditRecord with fields of its own, filled in as the
+    # request runs: every field has a default, and only the record's own fields are stored.
+    @dataclasses.dataclass(kw_only=True)
+    class Outcome(AuditRecord):
+        method: str = "POST"
+        stream: bool = False
+
+    outcome = Outcome(request_id="in-progress", endpoint="/v1/chat/completions")
+    assert outcome.status is None and outcome.timestamp.tzinfo is not None
+    with pytest.raises(ValueError, match="status is not set"):
+        outcome.values()
+    outcome.status, outcome.duration_ms, outcome.completion_tokens = "success", 12.5, 3
+    row = outcome.row()
+    assert list(row) == list(COLUMNS[1:]) and "method" not in row
+    assert (row["prompt_tokens"], row["total_tokens"]) == (0, 3)
+    assert AuditRecord().status is None  # a blank record is allowed too, until it is stored
+
+
+def test_the_writer_takes_the_values_when_recorded_and_refuses_bad_records(db, caplog):
+    async def scenario():
+        writer = AuditWriter(db)
+        await writer.start()
+        kept = record(request_id="kept", status="success", duration_ms=5.0)
+        writer.record(kept)
+        kept.status, kept.duration_ms = "error", 999.0  # the caller keeps using its object
+        writer.record(record(request_id="naive", timestamp=datetime.now()))
+        writer.record(record(request_id="no-status", status=None))
+        writer.record(record(request_id="fine"))
+        await writer.stop()
+        return writer
+
+    writer = run(scenario())
+    assert writer.written == 2 and writer.dropped == 2
+    rows = {r["request_id"]: r for r in all_rows(db)}
+    assert set(rows) == {"kept", "fine"}
+    assert (rows["kept"]["status"], rows["kept"]["duration_ms"]) == ("success", 5.0)
+    assert "request naive not stored: AuditRecord.timestamp must be a timezone-aware" in caplog.text
+    assert "request no-status not stored: AuditRecord.status is not set" in caplog.text
 
 
 # -- the writer ---------------------------------------------------------------------------
@@ -284,7 +334,7 @@ def test_writer_writes_batches_within_the_flush_interval(db):
         writer = AuditWriter(db)
         await writer.start()
         event.listen(
-            writer._store.engine,
+            writer.sql_engine,
             "before_cursor_execute",
             lambda conn, cursor, statement, params, context, many: inserts.append(many)
             if statement.startswith("INSERT INTO audit_logs") else None,
@@ -534,9 +584,8 @@ def test_query_order_limit_and_after_id(sample):
 def test_the_query_binds_every_value():
     hostile = "m'; DROP TABLE audit_logs; --"
     statement = select_rows(AuditFilter(model=hostile, since=datetime(2026, 1, 1, tzinfo=timezone.utc)), limit=5)
-    compiled = statement.compile()
-    assert hostile not in str(compiled) and "2026" not in str(compiled)
-    assert hostile in compiled.params.values()
+    assert hostile not in statement.sql and "2026" not in statement.sql
+    assert hostile in statement.params
 
 
 # -- stats --------------------------------------------------------------------------------
@@ -581,7 +630,7 @@ def test_prune_deletes_only_older_rows_in_batches(db):
     fill(db, [record(request_id=f"new-{i}", timestamp=ago(days=6)) for i in range(5)])
     with AuditStore.open(db, create=False) as store:
         transactions = []
-        event.listen(store.engine, "commit", lambda conn: transactions.append(1))
+        store.connection.set_trace_callback(lambda sql: transactions.append(1) if sql == "COMMIT" else None)
         cutoff = ago(days=7)
         assert count_older(store, cutoff) == 25
         assert prune_older(store, cutoff, batch_size=10, pause=0) == 25

@@ -9,18 +9,20 @@ The daemon's side (see `writer.py` for the details):
     audit_writer.record(AuditRecord(request_id=..., timestamp=datetime.now(timezone.utc),
                                     model=..., endpoint="/v1/chat/completions", status="success",
                                     http_status=200, duration_ms=..., prompt_tokens=..., ...))
+                                                # takes the values now; the caller may keep the object
     audit_writer.backlog                        # rows queued, not yet committed (a metric)
     await audit_writer.prune(timedelta(days=settings.audit.retention_days))
     async with audit_writer.subscribe() as feed:    # the WebSocket live feed
         async for row in feed: await websocket.send_json(row)
-    await audit_writer.query(AuditFilter(model=...), limit=50)
     await audit_writer.stop()                   # flushes every queued row
 
-The CLI's side: `AuditStore.open(path, create=False)`, then `query_rows`, `compute_stats`,
-`count_older` / `prune_older` on it. Errors are the `AuditError` family in `errors.py`.
+The CLI's side: `AuditStore.open(path, create=False)` (the standard library's `sqlite3`, no
+SQLAlchemy), then `query_rows`, `compute_stats`, `count_older` / `prune_older` on it. Errors are
+the `AuditError` family in `errors.py`. The columns are defined once, by `AuditRecord`'s fields
+(`record.py`).
 
-Names are loaded on first use, so importing `record` or `filters` (the CLI does at start-up)
-does not import SQLAlchemy.
+Names are loaded on first use, so importing the package costs nothing; only `writer` imports
+SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ _EXPORTS = {
     "AuditLogCorrupt": "errors",
     "AuditLogBusy": "errors",
     "AuditLogUnavailable": "errors",
-    "AuditLog": "models",
     "AuditStore": "store",
     "select_rows": "query",
     "query_rows": "query",
@@ -58,7 +59,6 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from mlx_manager.audit.errors import AuditError, AuditLogBusy, AuditLogCorrupt, AuditLogMissing, AuditLogUnavailable
     from mlx_manager.audit.filters import AuditFilter, parse_age, parse_time
-    from mlx_manager.audit.models import AuditLog
     from mlx_manager.audit.prune import count_older, prune_older
     from mlx_manager.audit.query import count_rows, query_rows, select_rows
     from mlx_manager.audit.record import BACKENDS, COLUMNS, STATUSES, AuditRecord

@@ -1,64 +1,74 @@
 """The audit log's statements: the one filtered row query, plus the insert and the batched delete.
 
-`select_rows` is pure (it only builds a statement, every value a bound parameter) and serves
-`audit tail`, `audit query`, `audit stats` (through `filter_clauses`) and the daemon alike.
-Rows come back as JSON-ready dicts in `COLUMNS` order, the timestamp as its stored UTC text.
+Statements are plain SQL built from the record's column names, with every value a bound
+parameter (never a user's string in the SQL). `select_rows` is pure and serves `audit tail`,
+`audit query`, `audit stats` (through `where`) and the daemon alike.
+
+The functions that run them take any connection with `sqlite3.Connection`'s `execute` and
+`executemany`: the CLI passes its `sqlite3` connection, the daemon's writer a SQLAlchemy one
+behind a thin adapter (so its statements are traced). Rows come back as JSON-ready dicts keyed
+by `COLUMNS`, the timestamp as its stored UTC text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
-
-from sqlalchemy import Connection, Select, String, delete, func, select, type_coerce
-from sqlalchemy.sql.elements import ColumnElement
+from typing import Any, Literal, Protocol
 
 from mlx_manager.audit.filters import AuditFilter
-from mlx_manager.audit.models import AuditLog
-from mlx_manager.audit.record import COLUMNS, INSERT_COLUMNS
+from mlx_manager.audit.record import COLUMNS, INSERT_COLUMNS, format_timestamp
 
-TABLE = AuditLog.__table__
+TABLE = "audit_logs"
+ROLLUP_TABLE = "audit_rollup"
 
 Order = Literal["newest", "oldest"]
 ORDERS: tuple[str, ...] = ("newest", "oldest")
 
-_FILTER_COLUMNS = {
-    "model": TABLE.c.model,
-    "status": TABLE.c.status,
-    "endpoint": TABLE.c.endpoint,
-    "backend_type": TABLE.c.backend_type,
-    "request_id": TABLE.c.request_id,
-    "api_key": TABLE.c.api_key,
-}
+# The exact-match filters of AuditFilter: each is a column of the same name.
+FILTER_COLUMNS: tuple[str, ...] = ("model", "status", "endpoint", "backend_type", "request_id", "api_key")
+assert set(FILTER_COLUMNS) <= set(COLUMNS)
 
-# Timestamps are selected as their stored text: callers want JSON, not datetime objects.
-_ROW_COLUMNS = [
-    type_coerce(TABLE.c.timestamp, String).label("timestamp") if name == "timestamp" else TABLE.c[name]
-    for name in COLUMNS
-]
+_INSERT = f"INSERT INTO {TABLE} ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
+_TIMESTAMP_AT = INSERT_COLUMNS.index("timestamp")
 
 
-_INSERT = (
-    f"INSERT INTO {TABLE.name} ({', '.join(INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
-)
+class Connection(Protocol):
+    """What the functions below need of a connection (`sqlite3.Connection` has it): `execute`
+    returning a cursor (iterable, `fetchone`, `fetchall`, `rowcount`) and `executemany`."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any: ...
 
 
-def filter_clauses(filters: AuditFilter | None) -> list[ColumnElement[bool]]:
-    """The WHERE conditions for a filter: exact matches and the half-open window [since, until)."""
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """SQL text with `?` placeholders and the values bound to them."""
+
+    sql: str
+    params: tuple[Any, ...] = ()
+
+
+def where(filters: AuditFilter | None) -> Statement:
+    """The WHERE clause (or "") for a filter: exact matches and the half-open window [since, until)."""
     if filters is None:
-        return []
-    clauses: list[ColumnElement[bool]] = []
-    for name, column in _FILTER_COLUMNS.items():
+        return Statement("")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for name in FILTER_COLUMNS:
         value = getattr(filters, name)
         if value is not None:
-            clauses.append(column == value)
+            clauses.append(f"{name} = ?")
+            params.append(value)
     if filters.since is not None:
-        clauses.append(TABLE.c.timestamp >= filters.since)
+        clauses.append("timestamp >= ?")
+        params.append(format_timestamp(filters.since))
     if filters.until is not None:
-        clauses.append(TABLE.c.timestamp < filters.until)
-    return clauses
+        clauses.append("timestamp < ?")
+        params.append(format_timestamp(filters.until))
+    return Statement(" WHERE " + " AND ".join(clauses) if clauses else "", tuple(params))
 
 
 def select_rows(
@@ -67,7 +77,7 @@ def select_rows(
     limit: int | None = 20,
     order: Order = "newest",
     after_id: int | None = None,
-) -> Select:
+) -> Statement:
     """The statement for the rows a filter selects.
 
     `order` sorts by request time (ties by id). With `after_id`, only rows written after that
@@ -76,16 +86,20 @@ def select_rows(
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
-    statement = select(*_ROW_COLUMNS).where(*filter_clauses(filters))
+    condition = where(filters)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}{condition.sql}"
+    params = list(condition.params)
     if after_id is not None:
-        statement = statement.where(TABLE.c.id > after_id).order_by(TABLE.c.id)
+        sql += (" AND" if condition.sql else " WHERE") + " id > ? ORDER BY id"
+        params.append(after_id)
     elif order == "newest":
-        statement = statement.order_by(TABLE.c.timestamp.desc(), TABLE.c.id.desc())
+        sql += " ORDER BY timestamp DESC, id DESC"
     else:
-        statement = statement.order_by(TABLE.c.timestamp, TABLE.c.id)
+        sql += " ORDER BY timestamp, id"
     if limit:
-        statement = statement.limit(limit)
-    return statement
+        sql += " LIMIT ?"
+        params.append(limit)
+    return Statement(sql, tuple(params))
 
 
 def query_rows(
@@ -97,31 +111,44 @@ def query_rows(
     after_id: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run `select_rows` and return the rows as dicts."""
-    result = conn.execute(select_rows(filters, limit=limit, order=order, after_id=after_id))
-    return [dict(row._mapping) for row in result]
+    statement = select_rows(filters, limit=limit, order=order, after_id=after_id)
+    return [dict(zip(COLUMNS, row, strict=True)) for row in conn.execute(statement.sql, statement.params)]
 
 
 def count_rows(conn: Connection, filters: AuditFilter | None = None) -> int:
-    return conn.execute(select(func.count()).select_from(TABLE).where(*filter_clauses(filters))).scalar_one()
+    condition = where(filters)
+    return conn.execute(f"SELECT count(*) FROM {TABLE}{condition.sql}", condition.params).fetchone()[0]
 
 
 def last_id(conn: Connection) -> int:
     """The id of the newest written row (0 when the log is empty)."""
-    return conn.execute(select(func.coalesce(func.max(TABLE.c.id), 0))).scalar_one()
+    return conn.execute(f"SELECT coalesce(max(id), 0) FROM {TABLE}").fetchone()[0]
 
 
 def insert_rows(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
     """Insert rows given as `AuditRecord.values()` tuples; return the id of the last one.
 
-    One executemany straight to the driver inside the caller's transaction: at tens of
-    thousands of rows a second, SQLAlchemy's per-row parameter processing would be the cost.
-    Under the write lock SQLite gives the rows consecutive ids: `last - len(rows) + 1 .. last`.
+    One executemany inside the caller's transaction. Under the write lock SQLite gives the rows
+    consecutive ids: `last - len(rows) + 1 .. last`. The days the rows fall on lose their
+    rollup (it no longer counts every request of those days).
     """
-    conn.exec_driver_sql(_INSERT, list(rows))
-    return conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+    conn.executemany(_INSERT, rows)
+    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    days = sorted({row[_TIMESTAMP_AT][:10] for row in rows if isinstance(row[_TIMESTAMP_AT], str)})
+    if days:
+        conn.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE day IN ({', '.join('?' for _ in days)})", days)
+    return last
 
 
 def delete_older_batch(conn: Connection, before: datetime, batch_size: int) -> int:
-    """Delete at most `batch_size` rows older than `before`; return how many went."""
-    oldest = select(TABLE.c.id).where(TABLE.c.timestamp < before).limit(batch_size)
-    return conn.execute(delete(TABLE).where(TABLE.c.id.in_(oldest))).rowcount
+    """Delete at most `batch_size` rows older than `before`; return how many went.
+
+    The rollup of every day up to `before`'s goes with them (those days lost requests).
+    """
+    cutoff = format_timestamp(before)
+    deleted = conn.execute(
+        f"DELETE FROM {TABLE} WHERE id IN (SELECT id FROM {TABLE} WHERE timestamp < ? LIMIT ?)", (cutoff, batch_size)
+    ).rowcount
+    if deleted:
+        conn.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE day <= ?", (cutoff[:10],))
+    return deleted

@@ -1,13 +1,28 @@
-"""What one audit row says about one API request, as plain Python (no SQL here).
+"""What one audit row says about one API request: the ONE definition of the audit columns.
 
-This module and `filters` are cheap to import: the CLI uses their names at import time,
-while SQLAlchemy is only loaded by the store, the query functions and the writer.
+`AuditRecord`'s fields are the stored columns, in table order; everything else derives from
+them: the insert statement, the row dicts of queries and of the live feed (`COLUMNS`, the
+`--json` keys), the CSV header and the CLI's table columns (each field's `Column` says how it
+is shown). The schema itself is made only by the migrations in `migrations.py`.
+
+Adding a column takes two edits:
+
+1. a migration in `migrations.py` (`ALTER TABLE audit_logs ADD COLUMN kind VARCHAR`: it
+   appends, so the field goes last);
+2. one field here, last: `kind: str | None = column(header="kind", position=115, priority=9)`.
+
+(Only a column that `audit stats` should group or filter by also needs the rollup: a migration
+that adds it to `audit_rollup` and empties that table, and its name in `rollup.DIMENSIONS`.)
+
+A test opens a blank database and checks that its columns are these fields, with the same
+NULL rules. This module is plain Python (no SQL library), cheap enough for the CLI to import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
+from operator import attrgetter
 from typing import Any, Literal
 
 Status = Literal["success", "error", "timeout", "cancelled"]
@@ -17,103 +32,135 @@ STATUSES: tuple[str, ...] = ("success", "error", "timeout", "cancelled")
 # `local` is the only backend today; the others are reserved for the cloud providers to come.
 BACKENDS: tuple[str, ...] = ("local", "openai", "anthropic")
 
-# Every column of a stored row, in display order. There is deliberately no text column:
-# prompts, messages, completions and embedding inputs are never stored.
-COLUMNS: tuple[str, ...] = (
-    "id",
-    "request_id",
-    "timestamp",
-    "model",
-    "backend_type",
-    "endpoint",
-    "status",
-    "http_status",
-    "duration_ms",
-    "time_to_first_token_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "error_type",
-    "api_key",  # last: migration 0003 appended it to the table
-)
-# What an insert supplies: every column but `id`, which SQLite assigns.
-INSERT_COLUMNS: tuple[str, ...] = COLUMNS[1:]
+# How a value is printed in a table: the CLI has one renderer per kind.
+Kind = Literal["time", "id", "text", "model", "status", "code", "ms", "count"]
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
+class Column:
+    """How one stored column is checked and shown.
+
+    `nullable` is the schema's rule (a test compares it with the migrated table; a record
+    whose NOT NULL column is unset is refused before it is queued). In tables, columns appear
+    in `position` order; when the terminal is too narrow the ones with the highest `priority`
+    go first, never those with priority 0 (they identify a row); priority None means only with
+    `--wide` (or when the user filtered by that column). `width` is the minimum width.
+    """
+
+    header: str
+    kind: Kind = "text"
+    nullable: bool = True
+    position: int = 0
+    priority: int | None = None
+    width: int = 0
+
+    @property
+    def justify(self) -> Literal["left", "right"]:
+        return "right" if self.kind in ("code", "ms", "count") else "left"
+
+
+def column(default: Any = None, *, default_factory: Any = MISSING, **spec: Any) -> Any:
+    """A record field with its `Column` spec in the dataclass field's metadata."""
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={"column": Column(**spec)})
+    return field(default=default, metadata={"column": Column(**spec)})
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(kw_only=True)
 class AuditRecord:
-    """One finished API request, as the daemon hands it to `AuditWriter.record` (keywords only).
+    """One API request, as the daemon hands it to `AuditWriter.record` (keywords only).
 
-    `timestamp` is when the request arrived, timezone-aware (converted to UTC here).
-    `model` is None when the request named none (for instance an invalid body); `http_status`
-    is None when no response was sent (the client went away first). Token counts given as
-    None count as 0; `total_tokens` defaults to prompt + completion.
-    `time_to_first_token_ms` is set for streams; `error_type` for failures: a short kind such
-    as `timeout` or `model_not_found`, never a message that could echo user input.
+    Every field has a default so a record can be filled in while its request runs (the daemon's
+    `RequestOutcome` extends this class with fields of its own, which are not stored). Nothing
+    is checked until the row is taken (`row()`, `values()`, `AuditWriter.record()`): then
+    `timestamp` must be timezone-aware (stored as UTC), `status` one of STATUSES, the NOT NULL
+    columns set; token counts left None count as 0 and `total_tokens` defaults to prompt +
+    completion.
+
+    `timestamp` is when the request arrived. `model` is None when the request named none (for
+    instance an invalid body); `http_status` is None when no response was sent (the client went
+    away first). `time_to_first_token_ms` is set for streams; `error_type` for failures: a short
+    kind such as `timeout` or `model_not_found`, never a message that could echo user input.
     `api_key` is the NAME of the API key the request was made with (`keys add NAME`, or the
     keyring's name for a key from auth.keys_file or MLX_MANAGER_API_KEY), never the key or its
     hash; None when the daemon has no keys or the request was refused before a key matched.
+
+    There is deliberately no text field: prompts, messages, completions and embedding inputs
+    are never stored.
     """
 
-    request_id: str
-    timestamp: datetime
-    endpoint: str
-    status: Status
-    duration_ms: float
-    model: str | None = None
-    backend_type: Backend = "local"
-    http_status: int | None = None
-    time_to_first_token_ms: float | None = None
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
-    total_tokens: int | None = None
-    error_type: str | None = None
-    api_key: str | None = None
+    request_id: str | None = column(header="request id", kind="id", nullable=False, position=20, priority=0, width=10)
+    timestamp: datetime = column(
+        default_factory=_now, header="time (UTC)", kind="time", nullable=False, position=10, priority=0, width=19
+    )
+    model: str | None = column(header="model", kind="model", position=40, priority=2, width=16)
+    backend_type: Backend = column("local", header="backend", nullable=False, position=45)
+    endpoint: str | None = column(header="endpoint", nullable=False, position=50, priority=7, width=20)
+    status: Status | None = column(header="status", kind="status", nullable=False, position=60, priority=1, width=9)
+    http_status: int | None = column(header="http", kind="code", position=70, priority=4, width=4)
+    duration_ms: float | None = column(header="ms", kind="ms", nullable=False, position=80, priority=3, width=7)
+    time_to_first_token_ms: float | None = column(header="ttft ms", kind="ms", position=90, priority=10, width=7)
+    prompt_tokens: int | None = column(header="in", kind="count", nullable=False, position=100, priority=9, width=6)
+    completion_tokens: int | None = column(
+        header="out", kind="count", nullable=False, position=101, priority=8, width=6
+    )
+    total_tokens: int | None = column(header="total", kind="count", nullable=False, position=102, width=6)
+    error_type: str | None = column(header="error", position=110, priority=5, width=5)
+    # Last because migration 0003 appended it (ALTER TABLE adds at the end).
+    api_key: str | None = column(header="key", position=30, priority=6, width=6)
 
-    def __post_init__(self) -> None:
-        if self.timestamp.tzinfo is None or self.timestamp.utcoffset() is None:
-            raise ValueError("AuditRecord.timestamp must be timezone-aware")
-        if self.timestamp.tzinfo is not timezone.utc:
-            self.timestamp = self.timestamp.astimezone(timezone.utc)
-        if self.status not in STATUSES:
-            raise ValueError(f"AuditRecord.status must be one of {', '.join(STATUSES)}, not {self.status!r}")
-        if self.backend_type not in BACKENDS:
-            raise ValueError(f"AuditRecord.backend_type must be one of {', '.join(BACKENDS)}, not {self.backend_type!r}")
-        self.prompt_tokens = self.prompt_tokens or 0
-        self.completion_tokens = self.completion_tokens or 0
-        if self.total_tokens is None:
-            self.total_tokens = self.prompt_tokens + self.completion_tokens
+    def row(self) -> dict[str, Any]:
+        """The values to store, by column name: checked and normalised now. Raises ValueError."""
+        return dict(zip(INSERT_COLUMNS, self.values(), strict=True))
 
     def values(self) -> tuple[Any, ...]:
-        """The stored values in `INSERT_COLUMNS` order, the timestamp as its stored text."""
-        return (
-            self.request_id,
-            format_timestamp(self.timestamp),
-            self.model,
-            self.backend_type,
-            self.endpoint,
-            self.status,
-            self.http_status,
-            self.duration_ms,
-            self.time_to_first_token_ms,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.total_tokens,
-            self.error_type,
-            self.api_key,
-        )
+        """The values to store, in `INSERT_COLUMNS` order (what the insert statement binds).
+
+        Checked and normalised now (see the class docstring); raises ValueError.
+        """
+        row = list(_read_fields(self))
+        timestamp = row[_AT["timestamp"]]
+        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
+            raise ValueError(f"AuditRecord.timestamp must be a timezone-aware datetime, not {timestamp!r}")
+        row[_AT["timestamp"]] = format_timestamp(timestamp)
+        status = row[_AT["status"]]
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"AuditRecord.status must be one of {', '.join(STATUSES)}, not {status!r}")
+        if row[_AT["backend_type"]] not in BACKENDS:
+            raise ValueError(
+                f"AuditRecord.backend_type must be one of {', '.join(BACKENDS)}, not {row[_AT['backend_type']]!r}"
+            )
+        prompt = row[_AT["prompt_tokens"]] = row[_AT["prompt_tokens"]] or 0
+        completion = row[_AT["completion_tokens"]] = row[_AT["completion_tokens"]] or 0
+        if row[_AT["total_tokens"]] is None:
+            row[_AT["total_tokens"]] = prompt + completion
+        for name, at in _REQUIRED:
+            if row[at] is None:
+                raise ValueError(f"AuditRecord.{name} is not set")
+        return tuple(row)
 
 
 def format_timestamp(value: datetime) -> str:
     """The one text form of a UTC time: stored in the database, printed by --json and the live feed.
 
-    Fixed width, so text order is time order and the timestamp index serves range queries.
+    Fixed width (`2026-05-01T12:00:00.000000Z`), so text order is time order and the timestamp
+    index serves range queries.
     """
     if value.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def parse_timestamp(text: str) -> datetime:
-    """The inverse of `format_timestamp` (an aware UTC datetime)."""
-    return datetime.fromisoformat(text)
+# Derived from the fields above: do not write these lists out by hand anywhere else.
+SPECS: dict[str, Column] = {f.name: f.metadata["column"] for f in fields(AuditRecord)}
+# What an insert supplies: every stored column but `id`, which SQLite assigns.
+INSERT_COLUMNS: tuple[str, ...] = tuple(SPECS)
+# Every column of a stored row, in table order: the keys of query rows, feed rows and --json.
+COLUMNS: tuple[str, ...] = ("id", *INSERT_COLUMNS)
+_AT: dict[str, int] = {name: at for at, name in enumerate(INSERT_COLUMNS)}
+_REQUIRED: tuple[tuple[str, int], ...] = tuple((name, _AT[name]) for name, spec in SPECS.items() if not spec.nullable)
+_read_fields = attrgetter(*INSERT_COLUMNS)

@@ -1,4 +1,4 @@
-"""Opening the audit database: the file (0600 in a 0700 folder), the SQLite engine and its migrations.
+"""Opening the audit database: the file (0600 in a 0700 folder), its connections and its migrations.
 
 Every connection runs in WAL mode with a busy timeout, so the CLI reads and prunes while the
 daemon writes. Write transactions start with BEGIN IMMEDIATE: they take the write lock up front
@@ -6,9 +6,8 @@ and wait for it (up to the busy timeout) instead of failing with "database is lo
 read transaction later tries to upgrade. `synchronous=FULL` makes a committed batch survive a
 crash or power loss, at the cost of one fsync per batch.
 
-The SQLite driver is the standard library's, used synchronously: the CLI calls it directly and
-the daemon's writer calls it from its own thread (see `writer.py`), so the event loop never
-waits on the disk.
+Only the standard library's `sqlite3` is used here, so the CLI's read commands start fast; the
+daemon's writer wraps `AuditStore.connect` in a SQLAlchemy engine for tracing (see `writer.py`).
 """
 
 from __future__ import annotations
@@ -20,15 +19,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError
-
 from mlx_manager.audit.errors import AuditError, AuditLogBusy, AuditLogCorrupt, AuditLogMissing, AuditLogUnavailable
-from mlx_manager.audit.migrations import MIGRATIONS, MIGRATIONS_TABLE
+from mlx_manager.audit.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from mlx_manager.audit.record import format_timestamp
 
 BUSY_TIMEOUT_MS = 10_000
-_BEGIN_OPTION = "audit_begin"
 
 # SQLite primary result codes (the low byte of extended codes).
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
@@ -37,11 +32,11 @@ _SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
 
 
 class AuditStore:
-    """An open audit database: an engine plus read and write transactions that report typed errors."""
+    """An open audit database: one connection, with read and write transactions that report typed errors."""
 
-    def __init__(self, path: Path, engine: Engine) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.engine = engine
+        self.connection = self.connect()
 
     @classmethod
     def open(cls, path: Path, *, create: bool = True, migrate: bool = True) -> AuditStore:
@@ -57,7 +52,7 @@ class AuditStore:
             _create_private_file(path)
         elif path.is_dir():
             raise AuditLogUnavailable(path, f"the audit log path {path} is a folder, not a database file")
-        store = cls(path, _make_engine(path))
+        store = cls(path)
         try:
             if migrate:
                 store.migrate()
@@ -68,8 +63,30 @@ class AuditStore:
             raise
         return store
 
+    def connect(self) -> sqlite3.Connection:
+        """A new connection to this file, configured like every other (the writer makes its own)."""
+        # mode=rw: never let SQLite create a stray file (for instance after the database was deleted).
+        uri = self.path.absolute().as_uri() + "?mode=rw"
+        with self.translate_errors():
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=False,  # used by one thread at a time, not always the one that opened it
+                isolation_level=None,  # transactions are begun explicitly (BEGIN or BEGIN IMMEDIATE)
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA cache_size = -32000")  # 32 MB: stats and prune scan a lot
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
     def close(self) -> None:
-        self.engine.dispose()
+        self.connection.close()
 
     def __enter__(self) -> AuditStore:
         return self
@@ -78,32 +95,25 @@ class AuditStore:
         self.close()
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A read transaction: one consistent snapshot until the block ends; never blocks writers."""
-        with self.translate_errors(), self.engine.connect() as conn:
-            yield conn
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot until the block ends; never blocks writers.
+
+        A `read()` or `write()` block inside another joins the outer one's transaction."""
+        with self.translate_errors(), _transaction(self.connection, "BEGIN"):
+            yield self.connection
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE), committed when the block ends without error."""
-        with self.translate_errors(), self.engine.connect() as conn:
-            conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
-            with conn.begin():
-                yield conn
-
-    def connect_writer(self) -> Connection:
-        """A long-lived connection whose transactions begin IMMEDIATE (the writer thread owns it)."""
-        with self.translate_errors():
-            conn = self.engine.connect()
-        conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
-        return conn
+        with self.translate_errors(), _transaction(self.connection, "BEGIN IMMEDIATE"):
+            yield self.connection
 
     @contextmanager
     def translate_errors(self) -> Iterator[None]:
         """Turn driver errors into the typed AuditError family, naming the file."""
         try:
             yield
-        except DBAPIError as exc:
+        except sqlite3.Error as exc:
             raise classify_error(self.path, exc) from exc
 
     def applied_migrations(self) -> list[str]:
@@ -118,14 +128,14 @@ class AuditStore:
             return []
         applied_now: list[str] = []
         with self.write() as conn:
-            conn.exec_driver_sql(MIGRATIONS_TABLE)
+            conn.execute(MIGRATIONS_TABLE)
             done = set(_applied(conn))  # again, under the write lock: another process may have migrated
             for migration in wanted:
                 if migration.name in done:
                     continue
                 for statement in migration.statements:
-                    conn.exec_driver_sql(statement)
-                conn.exec_driver_sql(
+                    conn.execute(statement)
+                conn.execute(
                     "INSERT INTO audit_migrations (name, applied_at) VALUES (?, ?)",
                     (migration.name, format_timestamp(datetime.now(timezone.utc))),
                 )
@@ -133,8 +143,23 @@ class AuditStore:
         return applied_now
 
 
-def classify_error(path: Path, exc: DBAPIError) -> AuditError:
-    orig = exc.orig
+@contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
+    if conn.in_transaction:  # a block inside another joins its transaction
+        yield
+        return
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def classify_error(path: Path, orig: BaseException) -> AuditError:
+    """The typed error for a driver error (`sqlite3.Error`, also as SQLAlchemy's `exc.orig`)."""
     code = getattr(orig, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     detail = str(orig)
@@ -149,16 +174,14 @@ def classify_error(path: Path, exc: DBAPIError) -> AuditError:
     return AuditError(path, f"audit database error at {path} ({detail})")
 
 
-def _applied(conn: Connection) -> list[str]:
-    exists = conn.exec_driver_sql(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_migrations'"
-    ).first()
+def _applied(conn: sqlite3.Connection) -> list[str]:
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_migrations'").fetchone()
     if not exists:
         return []
-    return [row[0] for row in conn.exec_driver_sql("SELECT name FROM audit_migrations ORDER BY name")]
+    return [row[0] for row in conn.execute("SELECT name FROM audit_migrations ORDER BY name")]
 
 
-def _migrations_upto(upto: str | None):
+def _migrations_upto(upto: str | None) -> tuple[Migration, ...]:
     if upto is None:
         return MIGRATIONS
     names = [m.name for m in MIGRATIONS]
@@ -179,37 +202,3 @@ def _create_private_file(path: Path) -> None:
     except FileExistsError:
         return
     os.close(fd)
-
-
-def _make_engine(path: Path) -> Engine:
-    # mode=rw: never let SQLite create a stray file (for instance after the database was deleted).
-    uri = path.absolute().as_uri() + "?mode=rw"
-
-    def connect() -> sqlite3.Connection:
-        return sqlite3.connect(
-            uri,
-            uri=True,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            check_same_thread=False,  # the pool hands a connection to one thread at a time
-            isolation_level=None,  # SQLAlchemy's "begin" hook below emits BEGIN itself
-        )
-
-    engine = create_engine(f"sqlite+pysqlite:///{path.absolute()}", creator=connect)
-
-    @event.listens_for(engine, "connect")
-    def _configure(dbapi_connection: sqlite3.Connection, _record: object) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = FULL")
-            cursor.execute("PRAGMA cache_size = -32000")  # 32 MB: stats and prune scan a lot
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-    return engine

@@ -17,6 +17,11 @@ batch that fails (disk full, lock held past the busy timeout) stays at the head 
 and is retried with backoff. Nothing is dropped unless the queue passes `max_backlog`, the
 database refuses a row (a constraint or a wrong type: only that row goes), or the final flush
 in `stop()` gives up after `stop_timeout`; all of these are counted in `dropped` and logged.
+
+`record` takes the row's values at once (the caller may keep its object, for instance a
+`RequestOutcome` that extends `AuditRecord`). When no row is waiting, the writer also rolls up
+closed days for `audit stats` (see `rollup.py`), one day at a time. Its statements go through a
+SQLAlchemy engine (`sql_engine`) so telemetry can trace them; the CLI reads with `sqlite3`.
 """
 
 from __future__ import annotations
@@ -26,18 +31,19 @@ import logging
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
-from mlx_manager.audit.filters import AuditFilter
 from mlx_manager.audit.prune import PRUNE_BATCH
-from mlx_manager.audit.query import Order, delete_older_batch, insert_rows, query_rows
-from mlx_manager.audit.record import COLUMNS, AuditRecord
+from mlx_manager.audit.query import delete_older_batch, insert_rows
+from mlx_manager.audit.record import COLUMNS, INSERT_COLUMNS, AuditRecord
+from mlx_manager.audit.rollup import refresh_step
 from mlx_manager.audit.store import AuditStore
 
 log = logging.getLogger("mlx_manager.audit")
@@ -45,6 +51,9 @@ log = logging.getLogger("mlx_manager.audit")
 _END = object()
 # Driver errors that condemn a row, not the batch: retrying would fail the same way forever.
 _REJECTED_ROW = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
+_REQUEST_ID_AT = INSERT_COLUMNS.index("request_id")
+# How often the writer looks for closed days to roll up (sooner while some are left to do).
+ROLLUP_INTERVAL_S = 60.0
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
@@ -55,19 +64,17 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 class AuditFeed:
     """Rows as they are committed, for one live-feed consumer; use `async with` / `async for`.
 
-    A consumer that falls more than `maxsize` rows behind loses the oldest ones (counted in
-    `missed`) rather than slowing the writer. Iteration ends when the writer stops.
+    A consumer that falls more than `maxsize` rows behind loses the oldest ones rather than
+    slowing the writer. Iteration ends when the writer stops.
     """
 
     def __init__(self, writer: AuditWriter, maxsize: int) -> None:
         self._writer = writer
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
-        self.missed = 0
 
     def _put(self, item: Any) -> None:
         if self._queue.full():
             self._queue.get_nowait()
-            self.missed += 1
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> AuditFeed:
@@ -107,7 +114,7 @@ class AuditWriter:
         self.batch_size = batch_size
         self.max_backlog = max_backlog
         self.stop_timeout = stop_timeout
-        self._pending: deque[AuditRecord] = deque()
+        self._pending: deque[tuple[Any, ...]] = deque()  # AuditRecord.values(), taken at record()
         self._in_flight = 0
         self._accepted = 0
         self._written = 0
@@ -115,7 +122,10 @@ class AuditWriter:
         self._lost = 0  # the part of `_dropped` that had been accepted by record()
         self._feeds: set[AuditFeed] = set()
         self._store: AuditStore | None = None
-        self._conn: Any = None
+        self._engine: Engine | None = None
+        self._conn: Connection | None = None
+        self._rollup_due = 0.0  # loop time of the next look for days to roll up
+        self._rollup_checked: set[str] = set()  # rolled-up days whose counts were checked since start
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,7 +170,8 @@ class AuditWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
         try:
             self._store = await self._in_thread(AuditStore.open, self.path)
-            self._conn = await self._in_thread(self._store.connect_writer)
+            self._engine = _traced_engine(self._store)
+            self._conn = await self._in_thread(self._engine.connect)
         except BaseException:
             await self._close_resources()
             raise
@@ -203,7 +214,12 @@ class AuditWriter:
     # -- the daemon's calls --------------------------------------------------------------
 
     def record(self, row: AuditRecord) -> None:
-        """Queue one row; never blocks, never raises for I/O. Call it from the event loop's thread."""
+        """Queue one request's row; never blocks, never raises. Call it from the event loop's thread.
+
+        The values are taken now (`row.values()`): the caller may keep and change the object. A
+        record that cannot be stored (a naive timestamp, an unknown status, a NOT NULL column
+        unset) is counted in `dropped` and logged, like a row the database refuses.
+        """
         if self._closed:
             self._dropped += 1
             log.warning("audit row for request %s recorded after the writer stopped; not stored", row.request_id)
@@ -213,16 +229,22 @@ class AuditWriter:
             if self._dropped == 1 or self._dropped % 10_000 == 0:
                 log.error("audit backlog full (%d rows): %d rows dropped so far", self.max_backlog, self._dropped)
             return
-        self._pending.append(row)
+        try:
+            values = row.values()
+        except ValueError as exc:
+            self._dropped += 1
+            log.error("audit row for request %s not stored: %s", row.request_id, exc)
+            return
+        self._pending.append(values)
         self._accepted += 1
         if len(self._pending) >= self.batch_size:
             self._wake_soon()
 
     @property
-    def sql_engine(self):
-        """The SQLAlchemy engine of the open database (for tracing its statements)."""
-        assert self._store is not None, "AuditWriter not started"
-        return self._store.engine
+    def sql_engine(self) -> Engine:
+        """The SQLAlchemy engine the writer's statements go through (for tracing them)."""
+        assert self._engine is not None, "AuditWriter not started"
+        return self._engine
 
     def subscribe(self, *, maxsize: int = 1000) -> AuditFeed:
         """A live feed of rows (JSON-ready dicts, `COLUMNS` keys) from now on, each once committed."""
@@ -250,19 +272,6 @@ class AuditWriter:
             deleted += n
             if n < PRUNE_BATCH:
                 return deleted
-
-    async def query(
-        self, filters: AuditFilter | None = None, *, limit: int | None = 20, order: Order = "newest"
-    ) -> list[dict[str, Any]]:
-        """`query_rows` on a reading connection in a worker thread (WAL: reads never block writes)."""
-        assert self._store is not None, "AuditWriter not started"
-        store = self._store
-
-        def run() -> list[dict[str, Any]]:
-            with store.read() as conn:
-                return query_rows(conn, filters, limit=limit, order=order)
-
-        return await asyncio.to_thread(run)
 
     # -- inside ------------------------------------------------------------------------
 
@@ -296,6 +305,8 @@ class AuditWriter:
                     failures += 1
             if self._stopping and not self._pending:
                 return
+            if not self._pending and not self._stopping and self._loop.time() >= self._rollup_due:
+                await self._refresh_rollup()  # only while no row waits: rows first, the stats cache after
             delay = self.flush_interval - (self._loop.time() - started)
             if failures:
                 delay = min(0.1 * 2 ** (failures - 1), 2.0)
@@ -331,7 +342,7 @@ class AuditWriter:
                 self._progress.notify_all()
         return True
 
-    def _write_batch(self, batch: list[AuditRecord], want_rows: bool) -> tuple[list[dict[str, Any]], int]:
+    def _write_batch(self, values: list[tuple[Any, ...]], want_rows: bool) -> tuple[list[dict[str, Any]], int]:
         """On the writer thread: one transaction, one executemany. Returns the committed rows for
         the feeds and how many rows were rejected.
 
@@ -339,10 +350,10 @@ class AuditWriter:
         retry the batch forever: the batch is then written row by row and only that row is dropped.
         Anything else (lock, disk) raises, and the caller retries the whole batch later.
         """
-        values = [record.values() for record in batch]
+        assert self._conn is not None
         try:
             with self._conn.begin():
-                last = insert_rows(self._conn, values)
+                last = insert_rows(_Driver(self._conn), values)
         except DBAPIError as exc:
             if not isinstance(exc.orig, _REJECTED_ROW):
                 raise
@@ -350,28 +361,46 @@ class AuditWriter:
         if not want_rows:
             return [], 0
         first = last - len(values) + 1
-        return [dict(zip(COLUMNS, (first + offset, *row))) for offset, row in enumerate(values)], 0
+        return [dict(zip(COLUMNS, (first + offset, *row), strict=True)) for offset, row in enumerate(values)], 0
 
     def _write_one_by_one(self, values: list[tuple[Any, ...]], want_rows: bool) -> tuple[list[dict[str, Any]], int]:
+        assert self._conn is not None
         written: list[dict[str, Any]] = []
         rejected = 0
         with self._conn.begin():
             for row in values:
                 try:
-                    row_id = insert_rows(self._conn, [row])  # a failed statement undoes only itself
+                    row_id = insert_rows(_Driver(self._conn), [row])  # a failed statement undoes only itself
                 except DBAPIError as exc:
                     if not isinstance(exc.orig, _REJECTED_ROW):
                         raise
                     rejected += 1
-                    log.error("audit row for request %s rejected by the database: %s", row[0], exc.orig)
+                    log.error("audit row for request %s rejected by the database: %s", row[_REQUEST_ID_AT], exc.orig)
                     continue
                 if want_rows:
-                    written.append(dict(zip(COLUMNS, (row_id, *row))))
+                    written.append(dict(zip(COLUMNS, (row_id, *row), strict=True)))
         return written, rejected
 
     def _prune_batch(self, before: datetime) -> int:
+        assert self._conn is not None
         with self._conn.begin():
-            return delete_older_batch(self._conn, before, PRUNE_BATCH)
+            return delete_older_batch(_Driver(self._conn), before, PRUNE_BATCH)
+
+    async def _refresh_rollup(self) -> None:
+        """Roll up (at most) one closed day; look again soon while days are left, else in a while."""
+        assert self._loop is not None
+        try:
+            more = await self._in_thread(self._rollup_step, datetime.now(timezone.utc).date().isoformat())
+        except Exception as exc:  # a cache: the rows are safe, stats read them instead
+            reason = exc.orig if isinstance(exc, DBAPIError) else exc
+            log.warning("audit writer could not update the stats rollup of %s (will retry): %s", self.path, reason)
+            more = False
+        self._rollup_due = self._loop.time() + (0 if more else ROLLUP_INTERVAL_S)
+
+    def _rollup_step(self, today: str) -> bool:
+        assert self._conn is not None
+        with self._conn.begin():
+            return refresh_step(_Driver(self._conn), today, self._rollup_checked)
 
     def _publish(self, rows: Iterable[dict[str, Any]]) -> None:
         feeds = list(self._feeds)
@@ -380,14 +409,16 @@ class AuditWriter:
                 feed._put(dict(row) if len(feeds) > 1 else row)
 
     async def _close_resources(self) -> None:
-        conn, store, executor = self._conn, self._store, self._executor
-        self._conn = self._store = self._executor = None
+        conn, engine, store, executor = self._conn, self._engine, self._store, self._executor
+        self._conn = self._engine = self._store = self._executor = None
         if executor is None:
             return
 
         def close() -> None:
             if conn is not None:
                 conn.close()
+            if engine is not None:
+                engine.dispose()
             if store is not None:
                 store.close()
 
@@ -395,3 +426,32 @@ class AuditWriter:
             await asyncio.get_running_loop().run_in_executor(executor, close)
         finally:
             executor.shutdown(wait=False)
+
+
+class _Driver:
+    """A SQLAlchemy connection with `sqlite3.Connection`'s `execute`/`executemany`, so the shared
+    statements of `query.py` and `rollup.py` run through SQLAlchemy (and its tracing)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
+        if not parameters:
+            return self._conn.exec_driver_sql(sql)
+        return self._conn.exec_driver_sql(sql, tuple(parameters))
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> Any:
+        return self._conn.exec_driver_sql(sql, list(parameters))
+
+
+def _traced_engine(store: AuditStore) -> Engine:
+    """A SQLAlchemy engine over the store's connections whose transactions begin IMMEDIATE."""
+    engine = create_engine(f"sqlite+pysqlite:///{store.path.absolute()}", creator=store.connect)
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

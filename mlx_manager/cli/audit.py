@@ -1,7 +1,8 @@
 """`mlx-manager audit ...`: read, follow, query, summarise and prune the request audit log.
 
-The commands read the SQLite file directly, whether or not the daemon runs. SQLAlchemy is
-imported inside the commands only, so `mlx-manager --help` stays fast.
+The commands read the SQLite file directly (the standard library's `sqlite3`), whether or not
+the daemon runs. The audit package's modules are imported inside the commands, so `--help`
+stays fast; none of them imports SQLAlchemy on this path.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
-from rich import box
-from rich.table import Table
-from rich.text import Text
 
 from mlx_manager.audit.filters import AGE_FORMS, TIME_FORMS, AuditFilter, parse_time
 from mlx_manager.audit.record import COLUMNS, Backend, Status
+from mlx_manager.cli.audit_tables import ROW_COLUMNS, Layout, fit, print_table, stats_columns, stats_rows
 from mlx_manager.cli.completion import complete_key_name
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json
 
@@ -65,6 +64,12 @@ EndpointOption = Annotated[
     Optional[str], typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
 ]
 BackendOption = Annotated[Optional[Backend], typer.Option("--backend", help="Only this backend type.")]
+WideOption = Annotated[
+    bool, typer.Option("--wide", "-w", help="Show every column at full width, however wide the terminal.")
+]
+JsonlOption = Annotated[
+    bool, typer.Option("--jsonl", help="Print one JSON object per line (JSON Lines) instead of the table.")
+]
 KeyOption = Annotated[
     Optional[str],
     typer.Option(
@@ -82,8 +87,9 @@ KeyOption = Annotated[
 TAIL_EPILOG = (
     "Examples:\n\n"
     "  mlx-manager audit tail\n\n"
-    "  mlx-manager audit tail -n 100 --json | jq .duration_ms\n\n"
-    "  mlx-manager audit tail --follow"
+    "  mlx-manager audit tail -n 100 --json | jq '.[].duration_ms'\n\n"
+    "  mlx-manager audit tail --follow\n\n"
+    "  mlx-manager audit tail --follow --jsonl | jq .status"
 )
 
 
@@ -93,15 +99,24 @@ def tail(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new rows as they are written, until Ctrl-C.")
     ] = False,
-    json_output: JsonOption = False,
+    wide: WideOption = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the rows as one JSON array (with --follow, use --jsonl).")
+    ] = False,
+    jsonl: JsonlOption = False,
 ) -> None:
     """Show the most recent requests (newest last); --follow keeps printing new ones."""
-    path = _audit_path(json_output)
-    store = _open(path, json_output, waiting=follow)
+    if follow and json_output:
+        fail("--json prints one document and --follow never ends.", "Use --follow --jsonl: one JSON object per line.",
+             code=EXIT_USAGE, json_output=True)
+    printer = _RowPrinter(_format(json_output=json_output, jsonl=jsonl), wide=wide)
+    path = _audit_path(printer.machine)
+    store = _open(path, printer.machine, waiting=follow)
     if store is None:
+        printer.emit([])
         return
     try:
-        with _audit_errors(json_output), store:
+        with _audit_errors(printer.machine), store:
             from mlx_manager.audit.query import last_id, query_rows
 
             with store.read() as conn:  # one snapshot: no row falls between the tail and the follow
@@ -109,16 +124,16 @@ def tail(
                 seen = last_id(conn)
             if not rows and not follow:
                 err_console.print(f"The audit log at {path} has no requests yet.", markup=False, highlight=False)
-            _emit(rows, json_output, header=True)
+            printer.emit(rows)
             if follow:
-                _follow(store, seen, json_output, header_shown=bool(rows))
+                _follow(store, seen, printer)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     except BrokenPipeError:
         _quiet_broken_pipe()
 
 
-def _follow(store: AuditStore, seen: int, json_output: bool, *, header_shown: bool) -> None:
+def _follow(store: AuditStore, seen: int, printer: _RowPrinter) -> None:
     from mlx_manager.audit.errors import AuditLogBusy
     from mlx_manager.audit.query import query_rows
 
@@ -130,8 +145,7 @@ def _follow(store: AuditStore, seen: int, json_output: bool, *, header_shown: bo
             rows = []
         if rows:
             seen = rows[-1]["id"]
-            _emit(rows, json_output, header=not header_shown)
-            header_shown = True
+            printer.emit(rows)
         if len(rows) < FOLLOW_BATCH:
             time.sleep(FOLLOW_POLL_S)
 
@@ -150,7 +164,7 @@ QUERY_EPILOG = (
     "  mlx-manager audit query --model my-model --since 7d --limit 50\n\n"
     "  mlx-manager audit query --status timeout --since 2026-05-01 --until 2026-05-02\n\n"
     "  mlx-manager audit query --request-id 5f0c... --json\n\n"
-    "  mlx-manager audit query --key laptop --since 1d\n\n"
+    "  mlx-manager audit query --key laptop --since 1d --wide\n\n"
     "  mlx-manager audit query --since 30d --limit 0 --csv > requests.csv"
 )
 
@@ -169,42 +183,34 @@ def query(
     order: Annotated[
         Literal["newest", "oldest"], typer.Option("--order", help="Newest or oldest requests first.")
     ] = "newest",
-    json_output: JsonOption = False,
+    wide: WideOption = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the rows as one JSON array.")] = False,
+    jsonl: JsonlOption = False,
     csv_output: Annotated[bool, typer.Option("--csv", help="Print CSV with a header line instead of a table.")] = False,
 ) -> None:
     """Find requests by model, status, endpoint, backend, API key name, request id and time."""
-    if json_output and csv_output:
-        fail("--json and --csv cannot be used together.", "Pick one output format.", code=EXIT_USAGE)
-    filters = _filters(json_output, model=model, status=status, endpoint=endpoint, backend_type=backend,
+    output = _format(json_output=json_output, jsonl=jsonl, csv_output=csv_output)
+    filters = _filters(output != "table", model=model, status=status, endpoint=endpoint, backend_type=backend,
                        api_key=key, request_id=request_id, since=since, until=until)
-    path = _audit_path(json_output)
-    store = _open(path, json_output)
+    # The columns the user filtered by stay in the table, however narrow the terminal.
+    keep = {name for name in ("model", "status", "endpoint", "backend_type", "api_key") if getattr(filters, name)}
+    printer = _RowPrinter(output, wide=wide, keep=keep)
+    path = _audit_path(printer.machine)
+    store = _open(path, printer.machine)
     if store is None:
-        if csv_output:
-            _write_csv([])
+        printer.emit([])
         return
-    with _audit_errors(json_output), store:
+    with _audit_errors(printer.machine), store:
         from mlx_manager.audit.query import query_rows
 
         with store.read() as conn:
             rows = query_rows(conn, filters, limit=limit, order=order)
     try:
-        if csv_output:
-            _write_csv(rows)
-        elif not rows:
-            if not json_output:
-                err_console.print("No requests match.", markup=False, highlight=False)
-        else:
-            _emit(rows, json_output, header=True)
+        if not rows and output == "table":
+            err_console.print("No requests match.", markup=False, highlight=False)
+        printer.emit(rows)
     except BrokenPipeError:
         _quiet_broken_pipe()
-
-
-def _write_csv(rows: list[dict[str, Any]]) -> None:
-    writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    sys.stdout.flush()
 
 
 # -- stats -----------------------------------------------------------------------------
@@ -230,7 +236,8 @@ def stats(
     endpoint: EndpointOption = None,
     backend: BackendOption = None,
     key: KeyOption = None,
-    json_output: JsonOption = False,
+    wide: WideOption = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the lines as one JSON array.")] = False,
 ) -> None:
     """Summarise requests: count, error and timeout rates, p50/p95 duration, time to first token, tokens/s."""
     filters = _filters(json_output, model=model, endpoint=endpoint, backend_type=backend, api_key=key,
@@ -238,6 +245,8 @@ def stats(
     path = _audit_path(json_output)
     store = _open(path, json_output)
     if store is None:
+        if json_output:
+            print_json([])
         return
     with _audit_errors(json_output), store:
         from mlx_manager.audit.stats import compute_stats
@@ -245,45 +254,21 @@ def stats(
         with store.read() as conn:
             groups = compute_stats(conn, filters, by=by)
     if json_output:
-        for group in groups:
-            print_json(group)
+        print_json(groups)
         return
     if not groups:
         err_console.print("No requests in this window.", markup=False, highlight=False)
         return
-    table = Table(box=box.SIMPLE_HEAD, caption=_window_caption(since, until), caption_justify="left")
-    if by:
-        table.add_column(by, overflow="fold")
-    for header in ("requests", "errors", "timeouts", "cancelled", "p50 ms", "p95 ms", "mean TTFT ms", "tokens/s"):
-        table.add_column(header, justify="right", no_wrap=True)
-    for group in groups:
-        cells = [] if not by else ["-" if group[by] is None else str(group[by])]
-        cells += [
-            f"{group['requests']:,}",
-            _rate(group["errors"], group["error_rate"]),
-            _rate(group["timeouts"], group["timeout_rate"]),
-            _rate(group["cancelled"], group["cancelled"] / group["requests"]),
-            _number(group["p50_duration_ms"]),
-            _number(group["p95_duration_ms"]),
-            _number(group["mean_ttft_ms"]),
-            _number(group["tokens_per_second"], digits=1),
-        ]
-        table.add_row(*cells)
-    console.print(table)
+    rows = stats_rows(groups)
+    layout = fit(stats_columns(by), rows, console.width, wide=wide, keep={by} if by else ())
+    _say_hidden(layout)
+    print_table(console, layout, rows, caption=_window_caption(since, until))
 
 
 def _window_caption(since: datetime | None, until: datetime | None) -> str:
     start = _utc(since) if since else "the first request"
     end = _utc(until) if until else "now"
     return f"From {start} to {end}. Durations are whole requests; tokens/s is completion tokens per second of request time."
-
-
-def _rate(count: int, rate: float) -> str:
-    return f"{count:,} ({rate:.1%})"
-
-
-def _number(value: float | None, *, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 # -- prune -----------------------------------------------------------------------------
@@ -413,54 +398,50 @@ def _filters(json_output: bool, **values: Any) -> AuditFilter:
     return AuditFilter(**values)
 
 
-_STATUS_STYLES = {"success": "green", "error": "red", "timeout": "yellow", "cancelled": "magenta"}
-
-# (header, key, justify, min_width): min widths keep --follow rows aligned under the first table.
-_TABLE_COLUMNS = (
-    ("time (UTC)", "timestamp", "left", 19),
-    ("request id", "request_id", "left", 12),
-    ("key", "api_key", "left", 6),
-    ("model", "model", "left", 16),
-    ("endpoint", "endpoint", "left", 20),
-    ("status", "status", "left", 9),
-    ("http", "http_status", "right", 4),
-    ("ms", "duration_ms", "right", 7),
-    ("ttft ms", "time_to_first_token_ms", "right", 7),
-    ("in", "prompt_tokens", "right", 6),
-    ("out", "completion_tokens", "right", 6),
-    ("error", "error_type", "left", 5),
-)
+Output = Literal["table", "json", "jsonl", "csv"]
 
 
-def _emit(rows: list[dict[str, Any]], json_output: bool, *, header: bool) -> None:
-    if json_output:
-        for row in rows:
-            print_json(row)
+def _format(*, json_output: bool = False, jsonl: bool = False, csv_output: bool = False) -> Output:
+    chosen = [name for name, on in (("--json", json_output), ("--jsonl", jsonl), ("--csv", csv_output)) if on]
+    if len(chosen) > 1:
+        fail(f"{' and '.join(chosen)} cannot be used together.", "Pick one output format.", code=EXIT_USAGE)
+    return "json" if json_output else "jsonl" if jsonl else "csv" if csv_output else "table"
+
+
+class _RowPrinter:
+    """Prints audit rows as a table that fits the terminal (laid out by the first rows, so rows
+    that follow line up), one JSON array, JSON lines, or CSV."""
+
+    def __init__(self, output: Output, *, wide: bool = False, keep: set[str] | None = None) -> None:
+        self.output = output
+        self.wide = wide
+        self.keep = keep or set()
+        self.layout: Layout | None = None
+        self.machine = output != "table"
+
+    def emit(self, rows: list[dict[str, Any]]) -> None:
+        if self.output == "json":
+            print_json(rows)
+        elif self.output == "jsonl":
+            for row in rows:
+                print_json(row)
+        elif self.output == "csv":
+            writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        elif rows:
+            first = self.layout is None
+            if self.layout is None:
+                self.layout = fit(ROW_COLUMNS, rows, console.width, wide=self.wide, keep=self.keep)
+                _say_hidden(self.layout)
+            print_table(console, self.layout, rows, header=first)
         sys.stdout.flush()
-        return
-    if not rows:
-        return
-    table = Table(box=box.SIMPLE_HEAD, show_header=header, show_edge=False, pad_edge=False)
-    for title, _key, justify, width in _TABLE_COLUMNS:
-        table.add_column(title, justify=justify, min_width=width, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(key, row[key]) for _title, key, _justify, _width in _TABLE_COLUMNS))
-    console.print(table)
-    console.file.flush()
 
 
-def _cell(key: str, value: Any) -> str | Text:
-    if value is None:
-        return "-"
-    if key == "timestamp":
-        return value[:19].replace("T", " ")
-    if key == "status":
-        return Text(value, style=_STATUS_STYLES.get(value, ""))
-    if key in ("duration_ms", "time_to_first_token_ms"):
-        return f"{value:,.0f}"
-    if isinstance(value, int) and key != "http_status":
-        return f"{value:,}"
-    return str(value)
+def _say_hidden(layout: Layout) -> None:
+    note = layout.note()
+    if note:
+        err_console.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
 def _utc(value: datetime) -> str:
