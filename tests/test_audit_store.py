@@ -166,7 +166,7 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
 
     with AuditStore.open(db, migrate=False) as store:
         assert store.applied_migrations() == ["0001_create_audit_logs", "0002_audit_logs_indexes"]
-        assert store.migrate() == ["0003_audit_logs_api_key", "0004_audit_rollup"]
+        assert store.migrate() == ["0003_audit_logs_api_key", "0004_audit_rollup", "0005_audit_logs_generation_facts"]
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
         with store.read() as conn:
             assert list(table_columns(conn)) == list(COLUMNS)

@@ -170,7 +170,9 @@ def test_cancelled_and_timed_out_work_leaves_nothing_in_the_cache(engine, slow_m
     assert status.entries == 0 and status.bytes == 0
 
 
-def test_usage_reports_cached_tokens(fast_model):
+def test_usage_and_the_audit_row_report_cached_tokens(fast_model):
+    from tests.test_daemon_audit import row_for
+
     with serving(fast_model) as server:
         client = server.openai()
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello"}]
@@ -187,6 +189,8 @@ def test_usage_reports_cached_tokens(fast_model):
             )
         )
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+        row = row_for(server, raw.headers["x-request-id"])
+        assert row["cached_tokens"] == usage.prompt_tokens - 1
 
 
 def test_the_disk_tier_serves_a_known_prompt_after_a_restart_and_only_for_the_same_model(engine, tmp_path):

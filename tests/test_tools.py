@@ -357,8 +357,11 @@ def test_tool_definitions_calls_and_results_never_reach_the_disk_or_the_log(serv
         model=path, messages=history, tools=[tool], stream=True, extra_headers={"X-Request-ID": "tools-private-2"}
     ):
         pass
-    for request_id in ("tools-private-1", "tools-private-2"):
-        row_for(server, request_id)
+    called, answered = (row_for(server, request_id) for request_id in ("tools-private-1", "tools-private-2"))
+    # The row says that tools were offered and how many calls came back, and the thinking's size.
+    assert (called["tools_offered"], called["tool_calls"], called["constrained"]) == (1, 1, 0)
+    assert (answered["tools_offered"], answered["tool_calls"]) == (1, 0)
+    assert called["reasoning_tokens"] > 0 and answered["reasoning_tokens"] > 0
     secrets = [marker, "get_weather", '"city"', scripted.answer, scripted.thinking]
     for file in [p for p in server.daemon.audit.path.parent.rglob("*") if p.is_file()]:
         data = file.read_bytes()

@@ -89,6 +89,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_audit_rollup_day ON audit_rollup (day)",
         ),
     ),
+    Migration(
+        "0005_audit_logs_generation_facts",
+        (
+            # What a generation did, as counts and flags only (never the text, the tools or the
+            # schema): tokens restored from the prompt cache, thinking tokens, tools offered and
+            # calls made, structured output. Older rows keep NULL (unknown).
+            "ALTER TABLE audit_logs ADD COLUMN cached_tokens INTEGER",
+            "ALTER TABLE audit_logs ADD COLUMN reasoning_tokens INTEGER",
+            "ALTER TABLE audit_logs ADD COLUMN tools_offered BOOLEAN",
+            "ALTER TABLE audit_logs ADD COLUMN tool_calls INTEGER",
+            "ALTER TABLE audit_logs ADD COLUMN constrained BOOLEAN",
+        ),
+    ),
 )
 
 MIGRATIONS_TABLE = """

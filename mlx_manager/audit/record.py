@@ -33,7 +33,7 @@ STATUSES: tuple[str, ...] = ("success", "error", "timeout", "cancelled")
 BACKENDS: tuple[str, ...] = ("local", "openai", "anthropic")
 
 # How a value is printed in a table: the CLI has one renderer per kind.
-Kind = Literal["time", "id", "text", "model", "status", "code", "ms", "count"]
+Kind = Literal["time", "id", "text", "model", "status", "code", "ms", "count", "flag"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +112,12 @@ class AuditRecord:
     error_type: str | None = column(header="error", position=110, priority=5, width=5)
     # Last because migration 0003 appended it (ALTER TABLE adds at the end).
     api_key: str | None = column(header="key", position=30, priority=6, width=6)
+    # Migration 0005: what a generation did (None for other requests and for older rows).
+    cached_tokens: int | None = column(header="cached", kind="count", position=103, width=6)
+    reasoning_tokens: int | None = column(header="think", kind="count", position=104, width=6)
+    tools_offered: bool | None = column(header="tools", kind="flag", position=105)
+    tool_calls: int | None = column(header="calls", kind="count", position=106, width=5)
+    constrained: bool | None = column(header="json", kind="flag", position=107)
 
     def row(self) -> dict[str, Any]:
         """The values to store, by column name: checked and normalised now. Raises ValueError."""

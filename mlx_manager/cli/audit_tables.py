@@ -179,8 +179,13 @@ def _count(value: int) -> str:
     return f"{value:,}"
 
 
+def _flag(value: int) -> str:
+    return "yes" if value else "no"
+
+
 _RENDER: dict[str, Callable[[Any], Cell]] = {
-    "time": _time, "status": _status, "ms": _ms, "count": _count, "code": str, "id": str, "model": str, "text": str,
+    "time": _time, "status": _status, "ms": _ms, "count": _count, "flag": _flag, "code": str, "id": str, "model": str,
+    "text": str,
 }
 
 

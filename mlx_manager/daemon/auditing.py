@@ -11,7 +11,7 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from mlx_manager.audit import AuditError, AuditRecord, AuditWriter
+from mlx_manager.audit import AuditError, AuditWriter
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.state import DaemonState
 
@@ -31,7 +31,7 @@ class Auditing:
         self._pruner = asyncio.create_task(self._prune_forever())
 
     def record(self, outcome: RequestOutcome) -> None:
-        self.writer.record(AuditRecord(**outcome.audit_fields()))
+        self.writer.record(outcome)
 
     async def _prune_forever(self) -> None:
         """Prune at start, then every audit.prune_interval (both read from the current settings)."""

@@ -98,6 +98,7 @@ class GenerationCall(EngineCall):
         self.job: Job = daemon.engine.submit(job_request)  # Overloaded / EngineStopped: at once
         super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
         self.outcome.tools_offered = job_request.tools is not None
+        self.outcome.tool_calls = 0
         forced_call = job_request.tools is not None and job_request.tool_choice not in (None, "auto", "none")
         self.outcome.constrained = job_request.constraint is not None or forced_call
         self._events = aiter(self.job)

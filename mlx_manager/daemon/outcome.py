@@ -9,36 +9,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Literal
 
+from mlx_manager.audit.record import AuditRecord, Status
 from mlx_manager.telemetry import EngineSpan
 
-Status = Literal["success", "error", "timeout", "cancelled"]
 
+@dataclass(kw_only=True)
+class RequestOutcome(AuditRecord):
+    """The one record of a request. The audit columns are `AuditRecord`'s fields (the stored row
+    is taken from this object as it is); these add what only the daemon needs."""
 
-@dataclass
-class RequestOutcome:
-    request_id: str
-    endpoint: str  # the path, e.g. /v1/chat/completions
-    method: str
-    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    model: str | None = None
+    method: str = "GET"
     stream: bool = False
-    status: Status | None = None  # None until known; finish() derives it from the HTTP status
-    http_status: int | None = None
-    error_type: str | None = None  # the problem kind, e.g. "timeout", "model_not_found"
-    api_key: str | None = None  # the NAME of the API key that matched (never the key); None: none did
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None  # of prompt_tokens, restored from the prompt cache (generations only)
-    reasoning_tokens: int | None = None  # of completion_tokens, those of the thinking section
-    tools_offered: bool = False
-    tool_calls: int = 0  # calls the model made
-    constrained: bool = False  # structured output: a JSON schema, or a forced tool call (never the schema)
     grammar_compile_ms: float | None = None
-    duration_ms: float | None = None
-    time_to_first_token_ms: float | None = None
     first_token_at: float | None = None  # perf_counter() at the first token
     nothing_sent: bool = False  # the client left before its answer: whatever status was "sent" never arrived
     # How the engine's work ended: "stop"/"length", or "timeout", "cancelled", "error".
@@ -78,23 +61,6 @@ class RequestOutcome:
                 self.status = "timeout" if http_status == 504 else "error"
             else:
                 self.status = "success"
-
-    def audit_fields(self) -> dict:
-        """The keyword arguments of `mlx_manager.audit.AuditRecord` for this request."""
-        return {
-            "request_id": self.request_id,
-            "timestamp": self.started_at,
-            "endpoint": self.endpoint,
-            "status": self.status,
-            "duration_ms": self.duration_ms,
-            "model": self.model,
-            "http_status": self.http_status,
-            "time_to_first_token_ms": self.time_to_first_token_ms,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "error_type": self.error_type,
-            "api_key": self.api_key,
-        }
 
 
 def end_span(outcome: RequestOutcome) -> None:
