@@ -45,3 +45,15 @@ class GenerationFailed(EngineError):
 
 class WrongModelKind(EngineError):
     """An embedding model asked to generate, or a generative model asked for embeddings."""
+
+
+class ModelNotLoaded(EngineError):
+    """An unload asked for a model that is not loaded."""
+
+
+class ModelBusy(EngineError):
+    """An unload (not forced) asked for a model that still has jobs running or waiting."""
+
+
+class ModelUnloaded(EngineError):
+    """The job's model was unloaded by a forced unload while the job ran or waited."""
