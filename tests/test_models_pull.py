@@ -48,6 +48,10 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
+def weights_of(model: str | Path) -> Path:
+    return Path(model) / "model.safetensors"
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -97,7 +101,8 @@ def test_pull_reports_progress_as_json_and_fetches_only_what_a_model_needs(hub, 
     assert progress[-1]["bytes"] == progress[-1]["total_bytes"] == plan["total_bytes"]
     assert all(p["bytes_per_second"] >= 0 for p in progress)
     weights = [p for p in progress if p["name"] == "model.safetensors"]
-    assert weights[-1]["file_bytes"] == weights[-1]["file_size"] == (Path(fast_model) / "model.safetensors").stat().st_size
+    weights_size = (Path(fast_model) / "model.safetensors").stat().st_size
+    assert weights[-1]["file_bytes"] == weights[-1]["file_size"] == weights_size
     assert result == {
         "event": "done", "model": REPO, "commit": commit, "path": str(snapshot(hf_home, REPO, commit)), "kind": "chat",
         "quantization": "f32", "size_bytes": plan["total_bytes"], "downloaded_bytes": plan["total_bytes"],
@@ -145,7 +150,7 @@ def test_a_connection_dropped_mid_file_resumes_where_it_stopped(hub, hf_home, fa
     gets = hub.gets_of("model.safetensors")
     assert [g["range"] for g in gets] == [None, "bytes=200000-"]  # the second asks only for the rest
     commit = hub.repos[REPO].refs["main"]
-    assert sha256(snapshot(hf_home, REPO, commit) / "model.safetensors") == sha256(Path(fast_model) / "model.safetensors")
+    assert sha256(snapshot(hf_home, REPO, commit) / "model.safetensors") == sha256(weights_of(fast_model))
 
 
 def test_a_pull_stopped_with_ctrl_c_goes_on_where_it_stopped(hub, hf_home, fast_model):
@@ -182,7 +187,7 @@ def test_a_pull_stopped_with_ctrl_c_goes_on_where_it_stopped(hub, hf_home, fast_
     assert started["resume_from"] == 300_000
     assert [g["range"] for g in hub.gets_of("model.safetensors")] == ["bytes=300000-"]
     commit = hub.repos[REPO].refs["main"]
-    assert sha256(snapshot(hf_home, REPO, commit) / "model.safetensors") == sha256(Path(fast_model) / "model.safetensors")
+    assert sha256(snapshot(hf_home, REPO, commit) / "model.safetensors") == sha256(weights_of(fast_model))
     assert partial_size() == 0
 
 
@@ -258,19 +263,20 @@ def test_a_model_mlx_lm_cannot_load_is_refused_after_the_check(hub, hf_home, fas
                              "`mlx-manager models rm org/odd` removes it.")
 
 
+NOT_FOUND = ("org/missing was not found on {url}. Check the id; a private repo also needs HF_TOKEN set to a token "
+             "that may read it.")
+
+
 @pytest.mark.parametrize(
     ("model", "setup", "message"),
     [
-        ("org/missing", {}, "org/missing was not found on {url}. Check the id; a private repo also needs HF_TOKEN "
-                            "set to a token that may read it."),
-        ("org/missing", {"HF_TOKEN": "hf_good", "token": "hf_good"},  # with a token the hub says 404, not 401
-         "org/missing was not found on {url}. Check the id; a private repo also needs HF_TOKEN set to a token "
-         "that may read it."),
-        ("org/gated", {}, "org/gated is gated: its conditions must be accepted before it can be downloaded. Accept them "
-                          "at {url}/org/gated and set HF_TOKEN to a token of that account."),
-        (REPO, {"HF_TOKEN": "hf_wrong", "token": "hf_good"}, "{url} refused the token (HF_TOKEN or the saved login): it "
-                                                              "is invalid or expired. Set HF_TOKEN to a valid token, or "
-                                                              "unset it for public models."),
+        ("org/missing", {}, NOT_FOUND),
+        ("org/missing", {"HF_TOKEN": "hf_good", "token": "hf_good"}, NOT_FOUND),  # with a token: 404, not 401
+        ("org/gated", {}, "org/gated is gated: its conditions must be accepted before it can be downloaded. "
+                          "Accept them at {url}/org/gated and set HF_TOKEN to a token of that account."),
+        (REPO, {"HF_TOKEN": "hf_wrong", "token": "hf_good"},
+         "{url} refused the token (HF_TOKEN or the saved login): it is invalid or expired. "
+         "Set HF_TOKEN to a valid token, or unset it for public models."),
         (f"{REPO}@v9", {}, "org/tiny has no revision 'v9'. Give a branch, a tag or a commit hash that exists."),
         (REPO, {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set, so nothing can be downloaded. Unset it to pull."),
         ("not-a-repo-id", {}, "'not-a-repo-id' is not a Hugging Face repo id. Give it as ORG/NAME or "

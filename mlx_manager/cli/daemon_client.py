@@ -70,7 +70,9 @@ class DaemonError(Exception):
     """An admin call that did not succeed: no daemon, no answer, or a problem document.
     `message` reads as one CLI line; `kind` is the problem's code when the daemon sent one."""
 
-    def __init__(self, message: str, *, running: bool = True, status: int | None = None, kind: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, running: bool = True, status: int | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.running = running

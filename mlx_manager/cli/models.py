@@ -8,7 +8,7 @@ options and renders.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -158,9 +158,9 @@ def list_(json_output: JsonOption = False) -> None:
         models = local_models(settings.models.folders)
     except (HubError, OSError) as error:
         fail(f"cannot read the model cache: {error}.", json_output=json_output)
-    used = last_used_by_model(settings.audit_path())
+    used = last_used_by_model(settings.audit_path(), [m.id for m in models])
     allowed = settings.models.allowed
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": m.id, "kind": m.kind, "size_bytes": m.size_bytes, "quantization": m.quantization,
             "allowed": not allowed or m.id in allowed, "last_used": _iso(used.get(m.id)), "source": m.source,
@@ -182,9 +182,9 @@ def list_(json_output: JsonOption = False) -> None:
     for column, justify in (("ID", "left"), ("KIND", "left"), ("SIZE", "right"), ("QUANT", "left"),
                             ("ALLOWED", "left"), ("LAST USED", "left")):
         table.add_column(column, no_wrap=column != "ID", justify=justify)  # type: ignore[arg-type]
-    for row, model in zip(rows, models):
+    for row in rows:
         table.add_row(row["id"], row["kind"], format_bytes(row["size_bytes"]), row["quantization"] or "-",
-                      "yes" if row["allowed"] else "no", _ago(used.get(model.id)))
+                      "yes" if row["allowed"] else "no", _ago(used.get(row["id"])))
     console.print(table, markup=False, highlight=False)
 
 
@@ -195,7 +195,7 @@ def _iso(moment: datetime | None) -> str | None:
 def _ago(moment: datetime | None) -> str:
     if moment is None:
         return "never"
-    seconds = (datetime.now(timezone.utc) - moment).total_seconds()
+    seconds = (datetime.now(UTC) - moment).total_seconds()
     return f"{_span(seconds)} ago" if seconds >= 1 else "just now"
 
 
@@ -210,7 +210,9 @@ def _span(seconds: float) -> str:
 # -- ps / load / unload (the running daemon) ----------------------------------------------------------
 
 
-@app.command(epilog="Examples:\n\n  mlx-manager models ps\n\n  mlx-manager models ps --json | jq '.models[].memory_bytes'")
+@app.command(
+    epilog="Examples:\n\n  mlx-manager models ps\n\n  mlx-manager models ps --json | jq '.models[].memory_bytes'"
+)
 def ps(json_output: JsonOption = False) -> None:
     """Show what the running daemon has loaded: memory, jobs running and waiting, and when keep-alive unloads it."""
     from mlx_manager.cli.daemon_client import DaemonError, admin_call
@@ -251,7 +253,10 @@ def _until(model: dict[str, Any]) -> str:
     return f"in {_span(model['expires_in_seconds'])}"
 
 
-@app.command(epilog="Examples:\n\n  mlx-manager models load mlx-community/Qwen3-0.6B-4bit\n\n  mlx-manager models load ./models/my-model")
+@app.command(
+    epilog="Examples:\n\n  mlx-manager models load mlx-community/Qwen3-0.6B-4bit\n\n"
+    "  mlx-manager models load ./models/my-model"
+)
 def load(model: ModelArgument, json_output: JsonOption = False) -> None:
     """Load a model in the running daemon now, so the first request does not wait for it."""
     from mlx_manager.cli.daemon_client import DaemonError, admin_call
@@ -273,7 +278,9 @@ def load(model: ModelArgument, json_output: JsonOption = False) -> None:
 )
 def unload(
     model: ModelArgument,
-    force: Annotated[bool, typer.Option("--force", help="Fail the model's running and waiting requests and unload it anyway.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Fail the model's running and waiting requests and unload it anyway.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Unload a model from the running daemon, freeing its memory; refused while it has requests unless --force."""
@@ -302,10 +309,14 @@ def unload(
 def rm(
     model: CachedArgument,
     yes: YesOption = False,
-    force: Annotated[bool, typer.Option("--force", help="If the running daemon has it loaded, unload it first.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="If the running daemon has it loaded, unload it first.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Delete a model from the Hugging Face cache (asks first). Refused while the running daemon has it loaded, unless --force."""
+    """Delete a model from the Hugging Face cache (asks first).
+
+    Refused while the running daemon has it loaded, unless --force unloads it first."""
     from mlx_manager.hub.cache import find_cached, remove_cached
     from mlx_manager.hub.errors import HubError
     from mlx_manager.hub.pull import format_bytes

@@ -27,7 +27,7 @@ def check(path: Path) -> str:
         return "embedding"
     from mlx_lm import load
 
-    _model, tokenizer = load(str(path), lazy=True)
+    tokenizer = load(str(path), lazy=True)[1]
     return "chat" if tokenizer.has_chat_template else "text"
 
 

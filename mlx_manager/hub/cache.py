@@ -169,9 +169,8 @@ def _folder_models(folders: list[str]) -> list[LocalModel]:
             if config is None or not has_weights(path):
                 continue
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            found.append(
-                LocalModel(str(path.resolve()), path.resolve(), "folder", size, kind_of(path, config), quantization_of(config))
-            )
+            path = path.resolve()
+            found.append(LocalModel(str(path), path, "folder", size, kind_of(path, config), quantization_of(config)))
     return found
 
 
@@ -199,7 +198,8 @@ def find_cached(model_ref: str) -> CachedRepo:
                        "`mlx-manager models list` shows what is.")
     from huggingface_hub import scan_cache_dir
 
-    repo = next((r for r in scan_cache_dir(hf_cache_dir()).repos if r.repo_id == repo_id and r.repo_type == "model"), None)
+    repos = scan_cache_dir(hf_cache_dir()).repos
+    repo = next((r for r in repos if r.repo_id == repo_id and r.repo_type == "model"), None)
     revisions = sorted(repo.revisions, key=lambda r: r.commit_hash) if repo is not None else []
     if revision is not None:
         revisions = [r for r in revisions if revision in r.refs or r.commit_hash == revision]

@@ -153,7 +153,8 @@ def make_plan(model_ref: str) -> Plan:
     for name in sorted(n for n in siblings if any(fnmatch.fnmatch(n, p) for p in MODEL_FILES)):
         sibling = siblings[name]
         etag = sibling.lfs.sha256 if sibling.lfs is not None else sibling.blob_id
-        cached = (storage / "snapshots" / info.sha / name).exists() or bool(etag and (storage / "blobs" / etag).exists())
+        linked = (storage / "snapshots" / info.sha / name).exists()
+        cached = linked or bool(etag and (storage / "blobs" / etag).exists())
         if not cached and etag:
             present += _size(storage / "blobs" / f"{etag}.incomplete")
         files.append(RemoteFile(name, int(sibling.size or 0), etag, cached))
@@ -187,13 +188,15 @@ def _check_mlx_files(repo_id: str, names: list[str]) -> None:
     raise HubError(
         "not_mlx",
         f"{repo_id} is not an MLX model: it has no {' and no '.join(missing)}{holds}",
-        "Look for an MLX conversion of it (e.g. under https://huggingface.co/mlx-community) or make one with mlx_lm.convert.",
+        "Look for an MLX conversion of it (e.g. under https://huggingface.co/mlx-community)"
+        " or make one with mlx_lm.convert.",
     )
 
 
 def hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str | None) -> HubError:
     """huggingface_hub's exception (or its HTTP client's) as one HubError that says what to do."""
-    import httpx2
+    import httpx  # the bytes come over httpx (`_stream_into`)
+    import httpx2  # huggingface_hub's own client
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -217,12 +220,13 @@ def hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str | None)
         return HubError("not_found", f"{repo_id} was not found on {hub}",
                         "Check the id; a private repo also needs HF_TOKEN set to a token that may read it.")
     if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
-        return HubError("unauthorized", f"{hub} refused the token (HF_TOKEN or the saved login): it is invalid or expired",
+        return HubError("unauthorized",
+                        f"{hub} refused the token (HF_TOKEN or the saved login): it is invalid or expired",
                         "Set HF_TOKEN to a valid token, or unset it for public models.")
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "an error"
         return HubError("hub_error", f"{hub} answered {status} for {repo_id}", "Try again later.")
-    if isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (httpx.TransportError, httpx2.TransportError, ConnectionError, TimeoutError)):
         return HubError("unreachable", f"cannot reach the Hugging Face hub at {hub} ({type(exc).__name__}: {exc})",
                         "Check the network (and HF_ENDPOINT, if set); an interrupted pull resumes when run again.")
     return HubError("hub_error", f"downloading {repo_id} failed: {type(exc).__name__}: {exc}")
@@ -443,7 +447,8 @@ def check_loadable(path: Path, repo_id: str) -> str:
         answer = {}
     if done.returncode == 0 and answer.get("kind"):
         return str(answer["kind"])
-    reason = answer.get("error") or (done.stderr.strip().splitlines() or ["it exited with status %d" % done.returncode])[-1]
+    last_words = done.stderr.strip().splitlines() or [f"it exited with status {done.returncode}"]
+    reason = answer.get("error") or last_words[-1]
     raise HubError(
         "not_mlx",
         f"{repo_id} downloaded, but it cannot be loaded: {reason}",

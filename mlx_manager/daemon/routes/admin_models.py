@@ -53,7 +53,9 @@ class LoadedModel(BaseModel):
     queued_jobs: int = Field(description="generations waiting for a batch slot")
     idle_seconds: float
     keep_alive_seconds: float = Field(description="idle seconds before it is unloaded; 0: never")
-    expires_in_seconds: float | None = Field(description="seconds until keep-alive unloads it; null: not while busy, or never")
+    expires_in_seconds: float | None = Field(
+        description="seconds until keep-alive unloads it; null: not while busy, or never"
+    )
 
 
 class ModelsStatus(BaseModel):
@@ -171,5 +173,6 @@ def _problem(exc: Exception) -> Problem:
     from mlx_manager.hub.errors import HubError
 
     if isinstance(exc, HubError):
-        return Problem("pull_failed", exc.message, status=_PULL_STATUS.get(exc.kind, 502), reason=exc.kind, hint=exc.hint)
+        status = _PULL_STATUS.get(exc.kind, 502)
+        return Problem("pull_failed", exc.message, status=status, reason=exc.kind, hint=exc.hint)
     return Problem("internal_error", "the pull failed in an unexpected way; see the daemon's log")
