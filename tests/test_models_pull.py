@@ -126,7 +126,9 @@ def test_pull_reports_progress_as_json_and_fetches_only_what_a_model_needs(hub, 
 
 def test_pull_prints_plain_lines_when_not_on_a_terminal(hub, hf_home, fast_model):
     from mlx_manager.hub.pull import format_bytes
+    from mlx_manager.settings import config_path
 
+    config_path().write_text('[models]\nallowed = ["org/other"]\n')
     done = run_cli("models", "pull", REPO)
     assert done.returncode == 0, done.stderr
     commit = hub.repos[REPO].refs["main"]
@@ -137,6 +139,10 @@ def test_pull_prints_plain_lines_when_not_on_a_terminal(hub, hf_home, fast_model
     weights = format_bytes((Path(fast_model) / "model.safetensors").stat().st_size)
     assert f"\n  model.safetensors ({weights})\n" in done.stderr and "Checking that the model loads..." in done.stderr
     assert "\x1b[" not in done.stderr  # no bars, no colours
+    assert done.stderr.splitlines()[-1] == (
+        "Warning: models.allowed does not list org/tiny, so the daemon will refuse it; "
+        "add it with `mlx-manager config set models.allowed 'org/other, org/tiny'`."
+    )
     assert done.stdout.splitlines() == [
         f"Pulled {REPO} ({total}, chat) into {snapshot(hf_home, REPO, commit)}",
         f"Serve it: mlx-manager serve --model {REPO}",

@@ -80,7 +80,7 @@ class PlainDisplay(PullDisplay):
 
 
 class RichDisplay(PullDisplay):
-    """A bar per file and one for the whole pull, each with bytes, speed and time left."""
+    """A bar for the whole pull and one per file while it downloads, each with bytes, speed and time left."""
 
     def __init__(self) -> None:
         from rich.progress import (
@@ -117,6 +117,11 @@ class RichDisplay(PullDisplay):
             self.progress.update(task, completed=event["file_bytes"])
         if self.overall is not None:
             self.progress.update(self.overall, completed=event["bytes"])
+
+    def on_file_done(self, event: Event) -> None:
+        task = self.tasks.pop(event["name"], None)
+        if task is not None:  # a finished file makes room for the next: the total bar stays
+            self.progress.remove_task(task)
 
     def on_check(self, event: Event) -> None:
         self.close()

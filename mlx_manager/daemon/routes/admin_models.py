@@ -111,6 +111,7 @@ _PULL_STATUS = {"not_found": 404, "revision_not_found": 404, "not_mlx": 422, "di
 @router.post(
     "/admin/models/pull",
     response_class=EventStream,
+    status_code=200,  # EventStream's constructor takes no status for FastAPI to read it from
     responses={200: {"description": "The pull's events (see `mlx-manager models pull --json`), then the end of "
                      "the stream; a failure is an `error` event with a problem document.",
                      "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}},
