@@ -1,7 +1,9 @@
-"""Ask the running daemon (found through runtime's daemon.json) to do things: reload its settings.
+"""Ask the running daemon (found through runtime's daemon.json) to do things: reload its settings,
+and the admin calls behind `models ps | load | unload`.
 
 Protocol: `POST {url}/admin/reload` with `Authorization: Bearer <admin token>`; the daemon answers
-200 `{"applied": [...], "restart_needed": [...], "error": null}` or a problem document.
+200 `{"applied": [...], "restart_needed": [...], "error": null}` or a problem document. Other admin
+calls go through `admin_call`, which turns a problem document into a DaemonError.
 """
 
 from __future__ import annotations
