@@ -74,7 +74,8 @@ class Engine:
         return job
 
     async def load(self, model_id: str) -> ModelStatus:
-        """Load a model (or touch it if loaded); its status. Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed."""
+        """Load a model (or touch it if loaded) and return its status.
+        Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed."""
         reply: Reply[ModelStatus] = Reply(asyncio.get_running_loop())
         self._commands.put(Load(model_id, reply))
         return await reply.future
