@@ -24,6 +24,8 @@ SHELLS = {"bash": "mlx-manager.bash", "zsh": "_mlx-manager", "fish": "mlx-manage
 ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLES = [
+    ("Get a small model from the Hugging Face hub and serve it:",
+     "mlx-manager models pull mlx-community/Qwen3-0.6B-4bit\nmlx-manager serve --model mlx-community/Qwen3-0.6B-4bit"),
     ("Serve on the defaults (127.0.0.1:10242), loading models on first request:", "mlx-manager serve"),
     ("Preload a model and serve it:", "mlx-manager serve --model ./models/my-model"),
     ("Run the daemon in the background, check it and stop it:", "mlx-manager start\nmlx-manager status\nmlx-manager stop"),
@@ -152,6 +154,13 @@ def man_page() -> str:
         _esc("Overrides one setting, e.g. MLX_MANAGER_TIMEOUTS__CHAT=900."),
         ".TP", "\\fBHF_HUB_OFFLINE\\fR",
         _esc("Set to 1 to never reach the Hugging Face hub; models then load from folders or the local cache."),
+        ".TP", "\\fBHF_HOME\\fR, \\fBHF_HUB_CACHE\\fR",
+        _esc("Where the Hugging Face cache lives (models pull writes there, models list and rm read it); "
+             "default ~/.cache/huggingface."),
+        ".TP", "\\fBHF_TOKEN\\fR",
+        _esc("A Hugging Face token for gated or private repos (models pull)."),
+        ".TP", "\\fBHF_ENDPOINT\\fR",
+        _esc("The hub to pull from instead of https://huggingface.co (a mirror)."),
         ".SH FILES",
         ".TP", "\\fI$MLX_MANAGER_HOME/config.toml\\fR", "The settings file.",
         ".TP", "\\fI$MLX_MANAGER_HOME/audit.db\\fR", "The request audit log (SQLite, WAL mode).",

@@ -124,6 +124,10 @@ class ModelSettings(Section):
         1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
     )
     preload: list[str] = Field(default_factory=list, description="Models loaded when the daemon starts.")
+    folders: list[str] = Field(
+        default_factory=list,
+        description="Folders of model folders (besides the Hugging Face cache) that `mlx-manager models list` shows.",
+    )
     default_max_tokens: int = Field(
         512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."
     )

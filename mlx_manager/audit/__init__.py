@@ -50,6 +50,7 @@ _EXPORTS = {
     "compute_stats": "stats",
     "count_older": "prune",
     "prune_older": "prune",
+    "last_used_by_model": "last_used",
     "AuditWriter": "writer",
     "AuditFeed": "writer",
 }
@@ -59,6 +60,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from mlx_manager.audit.errors import AuditError, AuditLogBusy, AuditLogCorrupt, AuditLogMissing, AuditLogUnavailable
     from mlx_manager.audit.filters import AuditFilter, parse_age, parse_time
+    from mlx_manager.audit.last_used import last_used_by_model
     from mlx_manager.audit.prune import count_older, prune_older
     from mlx_manager.audit.query import count_rows, query_rows, select_rows
     from mlx_manager.audit.record import BACKENDS, COLUMNS, STATUSES, AuditRecord

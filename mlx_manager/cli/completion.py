@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def _cached_repo_ids() -> list[str]:
     """Hugging Face repos in the local cache (`models--org--name` folders), as `org/name`."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface", "hub"
-    )
+    from mlx_manager.hub.cache import hf_cache_dir
+
     try:
-        entries = os.listdir(cache)
+        entries = os.listdir(hf_cache_dir())
     except OSError:
         return []
     return sorted(e[len("models--"):].replace("--", "/", 1) for e in entries if e.startswith("models--"))
+
+
+def complete_cached_model(incomplete: str) -> list[str]:
+    """Repo ids in the Hugging Face cache: what `models rm` can delete."""
+    return [repo for repo in _cached_repo_ids() if repo.startswith(incomplete)]
 
 
 def complete_model(incomplete: str) -> list[str]:

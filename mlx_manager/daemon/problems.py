@@ -36,7 +36,9 @@ KINDS: dict[str, Kind] = {
     "not_found": Kind(404, "No such route", "not_found_error"),
     "model_not_found": Kind(404, "Unknown model", "invalid_request_error"),
     "model_not_allowed": Kind(404, "Model not allowed", "invalid_request_error"),
+    "model_not_loaded": Kind(404, "Model not loaded", "invalid_request_error"),
     "method_not_allowed": Kind(405, "Method not allowed", "invalid_request_error"),
+    "model_busy": Kind(409, "The model has jobs", "invalid_request_error"),
     "body_too_large": Kind(413, "Request body too large", "invalid_request_error"),
     "unsupported_media_type": Kind(415, "Unsupported media type", "invalid_request_error"),
     "invalid_json": Kind(422, "Malformed JSON", "invalid_request_error"),
@@ -45,11 +47,13 @@ KINDS: dict[str, Kind] = {
     "limit_exceeded": Kind(422, "Request over a limit", "invalid_request_error"),
     "rate_limited": Kind(429, "Too many requests", "rate_limit_error"),
     "internal_error": Kind(500, "Internal server error", "server_error"),
+    "pull_failed": Kind(502, "The pull from the Hugging Face hub failed", "server_error"),
     "model_load_failed": Kind(500, "The model could not be loaded", "server_error"),
     "generation_failed": Kind(500, "Generation failed", "server_error"),
     "overloaded": Kind(503, "Server overloaded", "server_error"),
     "draining": Kind(503, "Server shutting down", "server_error"),
     "not_ready": Kind(503, "Not ready", "server_error"),
+    "model_unloaded": Kind(503, "The model was unloaded", "server_error"),
     "timeout": Kind(504, "Request timed out", "timeout_error"),
 }
 

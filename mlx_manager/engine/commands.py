@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.jobs import EmbeddingJob, Job, Reply
+from mlx_manager.engine.types import ModelStatus
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,18 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Load:
-    """Load a model, or mark a loaded one as just used; the reply carries None or the error."""
+    """Load a model, or mark a loaded one as just used; the reply carries its status or the error."""
 
     model_id: str
+    reply: Reply[ModelStatus]
+
+
+@dataclass(frozen=True)
+class Unload:
+    """Unload a model now; refused (ModelBusy) while it has jobs, unless `force` fails them first."""
+
+    model_id: str
+    force: bool
     reply: Reply[None]
 
 
@@ -52,4 +62,4 @@ class Stop:
     """Fail every job with EngineStopped, unload every model, end the thread."""
 
 
-Command = Submit | Embed | Cancel | Load | Reconfigure | Stop
+Command = Submit | Embed | Cancel | Load | Unload | Reconfigure | Stop

@@ -12,11 +12,11 @@ import queue
 import threading
 from collections.abc import Callable
 
-from mlx_manager.engine.commands import Cancel, Command, Embed, Load, Reconfigure, Stop, Submit
+from mlx_manager.engine.commands import Cancel, Command, Embed, Load, Reconfigure, Stop, Submit, Unload
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import EngineStopped
 from mlx_manager.engine.jobs import Admission, EmbeddingJob, Job, Reply
-from mlx_manager.engine.types import EmbeddingRequest, EngineStatus, GenerationRequest
+from mlx_manager.engine.types import EmbeddingRequest, EngineStatus, GenerationRequest, ModelStatus
 from mlx_manager.engine.worker import Worker
 
 
@@ -73,10 +73,18 @@ class Engine:
         self._commands.put(Embed(job))
         return job
 
-    async def load(self, model_id: str) -> None:
-        """Load a model (or touch it if loaded). Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed."""
-        reply: Reply[None] = Reply(asyncio.get_running_loop())
+    async def load(self, model_id: str) -> ModelStatus:
+        """Load a model (or touch it if loaded) and return its status.
+        Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed."""
+        reply: Reply[ModelStatus] = Reply(asyncio.get_running_loop())
         self._commands.put(Load(model_id, reply))
+        return await reply.future
+
+    async def unload(self, model_id: str, force: bool = False) -> None:
+        """Unload a model now. Raises ModelNotLoaded, or ModelBusy while it has jobs unless `force`,
+        which ends them with ModelUnloaded first."""
+        reply: Reply[None] = Reply(asyncio.get_running_loop())
+        self._commands.put(Unload(model_id, force, reply))
         await reply.future
 
     def _cancel(self, job: Job) -> None:

@@ -49,3 +49,15 @@ class WrongModelKind(EngineError):
 
 class ToolsNotSupported(EngineError):
     """A request with tools for a model whose chat template has no tool-call format."""
+
+
+class ModelNotLoaded(EngineError):
+    """An unload asked for a model that is not loaded."""
+
+
+class ModelBusy(EngineError):
+    """An unload (not forced) asked for a model that still has jobs running or waiting."""
+
+
+class ModelUnloaded(EngineError):
+    """The job's model was unloaded by a forced unload while the job ran or waited."""

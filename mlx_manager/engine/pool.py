@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,25 +36,30 @@ class LoadedModel:
     vocab_size: int | None = None
     kind: str = "generate"  # or "embed": then `model` is an engine.embedding_model.EmbeddingModel
     prompt_cache: PromptCache | None = None  # made with its first generation; goes with the model
+    memory_bytes: int = 0  # MLX memory the load allocated
 
 
 def resolve(model_id: str) -> Path:
-    """A local folder, or a Hugging Face repo id already in the local cache (never downloads)."""
+    """A local folder, or a Hugging Face repo id already in the local cache (never downloads).
+
+    A repo id may name a revision, `org/name@v1.0` or `org/name@<commit>`, as `models pull` takes it."""
     path = Path(model_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelNotFound(f"{model_id!r} is a folder but holds no config.json")
         return path.resolve()
-    if model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
+    repo_id, _, revision = model_id.partition("@")
+    if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(model_id, local_files_only=True))
+            return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
         except (LocalEntryNotFoundError, ValueError, OSError):
             pass
     raise ModelNotFound(
         f"model {model_id!r} is neither a local folder nor a Hugging Face repo in the local cache"
+        " (`mlx-manager models pull` downloads one)"
     )
 
 
@@ -79,8 +84,9 @@ class ModelPool:
         self._models: OrderedDict[Path, LoadedModel] = OrderedDict()
         self._ids: dict[str, Path] = {}
 
-    def statuses(self) -> tuple[ModelStatus, ...]:
-        """What `Engine.status()` shows of each loaded model, least recently used first."""
+    def statuses(self, queued: Mapping[Path, int] | None = None) -> tuple[ModelStatus, ...]:
+        """What `Engine.status()` shows of each loaded model, least recently used first;
+        `queued` counts the jobs waiting for each model's batch."""
         now = time.monotonic()
         return tuple(
             ModelStatus(
@@ -91,12 +97,29 @@ class ModelPool:
                 idle_seconds=0.0 if m.active_jobs else now - m.last_used,
                 keep_alive=self.keep_alive,
                 cache=m.prompt_cache.status() if m.prompt_cache is not None else CacheStatus(),
+                memory_bytes=m.memory_bytes,
+                queued_jobs=(queued or {}).get(m.path, 0),
             )
             for m in self._models.values()
         )
 
     def entries(self) -> list[LoadedModel]:
         return list(self._models.values())
+
+    def path_of(self, model_id: str) -> Path | None:
+        """The folder of a loaded model known by this id, without touching the disk; else None."""
+        path = self._ids.get(model_id)
+        return path if path in self._models else None
+
+    def find(self, model_id: str) -> LoadedModel | None:
+        """The loaded model this id names (an id it was loaded under, or its folder), never loading it."""
+        path = self.path_of(model_id)
+        if path is None:
+            try:
+                path = resolve(model_id)
+            except ModelNotFound:
+                return None
+        return self._models.get(path)
 
     def check_allowed(self, model_id: str) -> None:
         if not self.allowed or model_id in self.allowed:
@@ -138,6 +161,7 @@ class ModelPool:
         embedding = is_embedding_model(path, config)
         self.loading = model_id
         self._on_change()
+        before = mx.get_active_memory()
         try:
             with model_load_span(model_id) as span:
                 if embedding:
@@ -154,18 +178,20 @@ class ModelPool:
             self.loading = None
             self._on_change()
         seconds = span.seconds or 0.0
+        memory = max(0, mx.get_active_memory() - before)
         log.info("loaded %s model %s from %s in %.2fs", "embedding" if embedding else "text", model_id, path, seconds)
         for listener in self.load_listeners:
             listener(model_id, seconds)
         if embedding:
             return LoadedModel(
-                model_id, path, model, tokenizer, model.max_tokens, seconds, vocab_size=model.vocab_size, kind="embed"
+                model_id, path, model, tokenizer, model.max_tokens, seconds, vocab_size=model.vocab_size, kind="embed",
+                memory_bytes=memory,
             )
         context = config.get("max_position_embeddings")
         vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         return LoadedModel(
             model_id, path, model, tokenizer, context if isinstance(context, int) else None, seconds,
-            vocab_size=vocab if isinstance(vocab, int) else None,
+            vocab_size=vocab if isinstance(vocab, int) else None, memory_bytes=memory,
         )
 
     def _make_room(self) -> None:
@@ -211,6 +237,10 @@ class ModelPool:
         gc.collect()
         mx.clear_cache()
         self._on_change()
+
+    def unload(self, entry: LoadedModel, why: str) -> None:
+        """Unload this model now; the caller has ended its jobs."""
+        self._unload(entry.path, why)
 
     def unload_all(self) -> None:
         for path in list(self._models):

@@ -135,6 +135,8 @@ class ModelStatus:
     active_jobs: int
     idle_seconds: float  # since its last use (0 while it has jobs)
     keep_alive: float  # seconds idle before it is unloaded; 0: never
+    memory_bytes: int = 0  # MLX memory its load took (weights and what loading them allocated)
+    queued_jobs: int = 0  # generations waiting for a batch slot on it
     cache: CacheStatus = CacheStatus()
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_manager.engine.batch import ModelBatch, Slot
-from mlx_manager.engine.commands import Cancel, Command, Embed, Load, Reconfigure, Stop, Submit
+from mlx_manager.engine.commands import Cancel, Command, Embed, Load, Reconfigure, Stop, Submit, Unload
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.embedding_queue import EmbeddingQueue, entry_of, result_of
 from mlx_manager.engine.errors import (
@@ -26,6 +26,9 @@ from mlx_manager.engine.errors import (
     EngineStopped,
     GenerationFailed,
     InvalidRequest,
+    ModelBusy,
+    ModelNotLoaded,
+    ModelUnloaded,
     ToolsNotSupported,
     WrongModelKind,
 )
@@ -78,7 +81,8 @@ class Worker:
         self._shutdown()
 
     def _publish(self) -> None:
-        self.snapshot = WorkerSnapshot(models=self.pool.statuses(), loading=self.pool.loading)
+        queued = Counter(path for job in self.pending if (path := self.pool.path_of(job.request.model)) is not None)
+        self.snapshot = WorkerSnapshot(models=self.pool.statuses(queued), loading=self.pool.loading)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -102,13 +106,19 @@ class Worker:
                 self._cancel(job)
             case Load(model_id, reply):
                 try:
-                    self.pool.load(model_id)
-                    reply.settle(None)
+                    entry = self.pool.load(model_id)
+                    reply.settle(next(s for s in self.pool.statuses() if s.path == str(entry.path)))
                 except EngineError as exc:
                     reply.settle(error=exc)
                 except Exception as exc:
                     log.exception("loading %s failed", model_id)
                     reply.settle(error=GenerationFailed(f"loading {model_id!r} failed: {type(exc).__name__}"))
+            case Unload(model_id, force, reply):
+                try:
+                    self._unload(model_id, force)
+                    reply.settle(None)
+                except EngineError as exc:
+                    reply.settle(error=exc)
             case Reconfigure(config):
                 self.config = config
                 self.pool.allowed = list(config.allowed)
@@ -230,6 +240,30 @@ class Worker:
             batch.close()
             del self.batches[path]
 
+    def _unload(self, model_id: str, force: bool) -> None:
+        """Unload a model on request. Its jobs (running, waiting for a slot, embedding) block it
+        unless `force`: then each ends with ModelUnloaded first, so no caller waits forever."""
+        entry = self.pool.find(model_id)
+        if entry is None:
+            raise ModelNotLoaded(f"model {model_id!r} is not loaded")
+        waiting = [job for job in self.pending if self.pool.path_of(job.request.model) == entry.path]
+        busy = entry.active_jobs + len(waiting)
+        if busy and not force:
+            raise ModelBusy(f"model {model_id!r} has {busy} job(s) running or waiting; force the unload to end them")
+        gone = ModelUnloaded(f"model {entry.model_id!r} was unloaded by an administrator")
+        batch = self.batches.pop(entry.path, None)
+        if batch is not None:
+            for slot in batch.slots.values():
+                slot.job.emit(gone)
+            batch.close()
+        for job in waiting:
+            self.pending.remove(job)
+            job.emit(gone)
+        for embedding_job in self.embeddings.fail(entry):
+            embedding_job.settle(error=gone)
+        entry.active_jobs = 0
+        self.pool.unload(entry, "unloaded on request")
+
     # -- embedding jobs ----------------------------------------------------------------------
     def _admit_embedding(self, job: EmbeddingJob) -> None:
         if job.cancelled:
@@ -292,7 +326,7 @@ class Worker:
                     job.emit(stopped)
                 case Embed(job):
                     job.settle(error=stopped)
-                case Load(_, reply):
+                case Load(_, reply) | Unload(_, _, reply):
                     reply.settle(error=stopped)
         self.pool.unload_all()
         self._publish()

@@ -22,12 +22,14 @@ from mlx_manager.daemon.state import Daemon, DaemonState, get_daemon
 log = logging.getLogger("mlx_manager.daemon")
 
 
-def admin_refusal(connection: HTTPConnection, daemon: DaemonState) -> Problem | None:
-    """Why this HTTP request or WebSocket may not use an admin endpoint, or None if it may."""
+def admin_refusal(connection: HTTPConnection, daemon: DaemonState, *, or_key: bool = False) -> Problem | None:
+    """Why this HTTP request or WebSocket may not use an admin endpoint, or None if it may.
+    `or_key`: the endpoint also takes an API key, from any client (the refusal says so)."""
     client = connection.client.host if connection.client else None
     if not is_loopback_address(client):
         log.warning("refused admin call %s from %s", connection.url.path, client)
-        return Problem("forbidden", "admin endpoints answer only clients on this machine")
+        also = " (or, with an API key, from anywhere)" if or_key else ""
+        return Problem("forbidden", f"admin endpoints answer only clients on this machine{also}")
     token = bearer_token(connection.headers.get("authorization", ""))
     expected = daemon.admin_token.encode()
     # An empty expected token (no token file could be made) must refuse everyone, not admit "".
@@ -42,6 +44,18 @@ def admin_refusal(connection: HTTPConnection, daemon: DaemonState) -> Problem | 
 
 def require_admin(request: Request, daemon: Annotated[DaemonState, Depends(get_daemon)]) -> None:
     problem = admin_refusal(request, daemon)
+    if problem is not None:
+        raise problem
+
+
+def require_admin_or_key(request: Request, daemon: Annotated[DaemonState, Depends(get_daemon)]) -> None:
+    """The admin token from this machine, or an API key from anywhere (named on the audit row)."""
+    token = bearer_token(request.headers.get("authorization", ""))
+    key_name = daemon.keyring.match(token) if token is not None and daemon.keyring else None
+    if key_name is not None:
+        request.scope["mlx_manager.outcome"].api_key = key_name
+        return
+    problem = admin_refusal(request, daemon, or_key=True)
     if problem is not None:
         raise problem
 
