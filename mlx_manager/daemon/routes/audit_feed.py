@@ -28,7 +28,7 @@ async def audit_feed(websocket: WebSocket) -> None:
     if problem is not None:
         await websocket.close(code=POLICY_VIOLATION, reason=problem.detail)
         # The middleware records HTTP requests only: a refused feed leaves its audit row here.
-        outcome = RequestOutcome(request_id_from(websocket.scope), websocket.url.path, "GET")
+        outcome = RequestOutcome(request_id=request_id_from(websocket.scope), endpoint=websocket.url.path, method="GET")
         outcome.fail(problem.kind)
         outcome.finish(problem.status)
         daemon.emit(outcome)
