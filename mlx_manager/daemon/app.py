@@ -13,7 +13,18 @@ from mlx_manager.auth import load_keyring
 from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
 from mlx_manager.daemon.openapi import describe_errors
-from mlx_manager.daemon.routes import admin, audit_feed, chat, completions, embeddings, health, metrics, models
+from mlx_manager.daemon.routes import (
+    admin,
+    audit_feed,
+    chat,
+    completions,
+    embeddings,
+    health,
+    messages,
+    metrics,
+    models,
+    responses,
+)
 from mlx_manager.daemon.outcome import RequestOutcome, end_span
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.engine import Engine
@@ -84,7 +95,7 @@ def create_app(
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, embeddings, models, health, metrics, admin, audit_feed):
+    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, audit_feed):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)

@@ -174,7 +174,14 @@ class ModelBatch:
         if reason is None:
             return False
         finish_reason = "tool_calls" if reason == "stop" and output.calls else reason
-        job.emit(Finished(finish_reason, slot.prompt_tokens, job.completion_tokens, output.reasoning_tokens))  # type: ignore[arg-type]
+        finished = Finished(
+            finish_reason,  # type: ignore[arg-type]
+            slot.prompt_tokens,
+            job.completion_tokens,
+            output.reasoning_tokens,
+            stop_sequence=output.text.matched,
+        )
+        job.emit(finished)
         return True
 
     def recover(self) -> list[Slot]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.jobs import EmbeddingJob, Job, Reply
+from mlx_manager.engine.types import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ class Load:
 
 
 @dataclass(frozen=True)
+class CountTokens:
+    """Apply the chat template (loading the model if needed) and reply with the prompt's length."""
+
+    request: GenerationRequest
+    reply: Reply[int]
+
+
+@dataclass(frozen=True)
 class Reconfigure:
     """New limits and allow-list; models over the new limits go when idle."""
 
@@ -52,4 +61,4 @@ class Stop:
     """Fail every job with EngineStopped, unload every model, end the thread."""
 
 
-Command = Submit | Embed | Cancel | Load | Reconfigure | Stop
+Command = Submit | Embed | Cancel | Load | CountTokens | Reconfigure | Stop

@@ -13,6 +13,7 @@ class TextStream:
         self._stop = [s for s in stop if s]
         self._held = ""
         self.stopped = False  # a stop string was found: the job is over
+        self.matched: str | None = None  # which one
 
     def add(self, token: int) -> str:
         self._detokenizer.add_token(token)
@@ -29,8 +30,9 @@ class TextStream:
         if not self._stop:
             self._held = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             self.stopped = True
             self._held = ""
             return text[:cut]
