@@ -17,7 +17,15 @@ from anthropic.types.shared import ErrorResponse
 from pydantic import TypeAdapter
 
 from tests.daemon_server import LiveServer, serving
-from tests.scripted_model import HERMES_PARALLEL, HERMES_TOOL, MISTRAL_PARALLEL, QUESTION, WEATHER_RESULT, WEATHER_TOOL, Scripted
+from tests.scripted_model import (
+    HERMES_PARALLEL,
+    HERMES_TOOL,
+    MISTRAL_PARALLEL,
+    QUESTION,
+    WEATHER_RESULT,
+    WEATHER_TOOL,
+    Scripted,
+)
 from tests.test_daemon_audit import row_for
 from tests.test_daemon_timeouts import sse_events
 
@@ -64,7 +72,9 @@ def question() -> list[dict]:
 
 def after_tool(content: list) -> list[dict]:
     """The question, the model's answer with its calls (the SDK's blocks), a result for each call."""
-    results = [{"type": "tool_result", "tool_use_id": b.id, "content": WEATHER_RESULT} for b in content if b.type == "tool_use"]
+    results = [
+        {"type": "tool_result", "tool_use_id": b.id, "content": WEATHER_RESULT} for b in content if b.type == "tool_use"
+    ]
     return [*question(), {"role": "assistant", "content": content}, {"role": "user", "content": results}]
 
 
@@ -122,7 +132,9 @@ def test_tool_use_round_trip(client, models, name):
     final = client.messages.create(model=path, max_tokens=300, messages=after_tool(first.content), tools=[TOOL])
     assert final.stop_reason == "end_turn"
     assert [b.text for b in blocks(final, "text")] == [scripted.answer]
-    assert [b.thinking for b in blocks(final, "thinking")] == ([scripted.answer_thinking] if scripted.answer_thinking else [])
+    assert [b.thinking for b in blocks(final, "thinking")] == (
+        [scripted.answer_thinking] if scripted.answer_thinking else []
+    )
     assert blocks(final, "tool_use") == []
 
 
@@ -161,8 +173,12 @@ def test_streamed_events_are_anthropics_and_build_the_same_message(server, clien
             open_index = None
     for index, text in json_text.items():
         content[index]["input"] = json.loads(text)
-    assert content == [block.model_dump(exclude_none=True) | {"id": content[i].get("id")} if block.type == "tool_use"
-                       else block.model_dump(exclude_none=True) for i, block in enumerate(whole.content)]
+    assert content == [
+        block.model_dump(exclude_none=True) | {"id": content[i].get("id")}
+        if block.type == "tool_use"
+        else block.model_dump(exclude_none=True)
+        for i, block in enumerate(whole.content)
+    ]
     delta = events[-2][1]
     assert delta["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
     assert delta["usage"]["output_tokens"] == whole.usage.output_tokens
@@ -186,7 +202,10 @@ def test_thinking_can_be_turned_off(client, models):
     path, scripted = models["hermes"]
     first = client.messages.create(model=path, max_tokens=300, messages=question(), tools=[TOOL])
     final = client.messages.create(
-        model=path, max_tokens=300, messages=after_tool(blocks(first, "tool_use")), tools=[TOOL],
+        model=path,
+        max_tokens=300,
+        messages=after_tool(blocks(first, "tool_use")),
+        tools=[TOOL],
         thinking={"type": "disabled"},
     )
     assert [b.type for b in final.content] == ["text"] and final.content[0].text == scripted.answer
@@ -195,11 +214,18 @@ def test_thinking_can_be_turned_off(client, models):
 def test_thinking_shown_or_omitted(client, models):
     path, scripted = models["hermes"]
     shown = client.messages.create(
-        model=path, max_tokens=2048, messages=question(), tools=[TOOL], thinking={"type": "enabled", "budget_tokens": 1024}
+        model=path,
+        max_tokens=2048,
+        messages=question(),
+        tools=[TOOL],
+        thinking={"type": "enabled", "budget_tokens": 1024},
     )
     assert [b.thinking for b in blocks(shown, "thinking")] == [scripted.thinking]
     omitted = client.messages.create(
-        model=path, max_tokens=2048, messages=question(), tools=[TOOL],
+        model=path,
+        max_tokens=2048,
+        messages=question(),
+        tools=[TOOL],
         thinking={"type": "adaptive", "display": "omitted"},
     )
     assert [b.thinking for b in blocks(omitted, "thinking")] == [""]
@@ -217,7 +243,10 @@ def test_tool_choice_none_hides_the_tools(client, models):
 def test_disable_parallel_tool_use_stops_after_one_call(client, models):
     path, scripted = models["hermes_parallel"]
     message = client.messages.create(
-        model=path, max_tokens=300, messages=question(), tools=[TOOL],
+        model=path,
+        max_tokens=300,
+        messages=question(),
+        tools=[TOOL],
         tool_choice={"type": "auto", "disable_parallel_tool_use": True},
     )
     assert [(c.name, c.input) for c in blocks(message, "tool_use")] == expected_calls(scripted)[:1]
@@ -228,7 +257,9 @@ def test_a_stop_sequence_ends_the_answer_and_is_named(server, client, models):
     message = client.messages.create(model=path, max_tokens=200, messages=question(), stop_sequences=["zzz", "look"])
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == "look"
     assert message.content[0].text == scripted.plain[: scripted.plain.index("look")]
-    _, events = raw_stream(server, {"model": path, "max_tokens": 200, "messages": question(), "stop_sequences": ["look"]})
+    _, events = raw_stream(
+        server, {"model": path, "max_tokens": 200, "messages": question(), "stop_sequences": ["look"]}
+    )
     assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "look"}
 
 
@@ -241,13 +272,21 @@ def test_max_tokens_ends_the_answer(client, models):
 def test_system_prompt_and_block_content_reach_the_template(server, client, models):
     path, scripted = models["hermes"]
     message = client.messages.create(
-        model=path, max_tokens=300, tools=[TOOL], extra_headers={"X-Request-ID": "messages-system-1"},
+        model=path,
+        max_tokens=300,
+        tools=[TOOL],
+        extra_headers={"X-Request-ID": "messages-system-1"},
         system=[{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello."}, {"type": "text", "text": QUESTION}]}],
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Hello."}, {"type": "text", "text": QUESTION}]}
+        ],
     )
     assert [(c.name, c.input) for c in blocks(message, "tool_use")] == expected_calls(scripted)
     sent = server.engine.job("messages-system-1").request.messages
-    assert sent == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"Hello.\n\n{QUESTION}"}]
+    assert sent == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": f"Hello.\n\n{QUESTION}"},
+    ]
 
 
 def test_count_tokens_is_the_prompt_the_model_sees(client, models):
@@ -288,11 +327,17 @@ def assert_anthropic_problem(response: httpx.Response, status: int, kind: str) -
     [
         ({"tool_choice": {"type": "any"}}, "tool_choice", "constrained decoding"),
         ({"tool_choice": {"type": "tool", "name": "get_weather"}}, "tool_choice", "constrained decoding"),
-        ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "output_config.format",
-         "constrained decoding"),
+        (
+            {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
+            "output_config.format",
+            "constrained decoding",
+        ),
         ({"tools": [{**TOOL, "strict": True}]}, "tools.0.strict", "constrained decoding"),
-        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}]},
-         "messages.0.content.0", "text models only"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}]},
+            "messages.0.content.0",
+            "text models only",
+        ),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0", "server tools"),
         ({"container": "container_1"}, "container", "not supported"),
         ({"thinking": {"type": "between_tools"}}, "thinking", "not supported"),
@@ -312,7 +357,9 @@ def test_what_this_server_cannot_do_is_a_400_naming_the_field(server, models, ch
 def test_a_forced_tool_call_is_the_sdks_bad_request_error(client, models):
     path, _ = models["hermes"]
     with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.create(model=path, max_tokens=50, messages=question(), tools=[TOOL], tool_choice={"type": "any"})
+        client.messages.create(
+            model=path, max_tokens=50, messages=question(), tools=[TOOL], tool_choice={"type": "any"}
+        )
     assert "tool_choice" in caught.value.api_message
 
 
@@ -323,8 +370,10 @@ def test_a_forced_tool_call_is_the_sdks_bad_request_error(client, models):
         ({"temperature": 1.5}, "temperature"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, ""),  # not under max_tokens
-        ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]}]},
-         "messages.0.content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]}]},
+            "messages.0.content",
+        ),
     ],
 )
 def test_invalid_requests_are_422_naming_the_field(server, models, change, param):
@@ -352,7 +401,9 @@ def test_an_x_api_key_is_accepted_and_a_wrong_one_is_an_authentication_error(tmp
             with live.http() as http:
                 answer = http.post(MESSAGES, json=body, headers=headers)
                 assert answer.status_code == 200 and answer.json()["content"][0]["text"] == scripted.plain
-                refused = http.post(MESSAGES, json=body, headers={**headers, "x-api-key": "wrong", "X-Request-ID": "x-api-key-2"})
+                refused = http.post(
+                    MESSAGES, json=body, headers={**headers, "x-api-key": "wrong", "X-Request-ID": "x-api-key-2"}
+                )
             problem = assert_anthropic_problem(refused, 401, "unauthorized")
             assert problem["error"]["type"] == "authentication_error" and "x-api-key" not in refused.headers
             with pytest.raises(anthropic.AuthenticationError):  # the SDK's class, from the same body
@@ -367,7 +418,11 @@ def test_an_x_api_key_is_accepted_and_a_wrong_one_is_an_authentication_error(tmp
 def test_audit_rows_name_the_endpoint_model_and_tokens(server, client, models):
     path, _ = models["hermes"]
     message = client.messages.create(
-        model=path, max_tokens=300, messages=question(), tools=[TOOL], extra_headers={"X-Request-ID": "messages-audit-1"}
+        model=path,
+        max_tokens=300,
+        messages=question(),
+        tools=[TOOL],
+        extra_headers={"X-Request-ID": "messages-audit-1"},
     )
     with client.messages.stream(
         model=path, max_tokens=300, messages=question(), extra_headers={"X-Request-ID": "messages-audit-2"}
@@ -376,10 +431,17 @@ def test_audit_rows_name_the_endpoint_model_and_tokens(server, client, models):
     client.messages.count_tokens(model=path, messages=question(), extra_headers={"X-Request-ID": "messages-audit-3"})
     whole, streamed, counted = (row_for(server, f"messages-audit-{n}") for n in (1, 2, 3))
     assert (whole["endpoint"], whole["model"], whole["status"]) == (MESSAGES, path, "success")
-    assert (whole["prompt_tokens"], whole["completion_tokens"]) == (message.usage.input_tokens, message.usage.output_tokens)
+    assert (whole["prompt_tokens"], whole["completion_tokens"]) == (
+        message.usage.input_tokens,
+        message.usage.output_tokens,
+    )
     assert (streamed["endpoint"], streamed["status"]) == (MESSAGES, "success")
     assert streamed["completion_tokens"] > 0 and streamed["time_to_first_token_ms"] > 0
-    assert (counted["endpoint"], counted["status"], counted["completion_tokens"]) == (MESSAGES + "/count_tokens", "success", 0)
+    assert (counted["endpoint"], counted["status"], counted["completion_tokens"]) == (
+        MESSAGES + "/count_tokens",
+        "success",
+        0,
+    )
     assert counted["prompt_tokens"] > 0
 
 
@@ -392,7 +454,11 @@ def test_prompts_tools_and_answers_never_reach_the_disk_or_the_log(server, clien
     path, scripted = models["hermes"]
     tool = {**TOOL, "description": marker}
     first = client.messages.create(
-        model=path, max_tokens=300, messages=question(), tools=[tool], system=marker,
+        model=path,
+        max_tokens=300,
+        messages=question(),
+        tools=[tool],
+        system=marker,
         extra_headers={"X-Request-ID": "messages-private-1"},
     )
     history = after_tool(first.content)

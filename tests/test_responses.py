@@ -16,7 +16,15 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 
 from tests.daemon_server import LiveServer, assert_problem, serving, wait_until
-from tests.scripted_model import HERMES_PARALLEL, HERMES_TOOL, MISTRAL_PARALLEL, QUESTION, WEATHER_RESULT, WEATHER_TOOL, Scripted
+from tests.scripted_model import (
+    HERMES_PARALLEL,
+    HERMES_TOOL,
+    MISTRAL_PARALLEL,
+    QUESTION,
+    WEATHER_RESULT,
+    WEATHER_TOOL,
+    Scripted,
+)
 from tests.test_daemon_audit import row_for
 from tests.test_daemon_timeouts import sse_events
 
@@ -93,7 +101,11 @@ def test_a_plain_answer(client, models):
     message = response.output[0]
     assert (message.role, message.status, message.content[0].type) == ("assistant", "completed", "output_text")
     usage = response.usage
-    assert usage.input_tokens > 0 and usage.output_tokens > 0 and usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert (
+        usage.input_tokens > 0
+        and usage.output_tokens > 0
+        and usage.total_tokens == usage.input_tokens + usage.output_tokens
+    )
     assert usage.input_tokens_details.cached_tokens == 0 and usage.output_tokens_details.reasoning_tokens == 0
 
 
@@ -120,11 +132,17 @@ def test_a_function_call_round_trip_sending_the_whole_conversation(client, model
 def test_previous_response_id_continues_the_stored_conversation(server, client, models):
     path, scripted = models["hermes"]
     first = client.responses.create(
-        model=path, input=QUESTION, tools=[TOOL], instructions="Use the tools.",
+        model=path,
+        input=QUESTION,
+        tools=[TOOL],
+        instructions="Use the tools.",
         extra_headers={"X-Request-ID": "chain-1"},
     )
     final = client.responses.create(
-        model=path, previous_response_id=first.id, input=results_for(first), tools=[TOOL],
+        model=path,
+        previous_response_id=first.id,
+        input=results_for(first),
+        tools=[TOOL],
         extra_headers={"X-Request-ID": "chain-2"},
     )
     assert final.output_text == scripted.answer and final.previous_response_id == first.id
@@ -174,7 +192,9 @@ def test_the_sdk_stream_helper_accumulates_the_response(client, models):
     assert "response.function_call_arguments.delta" in kinds
     assert calls_of(first) == expected_calls(scripted)
     text = []
-    with client.responses.stream(model=path, previous_response_id=first.id, input=results_for(first), tools=[TOOL]) as stream:
+    with client.responses.stream(
+        model=path, previous_response_id=first.id, input=results_for(first), tools=[TOOL]
+    ) as stream:
         for event in stream:
             if event.type == "response.output_text.delta":
                 assert not any(tag in event.delta for tag in MARKUP)
@@ -218,7 +238,9 @@ def test_tool_choice_none_and_allowed_tools(client, models):
     assert hidden.output_text == scripted.plain and calls_of(hidden) == []
     other = {**TOOL, "name": "get_time", "description": "The time."}
     allowed = client.responses.create(
-        model=path, input=QUESTION, tools=[TOOL, other],
+        model=path,
+        input=QUESTION,
+        tools=[TOOL, other],
         tool_choice={"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "get_weather"}]},
     )
     assert calls_of(allowed) == expected_calls(scripted)
@@ -309,8 +331,10 @@ def test_structured_output_is_refused_until_the_engine_can_enforce_it(client, mo
         ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
         ({"text": {"format": {"type": "json_object"}}}, "text.format"),
         ({"tools": [{**TOOL, "strict": True}]}, "tools.0.strict"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
-         "input.0.message.content.0"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+            "input.0.message.content.0",
+        ),
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0"),
         ({"include": ["reasoning.encrypted_content"]}, "include"),
@@ -359,6 +383,10 @@ def test_audit_rows_name_the_endpoint_and_model(server, client, models):
     assert (row["endpoint"], row["model"], row["status"]) == (RESPONSES, path, "success")
     assert (row["prompt_tokens"], row["completion_tokens"]) == (created.usage.input_tokens, created.usage.output_tokens)
     assert row_for(server, "responses-audit-2")["endpoint"] == f"{RESPONSES}/{created.id}"
+    # Metrics count by route: one label for every retrieved response, none per id.
+    with server.http() as http:
+        scraped = http.get("/metrics").text
+    assert 'endpoint="/v1/responses/{response_id}"' in scraped and created.id not in scraped
 
 
 def test_stored_responses_belong_to_the_key_that_made_them(tmp_path_factory, models):
@@ -367,7 +395,10 @@ def test_stored_responses_belong_to_the_key_that_made_them(tmp_path_factory, mod
 
     path, _ = models["hermes"]
     alice, bob = new_key(), new_key()
-    keys = [{"name": n, "sha256": key_digest(k), "created": "2025-01-01T00:00:00Z"} for n, k in (("alice", alice), ("bob", bob))]
+    keys = [
+        {"name": n, "sha256": key_digest(k), "created": "2025-01-01T00:00:00Z"}
+        for n, k in (("alice", alice), ("bob", bob))
+    ]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
         with serving(path, settings=settings_with(auth={"keys": keys})) as live:
@@ -390,11 +421,18 @@ def test_prompts_tools_and_stored_answers_never_reach_the_disk_or_the_log(server
     path, scripted = models["hermes"]
     tool = {**TOOL, "description": marker}
     first = client.responses.create(
-        model=path, input=QUESTION, tools=[tool], instructions=marker, extra_headers={"X-Request-ID": "responses-private-1"}
+        model=path,
+        input=QUESTION,
+        tools=[tool],
+        instructions=marker,
+        extra_headers={"X-Request-ID": "responses-private-1"},
     )
     results = [{**result, "output": marker} for result in results_for(first)]
     with client.responses.stream(
-        model=path, previous_response_id=first.id, input=results, tools=[tool],
+        model=path,
+        previous_response_id=first.id,
+        input=results,
+        tools=[tool],
         extra_headers={"X-Request-ID": "responses-private-2"},
     ) as stream:
         stream.until_done()

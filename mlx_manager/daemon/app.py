@@ -116,7 +116,7 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
             return
         ttft = outcome.time_to_first_token_ms
         figures.observe_request(
-            outcome.endpoint,
+            outcome.route or outcome.endpoint,  # one label per route, not per response id
             outcome.model,
             outcome.status,
             (outcome.duration_ms or 0) / 1000,

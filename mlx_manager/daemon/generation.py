@@ -253,8 +253,8 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
             yield text
     except Exception:
         log.exception("stream failed (request_id=%s)", outcome.request_id)
-        problem = Problem("internal_error", f"the stream failed; see request_id {outcome.request_id} in the daemon's log")
-        for text in _failure(call, translation, problem):
+        detail = f"the stream failed; see request_id {outcome.request_id} in the daemon's log"
+        for text in _failure(call, translation, Problem("internal_error", detail)):
             yield text
     finally:
         if pending is not None:

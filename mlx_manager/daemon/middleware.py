@@ -98,6 +98,7 @@ class DaemonMiddleware:
                 problem = Problem("internal_error", detail)
                 await problem.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
         finally:
+            outcome.route = getattr(scope.get("route"), "path_format", None)
             if counted:
                 daemon.request_ended()
             if path.startswith(_RECORDED):

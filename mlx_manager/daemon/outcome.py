@@ -22,6 +22,7 @@ class RequestOutcome:
     request_id: str
     endpoint: str  # the path, e.g. /v1/chat/completions
     method: str
+    route: str | None = None  # the path's route template, e.g. /v1/responses/{response_id}; None: no route
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     model: str | None = None
     stream: bool = False

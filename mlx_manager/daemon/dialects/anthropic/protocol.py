@@ -23,7 +23,12 @@ from pydantic import (
     model_validator,
 )
 
-from mlx_manager.daemon.dialects.common import UNSUPPORTED, Strict, not_supported, refuse_when_set
+from mlx_manager.daemon.dialects.common import (
+    UNSUPPORTED,
+    Strict,
+    not_supported,
+    refuse_when_set,
+)
 from mlx_manager.daemon.schemas import FunctionName
 
 # -- request: content blocks ---------------------------------------------------------------------

@@ -24,10 +24,16 @@ from pydantic import (
     model_validator,
 )
 
-from mlx_manager.daemon.dialects.common import UNSUPPORTED, Strict, not_supported, refuse_when_set
+from mlx_manager.daemon.dialects.common import (
+    UNSUPPORTED,
+    Strict,
+    not_supported,
+    refuse_when_set,
+)
 from mlx_manager.daemon.schemas import FunctionName, ReasoningEffort
 
-Status = Literal["in_progress", "completed", "incomplete"]
+Status = Literal["in_progress", "completed", "incomplete"]  # of an output item
+ResponseStatus = Literal["completed", "failed", "in_progress", "incomplete"]
 
 
 def _type_of(value: Any, default: str | None = None) -> str | None:
@@ -522,7 +528,7 @@ class ResponseObject(BaseModel):
     object: Literal["response"] = "response"
     created_at: int
     completed_at: int | None = None
-    status: Literal["completed", "failed", "in_progress", "incomplete"]
+    status: ResponseStatus
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
     model: str

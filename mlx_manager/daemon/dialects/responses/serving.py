@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from mlx_manager.daemon.dialects.common import needs_constrained_decoding
 from mlx_manager.daemon.dialects.responses.protocol import (
@@ -48,7 +48,9 @@ from mlx_manager.daemon.dialects.responses.protocol import (
     ResponseError,
     ResponseObject,
     ResponsesRequest,
+    ResponseStatus,
     ResponseUsage,
+    Status,
     SummaryPartEvent,
     SummaryText,
     SummaryTextDeltaEvent,
@@ -62,7 +64,13 @@ from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import sse_event
-from mlx_manager.engine.types import Finished, GenerationRequest, ReasoningDelta, SamplingParams, ToolCall
+from mlx_manager.engine.types import (
+    Finished,
+    GenerationRequest,
+    ReasoningDelta,
+    SamplingParams,
+    ToolCall,
+)
 from mlx_manager.settings import Settings
 
 # -- request -------------------------------------------------------------------------------------
@@ -186,9 +194,14 @@ class ResponseFormat:
         self.id = f"resp_{uuid.uuid4().hex}"  # not the request id: a client may reuse that
         self.created_at = int(time.time())
 
-    def response(self, status: str, **fields: Any) -> ResponseObject:
+    def response(self, status: ResponseStatus, **fields: Any) -> ResponseObject:
         body = self.body
         tools = [t for t in body.tools or [] if isinstance(t, FunctionToolParam)]
+        reasoning = None
+        if body.reasoning is not None:
+            reasoning = Reasoning(
+                effort=body.reasoning.effort, summary=body.reasoning.summary or body.reasoning.generate_summary
+            )
         return ResponseObject(
             id=self.id,
             created_at=self.created_at,
@@ -200,9 +213,7 @@ class ResponseFormat:
             max_output_tokens=body.max_output_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
-            reasoning=Reasoning(effort=body.reasoning.effort, summary=body.reasoning.summary)
-            if body.reasoning
-            else None,
+            reasoning=reasoning,
             tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
             tools=[
                 FunctionTool(name=t.name, parameters=t.parameters, strict=t.strict, description=t.description)
@@ -235,7 +246,7 @@ class ResponseFormat:
         return response
 
     def complete(self, answer: Answer) -> ResponseObject:
-        status = "incomplete" if answer.finished.finish_reason == "length" else "completed"
+        status: Status = "incomplete" if answer.finished.finish_reason == "length" else "completed"
         output: list[OutputItem] = []
         if answer.reasoning:
             output.append(self.reasoning_item(0, answer.reasoning, status))
@@ -255,13 +266,13 @@ class ResponseFormat:
     def item_id(self, prefix: str, index: int) -> str:
         return f"{prefix}_{self.id.removeprefix('resp_')}_{index}"
 
-    def reasoning_item(self, index: int, text: str, status: Any) -> ReasoningItem:
+    def reasoning_item(self, index: int, text: str, status: Status) -> ReasoningItem:
         summary = [SummaryText(text=text)] if self.body.wants_summary() else []
         return ReasoningItem(
             id=self.item_id("rs", index), content=[ReasoningText(text=text)], summary=summary, status=status
         )
 
-    def function_call(self, index: int, call: ToolCall, status: Any) -> FunctionCall:
+    def function_call(self, index: int, call: ToolCall, status: Status) -> FunctionCall:
         return FunctionCall(
             id=self.item_id("fc", index), call_id=call.id, name=call.name, arguments=call.arguments, status=status
         )
@@ -333,7 +344,9 @@ class ResponseStream(Translation):
 
     def failure(self, problem: Problem, outcome: RequestOutcome) -> list[str]:
         self._close("incomplete")
-        code = "rate_limit_exceeded" if problem.status == 429 else "server_error"
+        code: Literal["server_error", "rate_limit_exceeded"] = (
+            "rate_limit_exceeded" if problem.status == 429 else "server_error"
+        )
         response = self.fmt.response(
             "failed", output=self.output, error=ResponseError(code=code, message=problem.detail)
         )
@@ -343,13 +356,13 @@ class ResponseStream(Translation):
         events = self._close("completed")
         index = len(self.output)
         item: OutputMessage | ReasoningItem
+        part: OutputText | ReasoningText
         if kind is OutputMessage:
-            item, part = (
-                OutputMessage(id=self.fmt.item_id("msg", index), status="in_progress", content=[]),
-                OutputText(text=""),
-            )
+            item = OutputMessage(id=self.fmt.item_id("msg", index), status="in_progress", content=[])
+            part = OutputText(text="")
         else:
-            item, part = ReasoningItem(id=self.fmt.item_id("rs", index), status="in_progress"), ReasoningText(text="")
+            item = ReasoningItem(id=self.fmt.item_id("rs", index), status="in_progress")
+            part = ReasoningText(text="")
         self.open, self.text = item, ""
         events.append(self._event(OutputItemEvent, type="response.output_item.added", output_index=index, item=item))
         where = {"item_id": item.id, "output_index": index, "content_index": 0}
@@ -359,7 +372,7 @@ class ResponseStream(Translation):
         assert self.open is not None
         return self.open
 
-    def _close(self, status: Any) -> list[str]:
+    def _close(self, status: Status) -> list[str]:
         """End the item whose text was streaming: its text, its part, its summary, the item."""
         item, text = self.open, self.text
         if item is None:
@@ -369,8 +382,9 @@ class ResponseStream(Translation):
         where = {"item_id": item.id, "output_index": index}
         events: list[str] = []
         done: OutputMessage | ReasoningItem
+        part: OutputText | ReasoningText
         if isinstance(item, OutputMessage):
-            part: OutputText | ReasoningText = OutputText(text=text)
+            part = OutputText(text=text)
             events.append(self._event(OutputTextDoneEvent, **where, content_index=0, text=text))
             done = item.model_copy(update={"status": status, "content": [part]})
         else:
