@@ -312,7 +312,6 @@ class PromptFields(Strict):
     workspace_id: str | None = None
 
     refuse_unsupported = field_validator(
-        "speed",
         "container",
         "context_management",
         "mcp_servers",
@@ -321,6 +320,13 @@ class PromptFields(Strict):
         "user_profile_id",
         "workspace_id",
     )(refuse_when_set)
+
+    @field_validator("speed")
+    @classmethod
+    def one_speed(cls, speed: str | None) -> str | None:
+        if speed not in (None, "standard"):
+            raise not_supported("only 'standard': this server has one speed")
+        return speed
 
     @field_validator("messages")
     @classmethod
