@@ -41,9 +41,11 @@ def models(hermes_tool_model, hermes_parallel_model, hermes_split_tags_model, mi
 
 
 @pytest.fixture(scope="module")
-def server(models, fast_model):
-    with serving(*(path for path, _ in models.values()), fast_model, max_loaded=8) as live:
-        yield live
+def server(tmp_path_factory, models, fast_model):
+    with pytest.MonkeyPatch.context() as env:  # the audit log of this module's server, in its own home
+        env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
+        with serving(*(path for path, _ in models.values()), fast_model, max_loaded=8) as live:
+            yield live
 
 
 @pytest.fixture(scope="module")
