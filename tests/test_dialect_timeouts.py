@@ -21,10 +21,12 @@ QUESTION = [{"role": "user", "content": "tell me everything"}]
 
 
 @pytest.fixture(scope="module")
-def server(slow_model):
-    live = make_server(slow_model, settings_with(timeouts={"messages": 2, "responses": 2}))
-    yield live
-    live.stop()
+def server(tmp_path_factory, slow_model):
+    with pytest.MonkeyPatch.context() as env:  # the audit log of this module's server, in its own home
+        env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
+        live = make_server(slow_model, settings_with(timeouts={"messages": 2, "responses": 2}))
+        yield live
+        live.stop()
 
 
 @pytest.fixture(autouse=True)
