@@ -112,6 +112,8 @@ class TimeoutSettings(Section):
     chat: Seconds = Field(900, description="Deadline for /v1/chat/completions, in seconds.")
     completions: Seconds = Field(600, description="Deadline for /v1/completions, in seconds.")
     embeddings: Seconds = Field(120, description="Deadline for /v1/embeddings, in seconds.")
+    messages: Seconds = Field(900, description="Deadline for /v1/messages (Anthropic's API), in seconds.")
+    responses: Seconds = Field(900, description="Deadline for /v1/responses (OpenAI's Responses API), in seconds.")
 
 
 class ModelSettings(Section):

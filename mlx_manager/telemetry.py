@@ -314,6 +314,18 @@ def embedding_span(model: str, request_id: str) -> EngineSpan:
     return EngineSpan(span)
 
 
+def token_count_span(model: str, endpoint: str, request_id: str) -> EngineSpan:
+    """A span around counting a prompt's tokens without generating (Anthropic's count_tokens)."""
+    span = None
+    if _logfire is not None:
+        span = _logfire.span(
+            "count tokens {gen_ai.request.model}",
+            _span_name="token count",
+            **{MODEL: model, ENDPOINT: endpoint, REQUEST_ID: request_id},
+        )
+    return EngineSpan(span)
+
+
 def generation_span(model: str, endpoint: str, request_id: str) -> EngineSpan:
     """A span around one generation, for the caller to fill with token counts and speeds."""
     span = None

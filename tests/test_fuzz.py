@@ -43,7 +43,7 @@ def server(tmp_path_factory, fast_model):
         options = settings_with(
             models={"max_tokens": 16, "default_max_tokens": 16},
             server={"max_messages": 8, "max_body_bytes": 64 * 1024},
-            timeouts={"chat": 20, "completions": 20},
+            timeouts={"chat": 20, "completions": 20, "messages": 20, "responses": 20},
             auth={"keys": [{"name": "fuzz", "sha256": key_digest(KEY), "created": datetime.now(timezone.utc)}]},
         )
         engine = RecordingEngine(EngineConfig(preload=[fast_model], max_loaded=1))

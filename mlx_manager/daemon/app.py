@@ -21,8 +21,10 @@ from mlx_manager.daemon.routes import (
     completions,
     embeddings,
     health,
+    messages,
     metrics,
     models,
+    responses,
 )
 from mlx_manager.daemon.outcome import RequestOutcome, end_span
 from mlx_manager.daemon.state import DaemonState
@@ -94,7 +96,7 @@ def create_app(
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, embeddings, models, health, metrics, admin, admin_models, audit_feed):
+    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models, audit_feed):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)
@@ -116,7 +118,7 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
             return
         ttft = outcome.time_to_first_token_ms
         figures.observe_request(
-            outcome.endpoint,
+            outcome.route or outcome.endpoint,  # one label per route, not per response id
             outcome.model,
             outcome.status,
             (outcome.duration_ms or 0) / 1000,

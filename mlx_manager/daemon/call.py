@@ -4,8 +4,8 @@ An `EngineCall` fixes the request's deadline at its start (`timeouts.<endpoint>`
 moment: a reload changes later requests, not this one), waits for the engine within it,
 notices a client that went away, cancels the engine's work on every exit, and writes what
 happened into the request's outcome (`RequestOutcome`), from which the span, the metrics and
-the audit row are fed. Chat and completions use `GenerationCall` (generation.py), embeddings
-`EmbeddingCall`; every endpoint that follows does the same.
+the audit row are fed. Every generating endpoint uses `GenerationCall` (generation.py),
+embeddings `EmbeddingCall`, Anthropic's count_tokens `TokenCountCall`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.jobs import EmbeddingJob
-from mlx_manager.engine.types import EmbeddingRequest, EmbeddingResult
-from mlx_manager.telemetry import EngineSpan, embedding_span
+from mlx_manager.engine.types import EmbeddingRequest, EmbeddingResult, GenerationRequest
+from mlx_manager.telemetry import EngineSpan, embedding_span, token_count_span
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: the client went away before the answer; never seen by it
@@ -47,7 +47,7 @@ class EngineCall:
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, span: EngineSpan) -> None:
         self.request = request
         self.outcome: RequestOutcome = request.scope["mlx_manager.outcome"]
-        self.endpoint = endpoint  # the timeouts.<endpoint> key: "chat", "completions", "embeddings"
+        self.endpoint = endpoint  # the timeouts.<endpoint> key: "chat", "messages", "embeddings"...
         self.timeout = daemon.timeout_for(endpoint)
         self.deadline = asyncio.get_running_loop().time() + self.timeout
         self.outcome.span = span.start()  # ended by the span sink once the response is over
@@ -99,6 +99,32 @@ class EmbeddingCall(EngineCall):
         self.cancel()
         self.outcome.prompt_tokens = self.job.prompt_tokens or None
         self.outcome.completion_tokens = 0
+        self.outcome.finish_reason = self.outcome.finish_reason or "error"
+
+
+class TokenCountCall(EngineCall):
+    """How many tokens a generation's prompt is, without generating it."""
+
+    def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
+        self.engine = daemon.engine
+        self.job_request = job_request
+        super().__init__(daemon, request, endpoint, token_count_span(job_request.model, endpoint, job_request.request_id))
+
+    async def count(self) -> int:
+        """The count, within the deadline; raises ClientGone, the timeout problem or an EngineError."""
+        try:
+            tokens = await self.wait(self.engine.count_tokens(self.job_request))
+            self.outcome.prompt_tokens, self.outcome.completion_tokens = tokens, 0
+            self.outcome.finish_reason = "stop"
+            return tokens
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        """Nothing to stop: the count is one template call on the inference thread, or waits for
+        a model load that other requests may share; the awaiting coroutine is already cancelled."""
+
+    def close(self) -> None:
         self.outcome.finish_reason = self.outcome.finish_reason or "error"
 
 

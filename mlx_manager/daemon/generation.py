@@ -2,13 +2,15 @@
 
 Chat and completions differ only in how they shape JSON (a `Format`); running the job — submit,
 wait within the deadline, collect or stream, cancel when the client leaves — is `GenerationCall`
-on the shared call path (call.py), and `respond()` answers with it.
+on the shared call path (call.py), and `respond()` answers with it. The other dialects
+(daemon/dialects/) answer with `answer()` and their own `Translation` of the stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ from fastapi import Request
 
 from mlx_manager.daemon.call import EngineCall
 from mlx_manager.daemon.handlers import problem_from_engine
+from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
 from mlx_manager.daemon.state import DaemonState
@@ -164,29 +167,89 @@ class GenerationCall(EngineCall):
         self.close()
 
 
+class Translation:
+    """How one dialect streams a generation, as server-sent event text: its opening, each piece
+    of output, its end, and a failure after the first byte. With `keepalive_every` set,
+    `keepalive()` goes out whenever the model has been silent that many seconds."""
+
+    keepalive_every: float | None = None
+
+    def opening(self, prompt_tokens: int) -> list[str]:
+        return []
+
+    def piece(self, piece: Piece) -> list[str]:
+        raise NotImplementedError
+
+    def closing(self, finished: Finished) -> list[str]:
+        raise NotImplementedError
+
+    def failure(self, problem: Problem, outcome: RequestOutcome) -> list[str]:
+        """The problem as an SSE `error` event (its body in the dialect of the route)."""
+        return [sse_error(problem.document(instance=outcome.endpoint, request_id=outcome.request_id))]
+
+    def keepalive(self) -> str:
+        raise NotImplementedError
+
+
+class FormatStream(Translation):
+    """Chat and completions: a Format's chunks as `data:` lines, then `[DONE]`."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+
+    def opening(self, prompt_tokens: int) -> list[str]:
+        first = self.fmt.first_chunk()
+        return [] if first is None else [sse_data(first)]
+
+    def piece(self, piece: Piece) -> list[str]:
+        return [sse_data(chunk) for chunk in self.fmt.piece_chunks(piece)]
+
+    def closing(self, finished: Finished) -> list[str]:
+        events = [sse_data(self.fmt.final_chunk(finished))]
+        if self.fmt.include_usage:
+            events.append(sse_data(self.fmt.usage_chunk(finished)))
+        return [*events, sse_done()]
+
+
 async def respond(call: GenerationCall, fmt: Format, stream: bool) -> Any:
-    """The answer to a generation: the whole completion, or an SSE stream that owns the call."""
+    """The answer to a chat or completions request, whole or streamed."""
+    return await answer(call, stream, fmt.complete, FormatStream(fmt))
+
+
+async def answer(
+    call: GenerationCall, stream: bool, complete: Callable[[Answer], Any], translation: Translation
+) -> Any:
+    """The answer to a generation: `complete(answer)` once it is whole, or an SSE stream of
+    `translation`'s events that owns the call."""
     streaming = False
     try:
         await call.started()
         if stream:
             streaming = True
-            return EventStream(_events(call, fmt), on_close=call.close_stream)
-        return fmt.complete(await call.collect())
+            return EventStream(_events(call, translation), on_close=call.close_stream)
+        return complete(await call.collect())
     finally:
         if not streaming:
             call.close()
 
 
-async def _events(call: GenerationCall, fmt: Format) -> AsyncIterator[str]:
-    """The SSE body. Errors after the first byte become an `error` event, then the stream ends."""
+async def _events(call: GenerationCall, translation: Translation) -> AsyncIterator[str]:
+    """The SSE body. Errors after the first byte become the dialect's failure events, then the stream ends."""
     outcome = call.outcome
+    pending: asyncio.Future[Event] | None = None
     try:
-        first = fmt.first_chunk()
-        if first is not None:
-            yield sse_data(first)
+        for text in translation.opening(outcome.prompt_tokens or 0):
+            yield text
         while True:
-            event = await call.next_event(watch_client=False)
+            if translation.keepalive_every is None:
+                event = await call.next_event(watch_client=False)
+            else:
+                pending = pending or asyncio.ensure_future(call.next_event(watch_client=False))
+                done, _ = await asyncio.wait({pending}, timeout=translation.keepalive_every)
+                if not done:
+                    yield translation.keepalive()
+                    continue
+                event, pending = pending.result(), None
             if isinstance(event, Started):
                 continue
             if not isinstance(event, Finished):
@@ -198,25 +261,28 @@ async def _events(call: GenerationCall, fmt: Format) -> AsyncIterator[str]:
                 outcome.tool_calls += 1
             if isinstance(event, Finished):
                 call.finished(event)
-                yield sse_data(fmt.final_chunk(event))
-                if fmt.include_usage:
-                    yield sse_data(fmt.usage_chunk(event))
-                yield sse_done()
+                for text in translation.closing(event):
+                    yield text
                 return
-            for chunk in fmt.piece_chunks(event):
-                yield sse_data(chunk)
+            for text in translation.piece(event):
+                yield text
     except Problem as problem:
-        yield _error_event(call, problem)
+        for text in _failure(call, translation, problem):
+            yield text
     except EngineError as exc:
-        yield _error_event(call, problem_from_engine(exc))
+        for text in _failure(call, translation, problem_from_engine(exc)):
+            yield text
     except Exception:
         log.exception("stream failed (request_id=%s)", outcome.request_id)
-        problem = Problem("internal_error", f"the stream failed; see request_id {outcome.request_id} in the daemon's log")
-        yield _error_event(call, problem)
+        detail = f"the stream failed; see request_id {outcome.request_id} in the daemon's log"
+        for text in _failure(call, translation, Problem("internal_error", detail)):
+            yield text
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
-def _error_event(call: GenerationCall, problem: Problem) -> str:
+def _failure(call: GenerationCall, translation: Translation, problem: Problem) -> list[str]:
     call.ended = True
-    outcome = call.outcome
-    outcome.fail(problem.kind)
-    return sse_error(problem.document(instance=outcome.endpoint, request_id=outcome.request_id))
+    call.outcome.fail(problem.kind)
+    return translation.failure(problem, call.outcome)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from mlx_manager.daemon.call import CLIENT_CLOSED_REQUEST, ClientGone
+from mlx_manager.daemon.dialects.common import NOT_SUPPORTED, UNSUPPORTED
 from mlx_manager.daemon.problems import Problem, kind_for_status, retry_after
 from mlx_manager.engine.errors import (
     ChatTemplateMissing,
@@ -88,6 +89,10 @@ def problem_from_validation(exc: RequestValidationError) -> Problem:
         position = errors[0]["loc"][1] if len(errors[0].get("loc", ())) > 1 else "?"
         return Problem("invalid_json", f"the request body is not valid JSON: {reason} (at character {position})")
     fields = _field_errors(errors)
+    refused = [f for f in fields if f["type"] == NOT_SUPPORTED]
+    if refused:  # a valid request for something this server does not do: 400, not 422
+        where = _dotted([part for part in refused[0]["loc"] if part != UNSUPPORTED])
+        return Problem(NOT_SUPPORTED, f"{where}: {refused[0]['msg']}", param=where or None)
     first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
     where = _dotted(first["loc"])
     more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""

@@ -98,6 +98,7 @@ class DaemonMiddleware:
                 problem = Problem("internal_error", detail)
                 await problem.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
         finally:
+            outcome.route = getattr(scope.get("route"), "path_format", None)
             if counted:
                 daemon.request_ended()
             if path.startswith(_RECORDED):
@@ -130,11 +131,13 @@ class DaemonMiddleware:
         keyring = self.daemon.keyring
         if not keyring and not self.daemon.require_key:
             return None, None
+        # Anthropic's clients send the key as `x-api-key`; everyone else as a bearer token.
         token = bearer_token(_header(scope, b"authorization") or "")
+        token = token or (_header(scope, b"x-api-key") or "").strip() or None
         if not keyring:
             detail = f"this daemon listens on a network address and has no API key left. {ADD_KEY_HINT}."
         elif token is None:
-            detail = "this API needs a key: send 'Authorization: Bearer <key>'"
+            detail = "this API needs a key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
         else:
             name = keyring.match(token)
             if name is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from mlx_manager.daemon.problems import MEDIA_TYPE
+from mlx_manager.daemon.problems import MEDIA_TYPE, speaks_anthropic
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
@@ -37,21 +37,39 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "additionalProperties": True,  # extension members: errors, timeout_seconds, limit, reason...
 }
 
+# On Anthropic's routes the same document has `type: "error"` and Anthropic's error type names.
+ANTHROPIC_PROBLEM_SCHEMA: dict[str, Any] = {
+    **PROBLEM_SCHEMA,
+    "title": "AnthropicProblem",
+    "description": "An RFC 9457 problem document in the shape Anthropic's SDKs read: `type` is "
+    '`"error"`, `error.type` an Anthropic error type, `error.code` the problem kind.',
+    "properties": {**PROBLEM_SCHEMA["properties"], "type": {"type": "string", "enum": ["error"]}},
+}
+
 ERROR_RESPONSE = {
     "description": "Any error, as a problem document (401 without a valid API key, 413, 422, 429, 5xx).",
     "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
 }
-STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
+ANTHROPIC_ERROR_RESPONSE = {
+    "description": ERROR_RESPONSE["description"],
+    "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/AnthropicProblem"}}},
+}
+STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
 # Before OpenAPI 3.2, the schema of an event stream describes one event (its fields as parsed).
 SSE_EVENT_SCHEMA: dict[str, Any] = {
     "description": "One server-sent event of a `stream: true` answer.",
     "type": "object",
     "required": ["data"],
     "properties": {
-        "event": {"type": "string", "description": "`error` for a failure mid-stream; otherwise `message`."},
+        "event": {
+            "type": "string",
+            "description": "The event's type on /v1/messages and /v1/responses; `error` for a failure "
+            "mid-stream; otherwise `message`.",
+        },
         "data": {
             "type": "string",
-            "description": "A chunk as JSON, a problem document for an `error` event, or [DONE] at the end.",
+            "description": "A chunk or typed event as JSON, a problem document for an `error` event, "
+            "or [DONE] at the end of a chat or completions stream.",
         },
     },
 }
@@ -68,6 +86,7 @@ def describe_errors(app: FastAPI) -> None:
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
         schemas["Problem"] = PROBLEM_SCHEMA
+        schemas["AnthropicProblem"] = ANTHROPIC_PROBLEM_SCHEMA
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         components["securitySchemes"] = {
@@ -75,7 +94,13 @@ def describe_errors(app: FastAPI) -> None:
                 "type": "http",
                 "scheme": "bearer",
                 "description": "Needed once any API key is set (`mlx-manager keys add NAME`).",
-            }
+            },
+            "anthropicApiKey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "The same keys, as Anthropic's clients send them.",
+            },
         }
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
@@ -88,9 +113,10 @@ def describe_errors(app: FastAPI) -> None:
 def _describe(path: str, operation: dict[str, Any]) -> None:
     responses = operation.setdefault("responses", {})
     responses.pop("422", None)  # FastAPI's HTTPValidationError: never sent, the default covers 422
-    responses["default"] = ERROR_RESPONSE
+    responses["default"] = ANTHROPIC_ERROR_RESPONSE if speaks_anthropic(path) else ERROR_RESPONSE
     if path.startswith("/v1/"):
-        operation["security"] = [{"apiKey": []}, {}]  # {}: no key needed while none is set
+        # {}: no key needed while none is set
+        operation["security"] = [{"apiKey": []}, {"anthropicApiKey": []}, {}]
     if path in STREAMING_PATHS and "200" in responses:
         content = responses["200"].setdefault("content", {})
         content["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}

@@ -20,6 +20,7 @@ class RequestOutcome(AuditRecord):
     is taken from this object as it is); these add what only the daemon needs."""
 
     method: str = "GET"
+    route: str | None = None  # the path's route template, e.g. /v1/responses/{response_id}; None: no route
     stream: bool = False
     grammar_compile_ms: float | None = None
     first_token_at: float | None = None  # perf_counter() at the first token

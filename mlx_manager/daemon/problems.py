@@ -1,7 +1,8 @@
 """RFC 9457 problem documents: every HTTP error the daemon sends, from any layer, is one of these.
 
-A problem document also carries an OpenAI-style `error` object, so the official SDKs raise the
-right exception class with a readable message.
+A problem document also carries an `error` object in the dialect of its route, so the official
+SDKs raise the right exception class with a readable message: OpenAI's (message, type, param,
+code) everywhere, Anthropic's on /v1/messages (`"type": "error"`, and Anthropic's type names).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ KINDS: dict[str, Kind] = {
     "chat_template_missing": Kind(400, "The model has no chat template", "invalid_request_error"),
     "wrong_model_kind": Kind(400, "The model does not serve this endpoint", "invalid_request_error"),
     "tools_not_supported": Kind(400, "The model cannot call tools", "invalid_request_error"),
+    "not_supported": Kind(400, "Not supported by this server", "invalid_request_error"),
     "unauthorized": Kind(401, "Missing or wrong credential", "authentication_error"),
     "forbidden": Kind(403, "Not allowed from this client", "permission_error"),
     "not_found": Kind(404, "No such route", "not_found_error"),
     "model_not_found": Kind(404, "Unknown model", "invalid_request_error"),
     "model_not_allowed": Kind(404, "Model not allowed", "invalid_request_error"),
     "model_not_loaded": Kind(404, "Model not loaded", "invalid_request_error"),
+    "response_not_found": Kind(404, "Unknown response", "invalid_request_error"),
     "method_not_allowed": Kind(405, "Method not allowed", "invalid_request_error"),
     "model_busy": Kind(409, "The model has jobs", "invalid_request_error"),
     "body_too_large": Kind(413, "Request body too large", "invalid_request_error"),
@@ -95,8 +98,11 @@ class Problem(Exception):
         self.extra = extra  # extension members, e.g. timeout_seconds or errors
 
     def document(self, *, instance: str, request_id: str) -> dict[str, Any]:
+        """The problem as sent for the route `instance` (the request's path): its `error` member,
+        and on Anthropic's routes its `type`, are those that route's clients read."""
+        anthropic = speaks_anthropic(instance)
         return {
-            "type": TYPE_BASE + self.kind,
+            "type": "error" if anthropic else TYPE_BASE + self.kind,
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
@@ -105,7 +111,7 @@ class Problem(Exception):
             **self.extra,
             "error": {
                 "message": self.detail,
-                "type": KINDS[self.kind].openai_type,
+                "type": anthropic_type(self.status) if anthropic else KINDS[self.kind].openai_type,
                 "param": self.param,
                 "code": self.kind,
             },
@@ -119,6 +125,35 @@ class Problem(Exception):
             headers=headers,
             media_type=MEDIA_TYPE,
         )
+
+
+# -- Anthropic's dialect ------------------------------------------------------------------------
+# Its SDKs read `{"type": "error", "error": {"type", "message"}}`. RFC 9457's `type` is a URI
+# reference, and "error" is one (relative): the two specs meet there, and the problem's kind
+# stays in `error.code`, as on every other route.
+
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether `path` is one of Anthropic's routes (/v1/messages and below)."""
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's `error.type` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def retry_after(seconds: float) -> dict[str, str]:

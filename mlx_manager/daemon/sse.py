@@ -1,4 +1,5 @@
-"""Server-sent events as the OpenAI API sends them: `data: {json}` lines, `data: [DONE]` at the end."""
+"""Server-sent events as the APIs send them: OpenAI's chat chunks as `data: {json}` lines and
+`data: [DONE]` at the end; Anthropic's and the Responses API's typed events with their `event:` name."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -16,6 +18,11 @@ def sse_data(payload: dict[str, Any]) -> str:
 
 def sse_error(document: dict[str, Any]) -> str:
     return f"event: error\ndata: {json.dumps(document, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def sse_event(event: BaseModel) -> str:
+    """A typed event (a model with a `type` field): named by its type, its JSON as the data."""
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"  # type: ignore[attr-defined]
 
 
 def sse_done() -> str:

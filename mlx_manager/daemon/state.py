@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from mlx_manager.auth import KeyRing
+from mlx_manager.daemon.dialects.responses.store import ResponseStore
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.engine.config import EngineConfig
@@ -53,6 +54,8 @@ class DaemonState:
     # Called with every finished request's outcome. The audit writer plugs in here
     # (see create_app); a sink must not block: it runs on the event loop.
     outcome_sinks: list[OutcomeSink] = field(default_factory=list)
+    # Responses kept for GET /v1/responses/{id} and previous_response_id: in memory only.
+    responses: ResponseStore = field(default_factory=ResponseStore)
     _idle: asyncio.Event | None = None
 
     def engine_config(self) -> EngineConfig:
@@ -60,7 +63,7 @@ class DaemonState:
         return engine_config(self.settings, self.extra_preload)
 
     def timeout_for(self, endpoint: str) -> float:
-        """The deadline, in seconds, of a request to `endpoint` ("chat", "completions", "embeddings")."""
+        """The deadline, in seconds, of a request to `endpoint` ("chat", "messages", "embeddings"...)."""
         return float(getattr(self.settings.timeouts, endpoint))
 
     # -- in-flight bookkeeping (for draining) ---------------------------------------------------

@@ -257,6 +257,7 @@ class ModelBatch:
                 job.completion_tokens,
                 reasoning_tokens=output.reasoning_tokens,
                 cached_tokens=slot.cached,
+                stop_sequence=output.text.matched,
             )
         )
         return True

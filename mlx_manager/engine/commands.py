@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.jobs import EmbeddingJob, Job, Reply
-from mlx_manager.engine.types import ModelStatus
+from mlx_manager.engine.types import GenerationRequest, ModelStatus
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,14 @@ class Unload:
 
 
 @dataclass(frozen=True)
+class CountTokens:
+    """Apply the chat template (loading the model if needed) and reply with the prompt's length."""
+
+    request: GenerationRequest
+    reply: Reply[int]
+
+
+@dataclass(frozen=True)
 class Reconfigure:
     """New limits and allow-list; models over the new limits go when idle."""
 
@@ -62,4 +70,4 @@ class Stop:
     """Fail every job with EngineStopped, unload every model, end the thread."""
 
 
-Command = Submit | Embed | Cancel | Load | Unload | Reconfigure | Stop
+Command = Submit | Embed | Cancel | Load | Unload | CountTokens | Reconfigure | Stop

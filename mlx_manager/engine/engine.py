@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from mlx_manager.engine.commands import Cancel, Command, Embed, Load, Reconfigure, Stop, Submit, Unload
+from mlx_manager.engine.commands import Cancel, Command, CountTokens, Embed, Load, Reconfigure, Stop, Submit, Unload
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import EngineStopped
 from mlx_manager.engine.jobs import Admission, EmbeddingJob, Job, Reply
@@ -86,6 +86,15 @@ class Engine:
         reply: Reply[None] = Reply(asyncio.get_running_loop())
         self._commands.put(Unload(model_id, force, reply))
         await reply.future
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens `request`'s prompt is (its messages through the chat template, with
+        its tools), without generating. Raises what submitting it would (ModelNotFound...)."""
+        if self._thread is None:
+            raise EngineStopped("the engine is not running")
+        reply: Reply[int] = Reply(asyncio.get_running_loop())
+        self._commands.put(CountTokens(request, reply))
+        return await reply.future
 
     def _cancel(self, job: Job) -> None:
         self._commands.put(Cancel(job))

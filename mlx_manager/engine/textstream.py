@@ -43,6 +43,7 @@ class TextStream:
         self._matchers = [_StopMatcher(s) for s in dict.fromkeys(stop) if s]
         self._held = ""
         self.stopped = False  # a stop string was found: the job is over
+        self.matched: str | None = None  # which one
 
     def add(self, token: int) -> str:
         self._detokenizer.add_token(token)
@@ -63,6 +64,7 @@ class TextStream:
             for matcher in self._matchers:
                 if matcher.feed(text[i]):
                     self.stopped = True
+                    self.matched = matcher.stop
                     self._held = ""
                     return text[: i + 1 - len(matcher.stop)]
         if final:

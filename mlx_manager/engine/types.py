@@ -89,6 +89,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int = 0  # of completion_tokens, those of the thinking section
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
     cached_tokens: int = 0  # of prompt_tokens, those restored from the prompt cache
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_manager.engine.batch import ModelBatch, Slot
-from mlx_manager.engine.commands import Cancel, Command, Embed, Load, Reconfigure, Stop, Submit, Unload
+from mlx_manager.engine.commands import Cancel, Command, CountTokens, Embed, Load, Reconfigure, Stop, Submit, Unload
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.embedding_queue import EmbeddingQueue, entry_of, result_of
 from mlx_manager.engine.errors import (
@@ -38,7 +38,7 @@ from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
 from mlx_manager.engine.structured import constraint_for
 from mlx_manager.engine.output import Output
-from mlx_manager.engine.types import ModelStatus, Started
+from mlx_manager.engine.types import GenerationRequest, ModelStatus, Started
 
 log = logging.getLogger("mlx_manager.engine")
 
@@ -119,6 +119,14 @@ class Worker:
                     reply.settle(None)
                 except EngineError as exc:
                     reply.settle(error=exc)
+            case CountTokens(request, reply):
+                try:
+                    reply.settle(len(prompt_tokens(self._generator(request.model), request)))
+                except EngineError as exc:
+                    reply.settle(error=exc)
+                except Exception as exc:  # a tokenizer or template bug must not take the thread down
+                    log.exception("counting the prompt tokens of %s failed", request.request_id)
+                    reply.settle(error=GenerationFailed(f"the prompt could not be prepared: {type(exc).__name__}"))
             case Reconfigure(config):
                 self.config = config
                 self.pool.allowed = list(config.allowed)
@@ -155,13 +163,18 @@ class Worker:
                 log.exception("job %s could not start", job.request.request_id)
                 job.emit(GenerationFailed(f"the request could not be prepared: {type(exc).__name__}"))
 
+    def _generator(self, model_id: str) -> LoadedModel:
+        """The model, loaded, if it generates text (an embedding model does not)."""
+        entry = self.pool.load(model_id)
+        if entry.kind == "embed":
+            raise WrongModelKind(f"model {model_id!r} is an embedding model; use /v1/embeddings")
+        return entry
+
     def _admit(self, job: Job) -> None:
         from mlx_manager.engine.sampling import sampler_for
 
-        entry = self.pool.load(job.request.model)
-        if entry.kind == "embed":
-            raise WrongModelKind(f"model {job.request.model!r} is an embedding model; use /v1/embeddings")
-        tokens = prompt_tokens(entry, job)
+        entry = self._generator(job.request.model)
+        tokens = prompt_tokens(entry, job.request)
         if entry.context_length and len(tokens) >= entry.context_length:
             raise InvalidRequest(
                 f"the prompt has {len(tokens)} tokens; model {job.request.model!r} takes at most {entry.context_length}"
@@ -326,7 +339,7 @@ class Worker:
                     job.emit(stopped)
                 case Embed(job):
                     job.settle(error=stopped)
-                case Load(_, reply) | Unload(_, _, reply):
+                case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply):
                     reply.settle(error=stopped)
         self.pool.unload_all()
         self._publish()
@@ -337,11 +350,11 @@ def vocab_size(entry: LoadedModel) -> int:
     return entry.vocab_size or len(entry.tokenizer._tokenizer)
 
 
-def prompt_tokens(entry: LoadedModel, job: Job) -> list[int]:
+def prompt_tokens(entry: LoadedModel, request: GenerationRequest) -> list[int]:
     """The prompt as token ids: the chat template applied to the messages, or the text encoded."""
     from jinja2 import TemplateError  # what chat templates raise; comes with transformers
 
-    request, tokenizer = job.request, entry.tokenizer
+    tokenizer = entry.tokenizer
     if request.messages is not None:
         if not tokenizer.has_chat_template:
             raise ChatTemplateMissing(f"model {request.model!r} has no chat template; use /v1/completions")

@@ -1,0 +1,33 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API (dialects/anthropic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from mlx_manager.daemon.call import TokenCountCall
+from mlx_manager.daemon.dialects.anthropic import serving
+from mlx_manager.daemon.dialects.anthropic.protocol import CountTokensRequest, Message, MessagesRequest, TokenCount
+from mlx_manager.daemon.generation import GenerationCall, answer
+from mlx_manager.daemon.state import Daemon, Outcome
+
+router = APIRouter(tags=["messages"])
+
+
+@router.post("/v1/messages", response_model=Message)
+async def messages(body: MessagesRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Any:
+    """A message from the model, whole or streamed (`stream: true`) as Anthropic's events."""
+    outcome.model, outcome.stream = body.model, body.stream
+    job_request = serving.generation_request(body, outcome.request_id, daemon.settings)
+    call = GenerationCall(daemon, request, "messages", job_request)
+    fmt = serving.MessageFormat(f"msg_{outcome.request_id}", body.model, serving.shows_thinking(body))
+    return await answer(call, body.stream, fmt.complete, fmt.stream())
+
+
+@router.post("/v1/messages/count_tokens", response_model=TokenCount)
+async def count_tokens(body: CountTokensRequest, request: Request, daemon: Daemon, outcome: Outcome) -> TokenCount:
+    """How many tokens the prompt (system, messages and tools) is for the model, without generating."""
+    outcome.model = body.model
+    job_request = serving.prompt_request(body, outcome.request_id, daemon.settings)
+    return TokenCount(input_tokens=await TokenCountCall(daemon, request, "messages", job_request).count())
