@@ -420,7 +420,9 @@ def _write_tokenizer(folder: Path, family: Family, pieces: set[str]) -> Any:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if family.spm:
-        base = ["<unk>", *(f"<0x{b:02X}>" for b in range(256))]
+        # "▁" (a space) is a token of its own, as in every real SentencePiece vocabulary: spelled
+        # in bytes instead, a space is three byte-fallback tokens, which grammar engines misread.
+        base = ["<unk>", *(f"<0x{b:02X}>" for b in range(256)), "▁"]
         merges: list[tuple[str, str]] = []
     else:
         newline = _byte_chars()[ord("\n")]

@@ -294,7 +294,8 @@ def test_count_tokens_is_the_prompt_the_model_sees(client, models):
     counted = client.messages.count_tokens(model=path, messages=question(), tools=[TOOL])
     assert isinstance(counted, MessageTokensCount)
     message = client.messages.create(model=path, max_tokens=300, messages=question(), tools=[TOOL])
-    assert counted.input_tokens == message.usage.input_tokens
+    # As Anthropic counts: tokens read from the prompt cache are not input_tokens.
+    assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
     assert client.messages.count_tokens(model=path, messages=question()).input_tokens < counted.input_tokens
 
 
@@ -325,14 +326,6 @@ def assert_anthropic_problem(response: httpx.Response, status: int, kind: str) -
 @pytest.mark.parametrize(
     ("change", "param", "needs"),
     [
-        ({"tool_choice": {"type": "any"}}, "tool_choice", "constrained decoding"),
-        ({"tool_choice": {"type": "tool", "name": "get_weather"}}, "tool_choice", "constrained decoding"),
-        (
-            {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
-            "output_config.format",
-            "constrained decoding",
-        ),
-        ({"tools": [{**TOOL, "strict": True}]}, "tools.0.strict", "constrained decoding"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}]},
             "messages.0.content.0",
@@ -354,13 +347,10 @@ def test_what_this_server_cannot_do_is_a_400_naming_the_field(server, models, ch
     assert needs in problem["detail"] and problem["detail"].startswith(param)
 
 
-def test_a_forced_tool_call_is_the_sdks_bad_request_error(client, models):
-    path, _ = models["hermes"]
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.create(
-            model=path, max_tokens=50, messages=question(), tools=[TOOL], tool_choice={"type": "any"}
-        )
-    assert "tool_choice" in caught.value.api_message
+def test_an_engine_refusal_is_the_sdks_bad_request_error(client, fast_model):
+    with pytest.raises(anthropic.BadRequestError) as caught:  # a model with no tool-call format
+        client.messages.create(model=fast_model, max_tokens=50, messages=question(), tools=[TOOL])
+    assert "tool-call format" in caught.value.api_message and fast_model in caught.value.api_message
 
 
 @pytest.mark.parametrize(
@@ -431,9 +421,10 @@ def test_audit_rows_name_the_endpoint_model_and_tokens(server, client, models):
     client.messages.count_tokens(model=path, messages=question(), extra_headers={"X-Request-ID": "messages-audit-3"})
     whole, streamed, counted = (row_for(server, f"messages-audit-{n}") for n in (1, 2, 3))
     assert (whole["endpoint"], whole["model"], whole["status"]) == (MESSAGES, path, "success")
-    assert (whole["prompt_tokens"], whole["completion_tokens"]) == (
-        message.usage.input_tokens,
+    assert (whole["prompt_tokens"], whole["completion_tokens"], whole["cached_tokens"]) == (
+        message.usage.input_tokens + message.usage.cache_read_input_tokens,  # Anthropic leaves cache reads out
         message.usage.output_tokens,
+        message.usage.cache_read_input_tokens,
     )
     assert (streamed["endpoint"], streamed["status"]) == (MESSAGES, "success")
     assert streamed["completion_tokens"] > 0 and streamed["time_to_first_token_ms"] > 0
@@ -478,3 +469,62 @@ def test_prompts_tools_and_answers_never_reach_the_disk_or_the_log(server, clien
     logged = "\n".join(record.getMessage() for record in daemon_records)
     assert "messages-private-2" in logged
     assert not [s for s in secrets if s in logged]
+
+
+# -- constrained: forced calls, strict tools, JSON output ----------------------------------------
+
+UNITS = {
+    "name": "set_units",
+    "description": "Choose the units of the answer.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"system": {"enum": ["metric", "imperial"]}},
+        "required": ["system"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "choice", [{"type": "any"}, {"type": "tool", "name": "set_units"}], ids=["any", "tool"]
+)
+def test_tool_choice_any_and_tool_force_a_call(client, models, choice):
+    path, _ = models["hermes"]
+    first = client.messages.create(model=path, max_tokens=300, messages=question(), tools=[TOOL])
+    # After the tool result the model would answer in words: the grammar makes it call instead
+    # (its thinking, which comes first, stays free).
+    # A closed schema and greedy decoding: where the grammar overrules this model, its logits are
+    # all alike, and sampling (or an open string) could wander to max_tokens.
+    message = client.messages.create(
+        model=path, max_tokens=300, messages=after_tool(first.content), tools=[UNITS], tool_choice=choice,
+        extra_body={"temperature": 0}
+    )
+    assert message.stop_reason == "tool_use"
+    [call] = blocks(message, "tool_use")
+    assert call.name == "set_units" and call.input["system"] in ("metric", "imperial")
+
+
+def test_a_strict_tool_holds_the_call_to_its_schema(client, models):
+    path, _ = models["hermes"]
+    only_london = {**TOOL, "strict": True, "input_schema": {
+        "type": "object", "properties": {"city": {"enum": ["London"]}}, "required": ["city"],
+        "additionalProperties": False}}
+    message = client.messages.create(model=path, max_tokens=300, messages=question(), tools=[only_london],
+                                     extra_body={"temperature": 0})
+    # The model says Paris; the schema allows London only.
+    assert [(c.name, c.input) for c in blocks(message, "tool_use")] == [("get_weather", {"city": "London"})]
+
+
+def test_output_config_format_gives_json_that_follows_the_schema(client, models):
+    import jsonschema
+
+    path, scripted = models["hermes"]
+    schema = {"type": "object", "properties": {"sky": {"enum": ["sunny", "rain"]}, "temp": {"type": "integer",
+              "minimum": -40, "maximum": 50}}, "required": ["sky", "temp"], "additionalProperties": False}
+    message = client.messages.create(
+        model=path, max_tokens=300, messages=question(),
+        extra_body={"temperature": 0, "output_config": {"format": {"type": "json_schema", "schema": schema}}},
+    )
+    [text] = blocks(message, "text")
+    jsonschema.validate(json.loads(text.text), schema)
+    assert message.stop_reason == "end_turn"

@@ -8,6 +8,7 @@ SDK's lenient construction), and the SDK's stream helper must accumulate it.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import openai
@@ -312,25 +313,54 @@ def test_responses_expire_and_the_store_is_bounded(server, client, models):
 
 
 class Weather(BaseModel):
-    city: str
-    sky: str
+    city: Literal["Paris", "London"]
+    sky: Literal["sunny", "rain"]
 
 
-def test_structured_output_is_refused_until_the_engine_can_enforce_it(client, models):
+def test_text_format_gives_a_parsed_answer(client, models):
     path, _ = models["hermes"]
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.parse(model=path, input=QUESTION, text_format=Weather)
-    assert caught.value.code == "not_supported" and caught.value.param == "text.format"
-    assert "constrained decoding" in caught.value.message
+    parsed = client.responses.parse(model=path, input=QUESTION, text_format=Weather, max_output_tokens=300, temperature=0)
+    assert isinstance(parsed.output_parsed, Weather)
+
+
+UNITS = {
+    "type": "function",
+    "name": "set_units",
+    "description": "Choose the units of the answer.",
+    "parameters": {"type": "object", "properties": {"system": {"enum": ["metric", "imperial"]}},
+                   "required": ["system"], "additionalProperties": False},
+    "strict": True,
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "set_units"}], ids=["required", "named"])
+def test_tool_choice_required_and_named_force_a_call(client, models, choice):
+    path, _ = models["hermes"]
+    first = client.responses.create(model=path, input=QUESTION, tools=[TOOL])
+    # After the tool result the model would answer in words: the grammar makes it call again.
+    # A closed schema and greedy decoding: where the grammar overrules this model, its logits
+    # are all alike, and an open string could take its answer in and run to the limit.
+    again = client.responses.create(
+        model=path, input=results_for(first), previous_response_id=first.id, tools=[UNITS], tool_choice=choice,
+        temperature=0,
+    )
+    [(name, arguments)] = calls_of(again)
+    assert name == "set_units" and arguments["system"] in ("metric", "imperial")
+
+
+def test_a_strict_function_holds_the_call_to_its_schema(client, models):
+    path, _ = models["hermes"]
+    only_london = {**TOOL, "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["London"]}}, "required": ["city"],
+        "additionalProperties": False}}
+    response = client.responses.create(model=path, input=QUESTION, tools=[only_london], temperature=0)
+    # The model says Paris; the schema allows London only.
+    assert calls_of(response) == [("get_weather", {"city": "London"})]
 
 
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
-        ({"tools": [{**TOOL, "strict": True}]}, "tools.0.strict"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
             "input.0.message.content.0",

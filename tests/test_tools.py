@@ -9,6 +9,7 @@ the real families; these tests check what a client sees of them.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import openai
 import pytest
@@ -313,11 +314,14 @@ def test_openai_agents_runs_a_one_tool_agent(server, models):
     from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)  # its traces would go to OpenAI's servers
-    path, scripted = models["mistral"]
+    path, scripted = models["hermes"]
     calls: list[str] = []
 
+    # openai-agents makes its tools strict: the call's arguments are held to the schema by the
+    # grammar. A closed one: where the grammar overrules this scripted model, its logits are all
+    # alike, and an open string would run on.
     @function_tool
-    def weather(city: str) -> str:
+    def weather(city: Literal["Paris"]) -> str:
         """Get the current weather in a city."""
         calls.append(city)
         return get_weather(city)
@@ -369,3 +373,15 @@ def test_tool_definitions_calls_and_results_never_reach_the_disk_or_the_log(serv
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "tools-private-2" in logged  # the access log line of the request is there, its text is not
     assert not [s for s in secrets if s and s in logged]
+
+
+def test_a_strict_tool_in_auto_mode_holds_the_call_to_its_schema(client, models):
+    path, scripted = models["hermes"]
+    only_london = json.loads(json.dumps(WEATHER_TOOL))
+    only_london["function"]["strict"] = True
+    only_london["function"]["parameters"]["properties"]["city"] = {"enum": ["London"]}
+    only_london["function"]["parameters"]["additionalProperties"] = False  # as OpenAI's strict mode requires
+    response = client.chat.completions.create(model=path, messages=scripted.messages(), tools=[only_london], temperature=0)
+    # The model says Paris; the schema allows London only. Its thinking stays free.
+    assert calls_of(response.choices[0].message) == [("get_weather", {"city": "London"})]
+    assert response.choices[0].message.reasoning_content == scripted.thinking

@@ -234,6 +234,35 @@ def tool_call_spec(
     return lark_spec(f"start: {' '.join(parts)}\ncall: %json {json.dumps(body)}\n", kind="tool_call")
 
 
+def free_calls_spec(
+    calls: Sequence[tuple[str, str, Mapping[str, Any]]], *, trigger: str, special_tokens: Mapping[str, int] | None = None
+) -> GrammarSpec:
+    """Free text in which every tool call must be well formed (strict tools, tool_choice "auto").
+
+    `calls` are (after the trigger: the call's opening up to its arguments, after them: its
+    closing, the arguments' JSON schema). The model writes what it likes until it writes the
+    family's `trigger` (its call marker); from there the call must be one of `calls`, and after
+    it, text again (llguidance's lazy triggers, as its StructTag does it). A trigger that is one
+    special token is demanded as that token.
+    """
+    special = special_tokens or {}
+    lines = [
+        "%llguidance {}",
+        "start: (" + " | ".join(f"call_{i}" for i in range(len(calls))) + ")* text",
+        "text: TEXT",
+        "TEXT: /(.|\\n)*/",
+    ]
+    for i, (opening, closing, schema) in enumerate(calls):
+        arguments = f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}"
+        body = " ".join([*_lark_literals(opening, special), arguments, *_lark_literals(closing, special)])
+        if trigger in special:
+            lines.append(f"call_{i}: TEXT <[{special[trigger]}]> {body}")
+        else:
+            lines.append(f"call_{i}_trigger[lazy]: TEXT {json.dumps(trigger)}")
+            lines.append(f"call_{i}: call_{i}_trigger {body}")
+    return lark_spec("\n".join(lines) + "\n", kind="tool_call")
+
+
 def _lark_literals(text: str, special_tokens: Mapping[str, int]) -> list[str]:
     if not text:
         return []

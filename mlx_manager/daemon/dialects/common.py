@@ -1,5 +1,4 @@
-"""What the dialects share: strict request models, the "not supported" refusal, and the one
-place each dialect refuses what needs constrained decoding.
+"""What the dialects share: strict request models and the "not supported" refusal.
 
 Both APIs refuse fields they do not define, and so do we (422, naming the field). A field they
 define that this server does not implement is refused with a 400 `not_supported` problem that
@@ -14,7 +13,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 from pydantic_core import PydanticCustomError
 
-from mlx_manager.daemon.problems import Problem
 
 NOT_SUPPORTED = "not_supported"  # the pydantic error type of a refusal
 # The tag of the union member that refuses what a dialect defines but this server cannot take
@@ -39,13 +37,3 @@ def refuse_when_set(value: Any, info: ValidationInfo) -> Any:
     if value is not None:
         raise not_supported("not supported by this server")
     return value
-
-
-def needs_constrained_decoding(param: str, what: str) -> Problem:
-    """The 400 for a request that only constrained decoding could honour (issue 18): each
-    dialect raises it from one function, to be switched on when the engine can enforce it."""
-    return Problem(
-        NOT_SUPPORTED,
-        f"{param}: {what} needs constrained decoding, which this server does not do yet",
-        param=param,
-    )

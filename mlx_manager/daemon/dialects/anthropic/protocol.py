@@ -170,7 +170,7 @@ class ToolParam(Strict):
     description: str | None = None
     type: Literal["custom"] | None = None
     cache_control: CacheControl | None = None
-    strict: bool | None = None  # true needs constrained decoding: refused by serving.needs_constrained_decoding
+    strict: bool | None = None  # true: the call's input is held to input_schema by the engine's grammar
     input_examples: list[dict[str, Any]] | None = None
     defer_loading: bool | None = None
     allowed_callers: list[str] | None = None
@@ -185,6 +185,8 @@ class ToolParam(Strict):
         function: dict[str, Any] = {"name": self.name, "parameters": self.input_schema}
         if self.description is not None:
             function["description"] = self.description
+        if self.strict:
+            function["strict"] = True
         return {"type": "function", "function": function}
 
 
@@ -280,7 +282,7 @@ class JsonOutputFormat(Strict):
 
 class OutputConfig(Strict):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # to the template, as reasoning_effort
-    format: JsonOutputFormat | None = None  # needs constrained decoding: refused by serving
+    format: JsonOutputFormat | None = None  # enforced by the engine's grammar
 
 
 class Metadata(Strict):

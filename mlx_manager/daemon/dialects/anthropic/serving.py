@@ -47,10 +47,11 @@ from mlx_manager.daemon.dialects.anthropic.protocol import (
     ToolUseBlockParam,
     Usage,
 )
-from mlx_manager.daemon.dialects.common import needs_constrained_decoding
 from mlx_manager.daemon.generation import Answer, Piece, Translation
 from mlx_manager.daemon.limits import check_messages, max_tokens_for
+from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import sse_event
+from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, json_schema_spec
 from mlx_manager.engine.types import (
     Finished,
     GenerationRequest,
@@ -67,17 +68,27 @@ PING_EVERY = 10.0  # seconds of silence before a `ping`, so proxies keep a slow 
 # -- request -------------------------------------------------------------------------------------
 
 
-def refuse_what_needs_constrained_decoding(body: PromptFields) -> None:
-    """The one place this dialect refuses what only constrained decoding could honour (issue 18):
-    forcing a tool call (`tool_choice` any / tool), JSON output (`output_config.format`), strict
-    tools. Each becomes a schema for the engine's constraint once it can enforce one."""
-    if isinstance(body.tool_choice, (ToolChoiceAny, ToolChoiceTool)):
-        raise needs_constrained_decoding("tool_choice", f"forcing a tool call (type {body.tool_choice.type!r})")
-    if body.output_config is not None and body.output_config.format is not None:
-        raise needs_constrained_decoding("output_config.format", "JSON output that follows a schema")
-    for index, tool in enumerate(body.tools or []):
-        if isinstance(tool, ToolParam) and tool.strict:
-            raise needs_constrained_decoding(f"tools.{index}.strict", "strict tool input")
+def constraint(body: PromptFields) -> GrammarSpec | None:
+    """The grammar `output_config.format` asks for (JSON that follows a schema), or None; a
+    400 that names what cannot be enforced."""
+    if body.output_config is None or body.output_config.format is None:
+        return None
+    try:
+        return json_schema_spec(body.output_config.format.schema_)
+    except ConstraintError as exc:
+        raise Problem("invalid_request", str(exc).replace("response_format", "output_config.format"),
+                      param="output_config.format") from None
+
+
+def tool_choice(body: PromptFields) -> str | dict[str, Any] | None:
+    """`any` forces a call to one of the tools, `tool` to the one named (the engine's grammar
+    makes the model call); `auto` and `none` leave it to the model."""
+    choice = body.tool_choice
+    if isinstance(choice, ToolChoiceAny):
+        return "required"
+    if isinstance(choice, ToolChoiceTool):
+        return {"type": "function", "function": {"name": choice.name}}
+    return None
 
 
 def engine_messages(body: PromptFields) -> list[dict[str, Any]]:
@@ -149,14 +160,24 @@ def template_kwargs(body: PromptFields) -> dict[str, Any]:
 
 def prompt_request(body: PromptFields, request_id: str, settings: Settings) -> GenerationRequest:
     """The prompt part of a generation: what count_tokens counts and messages generates from."""
-    refuse_what_needs_constrained_decoding(body)
     check_messages(len(body.messages), settings)
+    spec = constraint(body)
+    tools = offered_tools(body)
+    if spec is not None and tools is not None and tool_choice(body) is None:
+        raise Problem(
+            "invalid_request",
+            "output_config.format with tools the model may call (tool_choice auto) is not supported: the"
+            " answer could not be both; force the call (tool_choice any or tool) or drop the tools",
+            param="output_config.format",
+        )
     return GenerationRequest(
         model=body.model,
         messages=engine_messages(body),
         request_id=request_id,
-        tools=offered_tools(body),
+        tools=tools,
         template_kwargs=template_kwargs(body),
+        constraint=spec,
+        tool_choice=tool_choice(body),
     )
 
 

@@ -221,7 +221,7 @@ class FunctionToolParam(Strict):
     type: Literal["function"]
     name: FunctionName
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # true needs constrained decoding: refused by serving
+    strict: bool | None = None  # true: the call's arguments are held to parameters by the engine's grammar
     description: str | None = None
     allowed_callers: list[str] | None = None
     defer_loading: bool | None = None
@@ -237,6 +237,8 @@ class FunctionToolParam(Strict):
         }
         if self.description is not None:
             function["description"] = self.description
+        if self.strict:
+            function["strict"] = True
         return {"type": "function", "function": function}
 
 

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from mlx_manager.daemon.dialects.common import needs_constrained_decoding
 from mlx_manager.daemon.dialects.responses.protocol import (
     ContentPartEvent,
     FunctionCall,
@@ -64,6 +63,7 @@ from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import sse_event
+from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, json_schema_spec
 from mlx_manager.engine.types import (
     Finished,
     GenerationRequest,
@@ -76,20 +76,29 @@ from mlx_manager.settings import Settings
 # -- request -------------------------------------------------------------------------------------
 
 
-def refuse_what_needs_constrained_decoding(body: ResponsesRequest) -> None:
-    """The one place this dialect refuses what only constrained decoding could honour (issue 18):
-    forcing a call (`tool_choice` required, a named function, allowed_tools in required mode),
-    structured output (`text.format` json_schema / json_object) and strict function tools."""
+def constraint(body: ResponsesRequest) -> GrammarSpec | None:
+    """The grammar `text.format` asks for (json_schema or json_object), or None for text; a 400
+    that names what cannot be enforced."""
+    fmt = body.text.format if body.text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    try:
+        if fmt.type == "json_object":
+            return json_schema_spec({"type": "object"}, kind="json_object")
+        return json_schema_spec(fmt.schema_, name=fmt.name)
+    except ConstraintError as exc:
+        raise Problem("invalid_request", str(exc).replace("response_format", "text.format"), param="text.format") from None
+
+
+def tool_choice(body: ResponsesRequest) -> str | dict[str, Any] | None:
+    """`required` (or allowed_tools in required mode) forces a call to one of the offered tools,
+    a function choice to that one; the engine's grammar makes the model call."""
     choice = body.tool_choice
-    if choice == "required" or isinstance(choice, ToolChoiceFunction):
-        raise needs_constrained_decoding("tool_choice", "forcing a function call")
-    if isinstance(choice, ToolChoiceAllowed) and choice.mode == "required":
-        raise needs_constrained_decoding("tool_choice.mode", "forcing a function call")
-    if body.text is not None and body.text.format is not None and body.text.format.type != "text":
-        raise needs_constrained_decoding("text.format", f"{body.text.format.type} output")
-    for index, tool in enumerate(body.tools or []):
-        if isinstance(tool, FunctionToolParam) and tool.strict:
-            raise needs_constrained_decoding(f"tools.{index}.strict", "strict function arguments")
+    if choice == "required" or (isinstance(choice, ToolChoiceAllowed) and choice.mode == "required"):
+        return "required"
+    if isinstance(choice, ToolChoiceFunction):
+        return {"type": "function", "function": {"name": choice.name}}
+    return None
 
 
 def conversation(items: list[InputItem]) -> list[dict[str, Any]]:
@@ -152,7 +161,15 @@ def generation_request(
     body: ResponsesRequest, history: list[dict[str, Any]], request_id: str, settings: Settings
 ) -> tuple[GenerationRequest, list[dict[str, Any]]]:
     """The generation, and the messages this request adds to the conversation (for the store)."""
-    refuse_what_needs_constrained_decoding(body)
+    spec = constraint(body)
+    tools = offered_tools(body)
+    if spec is not None and tools is not None and tool_choice(body) is None:
+        raise Problem(
+            "invalid_request",
+            "text.format with tools the model may call (tool_choice auto) is not supported: the answer could"
+            " not be both; force the call (tool_choice required) or drop the tools",
+            param="text.format",
+        )
     turns = conversation(body.input)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = [*instructions, *history, *turns]
@@ -167,10 +184,12 @@ def generation_request(
             top_p=defaults.top_p if body.top_p is None else body.top_p,
         ),
         request_id=request_id,
-        tools=offered_tools(body),
+        tools=tools,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         template_kwargs=template_kwargs(body),
         reasoning_effort=body.reasoning.effort if body.reasoning is not None else None,
+        constraint=spec,
+        tool_choice=tool_choice(body),
     )
     return request, turns
 
