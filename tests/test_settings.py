@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from mlx_manager.settings import (
-    RESTART_KEYS,
     Settings,
     SettingsError,
     changed_keys,
@@ -122,7 +121,8 @@ def test_changed_keys_and_restart_keys():
     old = Settings()
     new = Settings.model_validate({"timeouts": {"chat": 5}, "server": {"port": 9000}})
     assert changed_keys(old, new) == ["server.port", "timeouts.chat"]
-    assert {"server.host", "server.port"} <= RESTART_KEYS <= set(key_infos())
+    restart_keys = {key for key, info in key_infos().items() if info.restart}
+    assert {"server.host", "server.port"} <= restart_keys <= set(key_infos())
     assert reload_changes(old, new) == (["timeouts.chat"], ["server.port"])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Optional
 
 import typer
@@ -62,6 +61,8 @@ def bench(
 
     A server with API keys takes the key in MLX_MANAGER_API_KEY (or OPENAI_API_KEY).
     """
+    import asyncio  # ~30 ms: paid by this command only, not by every `mlx-manager` run
+
     from mlx_manager.bench import BenchError, BenchPlan, run_bench
 
     plan = BenchPlan(_levels(concurrency), requests, max_tokens, prompt_tokens, stream)
