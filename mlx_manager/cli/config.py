@@ -362,7 +362,9 @@ def edit() -> None:
 
 
 def _run_editor(text: str) -> str:
-    """Let the user edit `text` in their editor, in a private temp file next to the config."""
+    """Let the user edit `text` in their editor, in a private temp file next to the config.
+    Not click.edit: it says only "Editing failed" for an editor that cannot start or exits non-zero
+    (never which error or status), and its draft goes to the shared temp folder."""
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     folder = home()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
