@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_manager.settings.errors import SettingsError
 from mlx_manager.settings.file import (
-    CONFIG_LOCK_TIMEOUT,
     ConfigBusyError,
     config_lock,
     parse_config_document,
@@ -58,7 +57,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "CONFIG_LOCK_TIMEOUT",
     "ENV_PREFIX",
     "KEY_NAME",
     "ConfigBusyError",

@@ -1,8 +1,8 @@
 """The one Settings model: every key, its type, bounds, default and description.
 
 A key the daemon reads only when it starts carries `json_schema_extra=RESTART`: that flag is the one
-rule for "a change needs a restart" (`settings.keys.needs_restart`). Importing this module builds
-the validators (~0.1 s with pydantic's import), so the CLI imports it only when a command needs it.
+rule for "a change needs a restart" (`settings.keys.needs_restart`). Importing this module defines
+and builds the models (several tens of ms), so the package loads it only when something needs it.
 """
 
 from __future__ import annotations
