@@ -9,8 +9,6 @@ Every file here, like the config, the audit database and the logs, is created 06
 from __future__ import annotations
 
 import json
-import logging.handlers
-import os
 import secrets
 import stat
 from pathlib import Path
@@ -54,15 +52,6 @@ def admin_token(create: bool = False) -> str | None:
     token = secrets.token_urlsafe(32)
     write_atomic(path, token + "\n")
     return token
-
-
-class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A rotating log whose files are created 0600: logs hold request ids, model names and client
-    addresses, and the file a rotation opens would otherwise follow the umask (often 0644)."""
-
-    def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def read_daemon_info() -> dict | None:
