@@ -1,6 +1,7 @@
 """`mlx-manager bench`: measure a running OpenAI-compatible server, or two side by side."""
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 from typing import Annotated, Optional
 

@@ -4,7 +4,8 @@ The config file keeps only each key's SHA-256 (`[[auth.keys]]`, file mode 0600),
 the key once and nothing can show it again. A running daemon reloads and applies the change at once.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import os
 import re
@@ -146,7 +147,7 @@ def list_(json_output: JsonOption = False) -> None:
     console.print(table)
 
 
-def _outside_keys(settings: Settings) -> list[dict[str, Any]]:
+def _outside_keys(settings: "Settings") -> list[dict[str, Any]]:
     """Keys the daemon also accepts that `keys` does not manage: auth.keys_file and the environment."""
     from mlx_manager.auth import ENV_KEY, read_keys_file
 

@@ -4,7 +4,8 @@ The work is done in `mlx_manager.supervisor` (control, status), imported inside 
 brings psutil) so that `mlx-manager --help` stays fast.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import sys
 from dataclasses import asdict
@@ -18,8 +19,8 @@ from mlx_manager.cli.serve import InsecureOption, ModelOption
 
 if TYPE_CHECKING:
     from mlx_manager.supervisor.control import Running
-    from mlx_manager.supervisor.status import Status
     from mlx_manager.supervisor.options import SupervisorOptions
+    from mlx_manager.supervisor.status import Status
 
 HostOption = Annotated[
     Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
@@ -113,7 +114,7 @@ def _start(flags: dict[str, Any], wait: float) -> None:
     _report_started(running)
 
 
-def _report_started(running: Running) -> None:
+def _report_started(running: "Running") -> None:
     where = running.url or "(address not known yet)"
     daemon = f"daemon pid {running.daemon_pid}" if running.daemon_pid else "daemon restarting"
     if not running.already:
@@ -132,7 +133,7 @@ def model_argument(model: str | None) -> str | None:
     return model
 
 
-def _options() -> SupervisorOptions:
+def _options() -> "SupervisorOptions":
     from mlx_manager.settings import SettingsError, load_settings
     from mlx_manager.supervisor.options import SupervisorOptions
 
@@ -205,7 +206,7 @@ def status(json_output: JsonOption = False) -> None:
     raise typer.Exit(result.exit_code)
 
 
-def _show_status(s: Status) -> None:
+def _show_status(s: "Status") -> None:
     from rich.table import Table
 
     if not s.running:

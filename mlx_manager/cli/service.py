@@ -4,7 +4,8 @@ The service runs `mlx-manager serve` under the system's own supervisor (systemd 
 restarts it on failure; use it instead of `mlx-manager start`, not together with it.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import os
 import shutil
