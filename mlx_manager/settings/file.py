@@ -58,7 +58,7 @@ def set_in_document(document: TOMLDocument, key: str, value: Any) -> None:
     section, name = key.split(".", 1)
     if section not in document:
         document.add(section, tomlkit.table())
-    document[section][name] = value  # type: ignore[index]
+    document[section][name] = value
 
 
 def unset_in_document(document: TOMLDocument, key: str) -> bool:
