@@ -111,9 +111,11 @@ def _settings_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[s
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _settings_rows(annotation, f"{prefix}{name}.")
             continue
-        default = field.get_default(call_default_factory=True)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        # A default that depends on the machine is described, so the generated files are the same everywhere.
+        default = extra.get("default_shown") or repr(field.get_default(call_default_factory=True))
         kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        yield f"{prefix}{name}", kind, repr(default), field.description or ""
+        yield f"{prefix}{name}", kind, str(default), field.description or ""
 
 
 def man_page() -> str:

@@ -9,12 +9,11 @@ Every file here, like the config, the audit database and the logs, is created 06
 from __future__ import annotations
 
 import json
-import logging.handlers
-import os
 import secrets
 import stat
 from pathlib import Path
 
+from mlx_manager.files import write_atomic
 from mlx_manager.settings import home
 
 
@@ -30,16 +29,6 @@ def ensure_home() -> Path:
     folder = home()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     return folder
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 # A shorter token in the file (empty, truncated) is not a credential: the daemon makes a new one.
@@ -61,17 +50,8 @@ def admin_token(create: bool = False) -> str | None:
     if not create:
         return None
     token = secrets.token_urlsafe(32)
-    write_private(path, token + "\n")
+    write_atomic(path, token + "\n")
     return token
-
-
-class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A rotating log whose files are created 0600: logs hold request ids, model names and client
-    addresses, and the file a rotation opens would otherwise follow the umask (often 0644)."""
-
-    def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def read_daemon_info() -> dict | None:

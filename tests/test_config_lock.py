@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mlx_manager import settings as settings_module
 from mlx_manager.cli import app
 from mlx_manager.settings import ConfigBusyError, config_lock, config_path
+from mlx_manager.settings import file as settings_file
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))
 runner = CliRunner()
@@ -77,7 +77,7 @@ def test_config_set_waits_for_the_lock_then_succeeds():
 
 
 def test_config_set_gives_up_with_a_clear_message(monkeypatch):
-    monkeypatch.setattr(settings_module, "CONFIG_LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(settings_file, "CONFIG_LOCK_TIMEOUT", 0.3)
     with config_lock():
         result = runner.invoke(app, ["config", "set", "timeouts.chat", "777"])
         keys = runner.invoke(app, ["keys", "add", "laptop", "--json"])

@@ -17,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_manager.cli import app
-from mlx_manager.runtime import PrivateRotatingFileHandler, admin_token, admin_token_file
+from mlx_manager.private_log import PrivateRotatingFileHandler
+from mlx_manager.runtime import admin_token, admin_token_file
 from tests.daemon_server import wait_until
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))

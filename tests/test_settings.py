@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from mlx_manager.settings import (
-    RESTART_KEYS,
     Settings,
     SettingsError,
     changed_keys,
@@ -69,6 +68,28 @@ def test_bad_timeouts_never_pass(text):
     assert "from 1 to 86400" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("2GiB", 2 * 1024**3), ("512 MiB", 512 * 1024**2), ("1.5GB", 1_500_000_000), ("750M", 750_000_000), ("0", 0),
+     ("4096", 4096)],
+)
+def test_sizes_for_bytes_keys(text, size):
+    assert parse_value("cache.max_bytes", text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "2PiB", "1.5 parsecs"])
+def test_bad_sizes_never_pass(text):
+    with pytest.raises(SettingsError) as caught:
+        parse_value("cache.max_bytes", text)
+    assert "a size like 512MiB" in str(caught.value)
+
+
+def test_the_prompt_cache_default_follows_the_machine():
+    import psutil
+
+    assert Settings().cache.max_bytes == min(psutil.virtual_memory().total // 8, 8 * 1024**3)
+
+
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(SettingsError, match=r"unknown key timeouts\.chatt \(did you mean timeouts\.chat\?\)"):
         parse_value("timeouts.chatt", "5")
@@ -122,7 +143,8 @@ def test_changed_keys_and_restart_keys():
     old = Settings()
     new = Settings.model_validate({"timeouts": {"chat": 5}, "server": {"port": 9000}})
     assert changed_keys(old, new) == ["server.port", "timeouts.chat"]
-    assert {"server.host", "server.port"} <= RESTART_KEYS <= set(key_infos())
+    restart_keys = {key for key, info in key_infos().items() if info.restart}
+    assert {"server.host", "server.port"} <= restart_keys <= set(key_infos())
     assert reload_changes(old, new) == (["timeouts.chat"], ["server.port"])
 
 

@@ -4,7 +4,8 @@ Heavy libraries (mlx, fastapi, logfire, sqlalchemy) are imported inside the comm
 that need them, never here, so `--help` and `--version` stay fast.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 from typing import Annotated, Optional
 

@@ -23,7 +23,7 @@ from mlx_manager.audit.filters import AGE_FORMS, TIME_FORMS, AuditFilter, parse_
 from mlx_manager.audit.record import COLUMNS, Backend, Status
 from mlx_manager.cli.audit_tables import ROW_COLUMNS, Layout, fit, print_table, stats_columns, stats_rows
 from mlx_manager.cli.completion import complete_key_name
-from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json
+from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json, say
 
 if TYPE_CHECKING:
     from mlx_manager.audit.store import AuditStore
@@ -123,7 +123,7 @@ def tail(
                 rows = list(reversed(query_rows(conn, limit=limit, order="newest")))
                 seen = last_id(conn)
             if not rows and not follow:
-                err_console.print(f"The audit log at {path} has no requests yet.", markup=False, highlight=False)
+                err_console.print(f"The audit log at {path} has no requests yet.")
             printer.emit(rows)
             if follow:
                 _follow(store, seen, printer)
@@ -207,7 +207,7 @@ def query(
             rows = query_rows(conn, filters, limit=limit, order=order)
     try:
         if not rows and output == "table":
-            err_console.print("No requests match.", markup=False, highlight=False)
+            err_console.print("No requests match.")
         printer.emit(rows)
     except BrokenPipeError:
         _quiet_broken_pipe()
@@ -257,7 +257,7 @@ def stats(
         print_json(groups)
         return
     if not groups:
-        err_console.print("No requests in this window.", markup=False, highlight=False)
+        err_console.print("No requests in this window.")
         return
     rows = stats_rows(groups)
     layout = fit(stats_columns(by), rows, console.width, wide=wide, keep={by} if by else ())
@@ -312,12 +312,10 @@ def prune(
             if json_output:
                 print_json({"deleted": 0, "would_delete": matching, "cutoff": _iso(cutoff), "dry_run": dry_run})
             elif not matching:
-                console.print(f"No requests before {_utc(cutoff)}: nothing to prune.", markup=False, highlight=False)
+                console.print(f"No requests before {_utc(cutoff)}: nothing to prune.")
             else:
                 console.print(
-                    f"Would delete {matching:,} requests from before {_utc(cutoff)} (dry run: nothing changed).",
-                    markup=False,
-                    highlight=False,
+                    f"Would delete {matching:,} requests from before {_utc(cutoff)} (dry run: nothing changed)."
                 )
             return
         if not yes:
@@ -332,7 +330,7 @@ def prune(
     if json_output:
         print_json({"deleted": deleted, "cutoff": _iso(cutoff), "dry_run": False})
     else:
-        console.print(f"Deleted {deleted:,} requests from before {_utc(cutoff)}.", markup=False, highlight=False)
+        console.print(f"Deleted {deleted:,} requests from before {_utc(cutoff)}.")
 
 
 # -- shared ----------------------------------------------------------------------------
@@ -357,14 +355,9 @@ def _open(path: Path, json_output: bool, *, waiting: bool = False) -> AuditStore
             return AuditStore.open(path, create=False)
         except AuditLogMissing:
             if not waiting:
-                err_console.print(f"no audit log yet at {path}", markup=False, highlight=False, soft_wrap=True)
+                say(f"no audit log yet at {path}", err=True)
                 return None
-        err_console.print(
-            f"no audit log yet at {path}; waiting for the daemon to write one (Ctrl-C to stop)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        say(f"no audit log yet at {path}; waiting for the daemon to write one (Ctrl-C to stop)", err=True)
         try:
             while True:
                 time.sleep(FOLLOW_POLL_S)

@@ -1,8 +1,8 @@
 """`mlx-manager bench`: measure a running OpenAI-compatible server, or two side by side."""
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
-import asyncio
 from typing import Annotated, Optional
 
 import typer
@@ -68,6 +68,8 @@ def bench(
 
     A server with API keys takes the key in MLX_MANAGER_API_KEY (or OPENAI_API_KEY).
     """
+    import asyncio  # ~30 ms: paid by this command only, not by every `mlx-manager` run
+
     from mlx_manager.bench import BenchError, BenchPlan, run_bench
 
     plan = BenchPlan(_levels(concurrency), requests, max_tokens, prompt_tokens, stream, turns, system_tokens)

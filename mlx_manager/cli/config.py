@@ -4,7 +4,8 @@ Refusals (unknown key, bad value, invalid edit) exit 2 and leave the file byte-f
 a config file that is already broken exits 1 and names the file, line and key.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import contextlib
 import json
@@ -19,10 +20,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, warn
+from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, say, warn
 from mlx_manager.settings import (
     ConfigBusyError,
-    Settings,
     SettingsError,
     changed_keys,
     check_config_text,
@@ -36,6 +36,7 @@ from mlx_manager.settings import (
     parse_config_document,
     parse_value,
     read_config_text,
+    sections,
     set_in_document,
     suggest_key,
     unset_in_document,
@@ -75,15 +76,10 @@ KeyArgument = Annotated[
 ]
 
 
-def _say(line: str) -> None:
-    # soft_wrap: paths and values are printed whole, never broken across lines.
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
 def _refuse(error: SettingsError, json_output: bool = False) -> NoReturn:
     """A bad key or value given on the command line: exit 2, nothing written."""
     key = error.key or ""
-    lost = key not in key_infos() and key not in Settings.model_fields and not suggest_key(key)
+    lost = key not in key_infos() and key not in sections() and not suggest_key(key)
     hint = "`mlx-manager config list` shows every key." if lost else None
     fail(f"{error}.", hint, code=EXIT_USAGE, json_output=json_output)
 
@@ -142,10 +138,10 @@ def apply_live(summary: str, keys: list[str] | None) -> None:
 
     outcome = request_reload()
     if not outcome.running:
-        _say(f"{summary} (no daemon running; takes effect at next start)")
+        say(f"{summary} (no daemon running; takes effect at next start)")
         return
     if outcome.error:
-        _say(summary)
+        say(summary)
         warn(
             f"the running daemon at {outcome.url} did not confirm the change: {outcome.error}. "
             "Restart it to apply the change."
@@ -161,7 +157,7 @@ def apply_live(summary: str, keys: list[str] | None) -> None:
     if not applied and not restart:
         # Typically the daemon was started with a flag (serve --port) or a variable for this key.
         said += " reloaded; no value it uses changed"
-    _say(f"{summary} ({said})")
+    say(f"{summary} ({said})")
 
 
 @contextlib.contextmanager
@@ -199,7 +195,7 @@ def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     if json_output:
         print_json({"key": key, "value": values[key], "origin": origins[key]})
     else:
-        _say(_shown(values[key]))
+        say(_shown(values[key]))
 
 
 @app.command(
@@ -260,7 +256,7 @@ def unset(key: KeyArgument) -> None:
                     key_info(key)
                 except SettingsError as error:
                     _refuse(error)
-            _say(f"{key} is not set in {path}; nothing to do.")
+            say(f"{key} is not set in {path}; nothing to do.")
             return
         new_text = document.as_string()
         try:
@@ -308,13 +304,13 @@ def list_(
         shown = _shown(value) if value != "" else '""'
         row = [key, shown] + ([_origin_label(key, origins[key])] if show_origin else [])
         table.add_row(*row, key_infos()[key].description)
-    console.print(table, markup=False, highlight=False)
+    console.print(table)
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config path\n\n  cat \"$(mlx-manager config path)\"")
 def path() -> None:
     """Print where the config file lives (it may not exist until the first `config set`)."""
-    _say(str(config_path()))
+    say(str(config_path()))
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config edit\n\n  EDITOR=nano mlx-manager config edit")
@@ -330,7 +326,7 @@ def edit() -> None:
     while True:
         draft = _run_editor(draft)
         if draft == start:
-            _say(f"No changes; {path} left as it was.")
+            say(f"No changes; {path} left as it was.")
             return
         try:
             after = check_config_text(draft, path)
@@ -361,13 +357,15 @@ def edit() -> None:
     except SettingsError:
         changed = None  # the old file was broken, so the daemon may hold older values: reload anyway
     if changed == []:
-        _say(f"Saved {path} (no setting changed value)")
+        say(f"Saved {path} (no setting changed value)")
         return
     apply_live(f"Saved {path}" + (f"; changed {', '.join(changed)}" if changed else ""), changed)
 
 
 def _run_editor(text: str) -> str:
-    """Let the user edit `text` in their editor, in a private temp file next to the config."""
+    """Let the user edit `text` in their editor, in a private temp file next to the config.
+    Not click.edit: it says only "Editing failed" for an editor that cannot start or exits non-zero
+    (never which error or status), and its draft goes to the shared temp folder."""
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     folder = home()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)

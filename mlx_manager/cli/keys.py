@@ -4,20 +4,19 @@ The config file keeps only each key's SHA-256 (`[[auth.keys]]`, file mode 0600),
 the key once and nothing can show it again. A running daemon reloads and applies the change at once.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from mlx_manager.cli.config import changing_config
-from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, warn
+from mlx_manager.cli.output import EXIT_ERROR, EXIT_USAGE, JsonOption, console, fail, print_json, say, warn
 from mlx_manager.settings import (
-    KEY_NAME,
-    Settings,
     SettingsError,
     check_config_text,
     config_path,
@@ -26,6 +25,9 @@ from mlx_manager.settings import (
     read_config_text,
     write_config_text,
 )
+
+if TYPE_CHECKING:
+    from mlx_manager.settings import Settings
 
 app = typer.Typer(
     help="Manage the API keys clients must send (stored hashed); a running daemon applies changes live.",
@@ -41,10 +43,6 @@ NameArgument = Annotated[
         show_default=False,
     ),
 ]
-
-
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _broken(error: SettingsError, json_output: bool) -> NoReturn:
@@ -97,6 +95,7 @@ def _reload_json() -> dict[str, Any]:
 def add(name: NameArgument, json_output: JsonOption = False) -> None:
     """Make a new API key, keep its hash in the config file, and print the key (this once only)."""
     from mlx_manager.auth import add_key_entry, key_digest, new_key, now_utc
+    from mlx_manager.settings import KEY_NAME
 
     if not re.fullmatch(KEY_NAME, name):
         fail(f"{name!r} is not a valid key name; use up to 64 letters, digits, '.', '_' or '-'.",
@@ -114,8 +113,8 @@ def add(name: NameArgument, json_output: JsonOption = False) -> None:
         print_json({"name": name, "key": key, "created": created.isoformat(), "daemon": _reload_json()})
         return
     _reload(f"Added key {name}")
-    _say("Copy it now; it is not shown again. Clients send it as 'Authorization: Bearer KEY':")
-    _say(key)
+    say("Copy it now; it is not shown again. Clients send it as 'Authorization: Bearer KEY':")
+    say(key)
 
 
 @app.command(
@@ -134,7 +133,7 @@ def list_(json_output: JsonOption = False) -> None:
         print_json(rows)
         return
     if not rows:
-        _say("No API keys: /v1 answers anyone who can reach the daemon (only this machine, by default). "
+        say("No API keys: /v1 answers anyone who can reach the daemon (only this machine, by default). "
              "Add one with `mlx-manager keys add NAME`.")
         return
     from rich.table import Table
@@ -145,10 +144,10 @@ def list_(json_output: JsonOption = False) -> None:
     for row in rows:
         created = row["created"].replace("T", " ").replace("+00:00", " UTC") if row["created"] else "-"
         table.add_row(row["name"], created, row["source"])
-    console.print(table, markup=False, highlight=False)
+    console.print(table)
 
 
-def _outside_keys(settings: Settings) -> list[dict[str, Any]]:
+def _outside_keys(settings: "Settings") -> list[dict[str, Any]]:
     """Keys the daemon also accepts that `keys` does not manage: auth.keys_file and the environment."""
     from mlx_manager.auth import ENV_KEY, read_keys_file
 

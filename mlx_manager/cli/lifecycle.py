@@ -4,7 +4,8 @@ The work is done in `mlx_manager.supervisor` (control, status), imported inside 
 brings psutil) so that `mlx-manager --help` stays fast.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import sys
 from dataclasses import asdict
@@ -13,15 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json
+from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json, say
 from mlx_manager.cli.serve import InsecureOption, ModelOption
 
 if TYPE_CHECKING:
     from mlx_manager.supervisor.control import Running
-    from mlx_manager.supervisor.status import Status
     from mlx_manager.supervisor.options import SupervisorOptions
-
-EXIT_NOT_RUNNING = 3
+    from mlx_manager.supervisor.status import Status
 
 HostOption = Annotated[
     Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
@@ -57,10 +56,6 @@ def register(app: typer.Typer) -> None:
     app.command(epilog=RESTART_EPILOG)(restart)
     app.command(epilog=STATUS_EPILOG)(status)
     app.command(epilog=LOGS_EPILOG)(logs)
-
-
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # -- start / stop / restart ---------------------------------------------------------------------------
@@ -112,22 +107,22 @@ def _start(flags: dict[str, Any], wait: float) -> None:
              "See `mlx-manager status`, or `mlx-manager stop` it.", code=130)
     except StartFailed as failure:
         if failure.log_lines:
-            err_console.print("Last lines of the log:", markup=False, highlight=False)
+            err_console.print("Last lines of the log:")
             for line in failure.log_lines:
-                err_console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+                say(f"  {line}", err=True)
         fail(f"the daemon did not start: {failure.message}", failure.hint)
     _report_started(running)
 
 
-def _report_started(running: Running) -> None:
+def _report_started(running: "Running") -> None:
     where = running.url or "(address not known yet)"
     daemon = f"daemon pid {running.daemon_pid}" if running.daemon_pid else "daemon restarting"
     if not running.already:
-        _say(f"Started: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
+        say(f"Started: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
     elif running.supervised:
-        _say(f"Already running: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
+        say(f"Already running: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
     else:
-        _say(f"Already running: {where} ({daemon}, not supervised: started outside `mlx-manager start`).")
+        say(f"Already running: {where} ({daemon}, not supervised: started outside `mlx-manager start`).")
 
 
 def model_argument(model: str | None) -> str | None:
@@ -138,7 +133,7 @@ def model_argument(model: str | None) -> str | None:
     return model
 
 
-def _options() -> SupervisorOptions:
+def _options() -> "SupervisorOptions":
     from mlx_manager.settings import SettingsError, load_settings
     from mlx_manager.supervisor.options import SupervisorOptions
 
@@ -158,17 +153,17 @@ def stop(timeout: TimeoutOption = 30, force: ForceOption = False) -> None:
 
     stopped = stop_supervised(timeout, force)
     if not stopped.was_running:
-        _say("Not running." + (f" (The last supervisor {stopped.note}.)" if stopped.note else ""))
+        say("Not running." + (f" (The last supervisor {stopped.note}.)" if stopped.note else ""))
         return
     pids = ", ".join(
         f"{what} pid {pid}" for what, pid in (("daemon", stopped.daemon_pid), ("supervisor", stopped.supervisor_pid)) if pid
     )
     if force:
-        _say(f"Killed ({pids}).")
+        say(f"Killed ({pids}).")
     elif stopped.graceful:
-        _say(f"Stopped ({pids}) in {stopped.seconds:.1f} s; running requests were allowed to finish.")
+        say(f"Stopped ({pids}) in {stopped.seconds:.1f} s; running requests were allowed to finish.")
     else:
-        _say(f"Stopped ({pids}): it did not finish within {timeout:g} s, so it was killed.")
+        say(f"Stopped ({pids}): it did not finish within {timeout:g} s, so it was killed.")
 
 
 def restart(
@@ -211,18 +206,18 @@ def status(json_output: JsonOption = False) -> None:
     raise typer.Exit(result.exit_code)
 
 
-def _show_status(s: Status) -> None:
+def _show_status(s: "Status") -> None:
     from rich.table import Table
 
     if not s.running:
-        _say(f"Not running: gave up ({s.reason})." if s.given_up else "Not running.")
+        say(f"Not running: gave up ({s.reason})." if s.given_up else "Not running.")
         if s.stale:
-            _say("(A supervisor died without cleaning up; its state file is stale. `mlx-manager start` replaces it.)")
+            say("(A supervisor died without cleaning up; its state file is stale. `mlx-manager start` replaces it.)")
         if s.last_exit:
-            _say(f"Last exit: {_exit_line(s.last_exit)}")
+            say(f"Last exit: {_exit_line(s.last_exit)}")
         return
     health = "healthy" if s.healthy else f"unhealthy: {s.problem}"
-    _say(f"Running, {health}.")
+    say(f"Running, {health}.")
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -247,7 +242,7 @@ def _show_status(s: Status) -> None:
     for label, value in rows:
         if value:
             grid.add_row(label, value)
-    console.print(grid, markup=False, highlight=False)
+    console.print(grid)
 
 
 def _requests_line(figures: dict[str, Any]) -> str:
@@ -307,7 +302,7 @@ def logs(
 
     path = supervisor_log() if supervisor else _daemon_log()
     if not path.exists() and not follow:
-        err_console.print(f"No log yet: {path} does not exist.", markup=False, highlight=False, soft_wrap=True)
+        say(f"No log yet: {path} does not exist.", err=True)
         return
     out = sys.stdout
     for line in tail(path, lines):

@@ -9,8 +9,10 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+# What we print is data (paths, keys, model names, values), never rich markup: "[x]" and ":x:"
+# print as written, and nothing is coloured by guesswork.
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 # Every command spells its machine-output switch the same way; bind it to `json_output`.
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of the human form.")]
@@ -18,6 +20,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 # Exit codes shared by every command.
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+
+def say(line: str, *, err: bool = False) -> None:
+    """One line for people, on stdout (stderr with `err`); paths and values are never broken across lines."""
+    (err_console if err else console).print(line, soft_wrap=True)
 
 
 def fail(message: str, hint: str | None = None, *, code: int = EXIT_ERROR, json_output: bool = False) -> NoReturn:
@@ -31,7 +38,7 @@ def fail(message: str, hint: str | None = None, *, code: int = EXIT_ERROR, json_
         line = f"Error: {message}"
         if hint:
             line += f" {hint}"
-        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        say(line, err=True)
     raise typer.Exit(code)
 
 
@@ -42,4 +49,4 @@ def print_json(data: Any) -> None:
 
 def warn(message: str) -> None:
     """A one-line warning on stderr for something that went half-right; the command still succeeds."""
-    err_console.print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    say(f"Warning: {message}", err=True)

@@ -1,6 +1,7 @@
 """`mlx-manager serve`: run the inference daemon in the foreground."""
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 from typing import Annotated, Optional
 

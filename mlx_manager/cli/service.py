@@ -4,7 +4,8 @@ The service runs `mlx-manager serve` under the system's own supervisor (systemd 
 restarts it on failure; use it instead of `mlx-manager start`, not together with it.
 """
 
-from __future__ import annotations
+# Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
+# command's annotations at each start, and a string annotation costs a compile and an eval.
 
 import os
 import shutil
@@ -15,8 +16,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlx_manager.cli.output import EXIT_USAGE, console, fail, warn
+from mlx_manager.cli.output import EXIT_USAGE, fail, say, warn
 from mlx_manager.cli.serve import InsecureOption
+from mlx_manager.files import write_atomic
 
 app = typer.Typer(
     help="Install, remove or show a login service (systemd user unit or launchd agent) for the daemon.",
@@ -30,10 +32,6 @@ PortOption = Annotated[Optional[int], typer.Option("--port", help="Port the daem
 ModelOption = Annotated[
     Optional[str], typer.Option("--model", help="Preload this model (a local folder or a cached Hugging Face id).")
 ]
-
-
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _model(model: str | None) -> str | None:
@@ -128,22 +126,20 @@ def install(
     _check_bind(host, insecure_no_auth)
     service = service_file(current_platform(), host, port, _model(model), insecure_no_auth)
     service.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = service.path.with_name(f".{service.path.name}.tmp")
-    tmp.write_text(service.text)
-    os.replace(tmp, service.path)  # atomic: the service manager never reads half a file
-    _say(f"Wrote {service.path}.")
+    write_atomic(service.path, service.text, mode=0o666)  # the service manager never reads half a file
+    say(f"Wrote {service.path}.")
     commands = _activate_commands(service.platform, str(service.path))
     if not enable:
-        _say("To start it now and at every login, run:")
+        say("To start it now and at every login, run:")
         for command in commands:
-            _say("  " + " ".join(command))
+            say("  " + " ".join(command))
         return
     problem = _run(commands)
     if problem:
         warn(f"the file is written, but the service could not be started ({problem}). Run: "
              + "; ".join(" ".join(c) for c in commands))
         return
-    _say("Enabled and started; it starts again at every login and after a failure.")
+    say("Enabled and started; it starts again at every login and after a failure.")
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager service uninstall")
@@ -154,7 +150,7 @@ def uninstall() -> None:
     platform = current_platform()
     path = launchd_path() if platform == "macos" else systemd_path()
     if not path.exists():
-        _say(f"Not installed ({path} does not exist).")
+        say(f"Not installed ({path} does not exist).")
         return
     if platform == "macos":
         problem = _run([["launchctl", "bootout", f"gui/{os.getuid()}", str(path)]])
@@ -163,7 +159,7 @@ def uninstall() -> None:
     path.unlink()
     if platform == "linux":
         _run([["systemctl", "--user", "daemon-reload"]])
-    _say(f"Removed {path}.")
+    say(f"Removed {path}.")
     if problem:
         warn(f"it may still be running until the next login ({problem}).")
 

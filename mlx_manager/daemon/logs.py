@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from mlx_manager.runtime import PrivateRotatingFileHandler
+from mlx_manager.private_log import PrivateRotatingFileHandler
 from mlx_manager.settings import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

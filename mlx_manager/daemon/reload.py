@@ -8,18 +8,9 @@ from mlx_manager.auth import load_keyring
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.schemas import ReloadResult
 from mlx_manager.daemon.state import DaemonState
-from mlx_manager.settings import RESTART_KEYS, SettingsError, changed_keys, load_settings
+from mlx_manager.settings import SettingsError, load_settings, reload_changes
 
 log = logging.getLogger("mlx_manager.daemon")
-
-# Read once at start (log file, audit database, telemetry exporters, the engine's preload
-# list): a new value takes effect at the next start, so reporting it as applied would be untrue.
-READ_AT_START = frozenset({"log.file", "audit.path", "models.preload"})
-READ_AT_START_SECTIONS = ("telemetry.",)
-
-
-def needs_restart(key: str) -> bool:
-    return key in RESTART_KEYS or key in READ_AT_START or key.startswith(READ_AT_START_SECTIONS)
 
 
 def reload_settings(daemon: DaemonState) -> ReloadResult:
@@ -30,7 +21,9 @@ def reload_settings(daemon: DaemonState) -> ReloadResult:
     except SettingsError as exc:
         log.warning("settings reload refused, keeping the running settings: %s", exc)
         raise Problem("invalid_settings", f"settings not reloaded, the running ones are kept: {exc}") from None
-    changed = changed_keys(daemon.settings, new)
+    # A key the daemon reads only at start (settings.schema's RESTART flag) is reported, not applied.
+    applied, restart = reload_changes(daemon.settings, new)
+    changed = applied + restart
     daemon.settings = new  # requests that start from now on see the new values
     if keyring != daemon.keyring:  # added or revoked keys hold from the next request on
         log.info("API keys reloaded: %d key(s)", len(keyring))
@@ -39,7 +32,5 @@ def reload_settings(daemon: DaemonState) -> ReloadResult:
         daemon.engine.reconfigure(daemon.engine_config())
     if "log.level" in changed:
         logging.getLogger("mlx_manager").setLevel(new.log.level.upper())
-    applied = [key for key in changed if not needs_restart(key)]
-    restart = [key for key in changed if needs_restart(key)]
     log.info("settings reloaded: applied %s; restart needed for %s", applied or "nothing", restart or "nothing")
     return ReloadResult(applied=applied, restart_needed=restart, error=None)

@@ -16,7 +16,8 @@ import socket
 from datetime import datetime, timezone
 
 from mlx_manager import __version__
-from mlx_manager.runtime import daemon_file, ensure_home, read_daemon_info, write_private
+from mlx_manager.files import write_atomic
+from mlx_manager.runtime import daemon_file, ensure_home, read_daemon_info
 
 log = logging.getLogger("mlx_manager.daemon")
 
@@ -142,7 +143,7 @@ def write_daemon_file(host: str, port: int, url: str) -> None:
         "version": __version__,
         "started_at": datetime.now(timezone.utc).isoformat(),
     }
-    write_private(daemon_file(), json.dumps(info, indent=2) + "\n")
+    write_atomic(daemon_file(), json.dumps(info, indent=2) + "\n")
 
 
 def remove_daemon_file() -> None:

@@ -107,6 +107,11 @@ def engine_config(settings: Settings, extra_preload: list[str] | None = None) ->
         queue_limit=settings.server.queue_limit,
         max_batch_size=settings.server.max_batch_size,
         blas=settings.server.blas,
+        prefill_chunk=settings.server.prefill_chunk,
+        cache_max_bytes=settings.cache.max_bytes,
+        cache_max_entries=settings.cache.max_entries,
+        cache_disk_folder=str(settings.prompt_cache_folder()) if settings.cache.disk else None,
+        cache_disk_max_bytes=settings.cache.disk_max_bytes,
     )
 
 

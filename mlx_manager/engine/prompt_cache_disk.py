@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_manager.files import write_atomic
+
 log = logging.getLogger("mlx_manager.engine")
 
 
@@ -107,9 +109,8 @@ class DiskTier:
         stem = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:32]
         data_file = self.folder / f"{stem}.safetensors"
         try:
-            _write_private(data_file, lambda path: save_prompt_cache(str(path), cache))
-            meta = json.dumps({"tokens": list(key), "trimmable": trimmable})
-            _write_private(self.folder / f"{stem}.json", lambda path: path.write_text(meta))
+            write_atomic(data_file, lambda path: save_prompt_cache(str(path), cache))
+            write_atomic(self.folder / f"{stem}.json", json.dumps({"tokens": list(key), "trimmable": trimmable}))
             nbytes = data_file.stat().st_size
         except OSError as exc:  # a full disk must not stop the serving
             log.warning("prompt cache: could not write %s (%s)", data_file.name, exc)
@@ -143,21 +144,6 @@ class DiskTier:
     def _delete_files(self, stem: str) -> None:
         for suffix in (".safetensors", ".json"):
             (self.folder / f"{stem}{suffix}").unlink(missing_ok=True)
-
-
-def _write_private(path: Path, write: Any) -> None:
-    """Write a file through a 0600 temp file in the same folder, then rename it into place."""
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # same suffix: MLX adds its own otherwise
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def model_identity(path: Path) -> str:

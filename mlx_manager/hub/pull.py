@@ -49,7 +49,7 @@ from mlx_manager.hub.cache import (
     served_id,
 )
 from mlx_manager.hub.errors import HubError
-from mlx_manager.locking import flock_within
+from mlx_manager.files import private_lock
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -396,16 +396,18 @@ def _stream_into(sink: BinaryIO, url: str, size: int, headers: dict[str, str], a
 @contextlib.contextmanager
 def _pull_lock(plan: Plan, etag: str) -> Iterator[None]:
     """One pull at a time writes a given partial file; another one is told so instead of corrupting it."""
-    locks = hf_cache_dir() / ".locks" / plan.storage.name
-    locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / f"{etag}.pull.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    from filelock import Timeout
+
+    lock = private_lock(hf_cache_dir() / ".locks" / plan.storage.name / f"{etag}.pull.lock")
     try:
-        if not flock_within(fd, 0.5):
-            raise HubError("busy", f"another pull is downloading {plan.repo_id} right now",
-                           "Wait for it to finish; it leaves the model in the same cache.")
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        raise HubError("busy", f"another pull is downloading {plan.repo_id} right now",
+                       "Wait for it to finish; it leaves the model in the same cache.") from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 def _matches(path: Path, etag: str) -> bool:

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from mlx_manager.runtime import PrivateRotatingFileHandler
+from mlx_manager.private_log import PrivateRotatingFileHandler
 from mlx_manager.supervisor.options import SupervisorOptions
 from mlx_manager.supervisor.service import serve_command
 from mlx_manager.supervisor.state import supervisor_log

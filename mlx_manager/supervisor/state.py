@@ -1,6 +1,6 @@
 """The supervisor's one state file (`supervisor.json`) and its lock (`supervisor.lock`).
 
-The lock, an fcntl lock held for the supervisor's whole life, is the truth about whether a
+The lock, an flock held for the supervisor's whole life, is the truth about whether a
 supervisor runs: the kernel drops it when the process dies, however it dies, so a pid left in a
 stale state file can never be mistaken for a live supervisor. The state file says what it is doing.
 """
@@ -8,18 +8,20 @@ stale state file can never be mistaken for a live supervisor. The state file say
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlx_manager.locking import flock_within
+from mlx_manager.files import private_lock, write_atomic
 from mlx_manager.runtime import alive
 from mlx_manager.settings import home
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 # What the supervisor is doing, as written in the state file's "state".
 STARTING, RUNNING, RESTARTING, STOPPING, STOPPED, GIVEN_UP = (
@@ -53,15 +55,19 @@ def read_state() -> dict[str, Any] | None:
 
 
 def write_state(data: dict[str, Any]) -> None:
-    """Replace the state file atomically (temp file + rename): a reader never sees half of it."""
-    path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({**data, "updated_at": now_iso()}, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    """Replace the state file atomically: a reader never sees half of it."""
+    write_atomic(state_file(), json.dumps({**data, "updated_at": now_iso()}, indent=2) + "\n")
+
+
+def _write_pid(fd: int) -> None:
+    # The pid in the lock file is for people (`cat supervisor.lock`); the lock itself decides.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+# Locks taken and not yet released: held until `release()` or the end of the process (like the
+# flock they are), even when the `Lock` that took one is dropped; filelock would release on collection.
+_HELD: set[BaseFileLock] = set()
 
 
 class Lock:
@@ -69,27 +75,27 @@ class Lock:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or lock_file()
-        self._fd: int | None = None
+        self._lock: BaseFileLock | None = None
 
     def acquire(self, wait: float = 0.0) -> bool:
         """Try for up to `wait` seconds: a CLI probing the lock holds it for microseconds, so a
         supervisor that starts at that moment must not conclude another one runs."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children (PEP 446)
-        if not flock_within(fd, wait):
-            os.close(fd)
+        from filelock import Timeout
+
+        lock = private_lock(self.path, on_acquired=_write_pid)
+        try:
+            lock.acquire(timeout=wait)
+        except Timeout:
             return False
-        self._fd = fd
-        # The pid in the lock file is for people (`cat supervisor.lock`); the lock itself decides.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = lock
+        _HELD.add(lock)
         return True
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._lock is not None:
+            self._lock.release()
+            _HELD.discard(self._lock)
+            self._lock = None
 
 
 def supervisor_running() -> bool:

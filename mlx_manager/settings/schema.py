@@ -1,0 +1,298 @@
+"""The one Settings model: every key, its type, bounds, default and description.
+
+A key the daemon reads only when it starts carries `json_schema_extra=RESTART`: that flag is the one
+rule for "a change needs a restart" (`settings.keys.needs_restart`). Importing this module defines
+and builds the models (several tens of ms), so the package loads it only when something needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic.json_schema import JsonDict
+
+from mlx_manager.settings.paths import home
+
+# A running daemon cannot apply these without a restart: the socket is already bound, the
+# supervisor reads its timings when it starts, and the log file, the audit database, telemetry
+# exporters and the preload list are opened or read once at start (`mlx-manager restart` applies them).
+RESTART: JsonDict = {"restart": True}
+# Never printed back (`config get/list` show a count) nor set with `config set`.
+SECRET: JsonDict = {"secret": True}
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
+
+
+def parse_duration(value: Any) -> Any:
+    """'90s', '15m', '2h', '1d', '1h30m' -> seconds; anything else is left for the number check."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if _DURATION.fullmatch(text):
+            return sum(float(n) * _UNIT_SECONDS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", text))
+    return value
+
+
+# Every "seconds" key takes a plain number or a duration; NaN and infinity never pass.
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(allow_inf_nan=False)]
+Seconds = Annotated[Duration, Field(ge=1, le=86400)]
+
+_UNIT_BYTES = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def parse_size(value: Any) -> Any:
+    """'512MiB', '2GiB', '1.5GB', '750M' -> bytes; anything else is left for the number check."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip().lower())
+        if match and match.group(2) in _UNIT_BYTES:
+            return int(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
+    return value
+
+
+# Every "bytes" key takes a whole number or a size with its unit (KiB, MiB, GiB; KB, MB, GB).
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def default_cache_bytes() -> int:
+    """An eighth of this machine's memory, at most 8 GiB: what one model's prompt cache may hold."""
+    import psutil
+
+    return min(psutil.virtual_memory().total // 8, 8 * 1024**3)
+
+
+class Section(BaseModel):
+    # defer_build: the validators are built once, below, without pydantic plugins (see there).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
+
+
+class ServerSettings(Section):
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address the daemon listens on (loopback unless told otherwise).",
+        json_schema_extra=RESTART,
+    )
+    port: int = Field(
+        10242, ge=1, le=65535, description="TCP port the daemon listens on.", json_schema_extra=RESTART
+    )
+    drain_timeout: Duration = Field(
+        30.0, ge=0, le=3600, description="Seconds in-flight requests may finish after a stop is asked for."
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted, in bytes."
+    )
+    queue_limit: int = Field(
+        64, ge=1, le=100000, description="Most jobs waiting for the inference thread before new ones are refused."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Most sequences decoded together in one batch."
+    )
+    max_messages: int = Field(
+        256, ge=1, le=100000, description="Most messages in one chat request; more is refused with 422."
+    )
+    rate_limit: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Requests per minute one client may make to /v1 (by API key, else by address); 0 turns it off.",
+    )
+    blas: str = Field(
+        "auto",
+        min_length=1,
+        description=(
+            "Linux: the BLAS behind MLX's matrix products: 'auto' (an optimised OpenBLAS or MKL found on the"
+            " machine, else MLX's bundled reference BLAS), 'bundled', or the path of a CBLAS library."
+        ),
+        json_schema_extra=RESTART,
+    )
+
+    prefill_chunk: int = Field(
+        512, ge=16, le=65536,
+        description="Prompt tokens read per step; running streams decode between chunks, and a cancelled prompt stops within one.",
+    )
+
+    @field_validator("blas")
+    @classmethod
+    def blas_choice(cls, value: str) -> str:
+        if value in ("auto", "bundled") or Path(value).expanduser().is_file():
+            return value
+        raise ValueError("must be 'auto', 'bundled' or the path of an existing library file")
+
+
+class TimeoutSettings(Section):
+    chat: Seconds = Field(900, description="Deadline for /v1/chat/completions, in seconds.")
+    completions: Seconds = Field(600, description="Deadline for /v1/completions, in seconds.")
+    embeddings: Seconds = Field(120, description="Deadline for /v1/embeddings, in seconds.")
+    messages: Seconds = Field(900, description="Deadline for /v1/messages (Anthropic's API), in seconds.")
+    responses: Seconds = Field(900, description="Deadline for /v1/responses (OpenAI's Responses API), in seconds.")
+
+
+class ModelSettings(Section):
+    allowed: list[str] = Field(
+        default_factory=list,
+        description="Models requests may load (folder paths or Hugging Face ids); empty allows any.",
+    )
+    max_loaded: int = Field(2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first).")
+    keep_alive: Duration = Field(
+        1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
+    )
+    preload: list[str] = Field(
+        default_factory=list, description="Models loaded when the daemon starts.", json_schema_extra=RESTART
+    )
+    folders: list[str] = Field(
+        default_factory=list,
+        description="Folders of model folders (besides the Hugging Face cache) that `mlx-manager models list` shows.",
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."
+    )
+    max_tokens: int = Field(
+        131072, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for; more is refused with 422."
+    )
+
+
+class CacheSettings(Section):
+    max_bytes: Size = Field(
+        default_factory=default_cache_bytes, ge=0, le=1024**4,
+        description="Memory each loaded model's prompt cache may hold (e.g. 2GiB); 0 turns the prompt cache off."
+        " Default: an eighth of this machine's memory, at most 8 GiB.",
+        json_schema_extra={"default_shown": "1/8 of memory, <= 8GiB"},
+    )
+    max_entries: int = Field(64, ge=0, le=100_000, description="Most prompt-cache entries kept per model.")
+    disk: bool = Field(
+        False,
+        description="Keep prompt-cache entries on disk too (under the home folder, files 0600), so a restarted"
+        " daemon resumes known conversations fast. They are KV state computed from prompt text.",
+        json_schema_extra=RESTART,
+    )
+    disk_max_bytes: Size = Field(
+        10 * 1024**3, ge=0, le=1024**5, description="Most disk the prompt cache's files may take (e.g. 20GiB).",
+        json_schema_extra=RESTART,
+    )
+
+
+class AuditSettings(Section):
+    path: str = Field(
+        "", description="SQLite audit database; empty means audit.db under the home folder.", json_schema_extra=RESTART
+    )
+    retention_days: int = Field(30, ge=1, le=36500, description="Days audit rows are kept before pruning.")
+    prune_interval: Duration = Field(3600, ge=60, le=7 * 86400, description="Seconds between automatic prunes.")
+
+
+class TelemetrySettings(Section):
+    enabled: bool = Field(
+        True, description="Turn Logfire / OpenTelemetry tracing on or off.", json_schema_extra=RESTART
+    )
+    environment: str = Field(
+        "production", description="Environment name attached to traces.", json_schema_extra=RESTART
+    )
+    console: bool = Field(False, description="Also print spans to the console.", json_schema_extra=RESTART)
+    otlp_endpoint: str = Field(
+        "", description="Send traces to this OTLP endpoint instead of (or as well as) Logfire.",
+        json_schema_extra=RESTART,
+    )
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Daemon log level.")
+    file: str = Field(
+        "", description="Daemon log file; empty means logs/daemon.log under the home folder.", json_schema_extra=RESTART
+    )
+
+
+# `mlx-manager keys add` makes 256-bit random keys, so one SHA-256 per key is as strong as a slow
+# password hash here and cheap enough to check on every request.
+KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ApiKey(Section):
+    """One API key as the config file keeps it: never the key itself, only its SHA-256."""
+
+    name: str = Field(pattern=KEY_NAME, description="Name that `mlx-manager keys` lists and revokes it by.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, in hex.")
+    created: datetime = Field(description="When the key was made (UTC).")
+
+
+class AuthSettings(Section):
+    keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="API keys /v1 requests must send as 'Authorization: Bearer KEY', stored hashed; "
+        "managed by `mlx-manager keys`, never printed.",
+        json_schema_extra=SECRET,
+    )
+    keys_file: str = Field(
+        "",
+        description="File of more API keys in plain text, one per line (e.g. a mounted secret); "
+        "the MLX_MANAGER_API_KEY variable adds one more.",
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def unique_names(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        names = [key.name for key in keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"two keys are named {duplicates[0]!r}; names must be unique")
+        return keys
+
+
+class SupervisorSettings(Section):
+    health_interval: Duration = Field(
+        5, ge=0.1, le=3600, description="Seconds between the supervisor's /health probes.", json_schema_extra=RESTART
+    )
+    hang_timeout: Duration = Field(
+        60, ge=1, le=86400, json_schema_extra=RESTART,
+        description="Seconds without a /health answer before the supervisor kills and restarts the daemon.",
+    )
+    start_timeout: Duration = Field(
+        120, ge=1, le=86400, description="Seconds a new daemon has to become ready.", json_schema_extra=RESTART
+    )
+    stop_timeout: Duration = Field(
+        60, ge=1, le=86400, json_schema_extra=RESTART,
+        description="Seconds the supervisor waits for a graceful stop before it kills the daemon.",
+    )
+
+
+class Settings(Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    def audit_path(self) -> Path:
+        return Path(self.audit.path).expanduser() if self.audit.path else home() / "audit.db"
+
+    def log_path(self) -> Path:
+        return Path(self.log.file).expanduser() if self.log.file else home() / "logs" / "daemon.log"
+
+    def prompt_cache_folder(self) -> Path:
+        """Where the prompt cache's disk tier keeps its files (when cache.disk is on)."""
+        return home() / "prompt-cache"
+
+
+def _build_models() -> None:
+    """Build the models' validators with pydantic plugins switched off. Logfire registers a plugin
+    that pydantic imports when it builds the first validator, which would pull logfire and
+    OpenTelemetry (~0.3 s) into every `config` command. "__all__" skips plugins without caching
+    that choice, so models built later (the daemon's) still get them."""
+    previous = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+    try:
+        for model in Section.__subclasses__():  # definition order: sections before Settings
+            model.model_rebuild(force=True)
+    finally:
+        if previous is None:
+            del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+        else:
+            os.environ["PYDANTIC_DISABLE_PLUGINS"] = previous
+
+
+_build_models()
