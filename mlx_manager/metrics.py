@@ -98,6 +98,19 @@ class Metrics:
         self.cached_tokens = Counter(
             f"{PREFIX}_prompt_cache_cached_tokens", "Prompt tokens restored from the prompt cache.", ["model"], registry=r
         )
+        # Routing: per backend (local, or an upstream's name from the settings: a bounded set).
+        self.backend_requests = Counter(
+            f"{PREFIX}_backend_requests", "Generations by the backend that served them.",
+            ["backend", "backend_type", "status"], registry=r,
+        )
+        self.backend_failures = Counter(
+            f"{PREFIX}_backend_failures", "Attempts that failed on a backend before the first byte (the next was tried).",
+            ["backend", "error"], registry=r,
+        )
+        self.backend_tokens = Counter(
+            f"{PREFIX}_backend_tokens", "Tokens of the generations a backend served (prompt or completion).",
+            ["backend", "kind"], registry=r,
+        )
         self._gauges = {
             "active_requests": Gauge(f"{PREFIX}_active_requests", "Requests in flight.", registry=r),
             "queue_depth": Gauge(f"{PREFIX}_queue_depth", "Generations waiting for the engine.", registry=r),
@@ -155,12 +168,52 @@ class Metrics:
             (self.cache_hits if cached_tokens else self.cache_misses).labels(model).inc()
             self.cached_tokens.labels(model).inc(cached_tokens)
 
+    def observe_backend(self, backend: str, backend_type: str, status: str, prompt_tokens: int | None,
+                        completion_tokens: int | None) -> None:
+        """Count one generation against the backend that served it (or failed it last)."""
+        self.backend_requests.labels(backend, backend_type, status).inc()
+        if prompt_tokens:
+            self.backend_tokens.labels(backend, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.backend_tokens.labels(backend, "completion").inc(completion_tokens)
+
+    def observe_backend_failure(self, backend: str, error: str) -> None:
+        self.backend_failures.labels(backend, error).inc()
+
+    def watch_backends(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+        """Live gauges per backend, read at each scrape: up (1) or cooling down (0), and outstanding requests."""
+        self.registry.register(_BackendGauges(source))
+
     def observe_model_load(self, seconds: float) -> None:
         self.model_load.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The body and content type of a GET /metrics response."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _BackendGauges:
+    """A collector: each backend's state as the router reports it at scrape time."""
+
+    def __init__(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(f"{PREFIX}_backend_up", "1 while a backend takes requests, 0 while it cools down.",
+                               labels=["backend", "backend_type"])
+        outstanding = GaugeMetricFamily(f"{PREFIX}_backend_outstanding", "Requests a backend is serving now.",
+                                        labels=["backend"])
+        try:
+            backends = self.source()
+        except Exception:
+            backends = []
+        for backend in backends:
+            up.add_metric([backend["name"], backend["type"]], 1.0 if backend["up"] else 0.0)
+            outstanding.add_metric([backend["name"]], float(backend["outstanding"]))
+        yield up
+        yield outstanding
 
 
 def _never_raises(source: GaugeSource) -> GaugeSource:

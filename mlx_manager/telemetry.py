@@ -43,8 +43,14 @@ FINISH_REASON = "mlx_manager.finish_reason"
 MODEL_ID = "mlx_manager.model_id"
 LOAD_SECONDS = "mlx_manager.load_seconds"
 MEMORY_BYTES = "mlx_manager.memory_bytes"
+BACKEND = "mlx_manager.backend"  # which backend served a generation (routing): local, or an upstream's name
+BACKEND_TYPE = "mlx_manager.backend_type"
+FALLBACKS = "mlx_manager.fallbacks"  # attempts given up for the next backend before the first byte
 OWN_ATTRIBUTES = frozenset(
     {
+        BACKEND,
+        BACKEND_TYPE,
+        FALLBACKS,
         MODEL,
         PROMPT_TOKENS,
         COMPLETION_TOKENS,
@@ -153,7 +159,8 @@ def instrument_app(app: FastAPI, settings: Settings) -> bool:
 
 
 def instrument_httpx() -> bool:
-    """A span per outgoing httpx request (all clients), without headers or bodies."""
+    """A span per outgoing httpx request (all clients), without headers or bodies: the requests to
+    upstream backends, as children of the request that made them. Call before any client is made."""
     global _httpx_instrumented
     if _logfire is None:
         return False
@@ -214,7 +221,10 @@ class EngineSpan:
     __slots__ = (
         "_span",
         "_started",
+        "backend",
+        "backend_type",
         "completion_tokens",
+        "fallbacks",
         "finish_reason",
         "first_token_at",
         "grammar_compile_ms",
@@ -231,6 +241,9 @@ class EngineSpan:
         self.tokens_per_second: float | None = None
         self.finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"...
         self.grammar_compile_ms: float | None = None  # structured output: compiling its grammar
+        self.backend: str | None = None  # routing: the backend that served it, and its type
+        self.backend_type: str | None = None
+        self.fallbacks: int = 0
         # perf_counter() at the first token, when known: the decode speed is measured from it (the
         # time to first token counts from the request's start, which is before this span's).
         self.first_token_at: float | None = None
@@ -288,6 +301,11 @@ class EngineSpan:
             figures[TOKENS_PER_SECOND] = round(float(rate), 3)
         if self.grammar_compile_ms is not None:
             figures[GRAMMAR_COMPILE_MS] = round(float(self.grammar_compile_ms), 3)
+        if self.backend is not None:
+            figures[BACKEND] = self.backend
+            figures[BACKEND_TYPE] = self.backend_type or ""
+        if self.fallbacks:
+            figures[FALLBACKS] = self.fallbacks
         if self.finish_reason is not None:
             reason = str(self.finish_reason)
             figures[FINISH_REASON] = reason if _FINISH_REASON.fullmatch(reason) else "other"

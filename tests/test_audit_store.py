@@ -43,6 +43,7 @@ FINAL_INDEXES = {
     "ix_audit_logs_status": ["status", "timestamp"],
     "ix_audit_logs_request_id": ["request_id"],
     "ix_audit_logs_api_key": ["api_key", "timestamp"],
+    "ix_audit_logs_backend": ["backend", "timestamp"],
 }
 
 # The schema the first release wrote (migration 0001 only), frozen here on purpose: if someone
@@ -156,6 +157,8 @@ def test_an_old_schema_database_upgrades_and_keeps_its_rows(db):
     assert row["request_id"] == "old-1" and row["model"] == "old-model" and row["total_tokens"] == 7
     assert row["timestamp"] == "2026-01-02T03:04:05.000000Z"
     assert row["api_key"] is None
+    assert (row["backend"], row["backend_type"]) == ("local", "local")  # every old row was served here
+    assert row["upstream_prompt_tokens"] is None and row["upstream_completion_tokens"] is None
 
 
 def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_rows(db):
@@ -166,7 +169,8 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
 
     with AuditStore.open(db, migrate=False) as store:
         assert store.applied_migrations() == ["0001_create_audit_logs", "0002_audit_logs_indexes"]
-        assert store.migrate() == ["0003_audit_logs_api_key", "0004_audit_rollup", "0005_audit_logs_generation_facts"]
+        assert store.migrate() == ["0003_audit_logs_api_key", "0004_audit_rollup", "0005_audit_logs_generation_facts",
+                                   "0006_audit_logs_backend"]
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
         with store.read() as conn:
             assert list(table_columns(conn)) == list(COLUMNS)

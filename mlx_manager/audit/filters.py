@@ -24,6 +24,7 @@ class AuditFilter:
     status: str | None = None
     endpoint: str | None = None
     backend_type: str | None = None
+    backend: str | None = None  # a backend's name, or a backend type (rows of every backend of that type)
     request_id: str | None = None
     api_key: str | None = None  # the key's name
     since: datetime | None = None

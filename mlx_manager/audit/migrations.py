@@ -102,6 +102,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE audit_logs ADD COLUMN constrained BOOLEAN",
         ),
     ),
+    Migration(
+        "0006_audit_logs_backend",
+        (
+            # Routing: the backend that served a request, by name, and the token counts the
+            # upstream reported. Every older row was served by the local engine.
+            "ALTER TABLE audit_logs ADD COLUMN backend VARCHAR NOT NULL DEFAULT 'local'",
+            "ALTER TABLE audit_logs ADD COLUMN upstream_prompt_tokens INTEGER",
+            "ALTER TABLE audit_logs ADD COLUMN upstream_completion_tokens INTEGER",
+            "CREATE INDEX ix_audit_logs_backend ON audit_logs (backend, timestamp)",
+            # `audit stats --by backend` groups by name: the rollup is per backend too (the
+            # writer rebuilds it from the requests).
+            "ALTER TABLE audit_rollup ADD COLUMN backend VARCHAR NOT NULL DEFAULT 'local'",
+            "DELETE FROM audit_rollup",
+        ),
+    ),
 )
 
 MIGRATIONS_TABLE = """

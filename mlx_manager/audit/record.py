@@ -29,7 +29,7 @@ Status = Literal["success", "error", "timeout", "cancelled"]
 Backend = Literal["local", "openai", "anthropic"]
 
 STATUSES: tuple[str, ...] = ("success", "error", "timeout", "cancelled")
-# `local` is the only backend today; the others are reserved for the cloud providers to come.
+# The backend types: the engine here, or an upstream server routed to (`routing.backends`).
 BACKENDS: tuple[str, ...] = ("local", "openai", "anthropic")
 
 # How a value is printed in a table: the CLI has one renderer per kind.
@@ -98,7 +98,7 @@ class AuditRecord:
         default_factory=_now, header="time (UTC)", kind="time", nullable=False, position=10, priority=0, width=19
     )
     model: str | None = column(header="model", kind="model", position=40, priority=2, width=16)
-    backend_type: Backend = column("local", header="backend", nullable=False, position=45)
+    backend_type: Backend = column("local", header="type", nullable=False, position=45)
     endpoint: str | None = column(header="endpoint", nullable=False, position=50, priority=7, width=20)
     status: Status | None = column(header="status", kind="status", nullable=False, position=60, priority=1, width=9)
     http_status: int | None = column(header="http", kind="code", position=70, priority=4, width=4)
@@ -118,6 +118,12 @@ class AuditRecord:
     tools_offered: bool | None = column(header="tools", kind="flag", position=105)
     tool_calls: int | None = column(header="calls", kind="count", position=106, width=5)
     constrained: bool | None = column(header="json", kind="flag", position=107)
+    # Migration 0006 (routing): the backend that served it by name (`local`, or a backend of
+    # routing.backends; unset, its type), and the tokens the upstream reported (None: local, or
+    # the upstream said nothing, e.g. its stream was cut).
+    backend: str | None = column(header="backend", nullable=False, position=44, width=7)
+    upstream_prompt_tokens: int | None = column(header="up in", kind="count", position=108, width=6)
+    upstream_completion_tokens: int | None = column(header="up out", kind="count", position=109, width=6)
 
     def row(self) -> dict[str, Any]:
         """The values to store, by column name: checked and normalised now. Raises ValueError."""
@@ -140,6 +146,8 @@ class AuditRecord:
             raise ValueError(
                 f"AuditRecord.backend_type must be one of {', '.join(BACKENDS)}, not {row[_AT['backend_type']]!r}"
             )
+        if row[_AT["backend"]] is None:  # the only backend of its type: local, or a row made without routing
+            row[_AT["backend"]] = row[_AT["backend_type"]]
         prompt = row[_AT["prompt_tokens"]] = row[_AT["prompt_tokens"]] or 0
         completion = row[_AT["completion_tokens"]] = row[_AT["completion_tokens"]] or 0
         if row[_AT["total_tokens"]] is None:

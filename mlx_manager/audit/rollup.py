@@ -1,6 +1,6 @@
 """The per-day rollup (table `audit_rollup`): `audit stats` reads ~groups rows per closed day, not every request.
 
-A rollup row sums one UTC day's requests of one (model, endpoint, status, backend, key) and
+A rollup row sums one UTC day's requests of one (model, endpoint, status, backend type, key, backend) and
 keeps their durations, sorted, in whole microseconds: the numbers `audit stats` shows come out
 the same as from the requests themselves, exact percentiles included.
 
@@ -22,10 +22,10 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 from mlx_manager.audit.filters import AuditFilter
-from mlx_manager.audit.query import ROLLUP_TABLE, TABLE, Connection, where
+from mlx_manager.audit.query import ROLLUP_TABLE, TABLE, Connection, matches, where
 
 # What a rollup row is per: every column `audit stats` groups or filters by, except the time.
-DIMENSIONS: tuple[str, ...] = ("model", "endpoint", "status", "backend_type", "api_key")
+DIMENSIONS: tuple[str, ...] = ("model", "endpoint", "status", "backend_type", "api_key", "backend")
 
 _SUMS = (
     "count(*), count(time_to_first_token_ms), sum(time_to_first_token_ms),"
@@ -81,13 +81,9 @@ def requests_partials(conn: Connection, filters: AuditFilter, group: str | None)
 def rollup_partials(conn: Connection, first_day: str, end_day: str, filters: AuditFilter, group: str | None,
                     into: dict[Any, Partial]) -> None:
     """Add the rollup of days [first_day, end_day) to `into`, per value of `group`; `filters`' time is ignored."""
-    clauses = ["day >= ?", "day < ?"]
-    params: list[Any] = [first_day, end_day]
-    for name in DIMENSIONS:
-        value = getattr(filters, name)
-        if value is not None:
-            clauses.append(f"{name} = ?")
-            params.append(value)
+    exact, values = matches(filters, tuple(name for name in DIMENSIONS if name != "backend"))
+    clauses = ["day >= ?", "day < ?", *exact]
+    params: list[Any] = [first_day, end_day, *values]
     key = group or "NULL"
     where_days = " AND ".join(clauses)
     sums = conn.execute(

@@ -26,7 +26,7 @@ GROUP_COLUMNS: dict[str, str] = {
     "model": "model",
     "endpoint": "endpoint",
     "status": "status",
-    "backend": "backend_type",
+    "backend": "backend",  # by name (`local`, or one of routing.backends)
     "key": "api_key",  # the API key's name
 }
 

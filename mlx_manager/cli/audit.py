@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 import typer
 
 from mlx_manager.audit.filters import AGE_FORMS, TIME_FORMS, AuditFilter, parse_time
-from mlx_manager.audit.record import COLUMNS, Backend, Status
+from mlx_manager.audit.record import BACKENDS, COLUMNS, Status
 from mlx_manager.cli.audit_tables import ROW_COLUMNS, Layout, fit, print_table, stats_columns, stats_rows
-from mlx_manager.cli.completion import complete_key_name
+from mlx_manager.cli.completion import complete_backend, complete_key_name
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json, say
 
 if TYPE_CHECKING:
@@ -63,7 +63,16 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Only 
 EndpointOption = Annotated[
     Optional[str], typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
 ]
-BackendOption = Annotated[Optional[Backend], typer.Option("--backend", help="Only this backend type.")]
+BackendOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--backend",
+        metavar="NAME",
+        help="Only requests served by this backend: its name (local, or one of routing.backends) or a type"
+        " (local, openai, anthropic).",
+        autocompletion=complete_backend,
+    ),
+]
 WideOption = Annotated[
     bool, typer.Option("--wide", "-w", help="Show every column at full width, however wide the terminal.")
 ]
@@ -190,10 +199,10 @@ def query(
 ) -> None:
     """Find requests by model, status, endpoint, backend, API key name, request id and time."""
     output = _format(json_output=json_output, jsonl=jsonl, csv_output=csv_output)
-    filters = _filters(output != "table", model=model, status=status, endpoint=endpoint, backend_type=backend,
+    filters = _filters(output != "table", model=model, status=status, endpoint=endpoint, backend=backend,
                        api_key=key, request_id=request_id, since=since, until=until)
     # The columns the user filtered by stay in the table, however narrow the terminal.
-    keep = {name for name in ("model", "status", "endpoint", "backend_type", "api_key") if getattr(filters, name)}
+    keep = {name for name in ("model", "status", "endpoint", "backend", "api_key") if getattr(filters, name)}
     printer = _RowPrinter(output, wide=wide, keep=keep)
     path = _audit_path(printer.machine)
     store = _open(path, printer.machine)
@@ -204,6 +213,7 @@ def query(
         from mlx_manager.audit.query import query_rows
 
         with store.read() as conn:
+            _check_backend(conn, backend, printer.machine)
             rows = query_rows(conn, filters, limit=limit, order=order)
     try:
         if not rows and output == "table":
@@ -240,7 +250,7 @@ def stats(
     json_output: Annotated[bool, typer.Option("--json", help="Print the lines as one JSON array.")] = False,
 ) -> None:
     """Summarise requests: count, error and timeout rates, p50/p95 duration, time to first token, tokens/s."""
-    filters = _filters(json_output, model=model, endpoint=endpoint, backend_type=backend, api_key=key,
+    filters = _filters(json_output, model=model, endpoint=endpoint, backend=backend, api_key=key,
                        since=since, until=until)
     path = _audit_path(json_output)
     store = _open(path, json_output)
@@ -252,6 +262,7 @@ def stats(
         from mlx_manager.audit.stats import compute_stats
 
         with store.read() as conn:
+            _check_backend(conn, backend, json_output)
             groups = compute_stats(conn, filters, by=by)
     if json_output:
         print_json(groups)
@@ -382,6 +393,19 @@ def _audit_errors(json_output: bool) -> Iterator[None]:
         fail(str(exc) + ".", "Try again in a moment.", json_output=json_output)
     except AuditError as exc:
         fail(str(exc) + ".", "Check the file's permissions and free disk space.", json_output=json_output)
+
+
+def _check_backend(conn: Any, backend: str | None, json_output: bool) -> None:
+    """`--backend` names a type or a backend the log has rows of: a typo is said, not an empty answer."""
+    from mlx_manager.audit.query import backend_names
+
+    if backend is None or backend in BACKENDS:
+        return
+    names = backend_names(conn)
+    if backend not in names:
+        types = ", ".join(repr(t) for t in BACKENDS)
+        fail(f"Invalid value for '--backend': {backend!r} is not one of {types}, nor a backend in the audit log"
+             f" ({', '.join(names) or 'none'}).", code=EXIT_USAGE, json_output=json_output)
 
 
 def _filters(json_output: bool, **values: Any) -> AuditFilter:

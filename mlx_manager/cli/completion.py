@@ -50,3 +50,15 @@ def complete_key_name(incomplete: str) -> list[str]:
     except SettingsError:  # an unreadable keys file or a too-short environment key: offer the rest
         pass
     return [name for name in dict.fromkeys(names) if name.startswith(incomplete)]
+
+
+def complete_backend(incomplete: str) -> list[str]:
+    """Backends a request may be served by: local, the configured ones, then the backend types."""
+    from mlx_manager.audit.record import BACKENDS
+    from mlx_manager.settings import SettingsError, load_settings
+
+    try:
+        names = [backend.name for backend in load_settings().routing.backends]
+    except SettingsError:
+        names = []
+    return [name for name in dict.fromkeys(["local", *names, *BACKENDS]) if name.startswith(incomplete)]

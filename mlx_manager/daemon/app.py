@@ -31,6 +31,7 @@ from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.engine import Engine
 from mlx_manager.engine.errors import EngineError
 from mlx_manager.metrics import Metrics
+from mlx_manager.routing.router import Router
 from mlx_manager.runtime import admin_token
 from mlx_manager.settings import Settings
 
@@ -63,6 +64,7 @@ def create_app(
         extra_preload=list(extra_preload or []),
     )
     daemon.engine = engine if engine is not None else Engine(daemon.engine_config())
+    daemon.router = make_router(daemon)  # SettingsError if a backend's key cannot be read
     daemon.outcome_sinks.append(end_span)
     figures = daemon_metrics(daemon)
 
@@ -83,6 +85,7 @@ def create_app(
             if daemon.owns_engine:
                 await stop_engine(daemon)
             await auditing.stop()  # after the engine: the last requests' rows are queued by now
+            await daemon.router.aclose()
 
     app = FastAPI(
         title="mlx-manager",
@@ -101,6 +104,17 @@ def create_app(
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)
     return app
+
+
+def make_router(daemon: DaemonState) -> Router:
+    """The router over the engine here and the upstream backends of the settings."""
+    engine = daemon.engine
+
+    def local_load() -> int:
+        status = engine.status()
+        return status.queue_depth + status.active_jobs
+
+    return Router(daemon.settings, engine.submit, local_load)
 
 
 def daemon_metrics(daemon: DaemonState) -> Metrics:
@@ -128,7 +142,15 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
             outcome.cached_tokens,
         )
 
+    def observe_backend(outcome: RequestOutcome) -> None:
+        if outcome.backend is not None and outcome.status is not None:
+            figures.observe_backend(outcome.backend, outcome.backend_type, outcome.status, outcome.prompt_tokens,
+                                    outcome.completion_tokens)
+
     daemon.outcome_sinks.append(observe)
+    daemon.outcome_sinks.append(observe_backend)
+    daemon.router.failure_listeners.append(figures.observe_backend_failure)
+    figures.watch_backends(daemon.router.status)
     engine.model_load_listeners.append(lambda _model, seconds: figures.observe_model_load(seconds))
     return figures
 

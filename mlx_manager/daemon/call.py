@@ -106,6 +106,9 @@ class TokenCountCall(EngineCall):
     """How many tokens a generation's prompt is, without generating it."""
 
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
+        if not daemon.router.is_local(job_request.model):
+            raise Problem("not_supported", f"model {job_request.model!r} is routed to another backend, whose prompt"
+                          " tokens this server cannot count", param="model")
         self.engine = daemon.engine
         self.job_request = job_request
         super().__init__(daemon, request, endpoint, token_count_span(job_request.model, endpoint, job_request.request_id))

@@ -17,14 +17,13 @@ from typing import Any
 from fastapi import Request
 
 from mlx_manager.daemon.call import EngineCall
-from mlx_manager.daemon.handlers import problem_from_engine
+from mlx_manager.daemon.handlers import problem_for
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, grammar_for_response_format
 from mlx_manager.engine.errors import EngineError
-from mlx_manager.engine.jobs import Job
 from mlx_manager.engine.types import (
     Event,
     Finished,
@@ -35,6 +34,8 @@ from mlx_manager.engine.types import (
     TextDelta,
     ToolCall,
 )
+from mlx_manager.routing.errors import RoutingError
+from mlx_manager.routing.router import RoutedJob
 from mlx_manager.telemetry import generation_span
 
 log = logging.getLogger("mlx_manager.daemon")
@@ -98,7 +99,11 @@ def sampling_of(body: Any) -> SamplingParams:
 
 class GenerationCall(EngineCall):
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
-        self.job: Job = daemon.engine.submit(job_request)  # Overloaded / EngineStopped: at once
+        # The one place a generation is routed: to the local engine, or to an upstream backend.
+        # A whole (not streamed) answer from an upstream is held until complete, so that another
+        # backend can still take over if it fails on the way.
+        whole = not request.scope["mlx_manager.outcome"].stream
+        self.job: RoutedJob = daemon.router.submit(job_request, hold=whole)
         super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
         self.outcome.tools_offered = job_request.tools is not None
         self.outcome.tool_calls = 0
@@ -113,6 +118,7 @@ class GenerationCall(EngineCall):
     async def started(self) -> None:
         """Wait for the job to be in a batch: queue wait, model load and prompt checks are over."""
         event = await self.next_event()
+        self.served_by()
         if isinstance(event, Started):
             self.outcome.prompt_tokens = event.prompt_tokens
             self.outcome.grammar_compile_ms = event.grammar_compile_ms
@@ -141,6 +147,7 @@ class GenerationCall(EngineCall):
 
     def finished(self, event: Finished) -> None:
         self.ended = True
+        self.served_by()
         outcome = self.outcome
         outcome.finish_reason = event.finish_reason
         outcome.prompt_tokens = event.prompt_tokens
@@ -151,9 +158,19 @@ class GenerationCall(EngineCall):
     def cancel(self) -> None:
         self.job.cancel()
 
+    def served_by(self) -> None:
+        """Name the backend that took the request (for the response header, the audit row, the
+        metrics and the span), with the tokens an upstream reported."""
+        outcome, job = self.outcome, self.job
+        outcome.backend, outcome.backend_type = job.backend.name, job.backend.type  # type: ignore[assignment]
+        outcome.fallbacks = len(job.failures)
+        if job.upstream_usage is not None:
+            outcome.upstream_prompt_tokens, outcome.upstream_completion_tokens = job.upstream_usage
+
     def close(self) -> None:
         """Free the job's batch slot if it still holds one; record its figures if it did not finish."""
         self.cancel()
+        self.served_by()
         outcome = self.outcome
         if not self.ended:
             outcome.completion_tokens = self.job.completion_tokens
@@ -269,8 +286,8 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
     except Problem as problem:
         for text in _failure(call, translation, problem):
             yield text
-    except EngineError as exc:
-        for text in _failure(call, translation, problem_from_engine(exc)):
+    except (EngineError, RoutingError) as exc:
+        for text in _failure(call, translation, problem_for(exc)):
             yield text
     except Exception:
         log.exception("stream failed (request_id=%s)", outcome.request_id)

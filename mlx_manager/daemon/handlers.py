@@ -32,6 +32,7 @@ from mlx_manager.engine.errors import (
     ToolsNotSupported,
     WrongModelKind,
 )
+from mlx_manager.routing.errors import RoutingError
 
 log = logging.getLogger("mlx_manager.daemon")
 
@@ -64,6 +65,23 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
             return Problem(kind, str(exc), param=param)
     log.error("unmapped engine error %s: %s", type(exc).__name__, exc)
     return Problem("internal_error", "the engine failed in an unexpected way")
+
+
+def problem_from_routing(exc: RoutingError) -> Problem:
+    """A routed request's failure: our detail, and what the upstream said as extension members."""
+    extra = {
+        name: value
+        for name, value in (("backend", exc.backend), ("upstream_status", exc.upstream_status),
+                            ("upstream_type", exc.upstream_type))
+        if value is not None
+    }
+    headers = retry_after(exc.retry_after) if exc.retry_after is not None else None
+    return Problem(exc.kind, exc.detail, status=exc.status, headers=headers, param=exc.param, **extra)
+
+
+def problem_for(exc: EngineError | RoutingError) -> Problem:
+    """The problem of a generation's failure, from the engine here or from the backend it was routed to."""
+    return problem_from_routing(exc) if isinstance(exc, RoutingError) else problem_from_engine(exc)
 
 
 def problem_response(request: Request, problem: Problem):
@@ -112,6 +130,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, exc: EngineError):
         return problem_response(request, problem_from_engine(exc))
+
+    @app.exception_handler(RoutingError)
+    async def on_routing_error(request: Request, exc: RoutingError):
+        return problem_response(request, problem_from_routing(exc))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):

@@ -73,6 +73,8 @@ class DaemonMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                if outcome.backend is not None:  # a generation: the backend that served it (routing)
+                    headers.append((b"x-mlx-manager-backend", outcome.backend.encode()))
                 message = {**message, "headers": [*headers, request_id_header]}
             await send(message)
 

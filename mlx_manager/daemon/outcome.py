@@ -28,6 +28,7 @@ class RequestOutcome(AuditRecord):
     # How the engine's work ended: "stop"/"length", or "timeout", "cancelled", "error".
     finish_reason: str | None = None
     span: EngineSpan | None = None  # the engine work's span, ended by `end_span` once the response is over
+    fallbacks: int = 0  # backends given up for the next one before the first byte (routing)
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def elapsed_ms(self) -> float:
@@ -75,4 +76,6 @@ def end_span(outcome: RequestOutcome) -> None:
     span.first_token_at = outcome.first_token_at
     span.finish_reason = outcome.finish_reason
     span.grammar_compile_ms = outcome.grammar_compile_ms
+    span.backend, span.backend_type = outcome.backend, outcome.backend_type
+    span.fallbacks = outcome.fallbacks
     span.end()

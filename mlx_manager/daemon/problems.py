@@ -58,6 +58,14 @@ KINDS: dict[str, Kind] = {
     "not_ready": Kind(503, "Not ready", "server_error"),
     "model_unloaded": Kind(503, "The model was unloaded", "server_error"),
     "timeout": Kind(504, "Request timed out", "timeout_error"),
+    # A request routed to an upstream backend (routing/): the upstream's status and error type
+    # ride along as extension members (backend, upstream_status, upstream_type), never its text.
+    "upstream_rejected": Kind(400, "The backend refused the request", "invalid_request_error"),
+    "upstream_rate_limited": Kind(429, "The backend is rate limiting", "rate_limit_error"),
+    "upstream_error": Kind(502, "The backend failed", "server_error"),
+    "upstream_unreachable": Kind(502, "The backend cannot be reached", "server_error"),
+    "upstream_unavailable": Kind(503, "No backend available", "server_error"),
+    "upstream_timeout": Kind(504, "The backend timed out", "timeout_error"),
 }
 
 # Starlette's own HTTPExceptions carry only a status: name them by it.

@@ -18,6 +18,7 @@ def reload_settings(daemon: DaemonState) -> ReloadResult:
         # The same flags as at start, so `serve --port 8080` does not read as a port change.
         new = load_settings(daemon.flag_overrides)
         keyring = load_keyring(new)  # an unreadable keys file must not leave the API open
+        daemon.router.configure(new)  # a backend key that cannot be read changes nothing
     except SettingsError as exc:
         log.warning("settings reload refused, keeping the running settings: %s", exc)
         raise Problem("invalid_settings", f"settings not reloaded, the running ones are kept: {exc}") from None

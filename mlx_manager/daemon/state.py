@@ -17,6 +17,7 @@ from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.engine import Engine
+from mlx_manager.routing.router import Router
 from mlx_manager.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class DaemonState:
     engine: Engine
     admin_token: str
     owns_engine: bool = True
+    # Which backend serves each generation: the engine here, or an upstream (routing.* settings).
+    router: Router = None  # type: ignore[assignment]  # made with the engine, in create_app
     # The API keys /v1 requests must present (none: open); rebuilt from the settings on reload.
     keyring: KeyRing = field(default_factory=KeyRing)
     # Listening on a network address: with no key left (all revoked), /v1 is closed, not open.

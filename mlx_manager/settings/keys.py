@@ -26,7 +26,7 @@ class KeyInfo:
     name: str
     description: str
     default: Any
-    kind: Literal["duration", "size", "int", "float", "bool", "str", "list", "choice"]
+    kind: Literal["duration", "size", "int", "float", "bool", "str", "list", "tables", "choice"]
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
@@ -34,6 +34,8 @@ class KeyInfo:
     secret: bool = False
     # A running daemon reports a change of this key as `restart_needed`, never as applied.
     restart: bool = False
+    # What a value looks like, when the kind alone does not say it (a list of tables).
+    example: str = ""
 
     @property
     def env_var(self) -> str:
@@ -54,6 +56,7 @@ class KeyInfo:
             "bool": "true or false",
             "str": "text",
             "list": 'a comma-separated list or a JSON array like ["a", "b"]',
+            "tables": self.example or "a JSON array of tables",
             "choice": "one of " + ", ".join(self.choices),
         }[self.kind]
 
@@ -64,7 +67,7 @@ _KINDS: dict[Any, str] = {int: "int", float: "float", bool: "bool"}
 @cache
 def key_infos() -> dict[str, KeyInfo]:
     """Every settable key, in the order the model declares them."""
-    from pydantic import BeforeValidator
+    from pydantic import BaseModel, BeforeValidator
 
     from mlx_manager.settings.schema import Settings, parse_duration, parse_size  # the first call builds the model
 
@@ -83,7 +86,8 @@ def key_infos() -> dict[str, KeyInfo]:
             elif typing.get_origin(field.annotation) is Literal:
                 kind, choices = "choice", tuple(typing.get_args(field.annotation))
             elif typing.get_origin(field.annotation) is list:
-                kind = "list"
+                item = (typing.get_args(field.annotation) or (None,))[0]
+                kind = "tables" if isinstance(item, type) and issubclass(item, BaseModel) else "list"
             else:
                 kind = _KINDS.get(field.annotation, "str")
             if kind == "bool":
@@ -101,6 +105,7 @@ def key_infos() -> dict[str, KeyInfo]:
                 choices=choices,
                 secret=bool(extra.get("secret")),
                 restart=bool(extra.get("restart")),
+                example=str(extra.get("expected", "")),
             )
     return infos
 

@@ -34,10 +34,28 @@ def _problem(error: ErrorDetails, info: KeyInfo | None) -> str:
     kind, given = error["type"], error.get("input")
     shown = json.dumps(given) if isinstance(given, str) else repr(given)
     if info is None:
-        return error["msg"]
+        return error["msg"].removeprefix("Value error, ")
+    if info.kind == "tables":
+        return _table_problem(error, info)
     if kind.endswith(("_parsing", "_type", "literal_error", "finite_number")) or kind.startswith(("greater", "less")):
         return f"{shown} is not valid; expected {info.expected()}"
     return f"{error['msg'].lower()} (expected {info.expected()})"
+
+
+def _table_problem(error: ErrorDetails, info: KeyInfo) -> str:
+    """An error inside a list of tables (`routing.backends`): which entry, which field, what is wrong,
+    in the validator's own words (they name variables and URLs, so their case is kept)."""
+    inside = [part for part in error["loc"][2:]]
+    message = error["msg"].removeprefix("Value error, ")
+    if not inside:
+        return f"{message} (expected {info.expected()})"
+    entry = f"entry {int(inside[0]) + 1}" if isinstance(inside[0], int) else str(inside[0])
+    field = ".".join(str(part) for part in inside[1:])
+    if error["type"] == "missing":
+        return f"{entry} has no {field}"
+    if error["type"] == "extra_forbidden":
+        return f"{entry}: unknown field {field}"
+    return f"{entry}: {field + ': ' if field else ''}{message}"
 
 
 def _validation_error(exc: ValidationError, **where: Any) -> SettingsError:
@@ -45,7 +63,7 @@ def _validation_error(exc: ValidationError, **where: Any) -> SettingsError:
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc[:2])
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and len(loc) <= 2:
         return SettingsError(key=key, problem=unknown_key_problem(key), **where)
     if len(loc) == 1 and error["type"] in ("model_type", "dict_type"):
         return SettingsError(key=key, problem=f"{key} must be a table ([{key}]), not a single value", **where)
@@ -60,9 +78,9 @@ def parse_value(key: str, raw: Any, *, source: str | None = None) -> Any:
     from mlx_manager.settings.schema import Settings
 
     info = key_info(key)
-    if isinstance(raw, str) and info.kind == "list":
+    if isinstance(raw, str) and info.kind in ("list", "tables"):
         text = raw.strip()
-        if text.startswith("["):
+        if text.startswith("[") or info.kind == "tables":
             try:
                 raw = json.loads(text)
             except ValueError:
@@ -98,6 +116,8 @@ def _line_of(text: str, key: str) -> int | None:
     current = ""
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
+        if name and re.fullmatch(rf"\[\[\s*{re.escape(section)}\.{re.escape(name)}\s*\]\]\s*(#.*)?", stripped):
+            return number  # the first entry of a list of tables ([[routing.backends]])
         header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", stripped)
         if header:
             current = header.group(1)

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
 from mlx_manager.settings.paths import home
@@ -256,6 +256,134 @@ class SupervisorSettings(Section):
     )
 
 
+# Upstream backends: names that routes, groups and the audit log use. `local` is the engine here.
+BACKEND_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LOCAL_BACKEND = "local"
+# An API key is named, never written: `env:NAME` (a variable of the daemon's environment) or the
+# path of a file that holds it (absolute, or from ~).
+KEY_REFERENCE = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|/.+|~.*")
+KEY_REFERENCE_FORMS = "env:NAME (a variable of the daemon's environment) or the path of a file that holds it"
+
+
+class BackendEntry(Section):
+    """One upstream server as the config file keeps it: `[[routing.backends]]`, its key only by reference."""
+
+    name: str = Field(pattern=BACKEND_NAME, description="Name that routes, groups and the audit log use.")
+    type: Literal["openai", "anthropic"] = Field(
+        description="'openai' for any OpenAI-compatible server (another mlx-manager, mlx_lm.server, vLLM, OpenAI),"
+        " 'anthropic' for Anthropic's Messages API."
+    )
+    base_url: str = Field(
+        description="The URL its SDK takes: http://mac2.local:10242/v1 (openai), https://api.anthropic.com (anthropic)."
+    )
+    api_key: str = Field("", description=f"Its API key as {KEY_REFERENCE_FORMS}; empty: none.")
+
+    @field_validator("name")
+    @classmethod
+    def not_local(cls, name: str) -> str:
+        if name == LOCAL_BACKEND:
+            raise ValueError(f"{LOCAL_BACKEND!r} is the local engine's name; choose another")
+        return name
+
+    @field_validator("base_url")
+    @classmethod
+    def http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("it must not hold credentials, a query or a fragment (a key goes in api_key)")
+        return url.strip().rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def key_reference(cls, reference: str) -> str:
+        # A key in clear would end up in config.toml, `config list` and backups: refuse it.
+        if reference and not KEY_REFERENCE.fullmatch(reference):
+            raise ValueError(f"must be {KEY_REFERENCE_FORMS}, never the key itself")
+        return reference
+
+
+class GroupEntry(Section):
+    """Backends that share a route's requests: `[[routing.groups]]`."""
+
+    name: str = Field(pattern=BACKEND_NAME, description="Name that routes use.")
+    members: list[str] = Field(min_length=1, description="Backends (or local) the group spreads requests over.")
+
+
+class RouteEntry(Section):
+    """Where requests for some models go: `[[routing.routes]]`; the first route that matches wins."""
+
+    model: str = Field(min_length=1, description="Model name it matches: exact, or a glob (*, ?, [abc]).")
+    to: str = Field(
+        min_length=1, description="Backend, group or local; 'NAME:MODEL' asks that backend for MODEL instead."
+    )
+    fallback: list[str] = Field(
+        default_factory=list, description="Backends or groups tried in turn when it fails before the first byte."
+    )
+
+
+def target_name(target: str) -> str:
+    """The backend or group a route target names: `cloud:gpt-4o-mini` -> `cloud`."""
+    return target.partition(":")[0]
+
+
+class RoutingSettings(Section):
+    backends: list[BackendEntry] = Field(
+        default_factory=list,
+        description="Upstream servers requests may be routed to (managed by `mlx-manager backends`); keys by reference only.",
+        json_schema_extra={"expected": "entries made by `mlx-manager backends add`, or a JSON array of tables"},
+    )
+    groups: list[GroupEntry] = Field(
+        default_factory=list,
+        description="Named sets of backends a route spreads requests over (least outstanding requests first).",
+        json_schema_extra={"expected": 'a JSON array of tables like [{"name": "macs", "members": ["mac2", "mac3"]}]'},
+    )
+    routes: list[RouteEntry] = Field(
+        default_factory=list,
+        description="Model patterns mapped to a backend or group, with fallbacks; unmatched models stay local.",
+        json_schema_extra={
+            "expected": 'a JSON array of tables like [{"model": "claude-*", "to": "cloud", "fallback": ["local"]}]'
+        },
+    )
+    connect_timeout: Duration = Field(5, ge=0.1, le=600, description="Seconds to connect to a backend.")
+    read_timeout: Duration = Field(
+        120, ge=1, le=86400,
+        description="Seconds a backend may send nothing (before its first token, or between two) before the attempt fails.",
+    )
+    cooldown: Duration = Field(
+        30, ge=1, le=86400,
+        description="Seconds a backend that failed is skipped; then a health check puts it back.",
+    )
+    max_connections: int = Field(
+        64, ge=1, le=10000, description="Most connections open to one backend (kept alive between requests)."
+    )
+
+    @model_validator(mode="after")
+    def names_resolve(self) -> RoutingSettings:
+        backends = [b.name for b in self.backends]
+        groups = [g.name for g in self.groups]
+        names = backends + groups
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"two backends or groups are named {twice[0]!r}; names must be unique")
+        if LOCAL_BACKEND in groups:
+            raise ValueError(f"{LOCAL_BACKEND!r} is the local engine's name; choose another group name")
+        members_of = {*backends, LOCAL_BACKEND}
+        for group in self.groups:
+            for member in group.members:
+                if member not in members_of:
+                    raise ValueError(f"group {group.name!r}: no backend named {member!r}")
+        targets = {*names, LOCAL_BACKEND}
+        for route in self.routes:
+            for target in (route.to, *route.fallback):
+                if target_name(target) not in targets:
+                    raise ValueError(f"route {route.model!r}: no backend or group named {target_name(target)!r}")
+        return self
+
+
 class Settings(Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
@@ -266,6 +394,7 @@ class Settings(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     def audit_path(self) -> Path:
         return Path(self.audit.path).expanduser() if self.audit.path else home() / "audit.db"

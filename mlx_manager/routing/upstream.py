@@ -1,0 +1,161 @@
+"""`UpstreamJob`: one generation on an upstream backend, seen as an engine job.
+
+A task sends the request (always streamed) on the backend's shared client and decodes the answer
+into the engine's events as they arrive; the daemon iterates the job as it iterates the engine's,
+so deadlines, disconnects, cancellation and outcomes are the same for both. Cancelling the job
+closes the upstream connection, which is how the upstream learns to stop generating.
+With `hold`, the events wait until the answer is whole (a non-streamed request): until then the
+job may fail and another backend start over, and nothing was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httpx
+
+from mlx_manager.engine.types import Event, Finished, GenerationRequest, ReasoningDelta, TextDelta
+from mlx_manager.routing import anthropic_wire, openai_wire
+from mlx_manager.routing.backend import Backend
+from mlx_manager.routing.errors import RoutingError
+from mlx_manager.routing.sse import server_events
+from mlx_manager.routing.wire import StreamDecoder, status_error
+
+log = logging.getLogger("mlx_manager.routing")
+
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read for its type; the rest is dropped
+
+
+class UpstreamJob:
+    """Iterate it for events (the first is Started, the last Finished); cancel it when the caller gives up."""
+
+    def __init__(self, backend: Backend, request: GenerationRequest, model: str, *, hold: bool) -> None:
+        wire = anthropic_wire if backend.type == "anthropic" else openai_wire
+        # A request the backend's dialect cannot say is refused here, before anything is sent.
+        self.path, self.body = wire.request_body(request, model, backend.name)
+        self.decoder: StreamDecoder = (
+            anthropic_wire.EventDecoder(backend.name) if backend.type == "anthropic" else openai_wire.ChunkDecoder(backend.name)
+        )
+        self.backend = backend
+        self.request = request
+        self.model = model
+        self.hold = hold
+        self.cancelled = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._events: deque[Event | BaseException] = deque()
+        self._ready = asyncio.Event()
+        backend.outstanding += 1
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(lambda _: backend.ended())
+
+    @property
+    def upstream_usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens as the upstream reported them; None if it did not (yet)."""
+        return self.decoder.upstream_usage
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            while not self._events:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._events.popleft()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Finished):
+                return
+
+    def take_ready_text(self, kind: type[TextDelta | ReasoningDelta] = TextDelta) -> str:
+        """The text of the deltas of `kind` already waiting, taken at once (as `Job.take_ready_text`)."""
+        parts = []
+        while self._events and type(self._events[0]) is kind:
+            item = self._events.popleft()
+            assert isinstance(item, (TextDelta, ReasoningDelta))
+            parts.append(item.text)
+        return "".join(parts)
+
+    def cancel(self) -> None:
+        """Stop: the upstream connection is closed, so the upstream stops generating too."""
+        if not self._task.done():
+            self.cancelled = True
+            self._task.cancel()
+
+    def _push(self, items: list[Event | BaseException]) -> None:
+        self._events.extend(items)
+        self._ready.set()
+
+    async def _run(self) -> None:
+        backend = self.backend
+        assert backend.client is not None
+        held: list[Event | BaseException] = []
+        try:
+            headers = {"x-request-id": self.request.request_id} if self.request.request_id else None
+            async with backend.client.stream("POST", self.path, json=self.body, headers=headers) as response:
+                if response.status_code >= 400:
+                    body = await _bounded(response)
+                    raise status_error(backend.name, response.status_code, body, response.headers.get("retry-after"),
+                                       self.model)
+                finished = False
+                async for event in server_events(response.aiter_lines()):
+                    events = self.decoder.decode(event)
+                    finished = self._deliver(events, held)
+                    if finished:
+                        break
+                if not finished:
+                    self._deliver(self.decoder.end(), held)
+            backend.succeeded()
+        except RoutingError as exc:
+            self._fail(exc, held)
+        except httpx.TimeoutException as exc:
+            connecting = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+            setting = "routing.connect_timeout" if connecting else "routing.read_timeout"
+            detail = f"backend {backend.name!r} did not {'accept the connection' if connecting else 'answer'} in time ({setting})"
+            self._fail(RoutingError("upstream_timeout", detail, backend=backend.name, retryable=True), held)
+        except httpx.ConnectError:
+            detail = f"backend {backend.name!r} cannot be reached"
+            self._fail(RoutingError("upstream_unreachable", detail, backend=backend.name, retryable=True), held)
+        except httpx.HTTPError:
+            detail = f"the connection to backend {backend.name!r} broke"
+            self._fail(RoutingError("upstream_error", detail, backend=backend.name, retryable=True), held)
+        except (ValueError, KeyError, TypeError, AttributeError):  # a chunk that is not JSON, or not its dialect's shape
+            detail = f"backend {backend.name!r} sent a stream that cannot be read"
+            self._fail(RoutingError("upstream_error", detail, backend=backend.name, retryable=True), held)
+        except Exception:  # a bug of ours: the caller must not wait forever
+            log.exception("upstream request to backend %s failed (request_id=%s)", backend.name, self.request.request_id)
+            self._push([RoutingError("upstream_error", f"the request to backend {backend.name!r} failed",
+                                     backend=backend.name)])
+
+    def _deliver(self, events: list[Event], held: list[Event | BaseException]) -> bool:
+        """Hand events on (or hold them until the answer is whole); True once Finished came."""
+        done = any(isinstance(e, Finished) for e in events)
+        for event in events:
+            if isinstance(event, Finished):
+                self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
+        if self.hold:
+            held.extend(events)
+            if done:
+                self._push(held)
+        elif events:
+            self._push(list(events))
+        return done
+
+    def _fail(self, error: RoutingError, held: list[Event | BaseException]) -> None:
+        if error.retryable and error.kind != "upstream_rejected":
+            self.backend.failed(error.kind, error.retry_after)
+        self._push([error])  # held events are dropped: the caller may start over elsewhere
+
+
+async def _bounded(response: httpx.Response) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= ERROR_BODY_LIMIT:
+            break
+    return bytes(body[:ERROR_BODY_LIMIT])
