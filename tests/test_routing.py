@@ -129,7 +129,8 @@ def test_the_first_matching_route_wins_and_names_the_upstream_model(tmp_path, up
 
 
 def test_chat_streamed_through_an_anthropic_backend_keeps_every_token_and_the_usage(tmp_path, upstream, fast_model):
-    with router(tmp_path, [anthropic_backend(upstream)], [{"model": "claude-*", "to": f"claude:{fast_model}"}]) as front:
+    routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
+    with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
         text, _, _, usage = chat_stream(front.openai(), model="claude-x", messages=HELLO, max_tokens=40, **GREEDY)
         with anthropic_client(upstream).messages.stream(model=fast_model, max_tokens=40, messages=HELLO,
                                                         extra_body=GREEDY) as direct:
@@ -194,7 +195,8 @@ def test_tool_calls_cross_from_chat_to_an_anthropic_backend_and_back(tmp_path, u
 
 
 def test_tool_use_crosses_from_messages_to_an_openai_backend_and_back(tmp_path, upstream, hermes_tool_model):
-    with router(tmp_path, [openai_backend(upstream)], [{"model": "gpt-tools", "to": f"up:{hermes_tool_model}"}]) as front:
+    routes = [{"model": "gpt-tools", "to": f"up:{hermes_tool_model}"}]
+    with router(tmp_path, [openai_backend(upstream)], routes) as front:
         client = anthropic_client(front)
         question = [{"role": "user", "content": QUESTION}]
         first = client.messages.create(model="gpt-tools", max_tokens=300, messages=question, tools=[TOOL])
@@ -212,7 +214,8 @@ def test_tool_use_crosses_from_messages_to_an_openai_backend_and_back(tmp_path, 
 
 
 def test_a_field_the_backends_dialect_cannot_say_is_a_400_that_names_it(tmp_path, upstream, fast_model):
-    with router(tmp_path, [anthropic_backend(upstream)], [{"model": "claude-*", "to": f"claude:{fast_model}"}]) as front:
+    routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
+    with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
         with front.http() as http:
             response = http.post("/v1/chat/completions",
                                  json={"model": "claude-x", "messages": HELLO, "max_tokens": 4, "seed": 7})

@@ -186,7 +186,8 @@ def test_mlx_lm_server_is_an_openai_backend_for_chat_and_messages(tmp_path, fast
         foreign = started[0]
         foreign.wait_ready("/v1/models")
         direct_client = openai.OpenAI(base_url=foreign.url + "/v1", api_key="unused", max_retries=0)
-        with router(tmp_path, [openai_backend(foreign, "mlxlm")], [{"model": "lm", "to": f"mlxlm:{fast_model}"}]) as front:
+        routes = [{"model": "lm", "to": f"mlxlm:{fast_model}"}]
+        with router(tmp_path, [openai_backend(foreign, "mlxlm")], routes) as front:
             text, _, _, usage = chat_stream(front.openai(), model="lm", messages=HELLO, max_tokens=24, **GREEDY)
             expected, _, _, direct_usage = chat_stream(direct_client, model=fast_model, messages=HELLO, max_tokens=24,
                                                        **GREEDY)

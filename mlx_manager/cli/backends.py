@@ -9,7 +9,7 @@ the reference, never the key. Routes and groups (`routing.routes`, `routing.grou
 # Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
 # command's annotations at each start, and a string annotation costs a compile and an eval.
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 
@@ -107,7 +107,7 @@ def add(
     url: Annotated[str, typer.Option("--url", help="Its base URL, as its SDK takes it: http://host:10242/v1, "
                                      "https://api.anthropic.com.", show_default=False)],
     api_key: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--api-key", metavar="REF", help="Its API key by reference: env:NAME (a variable of the daemon's"
                      " environment) or the path of a file holding it. Never the key itself."),
     ] = None,
@@ -117,7 +117,8 @@ def add(
     entry = {"name": name, "type": kind, "base_url": url, "api_key": api_key or ""}
     with changing_config(json_output):
         settings, document = _read(json_output)
-        if any(b.name == name for b in settings.routing.backends) or any(g.name == name for g in settings.routing.groups):
+        routing = settings.routing
+        if name in {b.name for b in routing.backends} | {g.name for g in routing.groups}:
             fail(f"a backend or group named {name} already exists.",
                  f"Remove it first (`mlx-manager backends remove {name}`) or choose another name.",
                  code=EXIT_ERROR, json_output=json_output)
@@ -151,7 +152,7 @@ def remove(name: NameArgument, json_output: JsonOption = False) -> None:
 
 @app.command(epilog="Examples:\n\n  mlx-manager backends check\n\n  mlx-manager backends check mac2 --json")
 def check(
-    name: Annotated[Optional[str], typer.Argument(help="Only this backend.", show_default=False)] = None,
+    name: Annotated[str | None, typer.Argument(help="Only this backend.", show_default=False)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Ask each backend for its models: reachable or not, how fast, which models it lists (exit 1 if one fails)."""

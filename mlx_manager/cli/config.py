@@ -233,6 +233,10 @@ def set_(
         except SettingsError as error:
             _broken(error)
         set_in_document(document, key, typed)
+        try:  # the file as a whole: a value may name others (a route, the backends it goes to)
+            check_config_text(document.as_string(), path)
+        except SettingsError as error:
+            _refuse(error)
         _save(document.as_string())
     _env_note(key)
     apply_live(f"Set {key} = {_shown(typed)}", [key])

@@ -13,7 +13,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mlx_manager.engine.types import Event, Finished, FinishReason, GenerationRequest, ReasoningDelta, TextDelta, ToolCall
+from mlx_manager.engine.types import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+)
 from mlx_manager.routing.errors import not_translatable
 from mlx_manager.routing.sse import ServerEvent
 from mlx_manager.routing.wire import StreamDecoder, json_schema_of, refuse_unhandled, stream_error
@@ -79,7 +87,8 @@ def conversation(messages: list[dict[str, Any]], backend: str) -> tuple[str, lis
                 try:
                     arguments = json.loads(arguments)
                 except ValueError:
-                    raise not_translatable(backend, "messages.tool_calls", "call arguments must be a JSON object") from None
+                    detail = "call arguments must be a JSON object"
+                    raise not_translatable(backend, "messages.tool_calls", detail) from None
             blocks.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": arguments})
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += blocks

@@ -22,14 +22,16 @@ def resolve_key(reference: str, backend: str) -> str:
     if reference.startswith("env:"):
         value = os.environ.get(reference[4:], "").strip()
         if not value:
-            raise SettingsError(key=SETTING, problem=f"backend {backend!r}: its api_key {reference} names an unset variable")
+            problem = f"backend {backend!r}: its api_key {reference} names an unset variable"
+            raise SettingsError(key=SETTING, problem=problem)
         return _checked(value, backend, reference)
     path = Path(reference).expanduser()
     try:
         text = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise SettingsError(key=SETTING, problem=f"backend {backend!r}: cannot read its api_key file {path} ({reason})") from None
+        problem = f"backend {backend!r}: cannot read its api_key file {path} ({reason})"
+        raise SettingsError(key=SETTING, problem=problem) from None
     return _checked(text, backend, str(path))
 
 

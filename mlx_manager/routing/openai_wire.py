@@ -11,7 +11,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mlx_manager.engine.types import Event, Finished, FinishReason, GenerationRequest, ReasoningDelta, TextDelta, ToolCall
+from mlx_manager.engine.types import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+)
 from mlx_manager.routing.errors import not_translatable
 from mlx_manager.routing.sse import ServerEvent
 from mlx_manager.routing.wire import StreamDecoder, json_schema_of, refuse_unhandled, stream_error

@@ -34,6 +34,7 @@ from mlx_manager.routing.backend import Backend, upstream
 from mlx_manager.routing.errors import RoutingError
 from mlx_manager.routing.keyref import resolve_key
 from mlx_manager.routing.upstream import UpstreamJob
+from mlx_manager.settings import SettingsError
 from mlx_manager.settings.schema import LOCAL_BACKEND, Settings
 
 log = logging.getLogger("mlx_manager.routing")
@@ -112,6 +113,9 @@ class Router:
         their client and its open connections; the others are closed once idle. Raises
         SettingsError, changing nothing, when a backend's key cannot be read."""
         routing = settings.routing
+        problem = routing.unresolved()
+        if problem is not None:
+            raise SettingsError(key="routing", problem=problem)
         keys = {entry.name: resolve_key(entry.api_key, entry.name) for entry in routing.backends}
         backends: dict[str, Backend] = {}
         for entry in routing.backends:

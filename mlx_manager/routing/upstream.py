@@ -36,9 +36,8 @@ class UpstreamJob:
         wire = anthropic_wire if backend.type == "anthropic" else openai_wire
         # A request the backend's dialect cannot say is refused here, before anything is sent.
         self.path, self.body = wire.request_body(request, model, backend.name)
-        self.decoder: StreamDecoder = (
-            anthropic_wire.EventDecoder(backend.name) if backend.type == "anthropic" else openai_wire.ChunkDecoder(backend.name)
-        )
+        decoder = anthropic_wire.EventDecoder if backend.type == "anthropic" else openai_wire.ChunkDecoder
+        self.decoder: StreamDecoder = decoder(backend.name)
         self.backend = backend
         self.request = request
         self.model = model
@@ -116,7 +115,8 @@ class UpstreamJob:
         except httpx.TimeoutException as exc:
             connecting = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
             setting = "routing.connect_timeout" if connecting else "routing.read_timeout"
-            detail = f"backend {backend.name!r} did not {'accept the connection' if connecting else 'answer'} in time ({setting})"
+            what = "accept the connection" if connecting else "answer"
+            detail = f"backend {backend.name!r} did not {what} in time ({setting})"
             self._fail(RoutingError("upstream_timeout", detail, backend=backend.name, retryable=True), held)
         except httpx.ConnectError:
             detail = f"backend {backend.name!r} cannot be reached"
@@ -124,11 +124,11 @@ class UpstreamJob:
         except httpx.HTTPError:
             detail = f"the connection to backend {backend.name!r} broke"
             self._fail(RoutingError("upstream_error", detail, backend=backend.name, retryable=True), held)
-        except (ValueError, KeyError, TypeError, AttributeError):  # a chunk that is not JSON, or not its dialect's shape
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not its dialect's shape
             detail = f"backend {backend.name!r} sent a stream that cannot be read"
             self._fail(RoutingError("upstream_error", detail, backend=backend.name, retryable=True), held)
         except Exception:  # a bug of ours: the caller must not wait forever
-            log.exception("upstream request to backend %s failed (request_id=%s)", backend.name, self.request.request_id)
+            log.exception("request to backend %s failed (request_id=%s)", backend.name, self.request.request_id)
             self._push([RoutingError("upstream_error", f"the request to backend {backend.name!r} failed",
                                      backend=backend.name)])
 

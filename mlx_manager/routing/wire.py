@@ -42,9 +42,11 @@ def status_error(backend: str, status: int, body: bytes, retry_after: str | None
     said = f"backend {backend!r} answered {status}"
     extra: dict[str, Any] = {"backend": backend, "upstream_status": status, "upstream_type": error_type}
     if status == 429:
-        return RoutingError("upstream_rate_limited", f"{said} (rate limited)", retryable=True, retry_after=seconds, **extra)
+        return RoutingError("upstream_rate_limited", f"{said} (rate limited)", retryable=True, retry_after=seconds,
+                            **extra)
     if status in (503, 529):
-        return RoutingError("upstream_unavailable", f"{said} (unavailable)", retryable=True, retry_after=seconds, **extra)
+        return RoutingError("upstream_unavailable", f"{said} (unavailable)", retryable=True, retry_after=seconds,
+                            **extra)
     if status in (408, 504):
         return RoutingError("upstream_timeout", f"{said} (timed out)", retryable=True, **extra)
     if status >= 500:

@@ -92,18 +92,21 @@ def parse_value(key: str, raw: Any, *, source: str | None = None) -> Any:
         settings = Settings.model_validate({info.section: {info.name: raw}})
     except ValidationError as exc:
         raise _validation_error(exc, source=source) from None
-    return plain(getattr(getattr(settings, info.section), info.name))
+    value = getattr(getattr(settings, info.section), info.name)
+    if info.kind == "tables":  # plain tables, as the file writes them (no defaults spelled out)
+        return [entry.model_dump(exclude_defaults=True) for entry in value]
+    return plain(value)
 
 
 def check_config_text(text: str, path: Path | None = None) -> Settings:
     """The settings a config file's text holds on its own (no env, no flags), or SettingsError."""
     from pydantic import ValidationError
 
-    from mlx_manager.settings.schema import Settings
+    from mlx_manager.settings.schema import WHOLE, Settings
 
     path = path or config_path()
     try:
-        return Settings.model_validate(toml_data(text, path))
+        return Settings.model_validate(toml_data(text, path), context={WHOLE: True})
     except ValidationError as exc:
         error = _validation_error(exc, file=path)
         error.line = _line_of(text, error.key or "")
@@ -151,7 +154,7 @@ def load_settings_with_origins(overrides: Mapping[str, Any] | None = None) -> tu
     """Settings from flag > environment > file > default, and where each key's value came from
     ("flag", "env", "file" or "default"). `overrides` maps dotted keys to flag values; None is
     "not given". Raises SettingsError naming the file, variable or flag at fault."""
-    from mlx_manager.settings.schema import Settings
+    from mlx_manager.settings.schema import WHOLE, Settings
 
     path = config_path()
     file_settings = check_config_text(read_config_text(path), path)
@@ -171,7 +174,12 @@ def load_settings_with_origins(overrides: Mapping[str, Any] | None = None) -> tu
         section, name = key.split(".", 1)
         data[section][name] = value
         origins[key] = origin
-    return Settings.model_validate(data), origins
+    from pydantic import ValidationError
+
+    try:
+        return Settings.model_validate(data, context={WHOLE: True}), origins
+    except ValidationError as exc:  # a check over several keys, e.g. a route naming a backend
+        raise _validation_error(exc) from None
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:

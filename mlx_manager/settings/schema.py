@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
 from mlx_manager.settings.paths import home
@@ -24,6 +24,9 @@ from mlx_manager.settings.paths import home
 RESTART: JsonDict = {"restart": True}
 # Never printed back (`config get/list` show a count) nor set with `config set`.
 SECRET: JsonDict = {"secret": True}
+# Validation context of settings put together whole (file, environment, flags): checks that need
+# every key at once (the names routes use) run only then, not on one value set alone.
+WHOLE = "whole"
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
@@ -333,7 +336,8 @@ def target_name(target: str) -> str:
 class RoutingSettings(Section):
     backends: list[BackendEntry] = Field(
         default_factory=list,
-        description="Upstream servers requests may be routed to (managed by `mlx-manager backends`); keys by reference only.",
+        description="Upstream servers requests may be routed to (managed by `mlx-manager backends`);"
+        " keys by reference only.",
         json_schema_extra={"expected": "entries made by `mlx-manager backends add`, or a JSON array of tables"},
     )
     groups: list[GroupEntry] = Field(
@@ -351,7 +355,8 @@ class RoutingSettings(Section):
     connect_timeout: Duration = Field(5, ge=0.1, le=600, description="Seconds to connect to a backend.")
     read_timeout: Duration = Field(
         120, ge=1, le=86400,
-        description="Seconds a backend may send nothing (before its first token, or between two) before the attempt fails.",
+        description="Seconds a backend may send nothing (before its first token, or between two) before the"
+        " attempt fails.",
     )
     cooldown: Duration = Field(
         30, ge=1, le=86400,
@@ -362,26 +367,34 @@ class RoutingSettings(Section):
     )
 
     @model_validator(mode="after")
-    def names_resolve(self) -> RoutingSettings:
+    def names_resolve(self, info: ValidationInfo) -> RoutingSettings:
+        # Only the whole settings can tell (a route set alone names backends of the file): checked
+        # when they are put together (WHOLE), and again by the router that uses them.
+        if info.context and info.context.get(WHOLE):
+            problem = self.unresolved()
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def unresolved(self) -> str | None:
+        """What a group or route names that does not exist (or a name used twice), else None."""
         backends = [b.name for b in self.backends]
         groups = [g.name for g in self.groups]
         names = backends + groups
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
-            raise ValueError(f"two backends or groups are named {twice[0]!r}; names must be unique")
+            return f"two backends or groups are named {twice[0]!r}; names must be unique"
         if LOCAL_BACKEND in groups:
-            raise ValueError(f"{LOCAL_BACKEND!r} is the local engine's name; choose another group name")
-        members_of = {*backends, LOCAL_BACKEND}
+            return f"{LOCAL_BACKEND!r} is the local engine's name; choose another group name"
         for group in self.groups:
             for member in group.members:
-                if member not in members_of:
-                    raise ValueError(f"group {group.name!r}: no backend named {member!r}")
-        targets = {*names, LOCAL_BACKEND}
+                if member not in {*backends, LOCAL_BACKEND}:
+                    return f"group {group.name!r}: no backend named {member!r}"
         for route in self.routes:
             for target in (route.to, *route.fallback):
-                if target_name(target) not in targets:
-                    raise ValueError(f"route {route.model!r}: no backend or group named {target_name(target)!r}")
-        return self
+                if target_name(target) not in {*names, LOCAL_BACKEND}:
+                    return f"route {route.model!r}: no backend or group named {target_name(target)!r}"
+        return None
 
 
 class Settings(Section):
