@@ -66,12 +66,14 @@ def write_config(text: str) -> None:
     config_path().write_text(text)
 
 
-def tokens_stay(job, seconds: float = 0.5) -> bool:
-    """Once the engine let go of the job (within one decode step of the cancel), no token is
-    produced for it during `seconds`: the model is not computing it any more."""
-    assert wait_until(lambda: job.stopped_at is not None, timeout=5)
+def tokens_stay(server: LiveServer, job, model: str) -> bool:
+    """Once the engine let go of the job, no token is produced for it while the engine runs
+    another request from its start to its end: the model is not computing it any more."""
+    assert wait_until(lambda: job.stopped_at is not None)
     before = job.completion_tokens
-    time.sleep(seconds)
+    with server.http() as http:
+        meanwhile = http.post("/v1/completions", json={"model": model, "prompt": "meanwhile", "max_tokens": 8})
+    assert meanwhile.json()["usage"]["completion_tokens"] == 8, meanwhile.text
     return job.completion_tokens == before
 
 
@@ -109,6 +111,8 @@ def test_reload_applies_timeouts_live(server, slow_model):
     assert server.daemon.settings.timeouts.chat == 1
 
     # Non-streaming: a 504 problem after about a second; the job left the batch at the deadline.
+    # (How soon after the deadline, for the answer and for the job, is a figure of
+    # benchmarks/bench_deadlines.py; here: not before it, and before the work was done.)
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as caught:
         server.openai().chat.completions.create(**chat_body(slow_model))
@@ -118,20 +122,15 @@ def test_reload_applies_timeouts_live(server, slow_model):
     problem = error.response.json()
     assert error.response.headers["content-type"] == "application/problem+json"
     assert problem["type"] == "urn:mlx-manager:problem:timeout" and problem["timeout_seconds"] == 1
-    assert 0.9 < elapsed < 3
+    assert elapsed > 0.9
     job = server.engine.job(problem["request_id"])
     assert job.cancelled and wait_until(lambda: job.stopped_at is not None)
-    # Let go at the first step boundary after the deadline (a step that admits a job into the
-    # batch takes up to about a second on the slow model, more on a busy machine).
-    assert job.stopped_at - job.submitted_at < 1 + 2.5
-    assert job.completion_tokens < LONG and tokens_stay(job)
+    assert job.completion_tokens < LONG and tokens_stay(server, job, slow_model)
 
     # Streaming: the tokens so far, then an `error` event holding the same problem, then the end.
-    started = time.monotonic()
     with server.http() as http, http.stream("POST", CHAT, json=chat_body(slow_model, stream=True)) as response:
         assert response.status_code == 200
         events = sse_events(response)
-    assert time.monotonic() - started < 3
     names = [name for name, _ in events]
     assert names[0] == "message" and names[-1] == "error" and names.count("error") == 1
     assert "[DONE]" not in [data for _, data in events]
@@ -139,10 +138,10 @@ def test_reload_applies_timeouts_live(server, slow_model):
     assert problem["type"] == "urn:mlx-manager:problem:timeout" and problem["status"] == 504
     assert problem["timeout_seconds"] == 1 and problem["request_id"] == response.headers["x-request-id"]
     job = server.engine.job(problem["request_id"])
-    assert job.cancelled and tokens_stay(job)
+    assert job.cancelled and job.completion_tokens < LONG and tokens_stay(server, job, slow_model)
 
     # The request from before the reload ran to its end, in the same batch as the two cut ones.
-    thread.join(30)
+    thread.join(120)
     completion = long_running["response"].json()
     assert long_running["response"].status_code == 200
     long_job = server.engine.job(completion["id"].removeprefix("chatcmpl-"))
@@ -232,8 +231,8 @@ def test_stream_disconnect_cancels_the_job(server, slow_model):
             next(line for line in lines if line.startswith("data:"))
     # Leaving the block closed the connection mid-generation.
     job = server.engine.job(request_id)
-    assert wait_until(lambda: job.cancelled and job.stopped_at is not None, timeout=5)
-    assert job.completion_tokens < LONG and tokens_stay(job)
+    assert wait_until(lambda: job.cancelled and job.stopped_at is not None)
+    assert job.completion_tokens < LONG and tokens_stay(server, job, slow_model)
     assert wait_until(lambda: server.engine.status().active_jobs == 0)
     assert wait_until(lambda: any(o.request_id == request_id for o in server.outcomes))
     outcome = next(o for o in server.outcomes if o.request_id == request_id)
@@ -241,11 +240,12 @@ def test_stream_disconnect_cancels_the_job(server, slow_model):
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_job(server, slow_model):
-    with pytest.raises(httpx.ReadTimeout), server.http(timeout=1.0) as http:
+    # The client gives up waiting after a second and hangs up.
+    with pytest.raises(httpx.ReadTimeout), server.http(timeout=httpx.Timeout(60, read=1.0)) as http:
         http.post("/v1/chat/completions", json=chat_body(slow_model), headers={"X-Request-ID": "gone-1"})
     job = server.engine.job("gone-1")
-    assert wait_until(lambda: job.cancelled and job.stopped_at is not None, timeout=5)
-    assert tokens_stay(job)
+    assert wait_until(lambda: job.cancelled and job.stopped_at is not None)
+    assert tokens_stay(server, job, slow_model)
     assert wait_until(lambda: any(o.request_id == "gone-1" for o in server.outcomes))
     assert next(o for o in server.outcomes if o.request_id == "gone-1").status == "cancelled"
 
@@ -255,14 +255,14 @@ def test_queue_full_is_503_and_a_queued_job_times_out(slow_model):
     live = make_server(slow_model, settings)
     try:
         busy = threading.Thread(
-            target=lambda: live.http(timeout=30).post("/v1/chat/completions", json=chat_body(slow_model, max_tokens=200))
+            target=lambda: live.http(timeout=120).post(CHAT, json=chat_body(slow_model, max_tokens=200))
         )
         busy.start()
         assert wait_until(lambda: live.engine.status().active_jobs == 1)
         queued = {}
 
         def wait_in_queue():
-            with live.http(timeout=30) as http:
+            with live.http(timeout=120) as http:
                 body = {"model": slow_model, "prompt": "queued", "max_tokens": 5}
                 queued["response"] = http.post("/v1/completions", json=body)
 
@@ -274,11 +274,11 @@ def test_queue_full_is_503_and_a_queued_job_times_out(slow_model):
         assert caught.value.status_code == 503 and caught.value.code == "overloaded"
         assert int(caught.value.response.headers["retry-after"]) >= 1
         # The queued one never got a batch slot before its 2 s deadline: 504, and it never ran.
-        waiter.join(30)
+        waiter.join(120)
         problem = assert_problem(queued["response"], 504, "timeout")
         job = live.engine.job(problem["request_id"])
         assert job.cancelled and job.completion_tokens == 0
-        busy.join(60)
+        busy.join(120)
     finally:
         live.stop()
 
