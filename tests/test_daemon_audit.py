@@ -14,7 +14,7 @@ import pytest
 
 from mlx_manager.daemon.app import create_app
 from mlx_manager.engine import EngineConfig
-from tests.daemon_server import LiveServer, RecordingEngine, settings_with, wait_until
+from tests.daemon_server import LiveServer, RecordingEngine, serving, settings_with, wait_until
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -39,8 +39,7 @@ def server(tmp_path_factory, fast_model, slow_model):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
         engine = RecordingEngine(EngineConfig(preload=[fast_model, slow_model], max_loaded=2))
-        settings = settings_with(timeouts={"chat": 2, "completions": 2})
-        with LiveServer(create_app(settings, engine=engine)) as live:
+        with LiveServer(create_app(settings_with(), engine=engine)) as live:
             assert wait_until(lambda: len(engine.status().loaded) == 2, timeout=120)
             yield live
 
@@ -100,13 +99,15 @@ def test_validation_error_and_unknown_model_rows(server, fast_model):
     assert unknown["model"] == "no/such-model"
 
 
-def test_timeout_row(server, slow_model):
-    with pytest.raises(openai.APIStatusError) as refused:
-        server.openai().chat.completions.create(
-            model=slow_model, messages=HELLO, max_tokens=100000, extra_headers={"X-Request-ID": "timeout-row-1"}
-        )
-    assert refused.value.status_code == 504
-    row = row_for(server, "timeout-row-1")
+def test_timeout_row(slow_model):
+    # Its own daemon: a 2 s deadline on the shared one would cut its other tests on a busy machine.
+    with serving(slow_model, settings=settings_with(timeouts={"chat": 2})) as server:
+        with pytest.raises(openai.APIStatusError) as refused:
+            server.openai().chat.completions.create(
+                model=slow_model, messages=HELLO, max_tokens=100000, extra_headers={"X-Request-ID": "timeout-row-1"}
+            )
+        assert refused.value.status_code == 504
+        row = row_for(server, "timeout-row-1")
     assert (row["status"], row["http_status"], row["error_type"]) == ("timeout", 504, "timeout")
     assert 2000 <= row["duration_ms"] < 120_000  # in ms: the 2 s deadline, not the 100000 tokens
 

@@ -93,13 +93,13 @@ def test_starts_healthy_without_a_model_and_stops_cleanly(daemons):
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(daemons, slow_model):
     # A drain timeout no busy machine reaches: the request runs to its end, however slowly.
-    daemon = daemons("--model", slow_model, env={"MLX_MANAGER_SERVER__DRAIN_TIMEOUT": "120"})
+    daemon = daemons("--model", slow_model, env={"MLX_MANAGER_SERVER__DRAIN_TIMEOUT": "240"})
     daemon.wait_ready(slow_model)
     results = {}
 
     def in_flight():
-        with httpx.Client(base_url=daemon.url, timeout=240) as http:
-            body = {"model": slow_model, "prompt": "long answer", "max_tokens": 150, "temperature": 0}
+        with httpx.Client(base_url=daemon.url, timeout=280) as http:
+            body = {"model": slow_model, "prompt": "long answer", "max_tokens": 80, "temperature": 0}
             results["answer"] = http.post("/v1/completions", json=body)
 
     thread = threading.Thread(target=in_flight)
@@ -114,7 +114,7 @@ def test_sigterm_drains_in_flight_requests(daemons, slow_model):
     assert caught.value.response.headers["content-type"] == "application/problem+json"
     assert int(caught.value.response.headers["retry-after"]) >= 1
     assert caught.value.response.json()["request_id"]
-    thread.join(240)
+    thread.join(280)
     answer = results["answer"]
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] > 0

@@ -15,6 +15,8 @@ import pytest
 from mlx_manager.daemon.app import create_app
 from mlx_manager.engine import EngineConfig, ModelLoadFailed
 from mlx_manager.engine.embedding import Pooling, _pool, pooling_of
+from mlx_manager.runtime import admin_token
+from mlx_manager.settings import config_path
 from tests.daemon_server import LiveServer, RecordingEngine, assert_problem, settings_with, wait_until
 from tests.embedding_model import reference
 from tests.test_daemon_audit import row_for
@@ -28,7 +30,7 @@ def server(tmp_path_factory, minilm_model, fast_model):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
         engine = RecordingEngine(EngineConfig(preload=[minilm_model, fast_model], max_loaded=2))
-        with LiveServer(create_app(settings_with(timeouts={"embeddings": 30}), engine=engine)) as live:
+        with LiveServer(create_app(settings_with(), engine=engine)) as live:
             assert wait_until(lambda: len(engine.status().loaded) == 2, timeout=120)
             yield live
 
@@ -184,7 +186,11 @@ def test_timeout_stops_the_work(tmp_path, minilm_model):
         assert_dropped_unfinished(engine, texts)
         row = row_for(live, "embed-timeout")
         assert row["status"] == "timeout" and row["error_type"] == "timeout" and row["endpoint"] == "/v1/embeddings"
-        # And the model serves the next request.
+        # And the model serves the next request (given the default deadline: on a busy machine
+        # even one short text can take more than a second).
+        config_path().write_text("[timeouts]\nembeddings = 120\n")
+        with live.http() as http:
+            assert http.post("/admin/reload", headers={"Authorization": f"Bearer {admin_token()}"}).status_code == 200
         assert live.openai().embeddings.create(model=minilm_model, input=CAT).data
 
 
