@@ -93,10 +93,12 @@ class Metrics:
             f"{PREFIX}_prompt_cache_hits", "Generations whose prompt reused a cached prefix.", ["model"], registry=r
         )
         self.cache_misses = Counter(
-            f"{PREFIX}_prompt_cache_misses", "Generations whose prompt was computed from scratch.", ["model"], registry=r
+            f"{PREFIX}_prompt_cache_misses", "Generations whose prompt was computed from scratch.", ["model"],
+            registry=r,
         )
         self.cached_tokens = Counter(
-            f"{PREFIX}_prompt_cache_cached_tokens", "Prompt tokens restored from the prompt cache.", ["model"], registry=r
+            f"{PREFIX}_prompt_cache_cached_tokens", "Prompt tokens restored from the prompt cache.", ["model"],
+            registry=r,
         )
         # Routing: per backend (local, or an upstream's name from the settings: a bounded set).
         self.backend_requests = Counter(
@@ -104,7 +106,8 @@ class Metrics:
             ["backend", "backend_type", "status"], registry=r,
         )
         self.backend_failures = Counter(
-            f"{PREFIX}_backend_failures", "Attempts that failed on a backend before the first byte (the next was tried).",
+            f"{PREFIX}_backend_failures",
+            "Attempts that failed on a backend before the first byte (the next was tried).",
             ["backend", "error"], registry=r,
         )
         self.backend_tokens = Counter(

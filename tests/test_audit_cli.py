@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ def db(isolated_home) -> Path:
 
 @pytest.fixture
 def sample(db) -> Path:
-    base = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    base = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     fill(db, [
         record(request_id="r-a", timestamp=base, model="m1", status="success", duration_ms=100.0, api_key="alice"),
         record(request_id="r-b", timestamp=base + timedelta(minutes=1), model="m2", endpoint="/v1/completions",
@@ -354,6 +354,33 @@ def test_stats_by_key_and_for_one_key(sample):
     assert rows == {"alice": "2", "bob": "1", "-": "2"}
 
 
+
+def test_query_and_stats_by_backend_name_or_type(db):
+    fill(db, [
+        record(request_id="r-1", backend="mac2", backend_type="openai", upstream_prompt_tokens=10,
+               upstream_completion_tokens=20),
+        record(request_id="r-2", backend="mac3", backend_type="openai"),
+        record(request_id="r-3", backend="cloud", backend_type="anthropic", status="error", http_status=429,
+               error_type="upstream_rate_limited"),
+        record(request_id="r-4"),
+    ])
+    assert request_ids(cli("query", "--backend", "mac2", "--json")) == ["r-1"]
+    assert request_ids(cli("query", "--backend", "openai", "--json")) == ["r-2", "r-1"]  # a type: all of them
+    assert request_ids(cli("query", "--backend", "local", "--json")) == ["r-4"]
+    [row] = json_doc(cli("query", "--request-id", "r-1", "--json").stdout)
+    assert (row["backend"], row["backend_type"], row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) \
+        == ("mac2", "openai", 10, 20)
+    groups = json_doc(cli("stats", "--by", "backend", "--json").stdout)
+    assert sorted((g["backend"], g["requests"], g["errors"]) for g in groups) == [
+        ("cloud", 1, 1), ("local", 1, 0), ("mac2", 1, 0), ("mac3", 1, 0)
+    ]
+    [cloud] = json_doc(cli("stats", "--backend", "cloud", "--json").stdout)
+    assert cloud["requests"] == 1 and cloud["errors"] == 1
+    typo = cli("query", "--backend", "mac9")
+    assert typo.exit_code == 2
+    assert "nor a backend in the audit log (cloud, local, mac2, mac3)" in " ".join(typo.stderr.split())
+
+
 def test_key_names_complete_from_the_configured_keys(isolated_home, tmp_path):
     from tests.test_cli_help import complete
 
@@ -416,7 +443,7 @@ def test_prune_yes_json_and_nothing_to_do(aged):
     assert json_doc(result.stdout)["deleted"] == 12
     again = cli("prune", "--older-than", "7d", "--yes")
     assert again.exit_code == 0 and "nothing to prune" in again.stdout
-    by_date = cli("prune", "--older-than", (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat(),
+    by_date = cli("prune", "--older-than", (datetime.now(UTC) + timedelta(days=1)).date().isoformat(),
                   "--dry-run", "--json")
     assert json_doc(by_date.stdout)["would_delete"] == 3
 

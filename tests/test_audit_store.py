@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -262,7 +262,7 @@ def test_records_validate_what_the_daemon_hands_over():
         record(status="ok").values()
     local = record(timestamp=datetime(2026, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
                    prompt_tokens=None, completion_tokens=5).row()
-    assert datetime.fromisoformat(local["timestamp"]) == datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    assert datetime.fromisoformat(local["timestamp"]) == datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     assert (local["prompt_tokens"], local["total_tokens"]) == (0, 5)
 
 
@@ -345,7 +345,7 @@ def test_writer_writes_a_burst_in_one_batch_and_a_lone_row_on_its_own(db):
             lambda conn, cursor, statement, params, context, many: inserts.append(many)
             if statement.startswith("INSERT INTO audit_logs") else None,
         )
-        for i in range(1000):
+        for _ in range(1000):
             writer.record(record())
         await writer.flush()
         writer.record(record(request_id="lone"))
@@ -528,7 +528,7 @@ def test_the_wal_file_is_private_too(db):
 
 @pytest.fixture
 def sample(db) -> Path:
-    base = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    base = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     fill(db, [
         record(request_id="a", timestamp=base, model="m1", endpoint="/v1/chat/completions", status="success",
                api_key="alice"),
@@ -560,9 +560,9 @@ def ids(rows):
         (AuditFilter(api_key="alice"), ["c", "a"]),
         (AuditFilter(api_key="bob", model="m2"), ["b"]),
         (AuditFilter(api_key="carol"), []),
-        (AuditFilter(since=datetime(2026, 5, 1, 12, 1, tzinfo=timezone.utc),
-                     until=datetime(2026, 5, 1, 12, 3, tzinfo=timezone.utc)), ["c", "b"]),  # [since, until)
-        (AuditFilter(model="m1", status="timeout", since=datetime(2026, 5, 1, tzinfo=timezone.utc)), ["c"]),
+        (AuditFilter(since=datetime(2026, 5, 1, 12, 1, tzinfo=UTC),
+                     until=datetime(2026, 5, 1, 12, 3, tzinfo=UTC)), ["c", "b"]),  # [since, until)
+        (AuditFilter(model="m1", status="timeout", since=datetime(2026, 5, 1, tzinfo=UTC)), ["c"]),
         (AuditFilter(model="x' OR '1'='1"), []),
     ],
 )
@@ -586,7 +586,7 @@ def test_query_order_limit_and_after_id(sample):
 
 def test_the_query_binds_every_value():
     hostile = "m'; DROP TABLE audit_logs; --"
-    statement = select_rows(AuditFilter(model=hostile, since=datetime(2026, 1, 1, tzinfo=timezone.utc)), limit=5)
+    statement = select_rows(AuditFilter(model=hostile, since=datetime(2026, 1, 1, tzinfo=UTC)), limit=5)
     assert hostile not in statement.sql and "2026" not in statement.sql
     assert hostile in statement.params
 
@@ -646,13 +646,13 @@ def test_prune_deletes_only_older_rows_in_batches(db):
 
 
 def test_parse_age_and_time():
-    now = datetime(2026, 5, 10, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 10, 12, 0, tzinfo=UTC)
     assert parse_age("30m") == timedelta(minutes=30)
     assert parse_age("7d") == timedelta(days=7) and parse_age("2w") == timedelta(weeks=2)
-    assert parse_time("2h", now=now) == datetime(2026, 5, 10, 10, 0, tzinfo=timezone.utc)
-    assert parse_time("2026-05-01", now=now) == datetime(2026, 5, 1, tzinfo=timezone.utc)
-    assert parse_time("2026-05-01T12:00:00+02:00", now=now) == datetime(2026, 5, 1, 10, tzinfo=timezone.utc)
-    assert parse_time("2026-05-01T12:00:00Z", now=now) == datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+    assert parse_time("2h", now=now) == datetime(2026, 5, 10, 10, 0, tzinfo=UTC)
+    assert parse_time("2026-05-01", now=now) == datetime(2026, 5, 1, tzinfo=UTC)
+    assert parse_time("2026-05-01T12:00:00+02:00", now=now) == datetime(2026, 5, 1, 10, tzinfo=UTC)
+    assert parse_time("2026-05-01T12:00:00Z", now=now) == datetime(2026, 5, 1, 12, tzinfo=UTC)
     for bad in ("yesterday", "7", "-3d", "0m", "3 parsecs", ""):
         with pytest.raises(ValueError, match="30m, 2h, 7d"):
             parse_time(bad, now=now)

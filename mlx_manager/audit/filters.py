@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 
 AGE_FORMS = "a duration like 90s, 30m, 2h, 7d or 2w"
-TIME_FORMS = f"{AGE_FORMS} (that long ago), or an ISO date or time like 2026-05-01 or 2026-05-01T12:00:00Z (UTC unless it has an offset)"
+TIME_FORMS = (
+    f"{AGE_FORMS} (that long ago), or an ISO date or time like 2026-05-01 or 2026-05-01T12:00:00Z"
+    " (UTC unless it has an offset)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,7 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
 
     Naive ISO values are UTC, like every time the audit log shows. Returns an aware UTC datetime.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     try:
         return now - parse_age(text)
     except ValueError:
@@ -63,5 +66,5 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     except ValueError:
         raise ValueError(f"{text!r} is not a time: use {TIME_FORMS}") from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

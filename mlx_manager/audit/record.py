@@ -21,7 +21,7 @@ NULL rules. This module is plain Python (no SQL library), cheap enough for the C
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -67,7 +67,7 @@ def column(default: Any = None, *, default_factory: Any = MISSING, **spec: Any) 
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(kw_only=True)
@@ -166,7 +166,7 @@ def format_timestamp(value: datetime) -> str:
     """
     if value.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 # Derived from the fields above: do not write these lists out by hand anywhere else.

@@ -18,7 +18,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from mlx_manager.audit.filters import AuditFilter
@@ -170,11 +170,11 @@ def build_day(conn: Connection, day: str) -> int:
 
 
 def day_of(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).date().isoformat()
+    return moment.astimezone(UTC).date().isoformat()
 
 
 def start_of(day: str) -> datetime:
-    return datetime.combine(date.fromisoformat(day), time(), tzinfo=timezone.utc)
+    return datetime.combine(date.fromisoformat(day), time(), tzinfo=UTC)
 
 
 def next_day(day: str) -> str:

@@ -357,7 +357,8 @@ def edit() -> None:
                 _save(draft)
                 break
         raced = f"{path} was changed by another command while you were editing it"
-        if not (sys.stdin.isatty() and typer.confirm(f"{raced}. Replace it with your version?", default=False, err=True)):
+        replace = f"{raced}. Replace it with your version?"
+        if not (sys.stdin.isatty() and typer.confirm(replace, default=False, err=True)):
             fail(f"{raced}; nothing was saved.", "Run `mlx-manager config edit` again.", code=EXIT_ERROR)
         base = current
     try:

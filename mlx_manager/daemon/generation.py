@@ -104,7 +104,8 @@ class GenerationCall(EngineCall):
         # backend can still take over if it fails on the way.
         whole = not request.scope["mlx_manager.outcome"].stream
         self.job: RoutedJob = daemon.router.submit(job_request, hold=whole)
-        super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
+        span = generation_span(job_request.model, endpoint, job_request.request_id)
+        super().__init__(daemon, request, endpoint, span)
         self.outcome.tools_offered = job_request.tools is not None
         self.outcome.tool_calls = 0
         forced_call = job_request.tools is not None and job_request.tool_choice not in (None, "auto", "none")

@@ -10,6 +10,7 @@ from typing import Any
 from mlx_manager.engine.constraints import GrammarSpec
 from mlx_manager.engine.types import Event, GenerationRequest, Started
 from mlx_manager.routing.errors import RoutingError, not_translatable
+from mlx_manager.routing.sse import ServerEvent
 
 
 def refuse_unhandled(request: GenerationRequest, handled: frozenset[str], backend: str) -> None:
@@ -109,6 +110,14 @@ class StreamDecoder:
             self.started = True
             out.append(Started(self.prompt_tokens))
         out.append(event)
+
+    def decode(self, event: ServerEvent) -> list[Event]:
+        """The engine events one server-sent event of the upstream's stream carries."""
+        raise NotImplementedError
+
+    def end(self) -> list[Event]:
+        """What the stream's end means: the last events, or an error if it ended too soon."""
+        raise NotImplementedError
 
     def early_end(self) -> RoutingError:
         return RoutingError("upstream_error", f"backend {self.backend!r} ended its stream before the answer's end",
