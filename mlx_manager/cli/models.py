@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from mlx_manager.cli.completion import complete_cached_model, complete_model
-from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, fail, print_json, warn
+from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, fail, print_json, say, warn
 
 if TYPE_CHECKING:
     from mlx_manager.cli.daemon_client import DaemonError
@@ -57,9 +57,6 @@ ModelArgument = Annotated[
 ]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
 
-
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _hub_failure(error: HubError, json_output: bool) -> NoReturn:
@@ -115,8 +112,8 @@ def pull(model: RepoArgument, json_output: JsonOption = False) -> None:
     if json_output:
         return
     size = sum(f.size for f in plan.files)
-    _say(f"Pulled {result.model} ({format_bytes(size)}, {result.kind}) into {result.path}")
-    _say(f"Serve it: mlx-manager serve --model {result.model}")
+    say(f"Pulled {result.model} ({format_bytes(size)}, {result.kind}) into {result.path}")
+    say(f"Serve it: mlx-manager serve --model {result.model}")
 
 
 def _warn_if_not_allowed(model_id: str) -> None:
@@ -172,7 +169,7 @@ def list_(json_output: JsonOption = False) -> None:
         print_json(rows)
         return
     if not rows:
-        _say("No models here yet. Get one with `mlx-manager models pull mlx-community/Qwen3-0.6B-4bit`.")
+        say("No models here yet. Get one with `mlx-manager models pull mlx-community/Qwen3-0.6B-4bit`.")
         return
     from rich.table import Table
 
@@ -228,7 +225,7 @@ def ps(json_output: JsonOption = False) -> None:
     if not models:
         waiting = f"; {answer['queue_depth']} job(s) waiting" if answer.get("queue_depth") else ""
         loading = f"; loading {answer['loading']}" if answer.get("loading") else ""
-        _say(f"No model is loaded{loading}{waiting}.")
+        say(f"No model is loaded{loading}{waiting}.")
         return
     from rich.table import Table
 
@@ -269,7 +266,7 @@ def load(model: ModelArgument, json_output: JsonOption = False) -> None:
     if json_output:
         print_json(answer)
         return
-    _say(f"Loaded {answer['id']} ({format_bytes(answer['memory_bytes'])}, keep-alive {_until(answer)})")
+    say(f"Loaded {answer['id']} ({format_bytes(answer['memory_bytes'])}, keep-alive {_until(answer)})")
 
 
 @app.command(
@@ -295,7 +292,7 @@ def unload(
     if json_output:
         print_json(answer)
         return
-    _say(f"Unloaded {answer['unloaded']}")
+    say(f"Unloaded {answer['unloaded']}")
 
 
 # -- rm -----------------------------------------------------------------------------------------------
@@ -350,7 +347,7 @@ def rm(
                     "unloaded": loaded})
         return
     unloaded = "; unloaded it from the daemon first" if loaded else ""
-    _say(f"Deleted {what} ({format_bytes(target.size_bytes)} freed{unloaded})")
+    say(f"Deleted {what} ({format_bytes(target.size_bytes)} freed{unloaded})")
 
 
 def _loaded_from(folders: list[Path], json_output: bool) -> list[str]:
