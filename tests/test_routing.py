@@ -13,6 +13,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import anthropic
@@ -20,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from mlx_manager.auth import key_digest
 from mlx_manager.daemon.app import create_app
 from mlx_manager.engine.config import EngineConfig
 from tests.daemon_server import LiveServer, RecordingEngine, serving, settings_with, wait_until
@@ -270,6 +272,46 @@ def test_an_upstream_429_falls_back_and_the_backend_cools_down(tmp_path, fast_mo
                 metrics = front.http().get("/metrics").text
                 assert 'backend_failures_total{backend="limited",error="upstream_rate_limited"} 1.0' in metrics
                 assert 'mlx_manager_backend_up{backend="limited",backend_type="openai"} 0.0' in metrics
+
+
+
+def test_a_backend_that_was_down_is_back_after_its_cooldown_and_a_health_check(tmp_path, fast_model):
+    late_settings = settings_with(audit={"path": str(tmp_path / "late-audit.db")})
+    late = LiveServer(create_app(late_settings, engine=RecordingEngine(EngineConfig())))
+    # Its port is bound but nothing listens on it yet: a connection to it is refused.
+    with serving(fast_model) as spare:
+        backends = [openai_backend(late, "late"), openai_backend(spare, "spare")]
+        routes = [{"model": "m", "to": f"late:{fast_model}", "fallback": [f"spare:{fast_model}"]}]
+        with router(tmp_path, backends, routes, routing={"cooldown": 1}) as front:
+            up = 'mlx_manager_backend_up{backend="late",backend_type="openai"}'
+            first = front.openai().completions.with_raw_response.create(model="m", prompt="x", max_tokens=2)
+            assert first.headers["x-mlx-manager-backend"] == "spare"
+            assert f"{up} 0.0" in front.http().get("/metrics").text
+            with late:  # it starts listening: after the cooldown, a health check puts it back
+                assert wait_until(lambda: f"{up} 1.0" in front.http().get("/metrics").text, timeout=60)
+                again = front.openai().completions.with_raw_response.create(model="m", prompt="x", max_tokens=2)
+                assert again.headers["x-mlx-manager-backend"] == "late"
+                assert [job.request.request_id for job in late.engine.jobs] == [again.headers["x-request-id"]]
+            metrics = front.http().get("/metrics").text
+            assert 'mlx_manager_backend_failures_total{backend="late",error="upstream_unreachable"} 1.0' in metrics
+
+
+def test_api_keys_and_rate_limits_apply_before_routing(tmp_path, upstream, fast_model):
+    key = "sk-router-" + "k" * 32
+    keys = [{"name": "alice", "sha256": key_digest(key), "created": datetime(2025, 1, 1, tzinfo=UTC)}]
+    routes = [{"model": "remote", "to": f"up:{fast_model}"}]
+    jobs_before = len(upstream.engine.jobs)
+    with router(tmp_path, [openai_backend(upstream)], routes, auth={"keys": keys}, server={"rate_limit": 1}) as front:
+        body = {"model": "remote", "messages": HELLO, "max_tokens": 2}
+        with front.http() as http:
+            anonymous = http.post("/v1/chat/completions", json=body)
+            served = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            limited = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert anonymous.status_code == 401
+    assert served.status_code == 200 and served.headers["x-mlx-manager-backend"] == "up"
+    assert limited.status_code == 429
+    assert len(upstream.engine.jobs) == jobs_before + 1  # only the request let through went upstream
+    assert row_for(front, served.headers["x-request-id"])["api_key"] == "alice"
 
 
 def test_an_unreachable_backend_with_no_fallback_is_a_problem_with_our_request_id(tmp_path, fast_model):

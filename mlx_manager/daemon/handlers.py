@@ -70,7 +70,7 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
 
 def problem_from_routing(exc: RoutingError) -> Problem:
     """A routed request's failure: our detail, and what the upstream said as extension members."""
-    extra = {
+    extra: dict[str, Any] = {
         name: value
         for name, value in (("backend", exc.backend), ("upstream_status", exc.upstream_status),
                             ("upstream_type", exc.upstream_type))
