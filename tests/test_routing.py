@@ -275,6 +275,32 @@ def test_an_upstream_429_falls_back_and_the_backend_cools_down(tmp_path, fast_mo
 
 
 
+
+def test_an_upstream_503_without_a_fallback_keeps_its_status_and_with_one_falls_back(tmp_path, upstream, fast_model):
+    """The 503 is real: a daemon that is shutting down (draining) answers every request with it."""
+    stopping = LiveServer(create_app(settings_with(audit={"path": str(tmp_path / "stopping-audit.db")}),
+                                     engine=RecordingEngine(EngineConfig())))
+    with stopping:
+        stopping.daemon.draining = True
+        backends = [openai_backend(stopping, "stopping"), openai_backend(upstream)]
+        routes = [{"model": "only", "to": f"stopping:{fast_model}"},
+                  {"model": "m", "to": f"stopping:{fast_model}", "fallback": [f"up:{fast_model}"]}]
+        with router(tmp_path, backends, routes) as front, front.http() as http:
+            alone = http.post("/v1/chat/completions", json={"model": "only", "messages": HELLO, "max_tokens": 3})
+            body = alone.json()
+            assert alone.status_code == 503 and body["error"]["code"] == "upstream_unavailable"
+            assert (body["backend"], body["upstream_status"], body["upstream_type"]) == ("stopping", 503, "draining")
+            assert body["request_id"] == alone.headers["x-request-id"] and int(alone.headers["retry-after"]) >= 1
+
+            stopping.daemon.draining = False  # it would answer now, but it cools down first: not asked
+            moved = http.post("/v1/chat/completions", json={"model": "m", "messages": HELLO, "max_tokens": 3})
+            assert moved.status_code == 200 and moved.headers["x-mlx-manager-backend"] == "up"
+            metrics = http.get("/metrics").text
+            assert 'mlx_manager_backend_failures_total{backend="stopping",error="upstream_unavailable"} 1.0' in metrics
+            assert 'mlx_manager_backend_up{backend="stopping",backend_type="openai"} 0.0' in metrics
+        assert stopping.engine.jobs == []
+
+
 def test_a_backend_that_was_down_is_back_after_its_cooldown_and_a_health_check(tmp_path, fast_model):
     late_settings = settings_with(audit={"path": str(tmp_path / "late-audit.db")})
     late = LiveServer(create_app(late_settings, engine=RecordingEngine(EngineConfig())))
