@@ -29,6 +29,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "bad_request": Kind(400, "Bad request", "invalid_request_error"),
     "invalid_request": Kind(400, "The request cannot be run", "invalid_request_error"),
+    "context_length_exceeded": Kind(400, "Over the model's context", "invalid_request_error"),
     "chat_template_missing": Kind(400, "The model has no chat template", "invalid_request_error"),
     "wrong_model_kind": Kind(400, "The model does not serve this endpoint", "invalid_request_error"),
     "tools_not_supported": Kind(400, "The model cannot call tools", "invalid_request_error"),

@@ -65,6 +65,12 @@ def pooling_of(path: Path) -> Pooling:
     return Pooling(mode=mode, normalize=normalize)
 
 
+FOREIGN_IDS = (
+    "they look like another tokenizer's ids (LangChain's OpenAIEmbeddings sends OpenAI's cl100k_base ids by default),"
+    " so send the text instead (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))"
+)
+
+
 class EmbeddingModel:
     """One loaded embedding model: its tokenizer, its limits, and a batched forward pass."""
 
@@ -90,10 +96,26 @@ class EmbeddingModel:
         return [self._fit(list(ids), i, truncate) for i, ids in enumerate(encoded)]
 
     def check_ids(self, inputs: list[list[int]], truncate: bool) -> list[list[int]]:
+        """Token id inputs, if they are this model's: ids past its vocabulary, or ids that do not
+        come back the same when decoded and encoded again, are most likely another tokenizer's
+        (LangChain's OpenAIEmbeddings sends OpenAI's cl100k_base ids by default), whose vectors
+        would be silently wrong."""
         for i, ids in enumerate(inputs):
             if any(not 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequest(f"input {i}: token ids must be between 0 and {self.vocab_size - 1}")
+                raise InvalidRequest(f"input {i}: token ids must be between 0 and {self.vocab_size - 1}; {FOREIGN_IDS}",
+                                     param="input")
+            if not self._own_ids(ids):
+                raise InvalidRequest(f"input {i}: these token ids are not what this model's tokenizer makes; {FOREIGN_IDS}",
+                                     param="input")
         return [self._fit(list(ids), i, truncate) for i, ids in enumerate(inputs)]
+
+    def _own_ids(self, ids: list[int]) -> bool:
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        core = [t for t in ids if t not in special]
+        if not core:
+            return True
+        again = self.tokenizer(self.tokenizer.decode(core), add_special_tokens=False)["input_ids"]
+        return list(again) == core
 
     def _fit(self, ids: list[int], index: int, truncate: bool) -> list[int]:
         if len(ids) <= self.max_tokens:

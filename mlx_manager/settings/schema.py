@@ -59,6 +59,9 @@ def parse_size(value: Any) -> Any:
 # Every "bytes" key takes a whole number or a size with its unit (KiB, MiB, GiB; KB, MB, GB).
 Size = Annotated[int, BeforeValidator(parse_size)]
 
+# A model alias: no slash (clients such as openai-agents read `a/b` as provider/model), no space.
+AliasName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,99}$")]
+
 
 def default_cache_bytes() -> int:
     """An eighth of this machine's memory, at most 8 GiB: what one model's prompt cache may hold."""
@@ -145,6 +148,13 @@ class ModelSettings(Section):
     folders: list[str] = Field(
         default_factory=list,
         description="Folders of model folders (besides the Hugging Face cache) that `mlx-manager models list` shows.",
+    )
+    aliases: dict[AliasName, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description=(
+            "Short model ids clients may send instead of a path or Hugging Face id (name -> model); each allowed or"
+            " preloaded model also gets its folder or repo name as one when that name is unique."
+        ),
     )
     default_max_tokens: int = Field(
         512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."

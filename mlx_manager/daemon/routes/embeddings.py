@@ -22,7 +22,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request, daemon: Daemon, 
     unless `truncate` (an extension) is true."""
     outcome.model = body.model
     job_request = EmbeddingRequest(
-        model=body.model,
+        model=daemon.model_id(body.model),
         inputs=body.input,
         dimensions=body.dimensions,
         truncate=body.truncate,

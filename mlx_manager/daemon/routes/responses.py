@@ -27,6 +27,7 @@ async def create_response(body: ResponsesRequest, request: Request, daemon: Daem
         parent = stored(daemon, body.previous_response_id, owner, param="previous_response_id")
     history = parent.conversation() if parent is not None else []
     job_request, turns = serving.generation_request(body, history, outcome.request_id, daemon.settings)
+    job_request.model = daemon.model_id(body.model)
 
     def keep(response: ResponseObject, conversation: list[dict[str, Any]]) -> None:
         store.put(StoredResponse(response, conversation, owner, parent))

@@ -179,6 +179,7 @@ def generation_request(
         model=body.model,
         messages=messages,
         max_tokens=max_tokens_for(body.max_output_tokens, settings, "max_output_tokens"),
+        max_tokens_is_default=body.max_output_tokens is None,
         sampling=SamplingParams(
             temperature=defaults.temperature if body.temperature is None else body.temperature,
             top_p=defaults.top_p if body.top_p is None else body.top_p,
