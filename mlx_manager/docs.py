@@ -198,13 +198,24 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-def readme_with_settings(readme: str) -> str:
-    """The README with the text between the settings markers replaced by the current table."""
-    head, found, rest = readme.partition(SETTINGS_START)
+FIELDS_START, FIELDS_END = "<!-- openai-fields:start -->", "<!-- openai-fields:end -->"
+
+
+def _between(text: str, start: str, end: str, table: str) -> str:
+    """`text` with what stands between the two markers replaced by `table`."""
+    head, found, rest = text.partition(start)
     if not found:
-        return readme
-    _, found, tail = rest.partition(SETTINGS_END)
-    return f"{head}{SETTINGS_START}\n{settings_table()}\n{SETTINGS_END}{tail}" if found else readme
+        return text
+    _, found, tail = rest.partition(end)
+    return f"{head}{start}\n{table}\n{end}{tail}" if found else text
+
+
+def readme_with_settings(readme: str) -> str:
+    """The README with its generated tables (settings; the OpenAI request fields) made fresh."""
+    from mlx_manager.daemon.openai_fields import fields_table
+
+    readme = _between(readme, SETTINGS_START, SETTINGS_END, settings_table())
+    return _between(readme, FIELDS_START, FIELDS_END, fields_table())
 
 
 def generated_files() -> dict[Path, str]:

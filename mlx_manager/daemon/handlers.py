@@ -120,23 +120,27 @@ V1_ENDPOINTS = "chat/completions, completions, embeddings, models, messages and 
 
 def nearest_route(request: Request) -> str:
     """For a path under /v1 that has no route: the supported endpoint it most likely meant, or
-    what /v1 serves when none is close."""
+    what /v1 serves when none is close. The endpoints are those of the OpenAPI document."""
     path = request.url.path
     if not path.startswith("/v1/"):
         return ""
     wanted = path[len("/v1/") :].strip("/")
-    routes = [r for r in request.app.routes if getattr(r, "path", "").startswith("/v1/") and getattr(r, "methods", None)]
+    endpoints = [
+        (method.upper(), known)
+        for known, operations in request.app.openapi().get("paths", {}).items()
+        if known.startswith("/v1/")
+        for method in operations
+    ]
 
-    def likeness(route: Any) -> float:
-        known = route.path[len("/v1/") :]
+    def likeness(endpoint: tuple[str, str]) -> float:
+        method, known = endpoint[0], endpoint[1][len("/v1/") :]
         prefix = bool(wanted) and (known.startswith(wanted) or wanted.startswith(known.split("/{")[0]))
-        return difflib.SequenceMatcher(None, wanted, known).ratio() + 0.5 * prefix + 0.05 * (request.method in route.methods)
+        return difflib.SequenceMatcher(None, wanted, known).ratio() + 0.5 * prefix + 0.05 * (method == request.method)
 
-    best = max(routes, key=likeness, default=None)
+    best = max(endpoints, key=likeness, default=None)
     if best is None or likeness(best) < 0.6:
         return f"; /v1 serves {V1_ENDPOINTS}"
-    method = request.method if request.method in best.methods else sorted(best.methods)[0]
-    return f"; did you mean {method} {best.path}?"
+    return f"; did you mean {best[0]} {best[1]}?"
 
 
 def install(app: FastAPI) -> None:

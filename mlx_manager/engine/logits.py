@@ -90,21 +90,32 @@ class PenaltyProcessor:
 
 
 class RepetitionPenalty:
-    """mlx-lm's `repetition_penalty` (an extension, not OpenAI's): a logit of a token among the
+    """mlx-lm's `repetition_penalty` (an extension, not OpenAI's): the logit of a token among the
     last `context_size` tokens, prompt included, is divided by the penalty (multiplied, if
-    negative). It reads the context mlx-lm passes, so it has no state to resume."""
+    negative). It keeps its own window of tokens: what mlx-lm passes depends on the decoding path
+    and on how much of the prompt came from the prompt cache."""
 
-    def __init__(self, penalty: float, context_size: int = 20) -> None:
+    def __init__(self, penalty: float, prompt: Sequence[int], context_size: int = 20) -> None:
         from mlx_lm.sample_utils import make_repetition_penalty
 
         self.penalty = penalty
+        self.context_size = context_size
+        self._prompt = list(prompt[-context_size:])
+        self._window = mx.array(self._prompt, dtype=mx.int32)
         self._apply = make_repetition_penalty(penalty, context_size)
+        self._fresh = True
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        return self._apply(tokens, logits)  # type: ignore[no-any-return]
+        if self._fresh:
+            self._fresh = False
+        else:
+            self._window = mx.concatenate([self._window, tokens[-1:].astype(mx.int32)])[-self.context_size :]
+        return self._apply(self._window, logits)  # type: ignore[no-any-return]
 
     def resume(self, generated: Sequence[int]) -> None:
-        """Nothing to do: the penalty reads the tokens it is given."""
+        window = [*self._prompt, *generated][-self.context_size :]
+        self._window = mx.array(window, dtype=mx.int32)
+        self._fresh = True
 
 
 def _fit(row: mx.array, width: int) -> mx.array:
@@ -113,7 +124,7 @@ def _fit(row: mx.array, width: int) -> mx.array:
     return mx.concatenate([row, mx.zeros((width - row.shape[0],), dtype=row.dtype)])
 
 
-def penalty_processors(penalties: Penalties, vocab_size: int) -> list[Any]:
+def penalty_processors(penalties: Penalties, vocab_size: int, prompt: Sequence[int]) -> list[Any]:
     """The processors a job's penalties need (none for the defaults)."""
     processors: list[Any] = []
     if penalties.frequency or penalties.presence or penalties.logit_bias:
@@ -121,7 +132,7 @@ def penalty_processors(penalties: Penalties, vocab_size: int) -> list[Any]:
             PenaltyProcessor(vocab_size, penalties.frequency, penalties.presence, penalties.logit_bias)
         )
     if penalties.repetition is not None and penalties.repetition != 1.0:
-        processors.append(RepetitionPenalty(penalties.repetition))
+        processors.append(RepetitionPenalty(penalties.repetition, prompt))
     return processors
 
 

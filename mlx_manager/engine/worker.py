@@ -234,7 +234,7 @@ class Worker:
             )
             constraint = constraint_for(entry, request, tokens)
             compile_ms = constraint.compile_ms if constraint else None
-            processors = penalty_processors(request.penalties, vocab_size(entry))
+            processors = penalty_processors(request.penalties, vocab_size(entry), tokens)
             processors += [constraint.processor] if constraint else []
             # Seeded choices each get their own seed, so n > 1 is n samples, not one repeated.
             seeded = dataclasses.replace(sampling, seed=sampling.seed + index) if sampling.seed is not None else sampling
