@@ -139,7 +139,8 @@ def test_completions_logprobs_in_the_legacy_shape_agree_with_mlx_lm(client, fast
     expected = greedy_steps(model, PROMPT_IDS, 6, 2, without_eos)
     assert logprobs.tokens == [text_of(token_bytes(t)) for t, _, _ in expected]
     assert logprobs.token_logprobs == pytest.approx([lp for _, lp, _ in expected], abs=2e-3)
-    assert [list(top) for top in logprobs.top_logprobs] == [[text_of(token_bytes(t)) for t in best] for *_, best in expected]
+    tops = [[text_of(token_bytes(t)) for t in best] for *_, best in expected]
+    assert [list(top) for top in logprobs.top_logprobs] == tops
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
     streamed_tokens: list[str] = []
     for chunk in client.completions.create(

@@ -209,7 +209,8 @@ def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     "set",
     epilog=(
         "Examples:\n\n  mlx-manager config set timeouts.chat 900\n\n  mlx-manager config set timeouts.chat 15m\n\n"
-        "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n  mlx-manager config set log.level debug\n\n"
+        "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n"
+        "  mlx-manager config set log.level debug\n\n"
         "  mlx-manager config set models.aliases.qwen mlx-community/Qwen3-0.6B-4bit"
     ),
     # `-5` must reach the validator (and its clear message) rather than look like an option.

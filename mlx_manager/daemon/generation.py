@@ -21,7 +21,7 @@ from mlx_manager.daemon.call import EngineCall
 from mlx_manager.daemon.handlers import problem_from_engine
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
-from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
+from mlx_manager.daemon.sse import EventStream, sse_error
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, grammar_for_response_format
 from mlx_manager.engine.errors import EngineError

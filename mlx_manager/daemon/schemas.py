@@ -401,7 +401,9 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "local"
-    root: str | None = Field(None, description="The folder or Hugging Face id an alias stands for (as vLLM reports it).")
+    root: str | None = Field(
+        None, description="The folder or Hugging Face id an alias stands for (as vLLM reports it)."
+    )
 
 
 class ModelList(BaseModel):

@@ -204,7 +204,8 @@ class ModelBatch:
             slot.uid = self._waiting_uid
             self.slots[slot.uid] = slot
             self.fresh.add(slot.uid)
-        self.prefills.append(SharedPrefill(self.entry, slots, cache, tokens[:cached], tokens[cached:], self.prefill_chunk))
+        prefill = SharedPrefill(self.entry, slots, cache, tokens[:cached], tokens[cached:], self.prefill_chunk)
+        self.prefills.append(prefill)
 
     def _advance_prefills(self) -> None:
         """A chunk of each group's prompt; a group whose prompt is read joins the batch, one

@@ -102,11 +102,12 @@ class EmbeddingModel:
         would be silently wrong."""
         for i, ids in enumerate(inputs):
             if any(not 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequest(f"input {i}: token ids must be between 0 and {self.vocab_size - 1}; {FOREIGN_IDS}",
-                                     param="input")
-            if not self._own_ids(ids):
-                raise InvalidRequest(f"input {i}: these token ids are not what this model's tokenizer makes; {FOREIGN_IDS}",
-                                     param="input")
+                problem = f"token ids must be between 0 and {self.vocab_size - 1}"
+            elif not self._own_ids(ids):
+                problem = "these token ids are not what this model's tokenizer makes"
+            else:
+                continue
+            raise InvalidRequest(f"input {i}: {problem}; {FOREIGN_IDS}", param="input")
         return [self._fit(list(ids), i, truncate) for i, ids in enumerate(inputs)]
 
     def _own_ids(self, ids: list[int]) -> bool:

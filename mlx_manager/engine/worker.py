@@ -237,7 +237,7 @@ class Worker:
             processors = penalty_processors(request.penalties, vocab_size(entry), tokens)
             processors += [constraint.processor] if constraint else []
             # Seeded choices each get their own seed, so n > 1 is n samples, not one repeated.
-            seeded = dataclasses.replace(sampling, seed=sampling.seed + index) if sampling.seed is not None else sampling
+            seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + index)
             slots.append(Slot(job, output, list(tokens), sampler_for(seeded), processors, max_tokens))
             job.prompt_tokens = len(tokens)
         try:

@@ -78,7 +78,8 @@ def parse_value(key: str, raw: Any, *, source: str | None = None) -> Any:
         try:
             raw = json.loads(raw)
         except ValueError:
-            raise SettingsError(key=key, source=source, problem=f"{raw!r} is not valid; expected {info.expected()}") from None
+            problem = f"{raw!r} is not valid; expected {info.expected()}"
+            raise SettingsError(key=key, source=source, problem=problem) from None
     if isinstance(raw, str) and info.kind == "list":
         text = raw.strip()
         if text.startswith("["):

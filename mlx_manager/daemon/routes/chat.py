@@ -59,9 +59,13 @@ class ChatFormat(Format):
         if isinstance(piece, ReasoningDelta):
             return [self._chunk(index, {"reasoning_content": piece.text, "reasoning": piece.text}, None, logprobs)]
         # As OpenAI streams a call: its id, type and name first, then its arguments.
-        header = {"index": piece.index, "id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}}
+        function = {"name": piece.name, "arguments": ""}
+        header = {"index": piece.index, "id": piece.id, "type": "function", "function": function}
         arguments = {"index": piece.index, "function": {"arguments": piece.arguments}}
-        return [self._chunk(index, {"tool_calls": [header]}, None, logprobs), self._chunk(index, {"tool_calls": [arguments]}, None)]
+        return [
+            self._chunk(index, {"tool_calls": [header]}, None, logprobs),
+            self._chunk(index, {"tool_calls": [arguments]}, None),
+        ]
 
     def final_chunk(self, index: int, finished: Finished, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         return self._chunk(index, {}, finished.finish_reason, logprobs)
@@ -83,7 +87,8 @@ class ChatFormat(Format):
 
     def _choice(self, index: int, answer: Answer) -> ChatChoice:
         calls = [
-            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in answer.tool_calls
+            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+            for c in answer.tool_calls
         ]
         message = ChatMessage(
             content=answer.text if answer.text or not calls else None,

@@ -18,7 +18,8 @@ def listed(daemon: DaemonState) -> list[Model]:
     aliases = daemon.aliases()
     models = [Model(id=alias, created=created, root=target) for alias, target in aliases.targets.items()]
     aliased = set(aliases.targets.values())
-    models += [Model(id=model_id, created=created) for model_id in daemon.engine.known_models() if model_id not in aliased]
+    known = daemon.engine.known_models()
+    models += [Model(id=model_id, created=created) for model_id in known if model_id not in aliased]
     return models
 
 
