@@ -18,7 +18,7 @@ from mlx_manager.cli import app
 from mlx_manager.settings import ConfigBusyError, config_lock, config_path
 from mlx_manager.settings import file as settings_file
 from tests.daemon_server import wait_until
-from tests.processes import Children, open_file
+from tests.processes import Children
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))
 runner = CliRunner()
@@ -64,19 +64,19 @@ def test_concurrent_config_set_keeps_every_value(children):
 
 
 def test_config_set_waits_for_the_lock_then_succeeds(children):
-    lock_file = config_path().with_name("config.toml.lock")
     with config_lock():
         waiting = children.start([MLX_MANAGER, "config", "set", "timeouts.chat", "777"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # It gets as far as the lock (it has the lock file open) however slowly it starts...
-        assert wait_until(lambda: waiting.poll() is not None or open_file(waiting.pid, lock_file))
+        # It gets as far as the lock, finds it busy and says so, however slowly it starts...
+        said = waiting.stderr.readline()
+        assert said == f"Waiting for another mlx-manager command to finish changing {config_path()}...\n"
         # ...and stays there: a command that ignored the lock would have written the file within
         # these ten of its tries at the lock. (A pause for something that must not happen.)
         time.sleep(0.5)
         assert waiting.poll() is None, "config set did not wait for the lock"
         assert not config_path().exists()
     out, err = waiting.communicate(timeout=60)
-    assert waiting.returncode == 0, err
+    assert waiting.returncode == 0, said + err
     assert out.startswith("Set timeouts.chat = 777")
     assert tomllib.loads(config_path().read_text())["timeouts"]["chat"] == 777
 
@@ -87,7 +87,10 @@ def test_config_set_gives_up_with_a_clear_message(monkeypatch):
         result = runner.invoke(app, ["config", "set", "timeouts.chat", "777"])
         keys = runner.invoke(app, ["keys", "add", "laptop", "--json"])
     assert result.exit_code == 1
-    assert result.output.strip() == f"Error: another mlx-manager command is changing {config_path()}; try again."
+    assert result.output.splitlines() == [
+        f"Waiting for another mlx-manager command to finish changing {config_path()}...",
+        f"Error: another mlx-manager command is changing {config_path()}; try again.",
+    ]
     assert keys.exit_code == 1
     assert json.loads(keys.output) == {"error": f"another mlx-manager command is changing {config_path()}; try again."}
     assert not config_path().exists()
