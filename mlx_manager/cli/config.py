@@ -368,7 +368,8 @@ def edit() -> None:
                 _save(draft)
                 break
         raced = f"{path} was changed by another command while you were editing it"
-        if not (sys.stdin.isatty() and typer.confirm(f"{raced}. Replace it with your version?", default=False, err=True)):
+        question = f"{raced}. Replace it with your version?"
+        if not (sys.stdin.isatty() and typer.confirm(question, default=False, err=True)):
             fail(f"{raced}; nothing was saved.", "Run `mlx-manager config edit` again.", code=EXIT_ERROR)
         base = current
     try:

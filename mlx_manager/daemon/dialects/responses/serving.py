@@ -87,7 +87,8 @@ def constraint(body: ResponsesRequest) -> GrammarSpec | None:
             return json_schema_spec({"type": "object"}, kind="json_object")
         return json_schema_spec(fmt.schema_, name=fmt.name)
     except ConstraintError as exc:
-        raise Problem("invalid_request", str(exc).replace("response_format", "text.format"), param="text.format") from None
+        message = str(exc).replace("response_format", "text.format")
+        raise Problem("invalid_request", message, param="text.format") from None
 
 
 def tool_choice(body: ResponsesRequest) -> str | dict[str, Any] | None:
