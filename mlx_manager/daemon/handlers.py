@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -92,7 +93,7 @@ def _message(msg: str) -> str:
     return msg
 
 
-def _dotted(loc: list[Any]) -> str:
+def _dotted(loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc[1:] if p != "body"] if loc and loc[0] == "body" else [str(p) for p in loc]
     return ".".join(parts)
 
@@ -171,5 +172,5 @@ def install(app: FastAPI) -> None:
             allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
             detail = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
         detail = detail or "the request could not be handled"
-        problem = Problem(kind, detail, status=exc.status_code, headers=exc.headers)
+        problem = Problem(kind, detail, status=exc.status_code, headers=dict(exc.headers) if exc.headers else None)
         return problem_response(request, problem)

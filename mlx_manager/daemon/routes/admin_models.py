@@ -56,6 +56,8 @@ class LoadedModel(BaseModel):
     expires_in_seconds: float | None = Field(
         description="seconds until keep-alive unloads it; null: not while busy, or never"
     )
+    prompt_cache_bytes: int = Field(0, description="memory its prompt cache holds (KV state of earlier prompts)")
+    prompt_cache_entries: int = Field(0, description="prompts its prompt cache holds")
 
 
 class ModelsStatus(BaseModel):
@@ -76,6 +78,7 @@ def loaded_model(status: ModelStatus) -> LoadedModel:
         id=status.model_id, path=status.path, kind=status.kind, memory_bytes=status.memory_bytes,
         active_jobs=status.active_jobs, queued_jobs=status.queued_jobs, idle_seconds=round(status.idle_seconds, 3),
         keep_alive_seconds=status.keep_alive, expires_in_seconds=None if expires is None else round(expires, 3),
+        prompt_cache_bytes=status.cache.bytes, prompt_cache_entries=status.cache.entries,
     )
 
 
