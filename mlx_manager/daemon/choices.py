@@ -114,7 +114,7 @@ async def _chunks(call: GenerationCall, fmt: Format) -> AsyncIterator[str]:
                 # Deltas that arrived while the last chunk was written go out together.
                 event = type(event)(event.text + call.jobs[index].take_ready_text(type(event)))
             if isinstance(event, ToolCall):
-                outcome.tool_calls += 1
+                outcome.tool_calls = (outcome.tool_calls or 0) + 1
             for chunk in fmt.piece_chunks(index, event, _take(pending[index])):
                 yield sse_data(chunk)
         total = total_of([finished[i] for i in range(len(call.jobs))], call.n)

@@ -187,7 +187,7 @@ class GenerationCall(EngineCall):
             parts.reasoning.append(event.text)
         elif isinstance(event, ToolCall):
             parts.tool_calls.append(event)
-            self.outcome.tool_calls += 1
+            self.outcome.tool_calls = (self.outcome.tool_calls or 0) + 1
         elif isinstance(event, Logprobs):
             parts.logprobs.extend(event.tokens)
 
@@ -289,7 +289,7 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
                 # Deltas that arrived while the last chunk was written go out together.
                 event = type(event)(event.text + call.job.take_ready_text(type(event)))
             if isinstance(event, ToolCall):
-                outcome.tool_calls += 1
+                outcome.tool_calls = (outcome.tool_calls or 0) + 1
             if isinstance(event, Finished):
                 call.finished(event)
                 for text in translation.closing(event):

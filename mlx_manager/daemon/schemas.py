@@ -9,7 +9,7 @@ one list of fields in openai_fields.py.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -262,7 +262,7 @@ class CompletionRequest(GenerationFields):
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            return list(prompt)  # type: ignore[arg-type]
+            return list(prompt)
         return [prompt]  # type: ignore[list-item]
 
     def requested_max_tokens(self) -> int | None:
@@ -295,6 +295,10 @@ class EmbeddingsRequest(Lenient):
             if not item:
                 raise ValueError(f"input {index} is empty")
         return self
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list (the validator has made one input a list of one)."""
+        return cast("list[str] | list[list[int]]", self.input)
 
 
 # -- responses ------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ class SharedPrefill:
         nothing was prefilled: each starts from its prompt)."""
         if not self.held:
             return [None] * len(self.slots)
-        return [self.cache] + [copy.deepcopy(self.cache) for _ in self.slots[1:]]
+        caches: list[list[Any] | None] = [self.cache]
+        return caches + [copy.deepcopy(self.cache) for _ in self.slots[1:]]
 
 
 class ModelBatch:
@@ -299,10 +300,10 @@ class ModelBatch:
         _, responses = self.generator.next()
         finished = []
         for r in responses:
-            slot = self.slots.get(r.uid)
-            if slot is None or not self._deliver(slot, r.token, r.finish_reason, r.logprobs):
+            found = self.slots.get(r.uid)
+            if found is None or not self._deliver(found, r.token, r.finish_reason, r.logprobs):
                 continue
-            finished.append(slot)
+            finished.append(found)
             if r.finish_reason is not None:  # mlx-lm let go of it, and handed its state over
                 self.slots.pop(slot.uid, None)
                 self.fresh.discard(slot.uid)

@@ -37,6 +37,12 @@ def _read_json(path: Path) -> dict | list | None:
         return None
 
 
+def _read_object(path: Path) -> dict:
+    """A JSON file's object, or {} if it is missing, unreadable or not an object."""
+    found = _read_json(path)
+    return found if isinstance(found, dict) else {}
+
+
 SUPPORTED_MODULES = (".Transformer", ".Pooling", ".Normalize")
 
 
@@ -52,7 +58,7 @@ def pooling_of(path: Path) -> Pooling:
     pooling_dir = next((m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
     if pooling_dir is None:
         return Pooling(normalize=normalize)
-    config = _read_json(path / pooling_dir / "config.json") or {}
+    config = _read_object(path / pooling_dir / "config.json")
     mode = config.get("pooling_mode")
     if not mode:
         flags = {
@@ -82,11 +88,12 @@ class EmbeddingModel:
         self.model, wrapper = load(str(path))
         self.tokenizer = getattr(wrapper, "_tokenizer", wrapper)
         self.pooling = pooling_of(path)
-        st_config = _read_json(path / "sentence_bert_config.json") or {}
+        st_config = _read_object(path / "sentence_bert_config.json")
         limits = [st_config.get("max_seq_length"), config.get("max_position_embeddings")]
         limits.append(getattr(self.tokenizer, "model_max_length", None))
         self.max_tokens = min(n for n in limits if isinstance(n, int) and 0 < n < 1_000_000)
-        self.vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else len(self.tokenizer)
+        vocab = config.get("vocab_size")
+        self.vocab_size: int = vocab if isinstance(vocab, int) else len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.tokens_per_second: float | None = None  # padded tokens, measured by EmbeddingQueue
         self.dimensions = int(self.embed([self.tokenize(["dimension probe"], truncate=True)[0]]).shape[1])

@@ -190,7 +190,13 @@ class Reply(Generic[T]):
 
     def settle(self, result: T | None = None, error: BaseException | None = None) -> None:
         """From the inference thread: the result, or the error to raise in the waiting coroutine."""
-        self._deliver(lambda future: future.set_exception(error) if error is not None else future.set_result(cast(T, result)))
+        def deliver(future: asyncio.Future[T]) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(cast(T, result))
+
+        self._deliver(deliver)
 
     def drop(self) -> None:
         """From the inference thread: no answer will come (the work was dropped after a cancel)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -110,7 +110,7 @@ class RepetitionPenalty:
             self._fresh = False
         else:
             self._window = mx.concatenate([self._window, tokens[-1:].astype(mx.int32)])[-self.context_size :]
-        return self._apply(self._window, logits)  # type: ignore[no-any-return]
+        return self._apply(self._window, logits)
 
     def resume(self, generated: Sequence[int]) -> None:
         window = [*self._prompt, *generated][-self.context_size :]
@@ -197,14 +197,14 @@ def _value(logprob: float) -> float:
 def token_logprob(logprobs: mx.array, token: int, top: int, texts: TokenTexts) -> TokenLogprob:
     """The sampled token's log probability and the `top` most likely tokens at its step."""
     row = logprobs.reshape(-1).astype(mx.float32)
-    chosen = float(row[token].item())
+    chosen = float(cast(float, row[token].item()))
     best: tuple[TopLogprob, ...] = ()
     if top > 0:
         count = min(top, row.shape[0])
         ids = mx.argpartition(-row, kth=count - 1)[:count]
         values = row[ids]
         order = mx.argsort(-values)
-        pairs = zip(ids[order].tolist(), values[order].tolist(), strict=True)
-        best = tuple(TopLogprob(_text(data := texts.bytes_of(int(i))), data, _value(float(v))) for i, v in pairs)
+        pairs = zip(cast(list[int], ids[order].tolist()), cast(list[float], values[order].tolist()), strict=True)
+        best = tuple(TopLogprob(_text(data := texts.bytes_of(i)), data, _value(v)) for i, v in pairs)
     data = texts.bytes_of(token)
     return TokenLogprob(_text(data), data, _value(chosen), best)

@@ -381,11 +381,11 @@ class Worker:
             except queue.Empty:
                 break
             match command:
-                case Submit(job):
-                    for member in job.group or (job,):
+                case Submit(submitted):
+                    for member in submitted.group or (submitted,):
                         member.emit(stopped)
-                case Embed(job):
-                    job.settle(error=stopped)
+                case Embed(embedding):
+                    embedding.settle(error=stopped)
                 case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply) | ClearCache(reply):
                     reply.settle(error=stopped)
         self.pool.unload_all()

@@ -23,7 +23,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request, daemon: Daemon, 
     outcome.model = body.model
     job_request = EmbeddingRequest(
         model=daemon.model_id(body.model),
-        inputs=body.input,
+        inputs=body.inputs(),
         dimensions=body.dimensions,
         truncate=body.truncate,
         request_id=outcome.request_id,
