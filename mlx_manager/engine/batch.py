@@ -305,11 +305,11 @@ class ModelBatch:
                 continue
             finished.append(found)
             if r.finish_reason is not None:  # mlx-lm let go of it, and handed its state over
-                self.slots.pop(slot.uid, None)
-                self.fresh.discard(slot.uid)
+                self.slots.pop(found.uid, None)
+                self.fresh.discard(found.uid)
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
-                self.remove(slot.uid, keep_cache=True)
+                self.remove(found.uid, keep_cache=True)
         return finished
 
     def _deliver(self, slot: Slot, token: int, reason: str | None, logprobs: Any) -> bool:
