@@ -1,5 +1,5 @@
 """Third-party clients against a live daemon, as their users run them: the openai SDK 1.x (in its
-own virtualenv), LangChain, LiteLLM, openai-agents and `llm`. Each uses what the compatibility
+own virtualenv), LangChain, LiteLLM, openai-agents, pydantic-ai and `llm`. Each uses what the compatibility
 work added: log probabilities, n choices, batched prompts, the context error, short aliases, and
 the clear 400 for LangChain's default embeddings (cl100k token ids)."""
 
@@ -182,6 +182,28 @@ def test_openai_agents_runs_on_a_short_alias(server, client):
     by_path = Agent(name="echo", instructions="Answer.", model=server.engine.jobs[-1].request.model)
     with pytest.raises(UserError, match="Unknown prefix"):
         Runner.run_sync(by_path, "hello there", run_config=RunConfig(model_provider=provider))
+
+
+# -- pydantic-ai -----------------------------------------------------------------------------------
+
+
+def test_pydantic_ai_gets_text_and_logprobs_on_an_alias(server, client):
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelResponse
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    expected = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                              presence_penalty=1.0, logprobs=True)
+    model = OpenAIChatModel("tiny", provider=OpenAIProvider(openai_client=server.async_openai()))
+    agent = Agent(model, model_settings={"temperature": 0, "max_tokens": 8, "presence_penalty": 1.0,
+                                         "openai_logprobs": True})
+    result = agent.run_sync("hello there")
+    assert result.output == expected.choices[0].message.content
+    response = result.all_messages()[-1]
+    assert isinstance(response, ModelResponse) and response.provider_details is not None
+    logprobs = response.provider_details["logprobs"]
+    assert [e["logprob"] for e in logprobs] == [e.logprob for e in expected.choices[0].logprobs.content]
 
 
 # -- llm -------------------------------------------------------------------------------------------
