@@ -218,7 +218,7 @@ def test_reload_refuses_remote_clients(tmp_path):
     transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
 
     async def call():
-        async with httpx.AsyncClient(transport=transport, base_url="http://daemon") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.post("/admin/reload", headers={"Authorization": f"Bearer {admin_token()}"})
 
     response = asyncio.run(call())

@@ -21,7 +21,8 @@ def engine():
     engines = []
 
     def make(**config) -> Engine:
-        e = Engine(EngineConfig(**config))
+        # The tests' models live in temporary folders: loaded by path unless a test says otherwise.
+        e = Engine(EngineConfig(**{"allow_any_path": True, **config}))
         e.start()
         engines.append(e)
         return e
@@ -279,7 +280,7 @@ def test_stop_fails_waiting_jobs_and_refuses_new_ones(fast_model):
     from mlx_manager.engine.errors import EngineStopped
 
     async def main():
-        e = Engine(EngineConfig())
+        e = Engine(EngineConfig(preload=[fast_model]))  # preloaded: its folder may be loaded by path
         e.start()
         job = e.submit(request(fast_model, max_tokens=100000))
         async for event in job:

@@ -24,6 +24,7 @@ from mlx_manager.audit.record import COLUMNS, Backend, Status
 from mlx_manager.cli.audit_tables import ROW_COLUMNS, Layout, fit, print_table, stats_columns, stats_rows
 from mlx_manager.cli.completion import complete_key_name
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json, say
+from mlx_manager.escape import spreadsheet_safe
 
 if TYPE_CHECKING:
     from mlx_manager.audit.store import AuditStore
@@ -421,7 +422,8 @@ class _RowPrinter:
         elif self.output == "csv":
             writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            # A model id like '=HYPERLINK(...)' must open as text in a spreadsheet, not run.
+            writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         elif rows:
             first = self.layout is None
             if self.layout is None:

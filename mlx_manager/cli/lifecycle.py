@@ -304,15 +304,18 @@ def logs(
     if not path.exists() and not follow:
         say(f"No log yet: {path} does not exist.", err=True)
         return
+    from mlx_manager.escape import printable
+
+    # A line may hold what a crashing daemon printed raw: nothing in it reaches the terminal as a control.
     out = sys.stdout
     for line in tail(path, lines):
-        out.write(line + "\n")
+        out.write(printable(line) + "\n")
     out.flush()
     if not follow:
         return
     try:
         for line in follow_file(path):
-            out.write(line + "\n")
+            out.write(printable(line) + "\n")
             out.flush()
     except KeyboardInterrupt:
         pass

@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, constraint_of, respond, sampling_of
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.limits import check_messages, max_tokens_for
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.schemas import (
-    PromptTokensDetails,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -20,12 +20,13 @@ from mlx_manager.daemon.schemas import (
     CompletionTokensDetails,
     FunctionCallOut,
     NamedToolChoice,
+    PromptTokensDetails,
     ToolCallOut,
 )
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import Finished, GenerationRequest, ReasoningDelta, TextDelta
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["chat"])
 
 
 class ChatFormat(Format):

@@ -8,12 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from mlx_manager.daemon.generation import Answer, Format, GenerationCall, Piece, constraint_of, respond, sampling_of
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.limits import max_tokens_for
-from mlx_manager.daemon.schemas import PromptTokensDetails, Completion, CompletionChoice, CompletionRequest, Usage
+from mlx_manager.daemon.schemas import Completion, CompletionChoice, CompletionRequest, PromptTokensDetails, Usage
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import Finished, GenerationRequest, TextDelta
 
-router = APIRouter(tags=["completions"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["completions"])
 
 
 class CompletionFormat(Format):
