@@ -4,12 +4,13 @@ Each open connection holds a file descriptor. Without bounds, a few thousand idl
 slowloris clients trickling their headers) use up the open-file limit, accept() fails, /health
 goes unanswered and the supervisor's watchdog kills a daemon that was working fine. So:
 
-- a connection that sends nothing for server.idle_timeout seconds is closed, and one that takes
-  longer than server.header_timeout to send a request's headers (counted from when it opened or
-  got its last answer) is closed too;
+- a connection that sends nothing for server.idle_timeout seconds is closed, and so is one that
+  takes longer than server.read_timeout to send a whole request, headers and body (counted from
+  when it opened or got its last answer);
 - at most server.max_connections are kept open: a new one first makes room by closing the one
-  idle the longest; when every one is busy with a request, the new one is answered 503
-  `overloaded` (with Retry-After) and closed, except GET /health and /ready, which are served.
+  idle the longest (not one that is sending a request or waiting for its answer); when none is
+  idle, the new one is answered 503 `overloaded` (with Retry-After) and closed, except GET
+  /health and /ready, which are served.
 
 `ConnectionGuard.protocol()` is the HTTP/1.1 protocol (uvicorn's h11 one, bounded) to give uvicorn.
 """
@@ -39,10 +40,10 @@ WARN_EVERY_SECONDS = 60.0
 class ConnectionGuard:
     """The open connections of one server: the idle ones oldest first, and the limits."""
 
-    def __init__(self, max_connections: int, idle_timeout: float, header_timeout: float) -> None:
+    def __init__(self, max_connections: int, idle_timeout: float, read_timeout: float) -> None:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
-        self.header_timeout = max(header_timeout, idle_timeout)
+        self.read_timeout = max(read_timeout, idle_timeout)
         self.open: set[BoundedH11Protocol] = set()
         self.idle: OrderedDict[BoundedH11Protocol, None] = OrderedDict()
         self.evicted = 0
@@ -114,7 +115,7 @@ class BoundedH11Protocol(H11Protocol):
         super().handle_websocket_upgrade(event)
 
     def close(self) -> None:
-        """Close the connection (it is idle: no request is cut short)."""
+        """Close the connection: it is idle, or too slow to send its request."""
         self._stop_timer()
         if not self.transport.is_closing():
             try:
@@ -123,16 +124,18 @@ class BoundedH11Protocol(H11Protocol):
                 pass
             self.transport.close()
 
-    # -- idle or busy ---------------------------------------------------------------------------
+    # -- idle, reading a request, or busy with one ---------------------------------------------
     def _busy(self) -> bool:
+        """A request is in (its headers at least) and its answer is not complete."""
         return self.cycle is not None and not self.cycle.response_complete
 
     def _check_state(self) -> None:
         if self.transport.is_closing():
             return
         if self._busy():
-            self._stop_timer()
-            self.guard.idle.pop(self, None)
+            self.guard.idle.pop(self, None)  # never closed to make room
+            if not self.cycle.more_body:  # the whole request is in: the rest is the app's time
+                self._stop_timer()
         elif self not in self.guard.idle:  # idle already: its clock runs from when it became idle
             self._became_idle()
 
@@ -155,14 +158,14 @@ class BoundedH11Protocol(H11Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._busy() or self.transport.is_closing():
+        if self.transport.is_closing() or (self._busy() and not self.cycle.more_body):
             return
         waited = self.loop.time() - self._idle_since
-        if self._heard and waited < self.guard.header_timeout:
-            self._arm(self.guard.header_timeout - waited)  # headers on their way: they get the longer time
+        if self._heard and waited < self.guard.read_timeout:
+            self._arm(self.guard.read_timeout - waited)  # a request on its way: it gets the longer time
             return
         self.guard.idle.pop(self, None)
-        self.close()
+        self.close()  # a request cut off mid-body sees the client gone
 
 
 def _probes_only(app: ASGIApp, limit: int) -> ASGIApp:

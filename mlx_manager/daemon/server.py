@@ -36,7 +36,7 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     if limit < server.max_connections:
         log.warning("server.max_connections is %d but the open-file limit is %d: at most %d connections",
                     server.max_connections, open_file_limit(), limit)
-    guard = ConnectionGuard(limit, server.idle_timeout, server.header_timeout)
+    guard = ConnectionGuard(limit, server.idle_timeout, server.read_timeout)
     return uvicorn.Config(
         app,
         http=guard.protocol(),

@@ -115,18 +115,17 @@ class ServerSettings(Section):
     )
     max_connections: int = Field(
         1000, ge=16, le=1_000_000, json_schema_extra=RESTART,
-        description="Most client connections open at once (at most half the open-file limit): past it the idlest"
-        " connection is closed for a new one, and while all are busy new ones get 503 (/health and /ready still"
-        " answer).",
+        description="Most client connections open at once (at most half the open-file limit): past it the one idle"
+        " longest is closed for a new one; with none idle, new ones get 503 (/health and /ready still answer).",
     )
     idle_timeout: Duration = Field(
         5, ge=0.5, le=3600, json_schema_extra=RESTART,
         description="Seconds a connection may stay open without sending a request before it is closed.",
     )
-    header_timeout: Duration = Field(
-        10, ge=1, le=3600, json_schema_extra=RESTART,
-        description="Seconds a client has to send a request's headers (from connecting or from its last answer);"
-        " a slower one (slowloris) is closed.",
+    read_timeout: Duration = Field(
+        30, ge=1, le=3600, json_schema_extra=RESTART,
+        description="Seconds a client has to send a whole request, headers and body (from connecting or from its"
+        " last answer); a slower one (slowloris) is closed.",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
