@@ -88,7 +88,7 @@ class Target:
                             headers={"Authorization": f"Bearer {self.key}"})
         assert answer.status_code == 200, f"a real request got {answer.status_code}: {answer.text[:200]}"
 
-    def no_restart_since(self, pid: int) -> None:
+    def no_restart_since(self, pid: int | None) -> None:
         state = self.state()
         assert state.get("daemon_pid") == pid, f"the daemon was restarted ({state.get('last_exit')})"
 
@@ -305,8 +305,13 @@ def check_injection(target: Target) -> str:
         done = target.cli("audit", "query", "--csv", "--limit", "0")
         return [row["model"] for row in csv.DictReader(io.StringIO(done.stdout))]
 
-    models = wait_until(lambda: any(formula[1:] in m for m in exported_models()) and exported_models(), timeout=10)
-    assert models, "the request's audit row did not show up"
+    models: list[str] = []
+
+    def exported() -> bool:
+        models[:] = exported_models()
+        return any(formula[1:] in model for model in models)
+
+    assert wait_until(exported, timeout=10), "the request's audit row did not show up"
     assert "'" + formula in models and formula not in models, "the CSV holds a live formula"
     tail = target.cli("audit", "tail", "--wide").stdout
     assert "\x1b" not in tail, "an escape sequence reached the terminal"

@@ -149,7 +149,7 @@ def test_idle_sockets_and_slowloris_do_not_stop_the_daemon(supervised, fast_mode
             slow.stop()
             for sock in idle:
                 sock.close()
-        state = read_state()
+        state = read_state() or {}
         assert state["restarts"] == 0 and state["daemon_pid"] == daemon_pid, state
 
 

@@ -100,7 +100,8 @@ def test_the_admin_feed_refuses_rebound_hosts_and_foreign_origins(open_daemon):
     with connect(url, additional_headers=token, origin=foreign) as ws:  # type: ignore[arg-type]
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=5)
-    assert closed.value.rcvd.code == 1008 and "origin" in closed.value.rcvd.reason
+    close = closed.value.rcvd
+    assert close is not None and close.code == 1008 and "origin" in close.reason
     # The daemon's own origin (a page it served) and a client without Origin (the CLI) are let in.
     for origin in (f"http://127.0.0.1:{open_daemon.port}", None):
         with connect(url, additional_headers=token, origin=origin) as ws:  # type: ignore[arg-type]
