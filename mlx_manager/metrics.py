@@ -97,10 +97,16 @@ class Metrics:
             f"{PREFIX}_prompt_cache_hits", "Generations whose prompt reused a cached prefix.", ["model"], registry=r
         )
         self.cache_misses = Counter(
-            f"{PREFIX}_prompt_cache_misses", "Generations whose prompt was computed from scratch.", ["model"], registry=r
+            f"{PREFIX}_prompt_cache_misses",
+            "Generations whose prompt was computed from scratch.",
+            ["model"],
+            registry=r,
         )
         self.cached_tokens = Counter(
-            f"{PREFIX}_prompt_cache_cached_tokens", "Prompt tokens restored from the prompt cache.", ["model"], registry=r
+            f"{PREFIX}_prompt_cache_cached_tokens",
+            "Prompt tokens restored from the prompt cache.",
+            ["model"],
+            registry=r,
         )
         self._gauges = {
             "active_requests": Gauge(f"{PREFIX}_active_requests", "Requests in flight.", registry=r),

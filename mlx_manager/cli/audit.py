@@ -13,9 +13,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -53,18 +53,20 @@ def _cutoff_value(value: str) -> datetime:
 # Shared options: every command spells them the same way (JsonOption comes from output.py).
 LimitOption = Annotated[int, typer.Option("--limit", "-n", min=0, help="How many rows to show; 0 shows every row.")]
 SinceOption = Annotated[
-    Optional[datetime],
+    datetime | None,
     typer.Option("--since", parser=_time_value, metavar="WHEN", help=f"Only requests at or after WHEN: {TIME_FORMS}."),
 ]
 UntilOption = Annotated[
-    Optional[datetime],
-    typer.Option("--until", parser=_time_value, metavar="WHEN", help="Only requests before WHEN (same forms as --since)."),
+    datetime | None,
+    typer.Option(
+        "--until", parser=_time_value, metavar="WHEN", help="Only requests before WHEN (same forms as --since)."
+    ),
 ]
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model (exact name, as requested).")]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Only this model (exact name, as requested).")]
 EndpointOption = Annotated[
-    Optional[str], typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
+    str | None, typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
 ]
-BackendOption = Annotated[Optional[Backend], typer.Option("--backend", help="Only this backend type.")]
+BackendOption = Annotated[Backend | None, typer.Option("--backend", help="Only this backend type.")]
 WideOption = Annotated[
     bool, typer.Option("--wide", "-w", help="Show every column at full width, however wide the terminal.")
 ]
@@ -72,7 +74,7 @@ JsonlOption = Annotated[
     bool, typer.Option("--jsonl", help="Print one JSON object per line (JSON Lines) instead of the table.")
 ]
 KeyOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--key",
         "-k",
@@ -173,11 +175,11 @@ QUERY_EPILOG = (
 @app.command(epilog=QUERY_EPILOG)
 def query(
     model: ModelOption = None,
-    status: Annotated[Optional[Status], typer.Option("--status", "-s", help="Only requests that ended this way.")] = None,
+    status: Annotated[Status | None, typer.Option("--status", "-s", help="Only requests that ended this way.")] = None,
     endpoint: EndpointOption = None,
     backend: BackendOption = None,
     key: KeyOption = None,
-    request_id: Annotated[Optional[str], typer.Option("--request-id", "-r", help="Only the request with this id.")] = None,
+    request_id: Annotated[str | None, typer.Option("--request-id", "-r", help="Only the request with this id.")] = None,
     since: SinceOption = None,
     until: UntilOption = None,
     limit: LimitOption = 50,
@@ -230,7 +232,7 @@ def stats(
     since: SinceOption = None,
     until: UntilOption = None,
     by: Annotated[
-        Optional[Literal["model", "endpoint", "status", "backend", "key"]],
+        Literal["model", "endpoint", "status", "backend", "key"] | None,
         typer.Option("--by", help="One line per model, endpoint, status, backend or API key name."),
     ] = None,
     model: ModelOption = None,
@@ -269,7 +271,10 @@ def stats(
 def _window_caption(since: datetime | None, until: datetime | None) -> str:
     start = _utc(since) if since else "the first request"
     end = _utc(until) if until else "now"
-    return f"From {start} to {end}. Durations are whole requests; tokens/s is completion tokens per second of request time."
+    return (
+        f"From {start} to {end}. Durations are whole requests;"
+        " tokens/s is completion tokens per second of request time."
+    )
 
 
 # -- prune -----------------------------------------------------------------------------
@@ -378,7 +383,11 @@ def _audit_errors(json_output: bool) -> Iterator[None]:
     try:
         yield
     except AuditLogCorrupt as exc:
-        fail(str(exc) + ".", "Move the file aside (the daemon starts a new log) or set audit.path.", json_output=json_output)
+        fail(
+            str(exc) + ".",
+            "Move the file aside (the daemon starts a new log) or set audit.path.",
+            json_output=json_output,
+        )
     except AuditLogBusy as exc:
         fail(str(exc) + ".", "Try again in a moment.", json_output=json_output)
     except AuditError as exc:
@@ -440,9 +449,9 @@ def _say_hidden(layout: Layout) -> None:
 
 
 def _utc(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _iso(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 

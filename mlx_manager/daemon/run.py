@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlx_manager import __version__
 from mlx_manager.files import write_atomic
@@ -131,7 +131,7 @@ def write_daemon_file(host: str, port: int, url: str) -> None:
         "port": port,
         "url": url,
         "version": __version__,
-        "started_at": datetime.now(timezone.utc).isoformat(),
+        "started_at": datetime.now(UTC).isoformat(),
     }
     write_atomic(daemon_file(), json.dumps(info, indent=2) + "\n")
 

@@ -122,7 +122,11 @@ class Message(Lenient):
             message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments_object()}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments_object()},
+                }
                 for c in self.tool_calls
             ]
         if self.tool_call_id is not None:

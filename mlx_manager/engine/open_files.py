@@ -50,11 +50,11 @@ def import_mlx_lm() -> None:
         if "mlx_lm.utils" in sys.modules:
             return
         original = resource.setrlimit
-        resource.setrlimit = _never_lower(original)  # type: ignore[assignment]
+        resource.setrlimit = _never_lower(original)
         try:
             import mlx_lm.utils  # noqa: F401
         finally:
-            resource.setrlimit = original  # type: ignore[assignment]
+            resource.setrlimit = original
 
 
 def _never_lower(setrlimit: Callable[[int, tuple[int, int]], None]) -> Callable[[int, tuple[int, int]], None]:

@@ -45,11 +45,11 @@ from mlx_manager.engine.errors import (
 )
 from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.open_files import import_mlx_lm
+from mlx_manager.engine.output import Output
 from mlx_manager.engine.pool import LoadedModel, ModelAccess, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
 from mlx_manager.engine.structured import constraint_for
-from mlx_manager.engine.output import Output
 from mlx_manager.engine.types import GenerationRequest, ModelStatus, Started
 
 log = logging.getLogger("mlx_manager.engine")
@@ -65,7 +65,10 @@ class WorkerSnapshot:
 
 class Worker:
     def __init__(
-        self, config: EngineConfig, commands: queue.SimpleQueue[Command], load_listeners: list[Callable[[str, float], None]]
+        self,
+        config: EngineConfig,
+        commands: queue.SimpleQueue[Command],
+        load_listeners: list[Callable[[str, float], None]],
     ) -> None:
         self.config = config
         self.commands = commands

@@ -111,7 +111,8 @@ class ServerSettings(Section):
 
     prefill_chunk: int = Field(
         512, ge=16, le=65536,
-        description="Prompt tokens read per step; running streams decode between chunks, and a cancelled prompt stops within one.",
+        description="Prompt tokens read per step; running streams decode between chunks,"
+        " and a cancelled prompt stops within one.",
     )
     max_connections: int = Field(
         1000, ge=16, le=1_000_000, json_schema_extra=RESTART,
@@ -215,7 +216,9 @@ class ModelSettings(Section):
         description="Let a request load a model from any folder on this machine by its path; off, folders load"
         " only from models.folders, models.allowed, models.preload and `--model`.",
     )
-    max_loaded: int = Field(2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first).")
+    max_loaded: int = Field(
+        2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first)."
+    )
     keep_alive: Duration = Field(
         1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
     )
@@ -228,7 +231,10 @@ class ModelSettings(Section):
         " and requests may load them by path.",
     )
     default_max_tokens: int = Field(
-        512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."
+        512,
+        ge=1,
+        le=1_000_000,
+        description="max_tokens used when a request gives none (never above models.max_tokens).",
     )
     max_tokens: int = Field(
         131072, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for; more is refused with 422."

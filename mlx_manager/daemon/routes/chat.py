@@ -52,7 +52,8 @@ class ChatFormat(Format):
         if isinstance(piece, ReasoningDelta):
             return [self._chunk({"reasoning_content": piece.text, "reasoning": piece.text}, None)]
         # As OpenAI streams a call: its id, type and name first, then its arguments.
-        header = {"index": piece.index, "id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}}
+        function = {"name": piece.name, "arguments": ""}
+        header = {"index": piece.index, "id": piece.id, "type": "function", "function": function}
         arguments = {"index": piece.index, "function": {"arguments": piece.arguments}}
         return [self._chunk({"tool_calls": [header]}, None), self._chunk({"tool_calls": [arguments]}, None)]
 
@@ -67,7 +68,8 @@ class ChatFormat(Format):
 
     def complete(self, answer: Answer) -> ChatCompletion:
         calls = [
-            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in answer.tool_calls
+            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+            for c in answer.tool_calls
         ]
         message = ChatMessage(
             content=answer.text if answer.text or not calls else None,
