@@ -39,7 +39,8 @@ def make_server(model: str, settings: Settings | None = None) -> LiveServer:
     """The model is preloaded, not loaded by a first request: on a busy machine, loading it can
     outlast the short deadlines these tests set, and a request cut that way lingers in the queue."""
     settings = settings or Settings()
-    engine = RecordingEngine(dataclasses.replace(engine_config(settings), preload=[model]))
+    # The tests' models live in temporary folders: requests may load any of them by path.
+    engine = RecordingEngine(dataclasses.replace(engine_config(settings), preload=[model], allow_any_path=True))
     live = LiveServer(create_app(settings, engine=engine))
     live.outcomes = []
     live.daemon.outcome_sinks.append(live.outcomes.append)
