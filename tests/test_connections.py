@@ -127,6 +127,29 @@ def supervised(tmp_path, fast_model):
             supervisor.wait(10)
 
 
+OPEN_FILE_LIMITS = """
+import resource, sys
+from mlx_manager.engine.open_files import import_mlx_lm, raise_open_file_limit
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))  # a macOS shell's default
+raise_open_file_limit()  # what `serve` does first
+raised = resource.getrlimit(resource.RLIMIT_NOFILE)
+import_mlx_lm()  # what the engine does: mlx_lm.utils sets (2048, 4096) when imported
+assert "mlx_lm.utils" in sys.modules
+print(hard, *raised, *resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def test_the_open_file_limit_is_raised_and_importing_mlx_lm_lowers_nothing():
+    done = subprocess.run([sys.executable, "-c", OPEN_FILE_LIMITS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    hard, raised_soft, raised_hard, soft, hard_after = map(int, done.stdout.split())
+    assert raised_hard == hard and raised_soft > 256
+    if hard != resource.RLIM_INFINITY:
+        assert raised_soft == hard
+    assert (soft, hard_after) == (raised_soft, raised_hard)
+
+
 @pytest.mark.slow
 def test_idle_sockets_and_slowloris_do_not_stop_the_daemon(supervised, fast_model):
     url, port, daemon_pid = supervised
