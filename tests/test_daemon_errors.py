@@ -22,10 +22,11 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """No model loaded: these paths never reach one. A 4 KiB body limit for the 413 tests."""
+    """No model loaded: these paths never reach one. A 4 KiB body limit for the 413 tests. Model
+    folders (temporary ones) load by path."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLX_MANAGER_HOME", str(tmp_path_factory.mktemp("home")))
-        app = create_app(settings_with(server={"max_body_bytes": 4096}))
+        app = create_app(settings_with(server={"max_body_bytes": 4096}, models={"allow_any_path": True}))
 
         @app.post("/v1/test-only/crash")  # a route that fails the way a bug would
         async def crash():

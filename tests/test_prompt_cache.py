@@ -25,7 +25,8 @@ def engine():
     engines = []
 
     def make(**config) -> Engine:
-        e = Engine(EngineConfig(**config))
+        # The tests' models live in temporary folders: loaded by path unless a test says otherwise.
+        e = Engine(EngineConfig(**{"allow_any_path": True, **config}))
         e.start()
         engines.append(e)
         return e
@@ -50,7 +51,8 @@ async def conversation(e: Engine, model: str, name: str, turns: int = 6) -> list
     results = []
     for turn in range(turns):
         messages.append({"role": "user", "content": f"{name}, turn {turn}: what comes next?"})
-        text, finished = await run(e, GenerationRequest(model=model, messages=list(messages), max_tokens=20, sampling=GREEDY))
+        request = GenerationRequest(model=model, messages=list(messages), max_tokens=20, sampling=GREEDY)
+        text, finished = await run(e, request)
         results.append((text, finished))
         messages.append({"role": "assistant", "content": text})
     return results

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Stop strings: up to 16 of up to 512 characters (OpenAI allows 4); matching them costs
 # each generated character one step per stop string.
@@ -19,6 +20,24 @@ MAX_STOPS, MAX_STOP_LENGTH = 16, 512
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 TokenId = Annotated[int, Field(ge=0)]  # the upper bound is the model's vocabulary: the engine checks it
+
+# A model id goes to the audit log, the metrics, the logs and the disk: a Hugging Face id
+# (org/name@revision) or a folder path, so a line of printable text of bounded length.
+MAX_MODEL_ID = 1024
+
+
+def _printable_model_id(value: str) -> str:
+    if not value.isprintable():
+        raise PydanticCustomError("model_id", "a model id is printable text: no control or invisible characters")
+    return value
+
+
+ModelId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_MODEL_ID,
+          description="A Hugging Face repo id (org/name[@revision]) or a model folder's path."),
+    AfterValidator(_printable_model_id),
+]
 
 
 class Lenient(BaseModel):
@@ -133,7 +152,7 @@ LogitBias = Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], F
 class GenerationFields(OpenAIRequest):
     """Fields chat and completions share."""
 
-    model: str = Field(min_length=1)
+    model: ModelId
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
@@ -273,7 +292,7 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 
 
 class EmbeddingsRequest(Lenient):
-    model: str = Field(min_length=1)
+    model: ModelId
     # A string, a list of strings, a list of token ids (one input) or a list of token id lists.
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"

@@ -113,6 +113,8 @@ def engine_config(settings: Settings, extra_preload: list[str] | None = None) ->
     """The engine's limits from the settings; `extra_preload` models are loaded first."""
     return EngineConfig(
         allowed=list(settings.models.allowed),
+        folders=list(settings.models.folders),
+        allow_any_path=settings.models.allow_any_path,
         max_loaded=settings.models.max_loaded,
         keep_alive=settings.models.keep_alive,
         preload=list(dict.fromkeys([*(extra_preload or []), *settings.models.preload])),

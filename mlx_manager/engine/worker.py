@@ -47,8 +47,9 @@ from mlx_manager.engine.errors import (
 )
 from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.logits import penalty_processors
+from mlx_manager.engine.open_files import import_mlx_lm
 from mlx_manager.engine.output import Output
-from mlx_manager.engine.pool import LoadedModel, ModelPool
+from mlx_manager.engine.pool import LoadedModel, ModelAccess, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
 from mlx_manager.engine.structured import constraint_for
@@ -75,7 +76,7 @@ class Worker:
         self.config = config
         self.commands = commands
         self.pool = ModelPool(
-            list(config.allowed), config.max_loaded, config.keep_alive, load_listeners, on_change=self._publish
+            ModelAccess.of(config), config.max_loaded, config.keep_alive, load_listeners, on_change=self._publish
         )
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot
@@ -85,6 +86,7 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
+        import_mlx_lm()  # first, on this thread: mlx-lm's import would lower the open-file limit
         while self._running:
             busy = bool(self.batches) or bool(self.pending) or bool(self.embeddings)
             self._drain_commands(block=not busy)
@@ -154,7 +156,7 @@ class Worker:
                 reply.settle(gone)
             case Reconfigure(config):
                 self.config = config
-                self.pool.allowed = list(config.allowed)
+                self.pool.access = ModelAccess.of(config)
                 self.pool.max_loaded = config.max_loaded
                 self.pool.keep_alive = config.keep_alive
                 for entry in self.pool.entries():

@@ -22,22 +22,22 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.openapi import SSE_EVENT_SCHEMA
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.routes.admin import require_admin_or_key
+from mlx_manager.daemon.schemas import ModelId
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_error
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import ModelStatus
 
 log = logging.getLogger("mlx_manager.daemon")
-router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin_or_key)])
-
-MODEL_ID = Field(min_length=1, max_length=1024, description="A Hugging Face repo id (org/name[@revision]) or a folder.")
+router = APIRouter(route_class=StrictJsonRoute, tags=["admin"], dependencies=[Depends(require_admin_or_key)])
 
 
 class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = MODEL_ID
+    model: ModelId
 
 
 class UnloadRequest(ModelRequest):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from mlx_manager.daemon.choices import Format, respond
 from mlx_manager.daemon.generation import Answer, GenerationCall, Piece, constraint_of, penalties_of, sampling_of
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.limits import check_choices, check_messages, max_tokens_for
 from mlx_manager.daemon.openai_fields import refuse_unsupported
 from mlx_manager.daemon.problems import Problem
@@ -30,7 +31,7 @@ from mlx_manager.daemon.schemas import (
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import Finished, GenerationRequest, ReasoningDelta, TextDelta, TokenLogprob
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["chat"])
 
 
 class ChatFormat(Format):

@@ -10,9 +10,10 @@ from mlx_manager.daemon.call import TokenCountCall
 from mlx_manager.daemon.dialects.anthropic import serving
 from mlx_manager.daemon.dialects.anthropic.protocol import CountTokensRequest, Message, MessagesRequest, TokenCount
 from mlx_manager.daemon.generation import GenerationCall, answer
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.state import Daemon, Outcome
 
-router = APIRouter(tags=["messages"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["messages"])
 
 
 @router.post("/v1/messages", response_model=Message)

@@ -10,10 +10,11 @@ from mlx_manager.daemon.dialects.responses import serving
 from mlx_manager.daemon.dialects.responses.protocol import DeletedResponse, ResponseObject, ResponsesRequest
 from mlx_manager.daemon.dialects.responses.store import StoredResponse
 from mlx_manager.daemon.generation import GenerationCall, answer
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.state import Daemon, DaemonState, Outcome
 
-router = APIRouter(tags=["responses"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["responses"])
 
 
 @router.post("/v1/responses", response_model=ResponseObject)
