@@ -24,6 +24,7 @@ from mlx_manager.audit.record import BACKENDS, COLUMNS, Status
 from mlx_manager.cli.audit_tables import ROW_COLUMNS, Layout, fit, print_table, stats_columns, stats_rows
 from mlx_manager.cli.completion import complete_backend, complete_key_name
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json, say
+from mlx_manager.escape import spreadsheet_safe
 
 if TYPE_CHECKING:
     from mlx_manager.audit.store import AuditStore
@@ -57,8 +58,9 @@ SinceOption = Annotated[
 ]
 UntilOption = Annotated[
     datetime | None,
-    typer.Option("--until", parser=_time_value, metavar="WHEN",
-                 help="Only requests before WHEN (same forms as --since)."),
+    typer.Option(
+        "--until", parser=_time_value, metavar="WHEN", help="Only requests before WHEN (same forms as --since)."
+    ),
 ]
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Only this model (exact name, as requested).")]
 EndpointOption = Annotated[
@@ -280,8 +282,10 @@ def stats(
 def _window_caption(since: datetime | None, until: datetime | None) -> str:
     start = _utc(since) if since else "the first request"
     end = _utc(until) if until else "now"
-    return (f"From {start} to {end}. Durations are whole requests;"
-            " tokens/s is completion tokens per second of request time.")
+    return (
+        f"From {start} to {end}. Durations are whole requests;"
+        " tokens/s is completion tokens per second of request time."
+    )
 
 
 # -- prune -----------------------------------------------------------------------------
@@ -390,8 +394,11 @@ def _audit_errors(json_output: bool) -> Iterator[None]:
     try:
         yield
     except AuditLogCorrupt as exc:
-        fail(str(exc) + ".", "Move the file aside (the daemon starts a new log) or set audit.path.",
-             json_output=json_output)
+        fail(
+            str(exc) + ".",
+            "Move the file aside (the daemon starts a new log) or set audit.path.",
+            json_output=json_output,
+        )
     except AuditLogBusy as exc:
         fail(str(exc) + ".", "Try again in a moment.", json_output=json_output)
     except AuditError as exc:
@@ -448,7 +455,8 @@ class _RowPrinter:
         elif self.output == "csv":
             writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            # A model id like '=HYPERLINK(...)' must open as text in a spreadsheet, not run.
+            writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         elif rows:
             first = self.layout is None
             if self.layout is None:

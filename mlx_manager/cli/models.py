@@ -211,7 +211,8 @@ def _span(seconds: float) -> str:
     epilog="Examples:\n\n  mlx-manager models ps\n\n  mlx-manager models ps --json | jq '.models[].memory_bytes'"
 )
 def ps(json_output: JsonOption = False) -> None:
-    """Show what the running daemon has loaded: memory, jobs running and waiting, and when keep-alive unloads it."""
+    """Show what the running daemon has loaded: memory, prompt cache, jobs running and waiting, and when keep-alive
+    unloads it."""
     from mlx_manager.cli.daemon_client import DaemonError, admin_call
 
     try:
@@ -232,11 +233,12 @@ def ps(json_output: JsonOption = False) -> None:
     from mlx_manager.hub.pull import format_bytes
 
     table = Table(box=None, pad_edge=False)
-    for column, justify in (("ID", "left"), ("KIND", "left"), ("MEMORY", "right"), ("ACTIVE", "right"),
-                            ("QUEUED", "right"), ("IDLE", "right"), ("UNTIL", "left")):
+    for column, justify in (("ID", "left"), ("KIND", "left"), ("MEMORY", "right"), ("CACHE", "right"),
+                            ("ACTIVE", "right"), ("QUEUED", "right"), ("IDLE", "right"), ("UNTIL", "left")):
         table.add_column(column, no_wrap=column != "ID", justify=justify)  # type: ignore[arg-type]
     for model in models:
-        table.add_row(model["id"], model["kind"], format_bytes(model["memory_bytes"]), str(model["active_jobs"]),
+        cache = format_bytes(model["prompt_cache_bytes"]) if model["kind"] == "generate" else "-"
+        table.add_row(model["id"], model["kind"], format_bytes(model["memory_bytes"]), cache, str(model["active_jobs"]),
                       str(model["queued_jobs"]), _span(model["idle_seconds"]), _until(model))
     console.print(table, markup=False, highlight=False)
 

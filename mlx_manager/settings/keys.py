@@ -26,7 +26,7 @@ class KeyInfo:
     name: str
     description: str
     default: Any
-    kind: Literal["duration", "size", "int", "float", "bool", "str", "list", "tables", "choice"]
+    kind: Literal["duration", "size", "int", "float", "bool", "str", "list", "tables", "choice", "map"]
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
@@ -36,6 +36,13 @@ class KeyInfo:
     restart: bool = False
     # What a value looks like, when the kind alone does not say it (a list of tables).
     example: str = ""
+    # One entry of a map key: `models.aliases.fast` is entry "fast" of `models.aliases`.
+    entry: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The setting itself: the key without its entry."""
+        return f"{self.section}.{self.name}"
 
     @property
     def env_var(self) -> str:
@@ -58,6 +65,7 @@ class KeyInfo:
             "list": 'a comma-separated list or a JSON array like ["a", "b"]',
             "tables": self.example or "a JSON array of tables",
             "choice": "one of " + ", ".join(self.choices),
+            "map": f'a JSON object like {{"name": "value"}}, or one entry set as {self.key}.NAME',
         }[self.kind]
 
 
@@ -88,6 +96,8 @@ def key_infos() -> dict[str, KeyInfo]:
             elif typing.get_origin(field.annotation) is list:
                 item = (typing.get_args(field.annotation) or (None,))[0]
                 kind = "tables" if isinstance(item, type) and issubclass(item, BaseModel) else "list"
+            elif typing.get_origin(field.annotation) is dict:
+                kind = "map"
             else:
                 kind = _KINDS.get(field.annotation, "str")
             if kind == "bool":
@@ -140,11 +150,27 @@ def suggest_key(key: str) -> str | None:
 
 
 def key_info(key: str) -> KeyInfo:
-    """The key's description, or SettingsError naming the closest known key."""
+    """The key's description (or that of one entry of a map key, `models.aliases.NAME`), or
+    SettingsError naming the closest known key."""
     info = key_infos().get(key)
+    if info is None:
+        info = entry_info(key)
     if info is None:
         raise SettingsError(key=key, problem=unknown_key_problem(key))
     return info
+
+
+def entry_info(key: str) -> KeyInfo | None:
+    """`section.name.entry` where `section.name` is a map key: that entry, as a text key."""
+    section, _, rest = key.partition(".")
+    name, _, entry = rest.partition(".")
+    parent = key_infos().get(f"{section}.{name}")
+    if parent is None or parent.kind != "map" or not entry:
+        return None
+    return KeyInfo(
+        key=key, section=section, name=name, description=f"entry {entry!r} of {parent.key}", default=None,
+        kind="str", secret=parent.secret, restart=parent.restart, entry=entry,
+    )
 
 
 def unknown_key_problem(key: str) -> str:
