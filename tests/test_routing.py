@@ -50,7 +50,9 @@ def router(tmp_path, backends: list[dict], routes: list[dict], groups: list[dict
     """A daemon that routes: its own engine (nothing preloaded), its own audit log."""
     routing = {"backends": backends, "routes": routes, "groups": groups or [], **sections.pop("routing", {})}
     settings = settings_with(routing=routing, audit={"path": str(tmp_path / "router-audit.db")}, **sections)
-    with LiveServer(create_app(settings, engine=RecordingEngine(EngineConfig(max_loaded=2)))) as live:
+    # The tests' models live in temporary folders: requests may load any of them by path.
+    engine = RecordingEngine(EngineConfig(max_loaded=2, allow_any_path=True))
+    with LiveServer(create_app(settings, engine=engine)) as live:
         yield live
 
 
@@ -228,6 +230,16 @@ def test_a_field_the_backends_dialect_cannot_say_is_a_400_that_names_it(tmp_path
     assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt"
 
 
+
+def test_several_choices_of_a_routed_model_are_a_400_that_names_n(tmp_path, upstream, fast_model):
+    with router(tmp_path, [openai_backend(upstream)], [{"model": "remote", "to": f"up:{fast_model}"}]) as front:
+        with front.http() as http:
+            response = http.post("/v1/chat/completions",
+                                 json={"model": "remote", "messages": HELLO, "max_tokens": 2, "n": 2})
+    body = response.json()
+    assert response.status_code == 400 and body["error"]["code"] == "not_supported"
+    assert body["error"]["param"] == "n" and body["backend"] == "up"
+
 # -- fallback --------------------------------------------------------------------------------
 
 
@@ -256,7 +268,7 @@ def test_an_upstream_429_falls_back_and_the_backend_cools_down(tmp_path, fast_mo
         env.setenv("MLX_MANAGER_HOME", str(tmp_path / "limited-home"))
         (tmp_path / "limited-home").mkdir()
         limited_settings = settings_with(server={"rate_limit": 1})
-        engine = RecordingEngine(EngineConfig(preload=[fast_model]))
+        engine = RecordingEngine(EngineConfig(preload=[fast_model], allow_any_path=True))
         with LiveServer(create_app(limited_settings, engine=engine)) as limited, \
                 serving(fast_model) as spare:
             assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
@@ -278,8 +290,8 @@ def test_an_upstream_429_falls_back_and_the_backend_cools_down(tmp_path, fast_mo
 
 def test_an_upstream_503_without_a_fallback_keeps_its_status_and_with_one_falls_back(tmp_path, upstream, fast_model):
     """The 503 is real: a daemon that is shutting down (draining) answers every request with it."""
-    stopping = LiveServer(create_app(settings_with(audit={"path": str(tmp_path / "stopping-audit.db")}),
-                                     engine=RecordingEngine(EngineConfig())))
+    stopping_settings = settings_with(audit={"path": str(tmp_path / "stopping-audit.db")})
+    stopping = LiveServer(create_app(stopping_settings, engine=RecordingEngine(EngineConfig(allow_any_path=True))))
     with stopping:
         stopping.daemon.draining = True
         backends = [openai_backend(stopping, "stopping"), openai_backend(upstream)]
@@ -304,7 +316,7 @@ def test_an_upstream_503_without_a_fallback_keeps_its_status_and_with_one_falls_
 
 def test_a_backend_that_was_down_is_back_after_its_cooldown_and_a_health_check(tmp_path, fast_model):
     late_settings = settings_with(audit={"path": str(tmp_path / "late-audit.db")})
-    late = LiveServer(create_app(late_settings, engine=RecordingEngine(EngineConfig())))
+    late = LiveServer(create_app(late_settings, engine=RecordingEngine(EngineConfig(allow_any_path=True))))
     # Its port is bound but nothing listens on it yet: a connection to it is refused.
     with serving(fast_model) as spare:
         backends = [openai_backend(late, "late"), openai_backend(spare, "spare")]

@@ -254,7 +254,7 @@ def test_a_backend_key_given_by_reference_is_used_and_never_written_logged_or_tr
         # The upstream takes this key only (our own key mechanism: MLX_MANAGER_API_KEY).
         started.append(daemon(tmp_path, "upstream", fast_model, env={"MLX_MANAGER_API_KEY": key}))
         upstream = started[0]
-        upstream.wait_ready("/ready")
+        upstream.wait_ready("/health")  # /ready takes a key on a daemon that has keys
         config = tmp_path / "router" / "config.toml"
         config.parent.mkdir()
         config.write_text(

@@ -31,6 +31,7 @@ VERSION = "2023-06-01"  # the anthropic-version header every request carries
 HANDLED = frozenset({
     "model", "messages", "max_tokens", "stop", "sampling", "request_id", "tools", "parallel_tool_calls",
     "template_kwargs", "reasoning_effort", "constraint", "tool_choice",
+    "max_tokens_is_default",  # the default max_tokens is sent as it is: the backend cuts it to its context
 })
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 _STOP: dict[str, FinishReason] = {"max_tokens": "length", "tool_use": "tool_calls"}

@@ -27,6 +27,7 @@ from mlx_manager.routing.wire import StreamDecoder, json_schema_of, refuse_unhan
 HANDLED = frozenset({
     "model", "prompt", "messages", "max_tokens", "stop", "sampling", "request_id", "tools", "parallel_tool_calls",
     "template_kwargs", "reasoning_effort", "constraint", "tool_choice",
+    "max_tokens_is_default",  # the default max_tokens is sent as it is: the backend cuts it to its context
 })
 # What a message may hold on the wire. The thinking of earlier turns (`reasoning_content`) stays
 # here: the Chat Completions API has no field to send it back in.
