@@ -20,6 +20,8 @@ from mlx_manager.daemon.routes import (
     audit_feed,
     chat,
     completions,
+    dashboard,
+    dashboard_api,
     embeddings,
     health,
     messages,
@@ -97,7 +99,8 @@ def create_app(
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models, admin_cache, audit_feed):
+    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models, admin_cache, audit_feed,
+                   dashboard, dashboard_api):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)

@@ -27,6 +27,8 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 _PROBES = ("/health", "/ready")
 # Paths whose outcome is worth a record (the audit log): the API and the admin endpoints.
 _RECORDED = ("/v1/", "/admin/")
+# The dashboard's page, files and the reads it polls: browsing, not calls worth a row each.
+_UNRECORDED_READS = "/admin/ui/"
 # The OpenAI API: what API keys and the rate limit guard.
 _API = "/v1/"
 DRAIN_RETRY_AFTER = 5.0
@@ -101,7 +103,7 @@ class DaemonMiddleware:
             outcome.route = getattr(scope.get("route"), "path_format", None)
             if counted:
                 daemon.request_ended()
-            if path.startswith(_RECORDED):
+            if path.startswith(_RECORDED) and not (path.startswith(_UNRECORDED_READS) and scope["method"] == "GET"):
                 outcome.finish(status)
                 _log_outcome(outcome)
                 daemon.emit(outcome)
