@@ -248,7 +248,8 @@ def test_a_key_session_sees_settings_but_cannot_change_them(daemon, page):
     status = page.evaluate(
         """async () => {
             const csrf = (await (await fetch('/admin/ui/api/session')).json()).csrf_token;
-            const answer = await fetch('/admin/ui/api/settings', {method: 'POST', body: JSON.stringify({key: 'timeouts.chat', value: '30'}),
+            const answer = await fetch('/admin/ui/api/settings', {
+                method: 'POST', body: JSON.stringify({key: 'timeouts.chat', value: '30'}),
                 headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf}});
             return answer.status;
         }"""

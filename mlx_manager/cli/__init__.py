@@ -7,7 +7,7 @@ that need them, never here, so `--help` and `--version` stay fast.
 # Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
 # command's annotations at each start, and a string annotation costs a compile and an eval.
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,7 +32,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = None,
 ) -> None:

@@ -13,7 +13,9 @@ EPILOG = "Examples:\n\n  mlx-manager dashboard\n\n  mlx-manager dashboard --open
 
 
 def dashboard(
-    open_browser: Annotated[bool, typer.Option("--open", help="Also open the link in the default web browser.")] = False,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Also open the link in the default web browser.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Print the admin dashboard's address with a one-time sign-in link for this machine.

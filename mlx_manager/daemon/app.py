@@ -13,6 +13,7 @@ from mlx_manager.auth import load_keyring
 from mlx_manager.daemon import handlers
 from mlx_manager.daemon.middleware import DaemonMiddleware
 from mlx_manager.daemon.openapi import describe_errors
+from mlx_manager.daemon.outcome import RequestOutcome, end_span
 from mlx_manager.daemon.routes import (
     admin,
     admin_cache,
@@ -29,7 +30,6 @@ from mlx_manager.daemon.routes import (
     models,
     responses,
 )
-from mlx_manager.daemon.outcome import RequestOutcome, end_span
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.engine import Engine
 from mlx_manager.engine.errors import EngineError
@@ -99,8 +99,8 @@ def create_app(
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models, admin_cache, audit_feed,
-                   dashboard, dashboard_api):
+    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models,
+                   admin_cache, audit_feed, dashboard, dashboard_api):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)

@@ -147,7 +147,9 @@ async def login(body: Login, request: Request, daemon: Daemon) -> Response:
         if not local:
             raise Problem("forbidden", "a login link works only in a browser on the daemon's machine")
         if not sessions.use_link(body.link):
-            raise Problem("unauthorized", "this login link was used already or has expired; run `mlx-manager dashboard` again")
+            raise Problem(
+                "unauthorized", "this login link was used already or has expired; run `mlx-manager dashboard` again"
+            )
         session_id, session = sessions.start("admin", "admin", digest(daemon.admin_token))
     else:
         key = body.key or ""
