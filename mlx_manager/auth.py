@@ -121,7 +121,7 @@ def is_loopback_host(host: str) -> bool:
         addresses = {info[4][0] for info in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
     except (OSError, UnicodeError):
         return name == "localhost"
-    return bool(addresses) and all(is_loopback_address(a) for a in addresses)
+    return bool(addresses) and all(is_loopback_address(str(a)) for a in addresses)
 
 
 def is_loopback_address(address: str | None) -> bool:

@@ -276,7 +276,7 @@ RATIO_FIELDS = (
 
 def ratios(a: LevelReport, b: LevelReport) -> dict[str, float | None]:
     """A/B for each figure (None where either side has no value)."""
-    out = {}
+    out: dict[str, float | None] = {}
     for name in RATIO_FIELDS:
         x, y = getattr(a, name), getattr(b, name)
         out[name] = x / y if x is not None and y else None

@@ -3,7 +3,7 @@
 # Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
 # command's annotations at each start, and a string annotation costs a compile and an eval.
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -95,7 +95,7 @@ def bench(
     if json_output:
         from mlx_manager.bench import ratios
 
-        out = {"plan": plan.__dict__, "servers": [[r.as_dict() for r in rs] for rs in reports]}
+        out: dict[str, Any] = {"plan": plan.__dict__, "servers": [[r.as_dict() for r in rs] for rs in reports]}
         if vs:
             out["ratios"] = [ratios(a, b) for a, b in zip(*reports)]
         print_json(out)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional, cast
 
 import typer
 
@@ -100,7 +100,8 @@ def show(
     chosen = platform or current_platform()
     if chosen not in ("linux", "macos"):
         raise typer.BadParameter(f"{chosen!r} is not a platform: use linux or macos", param_hint="--platform")
-    typer.echo(service_file(chosen, host, port, _model(model), insecure_no_auth).text, nl=False)
+    file = service_file(cast(Literal["linux", "macos"], chosen), host, port, _model(model), insecure_no_auth)
+    typer.echo(file.text, nl=False)
 
 
 @app.command(

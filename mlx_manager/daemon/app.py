@@ -124,7 +124,7 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
         figures.observe_request(
             outcome.route or outcome.endpoint,  # one label per route, not per response id
             outcome.model,
-            outcome.status,
+            outcome.status or "error",
             (outcome.duration_ms or 0) / 1000,
             None if ttft is None else ttft / 1000,
             outcome.prompt_tokens,

@@ -6,6 +6,7 @@ Also the mapping from the engine's typed errors to problem kinds, shared with th
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,7 +78,7 @@ def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
 
 
-def _dotted(loc: list[Any]) -> str:
+def _dotted(loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc[1:] if p != "body"] if loc and loc[0] == "body" else [str(p) for p in loc]
     return ".".join(parts)
 
@@ -128,5 +129,5 @@ def install(app: FastAPI) -> None:
             allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
             detail = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
         detail = detail or "the request could not be handled"
-        problem = Problem(kind, detail, status=exc.status_code, headers=exc.headers)
+        problem = Problem(kind, detail, status=exc.status_code, headers=dict(exc.headers) if exc.headers else None)
         return problem_response(request, problem)

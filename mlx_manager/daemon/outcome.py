@@ -17,7 +17,11 @@ from mlx_manager.telemetry import EngineSpan
 @dataclass(kw_only=True)
 class RequestOutcome(AuditRecord):
     """The one record of a request. The audit columns are `AuditRecord`'s fields (the stored row
-    is taken from this object as it is); these add what only the daemon needs."""
+    is taken from this object as it is); these add what only the daemon needs. A request always
+    has its id and path from the start, so those two are not optional here."""
+
+    request_id: str
+    endpoint: str
 
     method: str = "GET"
     route: str | None = None  # the path's route template, e.g. /v1/responses/{response_id}; None: no route

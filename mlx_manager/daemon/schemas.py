@@ -251,7 +251,7 @@ class EmbeddingsRequest(Lenient):
     def some_input(self) -> EmbeddingsRequest:
         value = self.input
         if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
-            self.input = [value]
+            self.input = [value]  # type: ignore[assignment]  # one input: a list of one
         if not self.input:
             raise ValueError("input must not be empty")
         if len(self.input) > MAX_EMBEDDING_INPUTS:

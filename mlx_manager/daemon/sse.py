@@ -45,6 +45,6 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # ours: an async generator
             if self.on_close is not None:
                 self.on_close()

@@ -80,7 +80,7 @@ class EmbeddingQueue:
         if isinstance(request.inputs[0], str):
             tokens = model.tokenize([str(text) for text in request.inputs], request.truncate)
         else:
-            tokens = model.check_ids([list(ids) for ids in request.inputs], request.truncate)  # type: ignore[arg-type]
+            tokens = model.check_ids([list(ids) for ids in request.inputs], request.truncate)
         if any(not ids for ids in tokens):
             raise InvalidRequest("an input is empty")
         if request.dimensions is not None and request.dimensions > model.dimensions:

@@ -164,13 +164,14 @@ class ModelPool:
         before = mx.get_active_memory()
         try:
             with model_load_span(model_id) as span:
+                model: Any
                 if embedding:
                     model = EmbeddingModel(path, config)
                     tokenizer = model.tokenizer
                 else:
                     from mlx_lm import load
 
-                    model, tokenizer = load(str(path))
+                    model, tokenizer = load(str(path))[:2]
                 span.memory_bytes = mx.get_active_memory()
         except (ModelLoadFailed, FileNotFoundError, ValueError, KeyError, OSError, TypeError) as exc:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None

@@ -21,11 +21,11 @@ def sampler_for(params: SamplingParams) -> Sampler:
         return greedy_sampler  # shared object: a batch of greedy jobs samples in one call
     if params.seed is None:
         return make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
-    return _seeded_sampler(params)
+    return _seeded_sampler(params, params.seed)
 
 
-def _seeded_sampler(params: SamplingParams) -> Sampler:
-    key = mx.random.key(params.seed % 2**64)  # MLX takes a uint64; OpenAI clients may send any integer
+def _seeded_sampler(params: SamplingParams, seed: int) -> Sampler:
+    key = mx.random.key(seed % 2**64)  # MLX takes a uint64; OpenAI clients may send any integer
     temp = params.temperature
 
     def sample(logprobs: mx.array) -> mx.array:

@@ -156,7 +156,7 @@ def stop(timeout: float, force: bool = False) -> Stopped:
     if force:
         children = _children(supervisor)  # taken first: a daemon it is just starting is not in the state yet
         _send(supervisor, signal.SIGKILL)  # before the daemon, so nothing restarts it
-        for pid in {daemon, *children} - {None}:
+        for pid in {pid for pid in (daemon, *children) if pid is not None}:
             _kill(pid)
         _wait_for(lambda: not supervisor_running(), 5.0)
         _clear_dead_state(read_state() or {}, reason="killed on request (stop --force)")
