@@ -74,7 +74,11 @@ def test_the_page_and_its_files_come_from_the_package_with_a_strict_policy(serve
                               for url in loaded), loaded
         for url in loaded:
             if url.startswith("/admin/"):
-                assert http.get(url).status_code == 200, url
+                # The page names each file's version: the browser keeps it and does not ask again.
+                answer = http.get(url)
+                assert answer.status_code == 200 and "?v=" in url, url
+                assert answer.headers["cache-control"] == "max-age=31536000, immutable", url
+                assert http.get(url.split("?")[0]).headers["cache-control"] == "no-cache", url
         modules = {path.name for path in (STATIC / "js").glob("*.js")}
         for path in (STATIC / "js").glob("*.js"):
             for name in re.findall(r'from "\./([^"]+)"', path.read_text()):

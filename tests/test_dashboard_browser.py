@@ -289,12 +289,13 @@ def test_a_foreign_origin_cannot_open_the_websocket(daemon, page):
 
 
 @contextlib.contextmanager
-def other_site() -> Iterator[str]:
-    """Another web server on this machine (another port of 127.0.0.1): its pages' origin is not the daemon's."""
+def other_site(content: str = "") -> Iterator[str]:
+    """Another web server on this machine (another port of 127.0.0.1): its pages' origin is not the
+    daemon's. Its one page holds `content`."""
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b"<!doctype html><title>elsewhere</title><p>another site"
+            body = f"<!doctype html><title>elsewhere</title><p>another site{content}".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(body)))
@@ -367,3 +368,100 @@ def audit_rows(daemon: Dashboard, endpoint: str) -> list[dict]:
     with sqlite3.connect(daemon.live.daemon.audit.path) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM audit_logs WHERE endpoint = ? ORDER BY id", (endpoint,))]
+
+
+def test_offline_every_file_from_the_daemon_and_the_policy_enforced(daemon, browser, screenshots):
+    """Whatever the page loads comes from the daemon (anything else is cut off and recorded), so it
+    works with no network; the browser enforces the Content-Security-Policy the page is served with."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    elsewhere: list[str] = []
+
+    def only_the_daemon(route) -> None:
+        url = route.request.url
+        if url.startswith(daemon.live.url + "/") or url.startswith("data:"):
+            route.continue_()
+        else:
+            elsewhere.append(url)
+            route.abort()
+
+    context.route("**/*", only_the_daemon)
+    page = context.new_page()
+    page.set_default_timeout(DOM_WAIT_MS)
+    violations: list[str] = []
+    page.on("console", lambda message: violations.append(message.text) if "Content Security Policy" in message.text
+            else None)
+    loaded: list[str] = []
+    page.on("requestfinished", lambda request: loaded.append(request.url))
+    chat(daemon)
+    sign_in(page, daemon)
+    page.wait_for_selector("#feed tbody tr")
+    page.click("a[href='#charts']")
+    page.wait_for_selector("#chart-requests[data-points]")
+    assert painted_pixels(page, "#chart-requests canvas") > 0  # the vendored uPlot drew it
+    for name in ("state", "settings"):
+        page.click(f"a[href='#{name}']")
+        page.wait_for_selector(f"#{name}:not([hidden])")
+    assert any("/admin/ui/static/vendor/uPlot.iife.min.js" in url for url in loaded), loaded
+    assert elsewhere == [] and violations == [], (elsewhere, violations)
+
+    # An injected inline script and a script from another host do not run, and the browser says why.
+    blocked = page.evaluate(
+        """() => new Promise((resolve) => {
+            const seen = [];
+            document.addEventListener('securitypolicyviolation', (event) => {
+                seen.push(event.violatedDirective);
+                if (seen.length === 2) resolve({seen, ran: window.injected === true});
+            });
+            const inline = document.createElement('script');
+            inline.textContent = 'window.injected = true';
+            document.body.append(inline);
+            const remote = document.createElement('script');
+            remote.src = 'https://cdn.example/library.js';
+            document.body.append(remote);
+        })"""
+    )
+    assert blocked["ran"] is False and sorted(blocked["seen"]) == ["script-src-elem", "script-src-elem"], blocked
+    assert elsewhere == []  # refused by the policy before any request was made
+    context.close()
+
+
+def test_another_origin_cannot_frame_or_drive_the_page(daemon, page, screenshots):
+    """A signed-in browser visits another site (another port of this host: the same site, so its
+    requests carry the session cookie). It cannot show the dashboard in a frame, and its form post
+    and script call to unload the model are refused: the model stays loaded."""
+    sign_in(page, daemon)
+    unload = daemon.live.url + "/admin/ui/api/models/unload"
+    before = len(audit_rows(daemon, "/admin/ui/api/models/unload"))
+    with other_site(
+        f'<iframe id="framed" src="{daemon.url}" onload="this.dataset.loaded = \'yes\'"></iframe>'
+        f'<form method="post" action="{unload}" enctype="text/plain">'
+        f'<input type="hidden" name=\'{{"model": "{daemon.model}", "x": "\' value=\'"}}\'>'
+        '<button id="submit">Win a prize</button></form>'
+    ) as elsewhere:
+        page.goto(elsewhere)
+        framed = page.frame_locator("#framed")
+        page.wait_for_function("document.querySelector('#framed').dataset.loaded === 'yes'")
+        assert framed.locator("#login-form, #live").count() == 0  # the browser refused to show it
+        assert [frame.url for frame in page.frames[1:]] == ["chrome-error://chromewebdata/"], page.frames
+        status = page.evaluate(
+            """async ([url, model]) => {
+                try {
+                    const answer = await fetch(url, {method: 'POST', credentials: 'include', mode: 'no-cors',
+                        headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({model})});
+                    return answer.type;
+                } catch (error) { return String(error); }
+            }""",
+            [unload, daemon.model],
+        )
+        assert status == "opaque"  # sent, its answer unreadable to that page
+        page.click("#submit")  # a person tricked into pressing the form's button
+        page.wait_for_load_state()
+
+    def two_new_rows() -> list[dict] | None:
+        rows = audit_rows(daemon, "/admin/ui/api/models/unload")[before:]
+        return rows if len(rows) >= 2 else None
+
+    refused = wait_until(two_new_rows)
+    assert refused and [row["http_status"] for row in refused] == [403, 403], refused
+    assert daemon.model in daemon.live.engine.status().loaded
+    page.screenshot(path=screenshots / "another-origin.png", full_page=True)

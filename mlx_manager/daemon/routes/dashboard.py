@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import cache
@@ -45,6 +46,9 @@ from mlx_manager.daemon.routes.admin import require_admin
 from mlx_manager.daemon.state import Daemon
 
 STATIC = Path(__file__).resolve().parent.parent / "dashboard" / "static"
+PAGE = "index.html"
+# The page's references to its files: src="/admin/ui/static/NAME" or href="...", NAME in group 1.
+_REFERENCE = re.compile(r'(?:(?<=src=")|(?<=href="))/admin/ui/static/([^"?#]+)')
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -70,15 +74,25 @@ router = APIRouter(tags=["admin"], lifespan=lifespan)
 @cache
 def static_files() -> dict[str, tuple[bytes, str, str]]:
     """Every file the page may load: name -> (content, media type, ETag). Read once; a request
-    names a key of this table, never a path on disk."""
+    names a key of this table, never a path on disk. The page's own references to the files it
+    loads first carry their version (`?v=`), so a browser keeps those between loads."""
     files = {}
     for path in sorted(STATIC.rglob("*")):
         media_type = _MEDIA_TYPES.get(path.suffix)
         if path.is_file() and media_type:
             content = path.read_bytes()
-            etag = '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
-            files[path.relative_to(STATIC).as_posix()] = (content, media_type, etag)
+            files[path.relative_to(STATIC).as_posix()] = (content, media_type, _etag(content))
+    page = _REFERENCE.sub(lambda found: f"{found[0]}?v={_version(files[found[1]][2])}", files[PAGE][0].decode())
+    files[PAGE] = (page.encode(), files[PAGE][1], _etag(page.encode()))
     return files
+
+
+def _etag(content: bytes) -> str:
+    return '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
+
+
+def _version(etag: str) -> str:
+    return etag.strip('"')[:12]
 
 
 def _file_response(request: Request, name: str) -> Response:
@@ -86,8 +100,13 @@ def _file_response(request: Request, name: str) -> Response:
     if found is None:
         raise Problem("not_found", f"no dashboard file {name!r}")
     content, media_type, etag = found
-    # Revalidated on every load (a cheap 304), so a new version's files are never mixed with old ones.
-    headers = {**SECURITY_HEADERS, "ETag": etag, "Cache-Control": "no-cache"}
+    if request.query_params.get("v") == _version(etag):
+        # This very version, named by the page: it never changes, so the browser need not ask again.
+        cache_control = "max-age=31536000, immutable"
+    else:
+        # Revalidated on every load (a cheap 304), so a new version's files are never mixed with old ones.
+        cache_control = "no-cache"
+    headers = {**SECURITY_HEADERS, "ETag": etag, "Cache-Control": cache_control}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(content, media_type=media_type, headers=headers)
@@ -95,7 +114,7 @@ def _file_response(request: Request, name: str) -> Response:
 
 @router.get("/admin", include_in_schema=False)
 async def page(request: Request) -> Response:
-    return _file_response(request, "index.html")
+    return _file_response(request, PAGE)
 
 
 @router.get("/admin/ui/static/{name:path}", include_in_schema=False)
