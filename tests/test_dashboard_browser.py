@@ -454,6 +454,7 @@ def test_another_origin_cannot_frame_or_drive_the_page(daemon, page, screenshots
             [unload, daemon.model],
         )
         assert status == "opaque"  # sent, its answer unreadable to that page
+        page.screenshot(path=screenshots / "another-origin.png", full_page=True)
         page.click("#submit")  # a person tricked into pressing the form's button
         page.wait_for_load_state()
 
@@ -464,4 +465,4 @@ def test_another_origin_cannot_frame_or_drive_the_page(daemon, page, screenshots
     refused = wait_until(two_new_rows)
     assert refused and [row["http_status"] for row in refused] == [403, 403], refused
     assert daemon.model in daemon.live.engine.status().loaded
-    page.screenshot(path=screenshots / "another-origin.png", full_page=True)
+    assert "dashboard answers only its own pages" in page.content()  # what the tricked person sees
