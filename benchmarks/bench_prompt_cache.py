@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.servers import Server, free_port, start_servers
+from benchmarks.servers import Server, start_servers
 from tests.models import build_model
 
 

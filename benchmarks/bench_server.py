@@ -70,7 +70,7 @@ def main() -> int:
     envs = [{**env, "MLX_MANAGER_SERVER__BLAS": args.blas}, env]
     processes = [
         subprocess.Popen(cmd, env=cmd_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for cmd, cmd_env in zip(commands.values(), envs)
+        for cmd, cmd_env in zip(commands.values(), envs, strict=True)
     ]
     try:
         wait_for(f"http://127.0.0.1:{ours}/ready", processes[0])

@@ -185,7 +185,7 @@ def main() -> int:
             run_session(workdir / f"session-{session}", model, args, session, rates, server_cpu)
 
     on, off = (statistics.median(rates[name]) for name in ("on", "off"))
-    ratio = statistics.median(a / b for a, b in zip(rates["on"], rates["off"]))
+    ratio = statistics.median(a / b for a, b in zip(rates["on"], rates["off"], strict=True))
     label = "off (control)" if args.control else "on"
     command = (
         f"python -m benchmarks.bench_telemetry --sessions {args.sessions} --rounds {args.rounds}"

@@ -251,13 +251,13 @@ async def run_bench(
     urls: list[str], models: list[str | None], plan: BenchPlan, tick: Callable[[], None] | None = None
 ) -> list[list[LevelReport]]:
     """Per concurrency level, run each server in turn (A, B, A, B ...): noise hits both alike."""
-    resolved = [await resolve_model(url, model) for url, model in zip(urls, models)]
+    resolved = [await resolve_model(url, model) for url, model in zip(urls, models, strict=True)]
     warm = BenchPlan(concurrency=[1], requests=1, max_tokens=8, prompt_tokens=plan.prompt_tokens, stream=plan.stream)
-    for url, model in zip(urls, resolved):
+    for url, model in zip(urls, resolved, strict=True):
         await run_level(url, model, 1, warm)
     reports: list[list[LevelReport]] = [[] for _ in urls]
     for level in plan.concurrency:
-        for i, (url, model) in enumerate(zip(urls, resolved)):
+        for i, (url, model) in enumerate(zip(urls, resolved, strict=True)):
             reports[i].append(await run_level(url, model, level, plan, tick))
     return reports
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import typer
 from pydantic import BaseModel
@@ -28,7 +29,10 @@ EXAMPLES = [
      "mlx-manager models pull mlx-community/Qwen3-0.6B-4bit\nmlx-manager serve --model mlx-community/Qwen3-0.6B-4bit"),
     ("Serve on the defaults (127.0.0.1:10242), loading models on first request:", "mlx-manager serve"),
     ("Preload a model and serve it:", "mlx-manager serve --model ./models/my-model"),
-    ("Run the daemon in the background, check it and stop it:", "mlx-manager start\nmlx-manager status\nmlx-manager stop"),
+    (
+        "Run the daemon in the background, check it and stop it:",
+        "mlx-manager start\nmlx-manager status\nmlx-manager stop",
+    ),
     ("Give chat requests 15 minutes; a running daemon applies it at once:", "mlx-manager config set timeouts.chat 900"),
     ("Follow the audit log as requests arrive:", "mlx-manager audit tail --follow"),
     ("Failed requests of the last day, as JSON:", "mlx-manager audit query --status error --since 1d --json"),
@@ -79,7 +83,8 @@ def _synopsis(path: list[str], command: Any) -> str:
     parts = [(p.metavar or p.name).upper() for p in command.params if p.param_type_name == "argument"]
     options = _options(command)
     head = f"{PROG} {' '.join(path)}"
-    return f"\\fB{_esc(head)}\\fR" + (" [\\fIOPTIONS\\fR]" if options else "") + "".join(f" \\fI{_esc(a)}\\fR" for a in parts)
+    arguments = "".join(f" \\fI{_esc(a)}\\fR" for a in parts)
+    return f"\\fB{_esc(head)}\\fR" + (" [\\fIOPTIONS\\fR]" if options else "") + arguments
 
 
 def _value_name(param: Any) -> str:
@@ -124,7 +129,8 @@ def man_page() -> str:
     lines = [
         f'.TH MLX\\-MANAGER 1 "" "mlx\\-manager {__version__}" "User Commands"',
         ".SH NAME",
-        "mlx\\-manager \\- serve local MLX models behind an OpenAI\\-compatible API, and supervise, configure and audit the daemon",
+        "mlx\\-manager \\- serve local MLX models behind an OpenAI\\-compatible API, "
+        "and supervise, configure and audit the daemon",
         ".SH SYNOPSIS",
         "\\fBmlx\\-manager\\fR [\\fB\\-\\-version\\fR] [\\fB\\-\\-help\\fR] \\fICOMMAND\\fR [\\fIARGS\\fR]...",
         ".SH DESCRIPTION",
@@ -198,13 +204,24 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-def readme_with_settings(readme: str) -> str:
-    """The README with the text between the settings markers replaced by the current table."""
-    head, found, rest = readme.partition(SETTINGS_START)
+FIELDS_START, FIELDS_END = "<!-- openai-fields:start -->", "<!-- openai-fields:end -->"
+
+
+def _between(text: str, start: str, end: str, table: str) -> str:
+    """`text` with what stands between the two markers replaced by `table`."""
+    head, found, rest = text.partition(start)
     if not found:
-        return readme
-    _, found, tail = rest.partition(SETTINGS_END)
-    return f"{head}{SETTINGS_START}\n{settings_table()}\n{SETTINGS_END}{tail}" if found else readme
+        return text
+    _, found, tail = rest.partition(end)
+    return f"{head}{start}\n{table}\n{end}{tail}" if found else text
+
+
+def readme_with_settings(readme: str) -> str:
+    """The README with its generated tables (settings; the OpenAI request fields) made fresh."""
+    from mlx_manager.daemon.openai_fields import fields_table
+
+    readme = _between(readme, SETTINGS_START, SETTINGS_END, settings_table())
+    return _between(readme, FIELDS_START, FIELDS_END, fields_table())
 
 
 def generated_files() -> dict[Path, str]:

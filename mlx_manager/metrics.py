@@ -19,8 +19,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-# Model names and paths come from clients: a cap on distinct label values keeps a client that
-# sends a new name with every request from growing the registry without end.
+# Model names and paths come from clients: only models the daemon knows (`known_model`) are
+# labels of their own, and a cap on distinct values keeps the registry bounded all the same.
 MAX_MODELS = 64
 MAX_ENDPOINTS = 32
 OTHER = "other"
@@ -62,7 +62,11 @@ class Metrics:
         loaded_models: GaugeSource | None = None,
         audit_backlog: GaugeSource | None = None,
         prompt_cache_bytes: GaugeSource | None = None,
+        known_model: Callable[[str], bool] | None = None,
     ) -> None:
+        """`known_model`: whether a request's model id may be a label value (a model the daemon
+        loaded or allows); others are counted as "other". None: the first MAX_MODELS ids seen."""
+        self.known_model = known_model
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -93,10 +97,16 @@ class Metrics:
             f"{PREFIX}_prompt_cache_hits", "Generations whose prompt reused a cached prefix.", ["model"], registry=r
         )
         self.cache_misses = Counter(
-            f"{PREFIX}_prompt_cache_misses", "Generations whose prompt was computed from scratch.", ["model"], registry=r
+            f"{PREFIX}_prompt_cache_misses",
+            "Generations whose prompt was computed from scratch.",
+            ["model"],
+            registry=r,
         )
         self.cached_tokens = Counter(
-            f"{PREFIX}_prompt_cache_cached_tokens", "Prompt tokens restored from the prompt cache.", ["model"], registry=r
+            f"{PREFIX}_prompt_cache_cached_tokens",
+            "Prompt tokens restored from the prompt cache.",
+            ["model"],
+            registry=r,
         )
         self._gauges = {
             "active_requests": Gauge(f"{PREFIX}_active_requests", "Requests in flight.", registry=r),
@@ -139,6 +149,8 @@ class Metrics:
         (a timeout is also counted in timeouts_total); unknown figures are None. `cached_tokens`
         is given for a generation whose prompt went through the prompt cache (0: a miss)."""
         endpoint = self._endpoints(endpoint)
+        if model is not None and self.known_model is not None and not self.known_model(model):
+            model = OTHER
         model = self._models(model)
         self.requests.labels(endpoint, model, status).inc()
         if duration_s is not None:

@@ -17,6 +17,7 @@ import httpx
 import openai
 import uvicorn
 
+from mlx_manager.daemon.server import server_config
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.engine import Engine
 from mlx_manager.engine.jobs import EmbeddingJob, Job
@@ -63,8 +64,8 @@ class LiveServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        # The daemon's own uvicorn settings (connection limits, proxy headers), as `serve` runs it.
+        self.server = uvicorn.Server(server_config(app, app.state.daemon.settings))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
@@ -110,10 +111,12 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serving(*models: str, settings: Settings | None = None, **engine_config: Any) -> Iterator[LiveServer]:
-    """A live daemon (the real app, a RecordingEngine) with `models` loaded before its first request."""
+    """A live daemon (the real app, a RecordingEngine) with `models` loaded before its first request.
+    Requests may load any model folder by its path (the tests' models live in temporary folders),
+    unless `allow_any_path=False` is given."""
     from mlx_manager.daemon.app import create_app
 
-    engine = RecordingEngine(EngineConfig(preload=list(models), **engine_config))
+    engine = RecordingEngine(EngineConfig(preload=list(models), **{"allow_any_path": True, **engine_config}))
     with LiveServer(create_app(settings or Settings(), engine=engine)) as live:
         assert wait_until(lambda: set(models) <= set(engine.status().loaded), timeout=120)
         yield live

@@ -35,11 +35,20 @@ class ModelSize:
 
 SIZES = {
     # Most tests: a few ms per token.
-    "fast": ModelSize(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, vocab_size=512),
+    "fast": ModelSize(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, vocab_size=512,
+    ),
     # Benchmarks: a few million parameters.
-    "bench": ModelSize(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=8, vocab_size=1024),
+    "bench": ModelSize(
+        hidden_size=256, num_hidden_layers=4, intermediate_size=768,
+        num_attention_heads=8, vocab_size=1024,
+    ),
     # Timeout and cancellation tests: hundreds of ms per request.
-    "slow": ModelSize(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12, vocab_size=1024),
+    "slow": ModelSize(
+        hidden_size=768, num_hidden_layers=12, intermediate_size=2048,
+        num_attention_heads=12, vocab_size=1024,
+    ),
 }
 
 
@@ -85,8 +94,13 @@ def build_tokenizer(folder: Path, vocab_size: int) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>", "pad_token": "<|end|>"}))
 
 
-def build_model(folder: Path | str, size: str = "fast", *, seed: int = 0, chat_template: bool = True) -> Path:
-    """Write a complete model folder and return its path. Takes about a second for `fast`."""
+def build_model(
+    folder: Path | str, size: str = "fast", *, seed: int = 0, chat_template: bool = True, context: int = 131072
+) -> Path:
+    """Write a complete model folder and return its path. Takes about a second for `fast`.
+
+    `context` is the context length it declares (`max_position_embeddings`, which the server holds
+    prompt + max_tokens to); the weights do not depend on it."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -105,7 +119,7 @@ def build_model(folder: Path | str, size: str = "fast", *, seed: int = 0, chat_t
         "num_key_value_heads": spec.num_attention_heads,
         "rms_norm_eps": 1e-5,
         "vocab_size": spec.vocab_size,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": context,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
         "eos_token_id": 0,

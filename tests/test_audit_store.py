@@ -341,7 +341,7 @@ def test_writer_writes_a_burst_in_one_batch_and_a_lone_row_on_its_own(db):
             lambda conn, cursor, statement, params, context, many: inserts.append(many)
             if statement.startswith("INSERT INTO audit_logs") else None,
         )
-        for i in range(1000):
+        for _ in range(1000):
             writer.record(record())
         await writer.flush()
         writer.record(record(request_id="lone"))

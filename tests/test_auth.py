@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import openai
@@ -25,7 +25,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def key_entry(name: str, key: str) -> dict:
-    return {"name": name, "sha256": key_digest(key), "created": datetime(2025, 1, 1, tzinfo=timezone.utc)}
+    return {"name": name, "sha256": key_digest(key), "created": datetime(2025, 1, 1, tzinfo=UTC)}
 
 
 def audit_row(server: LiveServer, request_id: str) -> dict:
@@ -159,7 +159,7 @@ def test_a_refused_audit_feed_leaves_an_audit_row(server):
 
 
 def test_the_schema_describes_keys_and_problems(server):
-    with server.http() as http:
+    with server.http(headers={"Authorization": f"Bearer {ALICE}"}) as http:  # with keys set, it needs one too
         schema = http.get("/openapi.json").json()
     scheme = schema["components"]["securitySchemes"]["apiKey"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
@@ -249,7 +249,8 @@ def test_bind_safety(host, refused):
 
 
 def test_the_rate_limit_is_429_with_retry_after_per_client(tmp_path):
-    settings = settings_with(server={"rate_limit": 3}, auth={"keys": [key_entry("alice", ALICE), key_entry("bob", BOB)]})
+    keys = [key_entry("alice", ALICE), key_entry("bob", BOB)]
+    settings = settings_with(server={"rate_limit": 3}, auth={"keys": keys})
     with LiveServer(create_app(settings)) as live:
         alice = live.openai(api_key=ALICE)
         for _ in range(3):
@@ -304,4 +305,5 @@ def test_limits_are_422_with_the_limit_and_413_for_the_body(fast_model):
         answer = client.completions.create(model=fast_model, prompt="count", temperature=0)
         assert live.engine.jobs[-1].request.max_tokens == 8 and answer.usage.completion_tokens <= 8
         with httpx.Client(base_url=live.url) as http:
-            assert http.post("/v1/completions", json={"model": fast_model, "prompt": "a", "max_tokens": 8}).status_code == 200
+            body = {"model": fast_model, "prompt": "a", "max_tokens": 8}
+            assert http.post("/v1/completions", json=body).status_code == 200

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from mlx_manager.cli import app
 from mlx_manager.settings import ConfigBusyError, config_lock, config_path
 from mlx_manager.settings import file as settings_file
-from tests.daemon_server import wait_until
 from tests.processes import Children
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))

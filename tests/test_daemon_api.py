@@ -148,7 +148,7 @@ def test_eight_concurrent_streams(server, fast_model):
     results = asyncio.run(_eight_streams(server, fast_model))
     assert len({request_id for request_id, _ in results}) == 8
     jobs = [server.engine.job(request_id) for request_id, _ in results]
-    for job, (_, chunks) in zip(jobs, results):
+    for job, (_, chunks) in zip(jobs, results, strict=True):
         assert chunks[-1].usage.completion_tokens == job.completion_tokens > 0
         assert any(c.choices and c.choices[0].finish_reason for c in chunks)
     # They ran together: each one was submitted before the first one finished.

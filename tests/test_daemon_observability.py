@@ -42,7 +42,9 @@ def test_metrics_move_by_the_right_amounts(server, fast_model):
     before = scrape(server)
     client = server.openai()
     usages = [
-        client.chat.completions.create(model=fast_model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=5).usage
+        client.chat.completions.create(
+            model=fast_model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=5
+        ).usage
         for i in range(3)
     ]
     chunks = list(client.chat.completions.create(
@@ -52,15 +54,19 @@ def test_metrics_move_by_the_right_amounts(server, fast_model):
     usages.append([c.usage for c in chunks if c.usage][-1])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope/none", messages=[{"role": "user", "content": "x"}])
-    # The outcome of a request is counted once its response has gone out.
-    assert wait_until(lambda: value(scrape(server), "mlx_manager_requests_total", endpoint=CHAT, model="nope/none", status="error") == 1)
+    # The outcome of a request is counted once its response has gone out; a model the daemon does
+    # not know is labelled "other" (a client picks model ids: they must not grow the label set).
+    assert wait_until(
+        lambda: value(scrape(server), "mlx_manager_requests_total", endpoint=CHAT, model="other", status="error") == 1
+    )
     after = scrape(server)
 
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("mlx_manager_requests_total", endpoint=CHAT, model=fast_model, status="success") == 4
-    assert delta("mlx_manager_completion_tokens_total", model=fast_model) == sum(u.completion_tokens for u in usages) == 19
+    completion_tokens = sum(u.completion_tokens for u in usages)
+    assert delta("mlx_manager_completion_tokens_total", model=fast_model) == completion_tokens == 19
     assert delta("mlx_manager_prompt_tokens_total", model=fast_model) == sum(u.prompt_tokens for u in usages)
     assert delta("mlx_manager_request_duration_seconds_count", endpoint=CHAT) == 5
     assert delta("mlx_manager_time_to_first_token_seconds_count") == 4
@@ -152,5 +158,6 @@ def test_spans_hold_no_tool_definitions_calls_results_or_reasoning(capfire, herm
             pass
         assert wait_until(lambda: len(_ended(capfire, "generation")) == 2)
     recorded = _recorded(capfire)
-    for secret in (MARKER, "get_weather", '"city"', HERMES_TOOL.answer, HERMES_TOOL.thinking, HERMES_TOOL.answer_thinking):
+    private = (MARKER, "get_weather", '"city"', HERMES_TOOL.answer, HERMES_TOOL.thinking, HERMES_TOOL.answer_thinking)
+    for secret in private:
         assert secret not in recorded

@@ -39,7 +39,8 @@ def make_server(model: str, settings: Settings | None = None) -> LiveServer:
     """The model is preloaded, not loaded by a first request: on a busy machine, loading it can
     outlast the short deadlines these tests set, and a request cut that way lingers in the queue."""
     settings = settings or Settings()
-    engine = RecordingEngine(dataclasses.replace(engine_config(settings), preload=[model]))
+    # The tests' models live in temporary folders: requests may load any of them by path.
+    engine = RecordingEngine(dataclasses.replace(engine_config(settings), preload=[model], allow_any_path=True))
     live = LiveServer(create_app(settings, engine=engine))
     live.outcomes = []
     live.daemon.outcome_sinks.append(live.outcomes.append)
@@ -226,7 +227,7 @@ def test_reload_refuses_remote_clients(tmp_path):
     transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
 
     async def call():
-        async with httpx.AsyncClient(transport=transport, base_url="http://daemon") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.post("/admin/reload", headers={"Authorization": f"Bearer {admin_token()}"})
 
     response = asyncio.run(call())

@@ -49,7 +49,7 @@ def test_vectors_match_sentence_transformers(server, minilm_model, encoding_form
     assert result.model == minilm_model and result.object == "list"
     assert [item.index for item in result.data] == list(range(len(REF["texts"])))
     assert result.usage.prompt_tokens == result.usage.total_tokens == sum(REF["prompt_tokens"])
-    for item, expected in zip(result.data, REF["vectors"]):
+    for item, expected in zip(result.data, REF["vectors"], strict=True):
         assert len(item.embedding) == 384
         assert math.isclose(np.linalg.norm(item.embedding), 1.0, abs_tol=1e-4)  # normalised, as the model says
         assert cosine(item.embedding, expected) > 0.99
@@ -152,7 +152,7 @@ def test_concurrent_requests_are_batched_correctly(server, minilm_model):
 
     results = asyncio.run(together())
     assert [len(r.data) for r in results] == [1] * len(texts)
-    for vector, result in zip(alone, results[:4]):
+    for vector, result in zip(alone, results[:4], strict=True):
         assert cosine(vector, result.data[0].embedding) > 0.9999
     assert server.engine.status().active_jobs == 0
 

@@ -11,7 +11,14 @@ import pytest
 
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.engine import Engine
-from mlx_manager.engine.errors import ChatTemplateMissing, GenerationFailed, InvalidRequest, ModelNotAllowed, ModelNotFound, Overloaded
+from mlx_manager.engine.errors import (
+    ChatTemplateMissing,
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotAllowed,
+    ModelNotFound,
+    Overloaded,
+)
 from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 
 GREEDY = SamplingParams(temperature=0)
@@ -22,7 +29,8 @@ def engine():
     engines = []
 
     def make(**config) -> Engine:
-        e = Engine(EngineConfig(**config))
+        # The tests' models live in temporary folders: loaded by path unless a test says otherwise.
+        e = Engine(EngineConfig(**{"allow_any_path": True, **config}))
         e.start()
         engines.append(e)
         return e
@@ -53,7 +61,8 @@ async def until(predicate: Callable[[], object], timeout: float = 60) -> bool:
 
 
 def request(model, prompt="hello", max_tokens=24, **kw) -> GenerationRequest:
-    return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, sampling=kw.pop("sampling", GREEDY), **kw)
+    sampling = kw.pop("sampling", GREEDY)
+    return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, sampling=sampling, **kw)
 
 
 def test_events_and_usage(engine, fast_model):
@@ -131,7 +140,8 @@ def test_seed_makes_sampling_repeatable(engine, fast_model):
         seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
         a = await collect(e.submit(request(fast_model, "sample", 24, sampling=seeded)))
         b = await collect(e.submit(request(fast_model, "sample", 24, sampling=seeded)))
-        other = await collect(e.submit(request(fast_model, "sample", 24, sampling=SamplingParams(temperature=1.0, seed=99))))
+        reseeded = SamplingParams(temperature=1.0, seed=99)
+        other = await collect(e.submit(request(fast_model, "sample", 24, sampling=reseeded)))
         assert a[0] == b[0]
         assert a[0] != other[0]
 
@@ -213,7 +223,8 @@ def test_unknown_model_and_missing_template_are_clear_errors(engine, tmp_path, n
         with pytest.raises(ModelNotFound):
             await collect(e.submit(request("some-org/not-cached-model")))
         with pytest.raises(ChatTemplateMissing, match="no chat template"):
-            await collect(e.submit(GenerationRequest(model=no_template_model, messages=[{"role": "user", "content": "x"}])))
+            messages = [{"role": "user", "content": "x"}]
+            await collect(e.submit(GenerationRequest(model=no_template_model, messages=messages)))
         with pytest.raises(InvalidRequest, match="empty"):
             await collect(e.submit(request(no_template_model, prompt="")))
         # The thread is still serving.
@@ -283,7 +294,7 @@ def test_stop_fails_waiting_jobs_and_refuses_new_ones(fast_model):
     from mlx_manager.engine.errors import EngineStopped
 
     async def main():
-        e = Engine(EngineConfig())
+        e = Engine(EngineConfig(preload=[fast_model]))  # preloaded: its folder may be loaded by path
         e.start()
         job = e.submit(request(fast_model, max_tokens=100000))
         async for event in job:

@@ -76,7 +76,7 @@ def call(app, client: str, method: str, path: str, token: str | None = None, **k
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=transport, base_url="http://daemon") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             return await http.request(method, path, headers=headers, **kwargs)
 
     return asyncio.run(go())

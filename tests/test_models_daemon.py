@@ -99,10 +99,13 @@ def test_a_model_pulled_through_the_daemon_is_served_listed_and_removed(daemon):
     ps = models("ps", "--json")
     (loaded,) = json.loads(ps.stdout)["models"]
     assert loaded["id"] == "org/tiny" and loaded["path"] == events[-1]["path"] and loaded["memory_bytes"] > 100_000
+    # The conversation's KV state stays in the prompt cache for its next turn.
+    assert loaded["prompt_cache_entries"] == 1 and loaded["prompt_cache_bytes"] > 0
     table = models("ps").stdout.splitlines()
-    assert table[0].split() == ["ID", "KIND", "MEMORY", "ACTIVE", "QUEUED", "IDLE", "UNTIL"]
-    row = table[1].split()  # id, kind, memory (2 words), active, queued, idle, until ("in 29m")
-    assert row[:2] == ["org/tiny", "generate"] and row[4:6] == ["0", "0"] and row[-2] == "in"
+    assert table[0].split() == ["ID", "KIND", "MEMORY", "CACHE", "ACTIVE", "QUEUED", "IDLE", "UNTIL"]
+    row = table[1].split()  # id, kind, memory (2 words), cache (2 words), active, queued, idle, until ("in 29m")
+    assert row[:2] == ["org/tiny", "generate"] and row[6:8] == ["0", "0"] and row[-2] == "in"
+    assert " ".join(row[4:6]) == format_bytes(loaded["prompt_cache_bytes"])
     # The audit log names the model: `list` says when it was last used.
     assert wait_until(lambda: json.loads(models("list", "--json").stdout)[0]["last_used"], timeout=30)
 

@@ -25,7 +25,8 @@ def engine():
     engines = []
 
     def make(**config) -> Engine:
-        e = Engine(EngineConfig(**config))
+        # The tests' models live in temporary folders: loaded by path unless a test says otherwise.
+        e = Engine(EngineConfig(**{"allow_any_path": True, **config}))
         e.start()
         engines.append(e)
         return e
@@ -50,7 +51,8 @@ async def conversation(e: Engine, model: str, name: str, turns: int = 6) -> list
     results = []
     for turn in range(turns):
         messages.append({"role": "user", "content": f"{name}, turn {turn}: what comes next?"})
-        text, finished = await run(e, GenerationRequest(model=model, messages=list(messages), max_tokens=20, sampling=GREEDY))
+        request = GenerationRequest(model=model, messages=list(messages), max_tokens=20, sampling=GREEDY)
+        text, finished = await run(e, request)
         results.append((text, finished))
         messages.append({"role": "assistant", "content": text})
     return results
@@ -68,7 +70,7 @@ def test_a_six_turn_conversation_says_the_same_with_the_cache_on_and_off(engine,
     assert texts(cached) == texts(uncached)
     assert all(f.cached_tokens == 0 for _, f in uncached)
     # From the second turn on, at least the whole previous prompt comes from the cache.
-    for (_, before), (_, after) in zip(cached, cached[1:]):
+    for (_, before), (_, after) in zip(cached, cached[1:], strict=False):
         assert after.cached_tokens >= before.prompt_tokens
     assert [f.prompt_tokens for _, f in cached] == [f.prompt_tokens for _, f in uncached]
 
@@ -106,7 +108,7 @@ def test_cached_tokens_are_the_prefix_the_engine_reused(engine, fast_model):
     assert again.cached_tokens == again.prompt_tokens - 1  # all but the last token, which gives the logits
     tokens_a = tokenizer.apply_chat_template(a, add_generation_prompt=True)
     tokens_b = tokenizer.apply_chat_template(b, add_generation_prompt=True)
-    shared = next(i for i, (x, y) in enumerate(zip(tokens_a, tokens_b)) if x != y)
+    shared = next(i for i, (x, y) in enumerate(zip(tokens_a, tokens_b, strict=False)) if x != y)
     assert one.cached_tokens == 0 and two.cached_tokens == shared
 
 

@@ -184,14 +184,14 @@ def test_restarts_wait_longer_each_time(reap, tmp_path):
     reap(supervisor)
     assert supervisor.wait(120) == 1
     times = [float(line) for line in starts.read_text().split()]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert len(times) == 5
     # The supervisor says which delay it chose, and the next start really came no sooner.
     # (Starting a process takes longer on a busy machine: the gaps have no upper bound here.)
     said = [line.split("restarting the daemon in ")[1] for line in log_text().splitlines()
             if "restarting the daemon in" in line]
     assert said == ["0.3 s", "0.6 s", "1.2 s", "2.4 s"]
-    for gap, delay in zip(gaps, (0.3, 0.6, 1.2, 2.4)):
+    for gap, delay in zip(gaps, (0.3, 0.6, 1.2, 2.4), strict=False):
         assert delay <= gap, gaps
 
 

@@ -13,9 +13,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -24,6 +24,7 @@ from mlx_manager.audit.record import COLUMNS, Backend, Status
 from mlx_manager.cli.audit_tables import ROW_COLUMNS, Layout, fit, print_table, stats_columns, stats_rows
 from mlx_manager.cli.completion import complete_key_name
 from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, err_console, fail, print_json, say
+from mlx_manager.escape import spreadsheet_safe
 
 if TYPE_CHECKING:
     from mlx_manager.audit.store import AuditStore
@@ -52,18 +53,20 @@ def _cutoff_value(value: str) -> datetime:
 # Shared options: every command spells them the same way (JsonOption comes from output.py).
 LimitOption = Annotated[int, typer.Option("--limit", "-n", min=0, help="How many rows to show; 0 shows every row.")]
 SinceOption = Annotated[
-    Optional[datetime],
+    datetime | None,
     typer.Option("--since", parser=_time_value, metavar="WHEN", help=f"Only requests at or after WHEN: {TIME_FORMS}."),
 ]
 UntilOption = Annotated[
-    Optional[datetime],
-    typer.Option("--until", parser=_time_value, metavar="WHEN", help="Only requests before WHEN (same forms as --since)."),
+    datetime | None,
+    typer.Option(
+        "--until", parser=_time_value, metavar="WHEN", help="Only requests before WHEN (same forms as --since)."
+    ),
 ]
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Only this model (exact name, as requested).")]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Only this model (exact name, as requested).")]
 EndpointOption = Annotated[
-    Optional[str], typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
+    str | None, typer.Option("--endpoint", "-e", help="Only this endpoint, e.g. /v1/chat/completions.")
 ]
-BackendOption = Annotated[Optional[Backend], typer.Option("--backend", help="Only this backend type.")]
+BackendOption = Annotated[Backend | None, typer.Option("--backend", help="Only this backend type.")]
 WideOption = Annotated[
     bool, typer.Option("--wide", "-w", help="Show every column at full width, however wide the terminal.")
 ]
@@ -71,7 +74,7 @@ JsonlOption = Annotated[
     bool, typer.Option("--jsonl", help="Print one JSON object per line (JSON Lines) instead of the table.")
 ]
 KeyOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--key",
         "-k",
@@ -172,11 +175,11 @@ QUERY_EPILOG = (
 @app.command(epilog=QUERY_EPILOG)
 def query(
     model: ModelOption = None,
-    status: Annotated[Optional[Status], typer.Option("--status", "-s", help="Only requests that ended this way.")] = None,
+    status: Annotated[Status | None, typer.Option("--status", "-s", help="Only requests that ended this way.")] = None,
     endpoint: EndpointOption = None,
     backend: BackendOption = None,
     key: KeyOption = None,
-    request_id: Annotated[Optional[str], typer.Option("--request-id", "-r", help="Only the request with this id.")] = None,
+    request_id: Annotated[str | None, typer.Option("--request-id", "-r", help="Only the request with this id.")] = None,
     since: SinceOption = None,
     until: UntilOption = None,
     limit: LimitOption = 50,
@@ -229,7 +232,7 @@ def stats(
     since: SinceOption = None,
     until: UntilOption = None,
     by: Annotated[
-        Optional[Literal["model", "endpoint", "status", "backend", "key"]],
+        Literal["model", "endpoint", "status", "backend", "key"] | None,
         typer.Option("--by", help="One line per model, endpoint, status, backend or API key name."),
     ] = None,
     model: ModelOption = None,
@@ -268,7 +271,10 @@ def stats(
 def _window_caption(since: datetime | None, until: datetime | None) -> str:
     start = _utc(since) if since else "the first request"
     end = _utc(until) if until else "now"
-    return f"From {start} to {end}. Durations are whole requests; tokens/s is completion tokens per second of request time."
+    return (
+        f"From {start} to {end}. Durations are whole requests;"
+        " tokens/s is completion tokens per second of request time."
+    )
 
 
 # -- prune -----------------------------------------------------------------------------
@@ -377,7 +383,11 @@ def _audit_errors(json_output: bool) -> Iterator[None]:
     try:
         yield
     except AuditLogCorrupt as exc:
-        fail(str(exc) + ".", "Move the file aside (the daemon starts a new log) or set audit.path.", json_output=json_output)
+        fail(
+            str(exc) + ".",
+            "Move the file aside (the daemon starts a new log) or set audit.path.",
+            json_output=json_output,
+        )
     except AuditLogBusy as exc:
         fail(str(exc) + ".", "Try again in a moment.", json_output=json_output)
     except AuditError as exc:
@@ -421,7 +431,8 @@ class _RowPrinter:
         elif self.output == "csv":
             writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            # A model id like '=HYPERLINK(...)' must open as text in a spreadsheet, not run.
+            writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         elif rows:
             first = self.layout is None
             if self.layout is None:
@@ -438,9 +449,9 @@ def _say_hidden(layout: Layout) -> None:
 
 
 def _utc(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _iso(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 

@@ -4,6 +4,7 @@ The row table's columns come from `AuditRecord`'s field specs (`audit.record.SPE
 terminal is too narrow, long request ids and model ids are shortened first (ids at the end,
 models in the middle), then columns go by priority; the ones that identify a row, and the one
 the user filtered or grouped by, always stay. `--wide` shows every column at full width.
+Text a client chose (a model id, an endpoint) is shown with its control characters escaped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from mlx_manager.audit.record import SPECS, Column
+from mlx_manager.escape import printable
 
 Cell = str | Text
 GAP = 2  # spaces between two columns
@@ -168,7 +170,11 @@ def _time(value: str) -> str:
 
 
 def _status(value: str) -> Text:
-    return Text(value, style=_STATUS_STYLES.get(value, ""))
+    return Text(printable(value), style=_STATUS_STYLES.get(value, ""))
+
+
+def _plain(value: Any) -> str:
+    return printable(str(value))
 
 
 def _ms(value: float) -> str:
@@ -184,8 +190,8 @@ def _flag(value: int) -> str:
 
 
 _RENDER: dict[str, Callable[[Any], Cell]] = {
-    "time": _time, "status": _status, "ms": _ms, "count": _count, "flag": _flag, "code": str, "id": str, "model": str,
-    "text": str,
+    "time": _time, "status": _status, "ms": _ms, "count": _count, "flag": _flag, "code": _plain, "id": _plain,
+    "model": _plain, "text": _plain,
 }
 
 
@@ -225,7 +231,7 @@ def stats_columns(by: str | None) -> tuple[TableColumn, ...]:
     """The stats table's columns; grouped by `by`, its column comes first and always stays."""
     group = []
     if by:
-        group = [TableColumn(by, by, _dash_for_none(str), priority=0,
+        group = [TableColumn(by, by, _dash_for_none(_plain), priority=0,
                              shorten="middle" if by == "model" else None, short_width=SHORT_MODEL)]
     measures = [
         TableColumn("requests", "requests", _count, "right", priority=1),

@@ -97,7 +97,7 @@ def bench(
 
         out: dict[str, Any] = {"plan": plan.__dict__, "servers": [[r.as_dict() for r in rs] for rs in reports]}
         if vs:
-            out["ratios"] = [ratios(a, b) for a, b in zip(*reports)]
+            out["ratios"] = [ratios(a, b) for a, b in zip(*reports, strict=True)]
         print_json(out)
         return
     _render(reports, urls)
@@ -120,7 +120,7 @@ def _render(reports, urls) -> None:
         table.add_column(name, justify="left" if name in ("server", "errors") else "right")
     for level in range(len(reports[0])):
         rows = [rs[level] for rs in reports]
-        for label, r in zip("AB", rows):
+        for label, r in zip("AB", rows, strict=False):
             errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "0"
             per = "-" if r.tokens_per_second_per_request is None else f"{r.tokens_per_second_per_request:.1f}"
             name = f"{label} {r.url}" if len(rows) > 1 else r.url
@@ -132,7 +132,7 @@ def _render(reports, urls) -> None:
         if len(rows) == 2:
             q = ratios(*rows)
 
-            def x(name):
+            def x(name: str, q: dict[str, float | None] = q) -> str:
                 return "-" if q[name] is None else f"{q[name]:.2f}x"
 
             cells = ["A/B", str(rows[0].concurrency), "", "", x("tokens_per_second"), x("ttft_p50"), x("ttft_p95"),

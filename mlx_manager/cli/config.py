@@ -28,6 +28,7 @@ from mlx_manager.settings import (
     check_config_text,
     config_lock,
     config_path,
+    entry_info,
     flatten,
     home,
     key_info,
@@ -113,10 +114,10 @@ def _refuse_secret(key: str, action: str) -> None:
 
 
 def _shown(value: Any) -> str:
-    """How a value reads on a terminal: lists as JSON, booleans as TOML writes them."""
+    """How a value reads on a terminal: lists and maps as JSON, booleans as TOML writes them."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
+    if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value)
 
@@ -192,21 +193,29 @@ def _save(text: str, json_output: bool = False) -> None:
 def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     """Print the value a setting has now (flag > environment > file > default)."""
     try:
-        key_info(key)
+        info = key_info(key)
     except SettingsError as error:
         _refuse(error, json_output)
     values, origins = _effective(json_output)
+    value = values[info.base]
+    if info.entry is not None:  # one entry of a map key, `models.aliases.NAME`
+        if info.entry not in value:
+            fail(f"{info.base} has no entry {info.entry!r}.", f"`mlx-manager config get {info.base}` shows them all.",
+                 code=EXIT_ERROR, json_output=json_output)
+        value = value[info.entry]
     if json_output:
-        print_json({"key": key, "value": values[key], "origin": origins[key]})
+        print_json({"key": key, "value": value, "origin": origins[info.base]})
     else:
-        say(_shown(values[key]))
+        say(_shown(value))
 
 
 @app.command(
     "set",
     epilog=(
         "Examples:\n\n  mlx-manager config set timeouts.chat 900\n\n  mlx-manager config set timeouts.chat 15m\n\n"
-        "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n  mlx-manager config set log.level debug"
+        "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n"
+        "  mlx-manager config set log.level debug\n\n"
+        "  mlx-manager config set models.aliases.qwen mlx-community/Qwen3-0.6B-4bit"
     ),
     # `-5` must reach the validator (and its clear message) rather than look like an option.
     context_settings={"ignore_unknown_options": True},
@@ -226,6 +235,7 @@ def set_(
     _refuse_secret(key, "set")
     try:
         typed = parse_value(key, value)
+        base = key_info(key).base
     except SettingsError as error:
         _refuse(error)
     path = config_path()
@@ -238,8 +248,8 @@ def set_(
             _broken(error)
         set_in_document(document, key, typed)
         _save(document.as_string())
-    _env_note(key)
-    apply_live(f"Set {key} = {_shown(typed)}", [key])
+    _env_note(base)
+    apply_live(f"Set {key} = {_shown(typed)}", [base])
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config unset timeouts.chat")
@@ -247,7 +257,8 @@ def unset(key: KeyArgument) -> None:
     """Remove a setting from the config file so its default applies again; a running daemon reloads."""
     _refuse_secret(key, "unset")
     path = config_path()
-    known = key in key_infos()
+    entry = entry_info(key)  # one entry of a map key, `models.aliases.NAME`
+    known = key in key_infos() or entry is not None
     with changing_config():
         try:
             text = read_config_text(path)
@@ -270,6 +281,10 @@ def unset(key: KeyArgument) -> None:
         _save(new_text)
     if not known:  # the file was broken until now, so the daemon may have missed earlier changes
         apply_live(f"Removed unknown key {key} from {path}", None)
+        return
+    if entry is not None:
+        _env_note(entry.base)
+        apply_live(f"Removed {key}", [entry.base])
         return
     _env_note(key)
     apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
@@ -353,7 +368,8 @@ def edit() -> None:
                 _save(draft)
                 break
         raced = f"{path} was changed by another command while you were editing it"
-        if not (sys.stdin.isatty() and typer.confirm(f"{raced}. Replace it with your version?", default=False, err=True)):
+        question = f"{raced}. Replace it with your version?"
+        if not (sys.stdin.isatty() and typer.confirm(question, default=False, err=True)):
             fail(f"{raced}; nothing was saved.", "Run `mlx-manager config edit` again.", code=EXIT_ERROR)
         base = current
     try:

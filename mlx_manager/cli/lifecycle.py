@@ -10,7 +10,7 @@ brings psutil) so that `mlx-manager --help` stays fast.
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from mlx_manager.supervisor.status import Status
 
 HostOption = Annotated[
-    Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
+    str | None, typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
 ]
-PortOption = Annotated[Optional[int], typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")]
+PortOption = Annotated[
+    int | None, typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")
+]
 WaitOption = Annotated[
     float, typer.Option("--wait", min=1, metavar="SECONDS", help="How long to wait for the daemon to be ready.")
 ]
@@ -47,7 +49,10 @@ STATUS_EPILOG = (
     "Examples:\n\n  mlx-manager status\n\n  mlx-manager status --json | jq .rss_bytes\n\n"
     "  mlx-manager status >/dev/null || mlx-manager restart"
 )
-LOGS_EPILOG = "Examples:\n\n  mlx-manager logs\n\n  mlx-manager logs -n 200\n\n  mlx-manager logs --follow\n\n  mlx-manager logs --supervisor"
+LOGS_EPILOG = (
+    "Examples:\n\n  mlx-manager logs\n\n  mlx-manager logs -n 200\n\n  mlx-manager logs --follow"
+    "\n\n  mlx-manager logs --supervisor"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -156,7 +161,9 @@ def stop(timeout: TimeoutOption = 30, force: ForceOption = False) -> None:
         say("Not running." + (f" (The last supervisor {stopped.note}.)" if stopped.note else ""))
         return
     pids = ", ".join(
-        f"{what} pid {pid}" for what, pid in (("daemon", stopped.daemon_pid), ("supervisor", stopped.supervisor_pid)) if pid
+        f"{what} pid {pid}"
+        for what, pid in (("daemon", stopped.daemon_pid), ("supervisor", stopped.supervisor_pid))
+        if pid
     )
     if force:
         say(f"Killed ({pids}).")
@@ -301,10 +308,15 @@ def _duration(seconds: float) -> str:
 
 def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many of the last lines to show.")] = 50,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines as they are written (Ctrl-C ends).")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines as they are written (Ctrl-C ends).")
+    ] = False,
     supervisor: Annotated[
         bool,
-        typer.Option("--supervisor", help="Show the supervisor's log (restarts, watchdog, the daemon's crash output) instead."),
+        typer.Option(
+            "--supervisor",
+            help="Show the supervisor's log (restarts, watchdog, the daemon's crash output) instead.",
+        ),
     ] = False,
 ) -> None:
     """Show the end of the daemon's log file (rotated by size), or follow it."""
@@ -316,15 +328,18 @@ def logs(
     if not path.exists() and not follow:
         say(f"No log yet: {path} does not exist.", err=True)
         return
+    from mlx_manager.escape import printable
+
+    # A line may hold what a crashing daemon printed raw: nothing in it reaches the terminal as a control.
     out = sys.stdout
     for line in tail(path, lines):
-        out.write(line + "\n")
+        out.write(printable(line) + "\n")
     out.flush()
     if not follow:
         return
     try:
         for line in follow_file(path):
-            out.write(line + "\n")
+            out.write(printable(line) + "\n")
             out.flush()
     except KeyboardInterrupt:
         pass

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from mlx_manager.cli.completion import complete_cached_model, complete_model
-from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, fail, print_json, warn
+from mlx_manager.cli.output import EXIT_USAGE, JsonOption, console, fail, print_json, say, warn
 
 if TYPE_CHECKING:
     from mlx_manager.cli.daemon_client import DaemonError
@@ -57,9 +57,6 @@ ModelArgument = Annotated[
 ]
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
 
-
-def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _hub_failure(error: HubError, json_output: bool) -> NoReturn:
@@ -115,8 +112,8 @@ def pull(model: RepoArgument, json_output: JsonOption = False) -> None:
     if json_output:
         return
     size = sum(f.size for f in plan.files)
-    _say(f"Pulled {result.model} ({format_bytes(size)}, {result.kind}) into {result.path}")
-    _say(f"Serve it: mlx-manager serve --model {result.model}")
+    say(f"Pulled {result.model} ({format_bytes(size)}, {result.kind}) into {result.path}")
+    say(f"Serve it: mlx-manager serve --model {result.model}")
 
 
 def _warn_if_not_allowed(model_id: str) -> None:
@@ -172,7 +169,7 @@ def list_(json_output: JsonOption = False) -> None:
         print_json(rows)
         return
     if not rows:
-        _say("No models here yet. Get one with `mlx-manager models pull mlx-community/Qwen3-0.6B-4bit`.")
+        say("No models here yet. Get one with `mlx-manager models pull mlx-community/Qwen3-0.6B-4bit`.")
         return
     from rich.table import Table
 
@@ -214,7 +211,8 @@ def _span(seconds: float) -> str:
     epilog="Examples:\n\n  mlx-manager models ps\n\n  mlx-manager models ps --json | jq '.models[].memory_bytes'"
 )
 def ps(json_output: JsonOption = False) -> None:
-    """Show what the running daemon has loaded: memory, jobs running and waiting, and when keep-alive unloads it."""
+    """Show what the running daemon has loaded: memory, prompt cache, jobs running and waiting, and when keep-alive
+    unloads it."""
     from mlx_manager.cli.daemon_client import DaemonError, admin_call
 
     try:
@@ -228,18 +226,19 @@ def ps(json_output: JsonOption = False) -> None:
     if not models:
         waiting = f"; {answer['queue_depth']} job(s) waiting" if answer.get("queue_depth") else ""
         loading = f"; loading {answer['loading']}" if answer.get("loading") else ""
-        _say(f"No model is loaded{loading}{waiting}.")
+        say(f"No model is loaded{loading}{waiting}.")
         return
     from rich.table import Table
 
     from mlx_manager.hub.pull import format_bytes
 
     table = Table(box=None, pad_edge=False)
-    for column, justify in (("ID", "left"), ("KIND", "left"), ("MEMORY", "right"), ("ACTIVE", "right"),
-                            ("QUEUED", "right"), ("IDLE", "right"), ("UNTIL", "left")):
+    for column, justify in (("ID", "left"), ("KIND", "left"), ("MEMORY", "right"), ("CACHE", "right"),
+                            ("ACTIVE", "right"), ("QUEUED", "right"), ("IDLE", "right"), ("UNTIL", "left")):
         table.add_column(column, no_wrap=column != "ID", justify=justify)  # type: ignore[arg-type]
     for model in models:
-        table.add_row(model["id"], model["kind"], format_bytes(model["memory_bytes"]), str(model["active_jobs"]),
+        cache = format_bytes(model["prompt_cache_bytes"]) if model["kind"] == "generate" else "-"
+        table.add_row(model["id"], model["kind"], format_bytes(model["memory_bytes"]), cache, str(model["active_jobs"]),
                       str(model["queued_jobs"]), _span(model["idle_seconds"]), _until(model))
     console.print(table, markup=False, highlight=False)
 
@@ -269,7 +268,7 @@ def load(model: ModelArgument, json_output: JsonOption = False) -> None:
     if json_output:
         print_json(answer)
         return
-    _say(f"Loaded {answer['id']} ({format_bytes(answer['memory_bytes'])}, keep-alive {_until(answer)})")
+    say(f"Loaded {answer['id']} ({format_bytes(answer['memory_bytes'])}, keep-alive {_until(answer)})")
 
 
 @app.command(
@@ -295,7 +294,7 @@ def unload(
     if json_output:
         print_json(answer)
         return
-    _say(f"Unloaded {answer['unloaded']}")
+    say(f"Unloaded {answer['unloaded']}")
 
 
 # -- rm -----------------------------------------------------------------------------------------------
@@ -350,7 +349,7 @@ def rm(
                     "unloaded": loaded})
         return
     unloaded = "; unloaded it from the daemon first" if loaded else ""
-    _say(f"Deleted {what} ({format_bytes(target.size_bytes)} freed{unloaded})")
+    say(f"Deleted {what} ({format_bytes(target.size_bytes)} freed{unloaded})")
 
 
 def _loaded_from(folders: list[Path], json_output: bool) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mlx_manager.cli.output import err_console, print_json
+from mlx_manager.cli.output import err_console, print_json, say
 from mlx_manager.hub.pull import format_bytes
 
 Event = dict[str, Any]
@@ -35,9 +35,6 @@ class JsonDisplay(PullDisplay):
         print_json(event)
 
 
-def _say(line: str) -> None:
-    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-
 
 def _plan_line(event: Event) -> str:
     fetch = [f for f in event["files"] if not f["cached"]]
@@ -57,11 +54,11 @@ class PlainDisplay(PullDisplay):
         self._last = 0.0
 
     def on_plan(self, event: Event) -> None:
-        _say(_plan_line(event))
+        say(_plan_line(event), err=True)
 
     def on_file(self, event: Event) -> None:
         resume = f", resuming at {format_bytes(event['resume_from'])}" if event["resume_from"] else ""
-        _say(f"  {event['name']} ({format_bytes(event['size'])}{resume})")
+        say(f"  {event['name']} ({format_bytes(event['size'])}{resume})", err=True)
         self._last = time.monotonic()
 
     def on_progress(self, event: Event) -> None:
@@ -70,13 +67,13 @@ class PlainDisplay(PullDisplay):
         self._last = time.monotonic()
         size = event["file_size"] or 1
         eta = event["eta_seconds"]
-        _say(f"  {event['name']}: {100 * event['file_bytes'] / size:.0f}% of {format_bytes(size)}, "
+        say(f"  {event['name']}: {100 * event['file_bytes'] / size:.0f}% of {format_bytes(size)}, "
              f"{format_bytes(event['bytes_per_second'])}/s, "
              f"{format_bytes(event['bytes'])} of {format_bytes(event['total_bytes'])} in all"
-             + (f", {_duration(eta)} left" if eta is not None else ""))
+             + (f", {_duration(eta)} left" if eta is not None else ""), err=True)
 
     def on_check(self, event: Event) -> None:
-        _say("Checking that the model loads...")
+        say("Checking that the model loads...", err=True)
 
 
 class RichDisplay(PullDisplay):
@@ -100,7 +97,7 @@ class RichDisplay(PullDisplay):
         self.overall: Any = None
 
     def on_plan(self, event: Event) -> None:
-        _say(_plan_line(event))
+        say(_plan_line(event), err=True)
         if event["total_bytes"]:
             self.progress.start()
             self.overall = self.progress.add_task("total", total=event["total_bytes"],
@@ -125,7 +122,7 @@ class RichDisplay(PullDisplay):
 
     def on_check(self, event: Event) -> None:
         self.close()
-        _say("Checking that the model loads...")
+        say("Checking that the model loads...", err=True)
 
     def close(self) -> None:
         self.progress.stop()

@@ -92,29 +92,43 @@ def create_app(
         version=__version__,
         summary="OpenAI-compatible API for local MLX models",
         lifespan=lifespan,
-        docs_url="/docs",
+        # Swagger UI comes from a CDN into the browser that opens it: only when asked for (server.docs).
+        docs_url="/docs" if settings.server.docs else None,
         redoc_url=None,
     )
     app.state.daemon = daemon
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models,
-                   admin_cache, audit_feed, dashboard, dashboard_api):
+    routers = (chat, completions, messages, responses, embeddings, models, health, metrics)
+    for module in (*routers, admin, admin_models, admin_cache, audit_feed, dashboard, dashboard_api):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)
+    if settings.server.cors_origins:  # outermost: a browser's preflight is answered before any key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"],
+        )
     return app
 
 
 def daemon_metrics(daemon: DaemonState) -> Metrics:
     """Prometheus figures: live gauges read at scrape time, counters fed by each request's outcome."""
     engine = daemon.engine
+    loaded_ids: set[str] = set()  # every id a model was loaded under: a model id a client sent is a label only then
+
+    def known_model(model_id: str) -> bool:
+        return model_id in loaded_ids or model_id in daemon.settings.models.allowed
+
     figures = Metrics(
         queue_depth=lambda: engine.status().queue_depth,
         loaded_models=lambda: len(engine.status().loaded),
         active_requests=lambda: daemon.in_flight,
         prompt_cache_bytes=lambda: sum(m.cache.bytes for m in engine.status().models),
+        known_model=known_model,
     )
 
     def observe(outcome: RequestOutcome) -> None:
@@ -133,7 +147,11 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
         )
 
     daemon.outcome_sinks.append(observe)
-    engine.model_load_listeners.append(lambda _model, seconds: figures.observe_model_load(seconds))
+    def loaded(model_id: str, seconds: float) -> None:  # on the inference thread
+        loaded_ids.add(model_id)
+        figures.observe_model_load(seconds)
+
+    engine.model_load_listeners.append(loaded)
     return figures
 
 

@@ -1,16 +1,17 @@
-"""A generation seen from HTTP: run one engine job, answer whole or as server-sent events.
+"""A generation seen from HTTP: run its engine jobs, answer whole or as server-sent events.
 
-Chat and completions differ only in how they shape JSON (a `Format`); running the job — submit,
-wait within the deadline, collect or stream, cancel when the client leaves — is `GenerationCall`
-on the shared call path (call.py), and `respond()` answers with it. The other dialects
-(daemon/dialects/) answer with `answer()` and their own `Translation` of the stream.
+Running the jobs — submit, wait within the deadline, collect or stream, cancel when the client
+leaves — is `GenerationCall` on the shared call path (call.py): one job, or for chat and
+completions one per choice (n per prompt, several prompts), which `choices.respond()` answers
+with. The other dialects (daemon/dialects/) answer one job with `answer()` and their own
+`Translation` of the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from mlx_manager.daemon.call import EngineCall
 from mlx_manager.daemon.handlers import problem_from_engine
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
-from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
+from mlx_manager.daemon.sse import EventStream, sse_error
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, grammar_for_response_format
 from mlx_manager.engine.errors import EngineError
@@ -29,10 +30,13 @@ from mlx_manager.engine.types import (
     Event,
     Finished,
     GenerationRequest,
+    Logprobs,
+    Penalties,
     ReasoningDelta,
     SamplingParams,
     Started,
     TextDelta,
+    TokenLogprob,
     ToolCall,
 )
 from mlx_manager.telemetry import generation_span
@@ -45,35 +49,27 @@ Piece = TextDelta | ReasoningDelta | ToolCall
 
 @dataclass
 class Answer:
-    """A whole generation: its answer text, its thinking, the tool calls it made, how it ended."""
+    """A whole generation: its answer text, its thinking, the tool calls it made, how it ended,
+    and the log probabilities of its tokens (when asked for)."""
 
     finished: Finished
     text: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-class Format:
-    """How one endpoint shapes its JSON; subclasses in routes/chat.py and routes/completions.py."""
+@dataclass
+class AnswerParts:
+    """An answer as its events arrive."""
 
-    def __init__(self, request_id: str, model: str, include_usage: bool, created: int) -> None:
-        self.request_id, self.model, self.include_usage, self.created = request_id, model, include_usage, created
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
-    def first_chunk(self) -> dict[str, Any] | None:
-        return None
-
-    def piece_chunks(self, piece: Piece) -> list[dict[str, Any]]:
-        """The chunks that stream one piece of output (text, reasoning or a tool call)."""
-        raise NotImplementedError
-
-    def final_chunk(self, finished: Finished) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def complete(self, answer: Answer) -> Any:
-        raise NotImplementedError
+    def answer(self, finished: Finished) -> Answer:
+        return Answer(finished, "".join(self.text), "".join(self.reasoning), self.tool_calls, self.logprobs)
 
 
 def constraint_of(body: Any) -> GrammarSpec | None:
@@ -83,6 +79,16 @@ def constraint_of(body: Any) -> GrammarSpec | None:
         return grammar_for_response_format(body.response_format)
     except ConstraintError as exc:
         raise Problem("invalid_request", str(exc), param="response_format") from None
+
+
+def penalties_of(body: Any) -> Penalties:
+    """OpenAI's penalties and logit_bias, and mlx-lm's repetition_penalty, of a chat or completions request."""
+    return Penalties(
+        frequency=body.frequency_penalty or 0.0,
+        presence=body.presence_penalty or 0.0,
+        repetition=body.repetition_penalty,
+        logit_bias=dict(body.logit_bias or {}),
+    )
 
 
 def sampling_of(body: Any) -> SamplingParams:
@@ -97,47 +103,93 @@ def sampling_of(body: Any) -> SamplingParams:
 
 
 class GenerationCall(EngineCall):
-    def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
-        self.job: Job = daemon.engine.submit(job_request)  # Overloaded / EngineStopped: at once
-        super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
-        self.outcome.tools_offered = job_request.tools is not None
+    """The engine jobs of one request: one, or `n` choices for each of several prompts (choice
+    `i * n + j` is prompt i's j-th, as OpenAI indexes them); `job` is the first."""
+
+    def __init__(
+        self,
+        daemon: DaemonState,
+        request: Request,
+        endpoint: str,
+        job_request: GenerationRequest | Sequence[GenerationRequest],
+        n: int = 1,
+    ) -> None:
+        requests = [job_request] if isinstance(job_request, GenerationRequest) else list(job_request)
+        self.jobs: list[Job] = []
+        try:
+            for each in requests:  # Overloaded / EngineStopped: at once
+                self.jobs += daemon.engine.submit_choices(each, n)
+        except BaseException:
+            for job in self.jobs:
+                job.cancel()
+            raise
+        self.job = self.jobs[0]
+        self.n = n
+        first = requests[0]
+        super().__init__(daemon, request, endpoint, generation_span(first.model, endpoint, first.request_id))
+        self.outcome.tools_offered = first.tools is not None
         self.outcome.tool_calls = 0
-        forced_call = job_request.tools is not None and job_request.tool_choice not in (None, "auto", "none")
-        self.outcome.constrained = job_request.constraint is not None or forced_call
+        forced_call = first.tools is not None and first.tool_choice not in (None, "auto", "none")
+        self.outcome.constrained = first.constraint is not None or forced_call
         self._events = aiter(self.job)
+        self._streams = [self._events, *(aiter(job) for job in self.jobs[1:])]
+        self._waiting: dict[int, asyncio.Future[Event]] = {}  # choice -> its next event, being awaited
+        self._over: set[int] = set()  # choices that finished
         self.ended = False  # the answer reached its end: Finished, or an error event in a stream
 
     async def next_event(self, *, watch_client: bool = True) -> Event:
         return await self.wait(anext(self._events), watch_client=watch_client)
 
+    async def next_choice_event(self, *, watch_client: bool = True) -> tuple[int, Event]:
+        """The next event of any choice still running, and its choice index (the lowest of those ready)."""
+        if len(self._streams) == 1:
+            return 0, await self.next_event(watch_client=watch_client)
+        for index, stream in enumerate(self._streams):
+            if index not in self._waiting and index not in self._over:
+                self._waiting[index] = asyncio.ensure_future(anext(stream))
+        waits = set(self._waiting.values())
+        await self.wait(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), watch_client=watch_client)
+        index = min(i for i, future in self._waiting.items() if future.done())
+        event = self._waiting.pop(index).result()  # the job's error, if it failed
+        if isinstance(event, Finished):
+            self._over.add(index)
+        return index, event
+
     async def started(self) -> None:
-        """Wait for the job to be in a batch: queue wait, model load and prompt checks are over."""
-        event = await self.next_event()
-        if isinstance(event, Started):
-            self.outcome.prompt_tokens = event.prompt_tokens
-            self.outcome.grammar_compile_ms = event.grammar_compile_ms
+        """Wait for every job to be in a batch: queue wait, model load and prompt checks are over."""
+        prompt_tokens = 0
+        for index, stream in enumerate(self._streams):
+            event = await self.wait(anext(stream))
+            if isinstance(event, Started):
+                if index % self.n == 0:  # the choices of one prompt count it once
+                    prompt_tokens += event.prompt_tokens
+                self.outcome.prompt_tokens = prompt_tokens
+                self.outcome.grammar_compile_ms = event.grammar_compile_ms
 
     async def collect(self) -> Answer:
         """The whole answer, once the job finished."""
-        text: list[str] = []
-        reasoning: list[str] = []
-        calls: list[ToolCall] = []
+        parts = AnswerParts()
         while True:
             event = await self.next_event()
-            if isinstance(event, Started):
-                continue
-            if not isinstance(event, Finished):
-                self.outcome.first_token()
-            if isinstance(event, TextDelta):
-                text.append(event.text)
-            elif isinstance(event, ReasoningDelta):
-                reasoning.append(event.text)
-            elif isinstance(event, ToolCall):
-                calls.append(event)
-                self.outcome.tool_calls += 1
-            elif isinstance(event, Finished):
+            if isinstance(event, Finished):
                 self.finished(event)
-                return Answer(event, "".join(text), "".join(reasoning), calls)
+                return parts.answer(event)
+            self.take(parts, event)
+
+    def take(self, parts: AnswerParts, event: Event) -> None:
+        """Add one event (not Finished) to an answer being collected."""
+        if isinstance(event, Started):
+            return
+        self.outcome.first_token()
+        if isinstance(event, TextDelta):
+            parts.text.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            parts.reasoning.append(event.text)
+        elif isinstance(event, ToolCall):
+            parts.tool_calls.append(event)
+            self.outcome.tool_calls = (self.outcome.tool_calls or 0) + 1
+        elif isinstance(event, Logprobs):
+            parts.logprobs.extend(event.tokens)
 
     def finished(self, event: Finished) -> None:
         self.ended = True
@@ -149,14 +201,18 @@ class GenerationCall(EngineCall):
         outcome.reasoning_tokens = event.reasoning_tokens
 
     def cancel(self) -> None:
-        self.job.cancel()
+        for job in self.jobs:
+            job.cancel()
 
     def close(self) -> None:
-        """Free the job's batch slot if it still holds one; record its figures if it did not finish."""
+        """Free the jobs' batch slots if they still hold some; record their figures if they did not finish."""
         self.cancel()
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
         outcome = self.outcome
         if not self.ended:
-            outcome.completion_tokens = self.job.completion_tokens
+            outcome.completion_tokens = sum(job.completion_tokens for job in self.jobs)
             outcome.prompt_tokens = outcome.prompt_tokens or self.job.prompt_tokens or None
             outcome.finish_reason = outcome.finish_reason or ("cancelled" if self.job.cancelled else "error")
 
@@ -189,31 +245,6 @@ class Translation:
 
     def keepalive(self) -> str:
         raise NotImplementedError
-
-
-class FormatStream(Translation):
-    """Chat and completions: a Format's chunks as `data:` lines, then `[DONE]`."""
-
-    def __init__(self, fmt: Format) -> None:
-        self.fmt = fmt
-
-    def opening(self, prompt_tokens: int) -> list[str]:
-        first = self.fmt.first_chunk()
-        return [] if first is None else [sse_data(first)]
-
-    def piece(self, piece: Piece) -> list[str]:
-        return [sse_data(chunk) for chunk in self.fmt.piece_chunks(piece)]
-
-    def closing(self, finished: Finished) -> list[str]:
-        events = [sse_data(self.fmt.final_chunk(finished))]
-        if self.fmt.include_usage:
-            events.append(sse_data(self.fmt.usage_chunk(finished)))
-        return [*events, sse_done()]
-
-
-async def respond(call: GenerationCall, fmt: Format, stream: bool) -> Any:
-    """The answer to a chat or completions request, whole or streamed."""
-    return await answer(call, stream, fmt.complete, FormatStream(fmt))
 
 
 async def answer(
@@ -250,7 +281,7 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
                     yield translation.keepalive()
                     continue
                 event, pending = pending.result(), None
-            if isinstance(event, Started):
+            if isinstance(event, (Started, Logprobs)):  # a dialect without log probabilities never asks
                 continue
             if not isinstance(event, Finished):
                 outcome.first_token()
@@ -258,7 +289,7 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
                 # Deltas that arrived while the last chunk was written go out together.
                 event = type(event)(event.text + call.job.take_ready_text(type(event)))
             if isinstance(event, ToolCall):
-                outcome.tool_calls += 1
+                outcome.tool_calls = (outcome.tool_calls or 0) + 1
             if isinstance(event, Finished):
                 call.finished(event)
                 for text in translation.closing(event):
@@ -283,6 +314,21 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
 
 
 def _failure(call: GenerationCall, translation: Translation, problem: Problem) -> list[str]:
+    return translation.failure(ended_by(call, problem), call.outcome)
+
+
+def ended_by(call: GenerationCall, problem: Problem) -> Problem:
+    """A stream that fails after its first byte: the outcome records the problem, which the caller sends."""
     call.ended = True
     call.outcome.fail(problem.kind)
-    return translation.failure(problem, call.outcome)
+    return problem
+
+
+def stream_problem(call: GenerationCall, exc: Exception) -> Problem:
+    """The problem to send for an error in the middle of a stream."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, EngineError):
+        return problem_from_engine(exc)
+    log.error("stream failed (request_id=%s)", call.outcome.request_id, exc_info=exc)
+    return Problem("internal_error", f"the stream failed; see request_id {call.outcome.request_id} in the daemon's log")

@@ -5,6 +5,7 @@ Also the mapping from the engine's typed errors to problem kinds, shared with th
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from mlx_manager.daemon.dialects.common import NOT_SUPPORTED, UNSUPPORTED
 from mlx_manager.daemon.problems import Problem, kind_for_status, retry_after
 from mlx_manager.engine.errors import (
     ChatTemplateMissing,
+    ContextLengthExceeded,
     EngineError,
     EngineStopped,
     GenerationFailed,
@@ -46,6 +48,7 @@ _ENGINE_KINDS: list[tuple[type[EngineError], str]] = [
     (ChatTemplateMissing, "chat_template_missing"),
     (WrongModelKind, "wrong_model_kind"),
     (ToolsNotSupported, "tools_not_supported"),
+    (ContextLengthExceeded, "context_length_exceeded"),
     (InvalidRequest, "invalid_request"),
     (GenerationFailed, "generation_failed"),
 ]
@@ -62,6 +65,8 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
             param = {"wrong_model_kind": "model", "tools_not_supported": "tools"}.get(kind)
             if kind.startswith("model_"):
                 param = "model"
+            if isinstance(exc, InvalidRequest):
+                param = exc.param
             return Problem(kind, str(exc), param=param)
     log.error("unmapped engine error %s: %s", type(exc).__name__, exc)
     return Problem("internal_error", "the engine failed in an unexpected way")
@@ -74,8 +79,18 @@ def problem_response(request: Request, problem: Problem):
 
 
 def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pydantic's errors without `input` (it may hold a whole prompt) or `ctx` internals."""
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+    """Pydantic's errors without `input` (it may hold a whole prompt) or `ctx` internals, and
+    without the "Value error, " pydantic puts before a validator's own message."""
+    return [
+        {"loc": list(e.get("loc", ())), "msg": _message(e.get("msg", "")), "type": e.get("type", "")} for e in errors
+    ]
+
+
+def _message(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
 
 
 def _dotted(loc: Sequence[Any]) -> str:
@@ -101,6 +116,34 @@ def problem_from_validation(exc: RequestValidationError) -> Problem:
     return Problem("validation_error", detail, param=where or None, errors=fields)
 
 
+V1_ENDPOINTS = "chat/completions, completions, embeddings, models, messages and responses"
+
+
+def nearest_route(request: Request) -> str:
+    """For a path under /v1 that has no route: the supported endpoint it most likely meant, or
+    what /v1 serves when none is close. The endpoints are those of the OpenAPI document."""
+    path = request.url.path
+    if not path.startswith("/v1/"):
+        return ""
+    wanted = path[len("/v1/") :].strip("/")
+    endpoints = [
+        (method.upper(), known)
+        for known, operations in request.app.openapi().get("paths", {}).items()
+        if known.startswith("/v1/")
+        for method in operations
+    ]
+
+    def likeness(endpoint: tuple[str, str]) -> float:
+        method, known = endpoint[0], endpoint[1][len("/v1/") :]
+        prefix = bool(wanted) and (known.startswith(wanted) or wanted.startswith(known.split("/{")[0]))
+        return difflib.SequenceMatcher(None, wanted, known).ratio() + 0.5 * prefix + 0.05 * (method == request.method)
+
+    best = max(endpoints, key=likeness, default=None)
+    if best is None or likeness(best) < 0.6:
+        return f"; /v1 serves {V1_ENDPOINTS}"
+    return f"; did you mean {best[0]} {best[1]}?"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem):
@@ -124,7 +167,7 @@ def install(app: FastAPI) -> None:
         kind = kind_for_status(exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail else None
         if exc.status_code == 404 and detail in (None, "Not Found"):
-            detail = f"no route {request.method} {request.url.path}"
+            detail = f"no route {request.method} {request.url.path}" + nearest_route(request)
         elif exc.status_code == 405 and detail in (None, "Method Not Allowed"):
             allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
             detail = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")

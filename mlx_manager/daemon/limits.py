@@ -34,3 +34,15 @@ def max_tokens_for(requested: int | None, settings: Settings, param: str = "max_
             limit=ceiling,
         )
     return requested
+
+
+def check_choices(count: int, settings: Settings) -> None:
+    """`n` times the prompts: each is a sequence the engine runs; more than may wait at once is refused."""
+    limit = settings.server.queue_limit
+    if count > limit:
+        raise Problem(
+            "limit_exceeded",
+            f"n: {count} choices (n times the prompts) is more than the limit of {limit} (server.queue_limit)",
+            param="n",
+            limit=limit,
+        )

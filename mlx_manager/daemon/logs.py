@@ -1,4 +1,6 @@
-"""The daemon's logging: a rotating file under the home folder, and stderr."""
+"""The daemon's logging: a rotating file under the home folder, and stderr. One record is one line:
+control characters a client put in a model id or a path are escaped, so they cannot forge lines
+or reach the terminal of whoever reads the log."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import logging
 import os
 import sys
 
+from mlx_manager.escape import printable
 from mlx_manager.private_log import PrivateRotatingFileHandler
 from mlx_manager.settings import Settings
 
@@ -14,10 +17,18 @@ MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 5
 
 
+class OneLineFormatter(logging.Formatter):
+    """The message with its control characters escaped; a traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(settings: Settings) -> None:
     path = settings.log_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    formatter = logging.Formatter(FORMAT)
+    formatter = OneLineFormatter(FORMAT)
     handlers: list[logging.Handler] = [
         PrivateRotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
     ]

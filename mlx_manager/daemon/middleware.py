@@ -1,5 +1,5 @@
-"""The one ASGI middleware every HTTP request passes: request id, draining, API key, rate limit,
-body limit, outcome.
+"""The one ASGI middleware every HTTP request passes: request id, Host check, draining, API key,
+rate limit, body limit, outcome. WebSocket handshakes pass its Host check too.
 
 Pure ASGI (not BaseHTTPMiddleware) so that streaming responses pass through untouched and the
 body limit can count the bytes of a chunked upload as they arrive.
@@ -7,14 +7,17 @@ body limit can count the bytes of a chunked upload as they arrive.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import secrets
 import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_manager.auth import ADD_KEY_HINT, bearer_token
+from mlx_manager.daemon.hosts import header, host_refusal
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem, retry_after
 from mlx_manager.daemon.state import DaemonState
@@ -25,6 +28,12 @@ log = logging.getLogger("mlx_manager.daemon")
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 # Probes stay answerable while draining, so a supervisor can watch the drain.
 _PROBES = ("/health", "/ready")
+# They show model paths and traffic: while the API needs a key, so do they (auth.open_endpoints,
+# auth.probe_clients open them); the admin token opens them to the supervisor and the CLI.
+_EXTRAS = {"/ready": "/ready", "/metrics": "/metrics", "/docs": "/docs", "/docs/oauth2-redirect": "/docs",
+           "/openapi.json": "/openapi.json"}
+_SCRAPED = ("/ready", "/metrics")
+POLICY_VIOLATION = 1008
 # Paths whose outcome is worth a record (the audit log): the API and the admin endpoints.
 _RECORDED = ("/v1/", "/admin/")
 # The dashboard's page, files and the reads it polls: browsing, not calls worth a row each.
@@ -60,6 +69,10 @@ class DaemonMiddleware:
         self.daemon = daemon
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and host_refusal(scope, self.daemon.settings) is not None:
+            log.warning("refused a WebSocket to %s for its Host header", scope["path"])
+            await send({"type": "websocket.close", "code": POLICY_VIOLATION})  # before accept: a 403
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -111,6 +124,13 @@ class DaemonMiddleware:
     def _refusal(self, scope: Scope, path: str, outcome: RequestOutcome) -> Problem | None:
         """A problem to answer at once, before any routing or body reading. Names the API key
         on the outcome as soon as one matched, so a later refusal (429, 413) is still its."""
+        problem = host_refusal(scope, self.daemon.settings)
+        if problem is not None:
+            return problem
+        if path in _EXTRAS:
+            problem = self._extras_refusal(scope, _EXTRAS[path])
+            if problem is not None:
+                return problem
         if self.daemon.draining and path not in _PROBES:
             detail = "the daemon is shutting down and takes no new requests"
             return Problem("draining", detail, headers=retry_after(DRAIN_RETRY_AFTER))
@@ -128,14 +148,40 @@ class DaemonMiddleware:
             return Problem("body_too_large", f"the request body is larger than {limit} bytes (server.max_body_bytes)")
         return None
 
+    def _api_needs_key(self) -> bool:
+        return bool(self.daemon.keyring) or self.daemon.require_key
+
+    def _extras_refusal(self, scope: Scope, extra: str) -> Problem | None:
+        """A 401 problem for /ready, /metrics, /docs or /openapi.json while the API needs a key,
+        unless the endpoint is open (auth.open_endpoints), the client may scrape it
+        (auth.probe_clients), or the request brings an API key or the admin token (the supervisor's
+        and `status`'s probes: the daemon's own user reads it from admin.token)."""
+        auth = self.daemon.settings.auth
+        if not self._api_needs_key() or extra in auth.open_endpoints:
+            return None
+        client = (scope.get("client") or (None,))[0]
+        if extra in _SCRAPED and _address_in(client, auth.probe_clients):
+            return None
+        token = _presented_key(scope)
+        if token is not None:
+            if self.daemon.keyring.match(token) is not None:
+                return None
+            admin = self.daemon.admin_token.encode()
+            if admin and secrets.compare_digest(token.encode(), admin):
+                return None
+        detail = (
+            f"{extra} needs an API key while the API does ('Authorization: Bearer <key>'); "
+            "auth.open_endpoints and auth.probe_clients open it to everyone or to a scraper's address"
+        )
+        challenge = 'Bearer realm="mlx-manager"' + (', error="invalid_token"' if token else "")
+        return Problem("unauthorized", detail, headers={"WWW-Authenticate": challenge})
+
     def _authenticate(self, scope: Scope) -> tuple[str | None, Problem | None]:
         """(name of the key the request presents, or a 401 problem). No keys at all: (None, None)."""
         keyring = self.daemon.keyring
-        if not keyring and not self.daemon.require_key:
+        if not self._api_needs_key():
             return None, None
-        # Anthropic's clients send the key as `x-api-key`; everyone else as a bearer token.
-        token = bearer_token(_header(scope, b"authorization") or "")
-        token = token or (_header(scope, b"x-api-key") or "").strip() or None
+        token = _presented_key(scope)
         if not keyring:
             detail = f"this daemon listens on a network address and has no API key left. {ADD_KEY_HINT}."
         elif token is None:
@@ -159,11 +205,22 @@ class DaemonMiddleware:
         return Problem("rate_limited", detail, headers=retry_after(wait), limit=per_minute)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
+def _presented_key(scope: Scope) -> str | None:
+    """The key a request brings: Anthropic's clients send it as `x-api-key`, everyone else as a bearer token."""
+    token = bearer_token(header(scope, b"authorization") or "")
+    return token or (header(scope, b"x-api-key") or "").strip() or None
+
+
+def _address_in(address: str | None, networks: list[str]) -> bool:
+    if not address or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(network, strict=False) for network in networks)
 
 
 def _log_outcome(outcome: RequestOutcome) -> None:

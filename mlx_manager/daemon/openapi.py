@@ -47,7 +47,8 @@ ANTHROPIC_PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 ERROR_RESPONSE = {
-    "description": "Any error, as a problem document (401 without a valid API key, 413, 422, 429, 5xx).",
+    "description": "Any error, as a problem document (401 without a valid API key, 413, 421 for a Host the daemon"
+    " does not answer to, 422, 429, 5xx).",
     "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
 }
 ANTHROPIC_ERROR_RESPONSE = {

@@ -29,6 +29,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "bad_request": Kind(400, "Bad request", "invalid_request_error"),
     "invalid_request": Kind(400, "The request cannot be run", "invalid_request_error"),
+    "context_length_exceeded": Kind(400, "Over the model's context", "invalid_request_error"),
     "chat_template_missing": Kind(400, "The model has no chat template", "invalid_request_error"),
     "wrong_model_kind": Kind(400, "The model does not serve this endpoint", "invalid_request_error"),
     "tools_not_supported": Kind(400, "The model cannot call tools", "invalid_request_error"),
@@ -41,6 +42,7 @@ KINDS: dict[str, Kind] = {
     "model_not_loaded": Kind(404, "Model not loaded", "invalid_request_error"),
     "response_not_found": Kind(404, "Unknown response", "invalid_request_error"),
     "method_not_allowed": Kind(405, "Method not allowed", "invalid_request_error"),
+    "misdirected_request": Kind(421, "Host not served here", "invalid_request_error"),
     "model_busy": Kind(409, "The model has jobs", "invalid_request_error"),
     "body_too_large": Kind(413, "Request body too large", "invalid_request_error"),
     "unsupported_media_type": Kind(415, "Unsupported media type", "invalid_request_error"),

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlx_manager import __version__
 from mlx_manager.files import write_atomic
@@ -22,8 +22,6 @@ from mlx_manager.runtime import daemon_file, ensure_home, read_daemon_info
 log = logging.getLogger("mlx_manager.daemon")
 
 DEFAULT_HOST = "127.0.0.1"
-# Once drained, uvicorn only closes idle connections; this bounds that last step.
-GRACEFUL_SHUTDOWN_SECONDS = 5
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -40,12 +38,11 @@ def run_daemon(
 ) -> None:
     """Run the daemon in the foreground until stopped. Raises StartupError when it cannot start,
     which includes a network address without any API key unless `insecure_no_auth`."""
-    import uvicorn
-
     from mlx_manager.auth import is_loopback_host, load_keyring, unsafe_bind
     from mlx_manager.daemon.app import create_app
     from mlx_manager.daemon.logs import configure_logging
-    from mlx_manager.daemon.server import DrainingServer
+    from mlx_manager.daemon.server import DrainingServer, server_config
+    from mlx_manager.engine.open_files import raise_open_file_limit
     from mlx_manager.settings import SettingsError, load_settings
     from mlx_manager.telemetry import configure_telemetry, instrument_httpx
 
@@ -66,6 +63,7 @@ def run_daemon(
             f"a daemon is already running (pid {running['pid']}, {running.get('url')})",
             "Stop it first, or give this one another MLX_MANAGER_HOME.",
         )
+    raise_open_file_limit()  # every connection takes a descriptor: room for them before the first
     sock = bind(settings.server.host, settings.server.port)
     configure_logging(settings)
     configure_telemetry(settings)  # once, before the app is built
@@ -76,15 +74,7 @@ def run_daemon(
         flag_overrides={key: value for key, value in flags.items() if value is not None},
         require_key=on_network and not insecure_no_auth,
     )
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # ours (configure_logging): file + stderr
-        access_log=False,  # the middleware logs each API request with its id and outcome
-        lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        server_header=False,
-    )
-    server = DrainingServer(config, app.state.daemon)
+    server = DrainingServer(server_config(app, settings), app.state.daemon)
     app.state.daemon.on_fatal = lambda: setattr(server, "should_exit", True)
     bound_port = sock.getsockname()[1]
     url = f"http://{_client_host(settings.server.host)}:{bound_port}"
@@ -141,7 +131,7 @@ def write_daemon_file(host: str, port: int, url: str) -> None:
         "port": port,
         "url": url,
         "version": __version__,
-        "started_at": datetime.now(timezone.utc).isoformat(),
+        "started_at": datetime.now(UTC).isoformat(),
     }
     write_atomic(daemon_file(), json.dumps(info, indent=2) + "\n")
 

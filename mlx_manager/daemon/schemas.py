@@ -1,16 +1,18 @@
 """Request and response bodies of the OpenAI API, as far as the daemon serves it.
 
 Requests ignore unknown fields (as OpenAI does, so newer clients keep working) and refuse
-known fields with invalid values (422). Fields OpenAI defines that have no meaning here
-(penalties, logit_bias, user...) are accepted and ignored.
+known fields with invalid values (422). Chat and completions keep the fields they do not declare
+as extras: a field OpenAI defines that this server does not do is refused by name (a 400), by the
+one list of fields in openai_fields.py.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Stop strings: up to 16 of up to 512 characters (OpenAI allows 4); matching them costs
 # each generated character one step per stop string.
@@ -19,12 +21,37 @@ StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 TokenId = Annotated[int, Field(ge=0)]  # the upper bound is the model's vocabulary: the engine checks it
 
+# A model id goes to the audit log, the metrics, the logs and the disk: a Hugging Face id
+# (org/name@revision) or a folder path, so a line of printable text of bounded length.
+MAX_MODEL_ID = 1024
+
+
+def _printable_model_id(value: str) -> str:
+    if not value.isprintable():
+        raise PydanticCustomError("model_id", "a model id is printable text: no control or invisible characters")
+    return value
+
+
+ModelId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_MODEL_ID,
+          description="A Hugging Face repo id (org/name[@revision]) or a model folder's path."),
+    AfterValidator(_printable_model_id),
+]
+
 
 class Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(Lenient):
+class OpenAIRequest(BaseModel):
+    """A request object whose undeclared fields are kept (as `model_extra`), for the routes to
+    refuse those OpenAI defines and this server does not do (openai_fields.py); the rest is ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(OpenAIRequest):
     include_usage: bool = False
 
 
@@ -103,7 +130,11 @@ class Message(Lenient):
             message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments_object()}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments_object()},
+                }
                 for c in self.tool_calls
             ]
         if self.tool_call_id is not None:
@@ -114,13 +145,17 @@ class Message(Lenient):
         return message
 
 
-class GenerationFields(Lenient):
+MAX_CHOICES = 128  # OpenAI's limit on n
+LogitBias = Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)]
+
+
+class GenerationFields(OpenAIRequest):
     """Fields chat and completions share."""
 
-    model: str = Field(min_length=1)
+    model: ModelId
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stop: Stop = None
     max_tokens: int | None = Field(None, ge=1)
     # None (sent as null by some clients) means the default, as with OpenAI.
@@ -131,6 +166,10 @@ class GenerationFields(Lenient):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Token id (as a JSON object key, text) -> a bias added to its logit.
+    logit_bias: LogitBias | None = None
+    # Not OpenAI's, but mlx-lm's (and vLLM's): a multiplicative penalty over the last 20 tokens.
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
     user: str | None = None
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}: checked, and turned
     # into a grammar, by the route (an unsupported schema is a 400 that names what it uses).
@@ -143,6 +182,9 @@ class GenerationFields(Lenient):
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def choices(self) -> int:
+        return self.n or 1
 
 
 class FunctionDefinition(Lenient):
@@ -187,6 +229,18 @@ class ChatCompletionRequest(GenerationFields):
     # Not OpenAI's, but vLLM's, mlx-lm's and SGLang's: variables for the chat template.
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    def logprobs_count(self) -> int | None:
+        """How many alternatives each token's log probability comes with; None: no log probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tool_choice")
     @classmethod
@@ -214,21 +268,21 @@ class ChatCompletionRequest(GenerationFields):
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
-class CompletionRequest(GenerationFields):
-    # One prompt only (n = 1): a string, a list of token ids, or a one-element list of either.
-    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
-    echo: bool = False
+MAX_PROMPTS = 2048
 
-    @model_validator(mode="after")
-    def one_prompt(self) -> CompletionRequest:
+
+class CompletionRequest(GenerationFields):
+    # A string, a list of token ids, or a list of either: several prompts, each with n choices.
+    prompt: str | list[TokenId] | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | Annotated[
+        list[list[TokenId]], Field(max_length=MAX_PROMPTS)
+    ]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-            self.prompt = prompt[0]
-        if self.echo:
-            raise ValueError("echo is not supported")
-        return self
+            return list(prompt)
+        return [prompt]  # type: ignore[list-item]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -238,7 +292,7 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 
 
 class EmbeddingsRequest(Lenient):
-    model: str = Field(min_length=1)
+    model: ModelId
     # A string, a list of strings, a list of token ids (one input) or a list of token id lists.
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -260,6 +314,10 @@ class EmbeddingsRequest(Lenient):
             if not item:
                 raise ValueError(f"input {index} is empty")
         return self
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list (the validator has made one input a list of one)."""
+        return cast("list[str] | list[list[int]]", self.input)
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -305,11 +363,28 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChatLogprobs(BaseModel):
+    """Every generated token, thinking and markup included (so its tokens may spell more than `content`)."""
+
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -322,11 +397,20 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -344,6 +428,9 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "local"
+    root: str | None = Field(
+        None, description="The folder or Hugging Face id an alias stands for (as vLLM reports it)."
+    )
 
 
 class ModelList(BaseModel):

@@ -1,22 +1,56 @@
-"""uvicorn's Server with a draining stop: the signal handling of `mlx-manager serve`."""
+"""uvicorn's configuration for the daemon, and its Server with a draining stop: the signal handling
+of `mlx-manager serve`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import threading
+from typing import Any
 
 import uvicorn
 
 from mlx_manager.daemon.app import stop_engine
+from mlx_manager.daemon.connections import ConnectionGuard
 from mlx_manager.daemon.state import DaemonState
+from mlx_manager.engine.open_files import open_file_limit
+from mlx_manager.settings import Settings
 
 log = logging.getLogger("mlx_manager.daemon")
 
 # After the drain timeout the engine is stopped; the requests it ends get this long to say so.
 LAST_WORDS_SECONDS = 5.0
+# Once drained, uvicorn only closes idle connections; this bounds that last step.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def server_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for the daemon: bounded connections (daemon/connections.py), proxy
+    headers believed only from server.trusted_proxies, our logging, no Server header."""
+    server = settings.server
+    # The rest of the open-file limit is for models, the audit log, the logs and connections over the limit.
+    limit = min(server.max_connections, max(16, open_file_limit() // 2))
+    if limit < server.max_connections:
+        log.warning("server.max_connections is %d but the open-file limit is %d: at most %d connections",
+                    server.max_connections, open_file_limit(), limit)
+    guard = ConnectionGuard(limit, server.idle_timeout, server.read_timeout)
+    return uvicorn.Config(
+        app,
+        http=guard.protocol(),
+        log_config=None,  # ours (configure_logging): file + stderr
+        access_log=False,  # the middleware logs each API request with its id and outcome
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=max(1, math.ceil(server.idle_timeout)),
+        server_header=False,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: anyone local could pose as
+        # any address (past the rate limit, into the logs). Only a named proxy is believed.
+        proxy_headers=bool(server.trusted_proxies),
+        forwarded_allow_ips=list(server.trusted_proxies) or None,
+    )
 
 
 class DrainingServer(uvicorn.Server):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from mlx_manager.auth import KeyRing
+from mlx_manager.daemon.aliases import Aliases, aliases_for
 from mlx_manager.daemon.dialects.responses.store import ResponseStore
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.ratelimit import RateLimiter
@@ -57,6 +58,17 @@ class DaemonState:
     # Responses kept for GET /v1/responses/{id} and previous_response_id: in memory only.
     responses: ResponseStore = field(default_factory=ResponseStore)
     _idle: asyncio.Event | None = None
+    _aliases: tuple[Settings, Aliases] | None = None  # made once per settings object
+
+    def aliases(self) -> Aliases:
+        """The model aliases of the current settings (see aliases.py)."""
+        if self._aliases is None or self._aliases[0] is not self.settings:
+            self._aliases = (self.settings, aliases_for(self.settings, self.extra_preload))
+        return self._aliases[1]
+
+    def model_id(self, name: str) -> str:
+        """The model id a request's `model` names: an alias resolved, anything else as it is."""
+        return self.aliases().resolve(name)
 
     def engine_config(self) -> EngineConfig:
         """The engine's limits from the current settings, with `serve --model` preloaded too."""
@@ -101,6 +113,8 @@ def engine_config(settings: Settings, extra_preload: list[str] | None = None) ->
     """The engine's limits from the settings; `extra_preload` models are loaded first."""
     return EngineConfig(
         allowed=list(settings.models.allowed),
+        folders=list(settings.models.folders),
+        allow_any_path=settings.models.allow_any_path,
         max_loaded=settings.models.max_loaded,
         keep_alive=settings.models.keep_alive,
         preload=list(dict.fromkeys([*(extra_preload or []), *settings.models.preload])),

@@ -4,22 +4,25 @@ together in its `BatchGenerator` (continuous batching: a new job joins at the ne
 A job's prompt starts from the longest prefix the model's prompt cache has; the rest is
 prefilled in chunks (`prefill_chunk` tokens a step), so a long prompt never holds up the other
 streams for long and a cancelled job stops within one chunk. When a job ends, its state goes
-back into the prompt cache for the next turn of its conversation.
+back into the prompt cache for the next turn of its conversation. The choices of one request
+(`n` > 1) read their prompt once (`SharedPrefill`), then each decodes from a copy of its cache.
 
 Everything here runs on the inference thread.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 from mlx_manager.engine.errors import GenerationFailed
 from mlx_manager.engine.jobs import Job
+from mlx_manager.engine.logits import token_logprob, token_texts
 from mlx_manager.engine.output import Output
 from mlx_manager.engine.pool import LoadedModel
 from mlx_manager.engine.prompt_cache import PromptCache
-from mlx_manager.engine.types import Finished
+from mlx_manager.engine.types import Finished, Logprobs
 
 
 @dataclass
@@ -30,7 +33,8 @@ class Slot:
     output: Output
     tokens: list[int]  # the prompt, then every token generated: enough to rebuild its cache
     sampler: Any
-    processors: list[Any]  # logits processors (a constraint's), the job's own
+    processors: list[Any]  # logits processors (penalties, a constraint's), the job's own
+    max_tokens: int  # the request's, or what the context leaves of the default
     cached: int = 0  # prompt tokens restored from the prompt cache
     uid: int = -1
 
@@ -40,7 +44,7 @@ class Slot:
 
     @property
     def remaining(self) -> int:
-        return self.job.request.max_tokens - self.job.completion_tokens
+        return self.max_tokens - self.job.completion_tokens
 
     def resume_processors(self) -> None:
         """Tell the processors where the job is, before it goes on in another batch."""
@@ -65,6 +69,7 @@ class Solo:
         self.prefill_chunk = prefill_chunk
         self.steps: Any = None
         self.last_token: int | None = None
+        self.last_logprobs: Any = None  # the distribution the last token was drawn from
 
     def advance(self) -> int | None:
         """One step of work: a chunk of the prompt (None), or the next token."""
@@ -73,8 +78,7 @@ class Solo:
         if self.steps is None:
             if len(self.rest) > self.prefill_chunk:
                 chunk, self.rest = self.rest[: self.prefill_chunk], self.rest[self.prefill_chunk :]
-                self.entry.model(mx.array(chunk)[None], cache=self.cache)
-                mx.eval([layer.state for layer in self.cache])
+                read_chunk(self.entry, self.cache, chunk)
                 self.held += chunk
                 return None
             from mlx_lm.generate import generate_step
@@ -89,7 +93,7 @@ class Solo:
             )
             self.held += self.rest
             self.rest = []
-        token, _ = next(self.steps)
+        token, self.last_logprobs = next(self.steps)
         # generate_step feeds each token to the model before it yields it (it runs one step
         # ahead), so the cache now holds this token too.
         self.last_token = int(token)
@@ -115,6 +119,48 @@ class Solo:
         return [self.last_token], self.cache, self.held[:-1]
 
 
+def read_chunk(entry: LoadedModel, cache: list[Any], chunk: list[int]) -> None:
+    """Prefill `chunk` into `cache` (the logits are not needed: more of the prompt follows)."""
+    import mlx.core as mx
+
+    entry.model(mx.array(chunk)[None], cache=cache)
+    mx.eval([layer.state for layer in cache])
+
+
+class SharedPrefill:
+    """The choices of one request (`n` > 1): their common prompt read once, a chunk per step, up
+    to its last token; then each choice joins the batch with a copy of that cache and the last
+    token as its prompt, so only that token is computed per choice."""
+
+    def __init__(self, entry: LoadedModel, slots: list[Slot], cache: list[Any] | None, held: list[int],
+                 rest: list[int], prefill_chunk: int) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.entry = entry
+        self.slots = slots
+        self.cache = cache if cache is not None else make_prompt_cache(entry.model)
+        self.held = list(held)
+        self.rest = list(rest)  # at least one token: the last is each choice's own
+        self.prefill_chunk = prefill_chunk
+
+    def advance(self) -> bool:
+        """Read one chunk; True once only the last token is left."""
+        if len(self.rest) > 1:
+            size = min(self.prefill_chunk, len(self.rest) - 1)
+            chunk, self.rest = self.rest[:size], self.rest[size:]
+            read_chunk(self.entry, self.cache, chunk)
+            self.held += chunk
+        return len(self.rest) <= 1
+
+    def caches(self) -> list[list[Any] | None]:
+        """One cache per choice: the first gets the prefilled one, the others copies (None when
+        nothing was prefilled: each starts from its prompt)."""
+        if not self.held:
+            return [None] * len(self.slots)
+        caches: list[list[Any] | None] = [self.cache]
+        return caches + [copy.deepcopy(self.cache) for _ in self.slots[1:]]
+
+
 class ModelBatch:
     """The running jobs of one model: one alone on the fast path, several in a BatchGenerator."""
 
@@ -128,7 +174,9 @@ class ModelBatch:
         self.solo: Solo | None = None
         self.slots: dict[int, Slot] = {}
         self.fresh: set[int] = set()  # joined, no token yet: the suspects if a step fails
+        self.prefills: list[SharedPrefill] = []  # groups of choices still reading their prompt
         self._solo_uid = -1
+        self._waiting_uid = -1  # the keys of slots in a SharedPrefill: -2, -3, ...
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -145,6 +193,35 @@ class ModelBatch:
             slot.uid = self._insert(slot, tokens[cached:], cache, tokens[:cached])
         self.slots[slot.uid] = slot
         self.fresh.add(slot.uid)
+
+    def add_choices(self, slots: list[Slot], tokens: list[int]) -> None:
+        """The choices of one request: one prompt (`tokens`), prefilled once for all of them."""
+        cache, cached = self.prompt_cache.fetch(tokens)
+        if self.solo is not None:
+            self._move_solo_to_batch()
+        for slot in slots:
+            slot.cached = cached
+            self._waiting_uid -= 1
+            slot.uid = self._waiting_uid
+            self.slots[slot.uid] = slot
+            self.fresh.add(slot.uid)
+        prefill = SharedPrefill(self.entry, slots, cache, tokens[:cached], tokens[cached:], self.prefill_chunk)
+        self.prefills.append(prefill)
+
+    def _advance_prefills(self) -> None:
+        """A chunk of each group's prompt; a group whose prompt is read joins the batch, one
+        sequence per choice, each with its own copy of the cache."""
+        for prefill in list(self.prefills):
+            if not prefill.advance():
+                continue
+            self.prefills.remove(prefill)
+            for slot, cache in zip(prefill.slots, prefill.caches(), strict=True):
+                self.slots.pop(slot.uid, None)
+                self.fresh.discard(slot.uid)
+                prompt, held = (prefill.rest, prefill.held) if cache is not None else (prefill.held + prefill.rest, [])
+                slot.uid = self._insert(slot, list(prompt), cache, list(held))
+                self.slots[slot.uid] = slot
+                self.fresh.add(slot.uid)
 
     def _insert(self, slot: Slot, prompt: list[int], cache: list[Any] | None, held: list[int]) -> int:
         (uid,) = self._batch().insert(
@@ -186,7 +263,12 @@ class ModelBatch:
         if slot is None:
             return None
         self.fresh.discard(uid)
-        if self.solo is not None and self.solo.slot is slot:
+        prefill = next((p for p in self.prefills if slot in p.slots), None)
+        if prefill is not None:  # still reading its prompt: not in the generator yet
+            prefill.slots.remove(slot)
+            if not prefill.slots:
+                self.prefills.remove(prefill)
+        elif self.solo is not None and self.solo.slot is slot:
             solo, self.solo = self.solo, None
             solo.close()
             if keep_cache and solo.steps is not None:
@@ -206,28 +288,31 @@ class ModelBatch:
             if token is None:  # still reading the prompt
                 return []
             reason = "stop" if token in self.eos else None
-            if reason is None and slot.job.completion_tokens + 1 >= slot.job.request.max_tokens:
+            if reason is None and slot.job.completion_tokens + 1 >= slot.max_tokens:
                 reason = "length"
-            finished = [slot] if self._deliver(slot, token, reason) else []
+            finished = [slot] if self._deliver(slot, token, reason, self.solo.last_logprobs) else []
             if finished:
                 self.remove(slot.uid, keep_cache=True)
             return finished
+        self._advance_prefills()
+        if self.generator is None:
+            return []
         _, responses = self.generator.next()
         finished = []
         for r in responses:
-            slot = self.slots.get(r.uid)
-            if slot is None or not self._deliver(slot, r.token, r.finish_reason):
+            found = self.slots.get(r.uid)
+            if found is None or not self._deliver(found, r.token, r.finish_reason, r.logprobs):
                 continue
-            finished.append(slot)
+            finished.append(found)
             if r.finish_reason is not None:  # mlx-lm let go of it, and handed its state over
-                self.slots.pop(slot.uid, None)
-                self.fresh.discard(slot.uid)
+                self.slots.pop(found.uid, None)
+                self.fresh.discard(found.uid)
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
-                self.remove(slot.uid, keep_cache=True)
+                self.remove(found.uid, keep_cache=True)
         return finished
 
-    def _deliver(self, slot: Slot, token: int, reason: str | None) -> bool:
+    def _deliver(self, slot: Slot, token: int, reason: str | None, logprobs: Any) -> bool:
         """Send what this token completes; True when the job is over."""
         self.fresh.discard(slot.uid)
         job, output = slot.job, slot.output
@@ -236,6 +321,9 @@ class ModelBatch:
         else:
             job.completion_tokens += 1
             slot.tokens.append(token)
+            if job.request.logprobs is not None and logprobs is not None:
+                texts = token_texts(self.entry.tokenizer)
+                job.emit(Logprobs((token_logprob(logprobs, token, job.request.logprobs, texts),)))
             pieces = output.add(token)
             if reason == "length" and not output.stopped:
                 pieces += output.finish()
@@ -273,7 +361,7 @@ class ModelBatch:
         failed = [self.slots[uid] for uid in suspects]
         survivors = [slot for uid, slot in self.slots.items() if uid not in suspects]
         self.close()
-        self.generator, self.slots, self.fresh = None, {}, set()
+        self.generator, self.slots, self.fresh, self.prefills = None, {}, set(), []
         for slot in survivors:
             slot.resume_processors()
             slot.uid = self._insert(slot, list(slot.tokens), None, [])
@@ -281,6 +369,7 @@ class ModelBatch:
         return failed
 
     def close(self) -> None:
+        self.prefills = []
         if self.solo is not None:
             self.solo.close()
             self.solo = None

@@ -14,7 +14,8 @@ from mlx_manager.engine.types import GenerationRequest, ModelStatus
 
 @dataclass(frozen=True)
 class Submit:
-    """Run a generation: it waits for a batch slot, then streams its events."""
+    """Run a generation (with `job.group`, every choice of its request): it waits for a batch
+    slot, then streams its events."""
 
     job: Job
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class EngineConfig:
     allowed: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # folders of model folders requests may load by path
+    allow_any_path: bool = False  # any folder on the machine may be loaded by its path
     max_loaded: int = 2
     keep_alive: float = 1800.0
     preload: list[str] = field(default_factory=list)

@@ -37,6 +37,12 @@ def _read_json(path: Path) -> dict | list | None:
         return None
 
 
+def _read_object(path: Path) -> dict:
+    """A JSON file's object, or {} if it is missing, unreadable or not an object."""
+    found = _read_json(path)
+    return found if isinstance(found, dict) else {}
+
+
 SUPPORTED_MODULES = (".Transformer", ".Pooling", ".Normalize")
 
 
@@ -52,7 +58,7 @@ def pooling_of(path: Path) -> Pooling:
     pooling_dir = next((m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
     if pooling_dir is None:
         return Pooling(normalize=normalize)
-    config = _read_json(path / pooling_dir / "config.json") or {}
+    config = _read_object(path / pooling_dir / "config.json")
     mode = config.get("pooling_mode")
     if not mode:
         flags = {
@@ -63,6 +69,12 @@ def pooling_of(path: Path) -> Pooling:
         }
         mode = next((name for name, key in flags.items() if config.get(key)), "mean")
     return Pooling(mode=mode, normalize=normalize)
+
+
+FOREIGN_IDS = (
+    "they look like another tokenizer's ids (LangChain's OpenAIEmbeddings sends OpenAI's cl100k_base ids by default),"
+    " so send the text instead (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))"
+)
 
 
 class EmbeddingModel:
@@ -76,11 +88,12 @@ class EmbeddingModel:
         self.model, wrapper = load(str(path))
         self.tokenizer = getattr(wrapper, "_tokenizer", wrapper)
         self.pooling = pooling_of(path)
-        st_config = _read_json(path / "sentence_bert_config.json") or {}
+        st_config = _read_object(path / "sentence_bert_config.json")
         limits = [st_config.get("max_seq_length"), config.get("max_position_embeddings")]
         limits.append(getattr(self.tokenizer, "model_max_length", None))
         self.max_tokens = min(n for n in limits if isinstance(n, int) and 0 < n < 1_000_000)
-        self.vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else len(self.tokenizer)
+        vocab = config.get("vocab_size")
+        self.vocab_size: int = vocab if isinstance(vocab, int) else len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.tokens_per_second: float | None = None  # padded tokens, measured by EmbeddingQueue
         self.dimensions = int(self.embed([self.tokenize(["dimension probe"], truncate=True)[0]]).shape[1])
@@ -90,10 +103,27 @@ class EmbeddingModel:
         return [self._fit(list(ids), i, truncate) for i, ids in enumerate(encoded)]
 
     def check_ids(self, inputs: list[list[int]], truncate: bool) -> list[list[int]]:
+        """Token id inputs, if they are this model's: ids past its vocabulary, or ids that do not
+        come back the same when decoded and encoded again, are most likely another tokenizer's
+        (LangChain's OpenAIEmbeddings sends OpenAI's cl100k_base ids by default), whose vectors
+        would be silently wrong."""
         for i, ids in enumerate(inputs):
             if any(not 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequest(f"input {i}: token ids must be between 0 and {self.vocab_size - 1}")
+                problem = f"token ids must be between 0 and {self.vocab_size - 1}"
+            elif not self._own_ids(ids):
+                problem = "these token ids are not what this model's tokenizer makes"
+            else:
+                continue
+            raise InvalidRequest(f"input {i}: {problem}; {FOREIGN_IDS}", param="input")
         return [self._fit(list(ids), i, truncate) for i, ids in enumerate(inputs)]
+
+    def _own_ids(self, ids: list[int]) -> bool:
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        core = [t for t in ids if t not in special]
+        if not core:
+            return True
+        again = self.tokenizer(self.tokenizer.decode(core), add_special_tokens=False)["input_ids"]
+        return list(again) == core
 
     def _fit(self, ids: list[int], index: int, truncate: bool) -> list[int]:
         if len(ids) <= self.max_tokens:

@@ -77,6 +77,20 @@ class Engine:
         self._commands.put(Submit(job))
         return job
 
+    def submit_choices(self, request: GenerationRequest, n: int) -> list[Job]:
+        """Queue `n` generations of one request (its choices): admitted together, their prompt
+        read once. May raise Overloaded (for all of them) or EngineStopped."""
+        if n == 1:
+            return [self.submit(request)]
+        self._reserve_place(n)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(request, loop, self._admission, on_cancel=self._cancel) for _ in range(n)]
+        group = tuple(jobs)
+        for job in jobs:
+            job.group = group
+        self._commands.put(Submit(jobs[0]))  # the worker takes the whole group from its first job
+        return jobs
+
     def submit_embedding(self, request: EmbeddingRequest) -> EmbeddingJob:
         """Queue an embedding request; await `job.result()`. May raise Overloaded or EngineStopped."""
         self._reserve_place()
@@ -118,11 +132,11 @@ class Engine:
     def _cancel(self, job: Job) -> None:
         self._commands.put(Cancel(job))
 
-    def _reserve_place(self) -> None:
-        """Count one more waiting job, or raise EngineStopped / Overloaded."""
+    def _reserve_place(self, count: int = 1) -> None:
+        """Count `count` more waiting jobs, or raise EngineStopped / Overloaded."""
         if self._thread is None:
             raise EngineStopped("the engine is not running")
-        self._admission.reserve()
+        self._admission.reserve(count)
 
     # -- inspection ------------------------------------------------------------------------
     def status(self) -> EngineStatus:

@@ -24,7 +24,16 @@ class ChatTemplateMissing(EngineError):
 
 
 class InvalidRequest(EngineError):
-    """The request cannot be run as given (empty prompt, prompt over the model's context...)."""
+    """The request cannot be run as given (empty prompt, a token id the model does not know...);
+    `param` names the request field at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, or the prompt and max_tokens together, do not fit the model's context."""
 
 
 class Overloaded(EngineError):

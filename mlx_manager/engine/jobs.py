@@ -41,17 +41,17 @@ class Admission:
         self.closed = False
         self._lock = threading.Lock()
 
-    def reserve(self) -> None:
-        """Count one more waiting job, or raise EngineStopped / Overloaded."""
+    def reserve(self, count: int = 1) -> None:
+        """Count `count` more waiting jobs (all or none), or raise EngineStopped / Overloaded."""
         if self.closed:
             raise EngineStopped("the engine is shutting down")
         with self._lock:
-            if self.waiting >= self.queue_limit:
+            if self.waiting + count > self.queue_limit:
                 raise Overloaded(
                     f"{self.waiting} requests are already waiting (server.queue_limit = {self.queue_limit})",
                     retry_after=1.0,
                 )
-            self.waiting += 1
+            self.waiting += count
 
     def _move(self, waiting: int, active: int) -> None:
         with self._lock:
@@ -121,6 +121,9 @@ class Job(_Work):
         self.request = request
         self.completion_tokens = 0  # written by the inference thread
         self.prompt_tokens = 0
+        # The choices of one request (n > 1), this one among them, in order: the worker admits
+        # them together and reads their prompt once. None for a job of its own.
+        self.group: tuple[Job, ...] | None = None
         self._on_cancel = on_cancel
         # The inference thread appends; the loop drains. One wake-up per batch of events,
         # not per token, keeps the event loop from fighting the inference thread for the GIL.
@@ -187,7 +190,13 @@ class Reply(Generic[T]):
 
     def settle(self, result: T | None = None, error: BaseException | None = None) -> None:
         """From the inference thread: the result, or the error to raise in the waiting coroutine."""
-        self._deliver(lambda future: future.set_exception(error) if error is not None else future.set_result(cast(T, result)))
+        def deliver(future: asyncio.Future[T]) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(cast(T, result))
+
+        self._deliver(deliver)
 
     def drop(self) -> None:
         """From the inference thread: no answer will come (the work was dropped after a cancel)."""

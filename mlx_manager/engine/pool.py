@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import CacheStatus, ModelStatus
@@ -39,15 +41,69 @@ class LoadedModel:
     memory_bytes: int = 0  # MLX memory the load allocated
 
 
-def resolve(model_id: str) -> Path:
-    """A local folder, or a Hugging Face repo id already in the local cache (never downloads).
+@dataclass(frozen=True)
+class ModelAccess:
+    """Where models may be loaded from. With `allowed` set, only those. Otherwise a Hugging Face
+    repo in the local cache, a model folder in (or being) one of `folders`, a folder `named` by
+    the operator (models.preload, `--model`), and, with `any_path`, any folder at all."""
 
-    A repo id may name a revision, `org/name@v1.0` or `org/name@<commit>`, as `models pull` takes it."""
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelNotFound(f"{model_id!r} is a folder but holds no config.json")
-        return path.resolve()
+    allowed: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()
+    named: tuple[str, ...] = ()
+    any_path: bool = False
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> ModelAccess:
+        return cls(tuple(config.allowed), tuple(config.folders), tuple(config.preload), config.allow_any_path)
+
+    def may_read(self, model_id: str) -> bool:
+        """Whether `model_id`, taken as a path, names a folder models may load from. May raise OSError."""
+        if self.any_path:
+            return True
+        target = _lexical(model_id)
+        real = target.resolve()
+        if any(target == _lexical(n) or real == _lexical(n).resolve() for n in (*self.named, *self.allowed)):
+            return True
+        for folder in self.folders:  # a folder of model folders, or one model folder
+            root = _lexical(folder)
+            if root in (target, target.parent) or root.resolve() in (real, real.parent):
+                return True
+            # `models list` names a model that is a symlink in the folder by the symlink's target
+            if root.is_dir() and any(child.is_symlink() and child.resolve() == real for child in root.iterdir()):
+                return True
+        return False
+
+
+def _lexical(path: str) -> Path:
+    """An absolute path with `~` and `..` worked out, symlinks left alone."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def unknown_model(model_id: str) -> str:
+    """The one message for every model that cannot be loaded from here: it says nothing of what the
+    disk holds, so a client cannot probe the file system through `model`."""
+    return (
+        f"model {model_id!r} is neither a local folder nor a Hugging Face repo in the local cache that this daemon"
+        " may load (`mlx-manager models list` shows those it may; models.folders, models.allowed and"
+        " models.allow_any_path add more)"
+    )
+
+
+def resolve(model_id: str, access: ModelAccess | None = None) -> Path:
+    """The folder of a model: one `access` lets the daemon read (a model folder: it holds a
+    config.json), or a Hugging Face repo id already in the local cache (never downloads).
+
+    A repo id may name a revision, `org/name@v1.0` or `org/name@<commit>`, as `models pull` takes it.
+    ModelNotFound, with the same message, for anything else: no such folder, a folder it may not
+    read, a name too long for the OS or one it refuses to look at."""
+    access = access or ModelAccess()
+    try:
+        if access.may_read(model_id):
+            path = _lexical(model_id)
+            if (path / "config.json").is_file():
+                return path.resolve()
+    except (OSError, ValueError):
+        pass
     repo_id, _, revision = model_id.partition("@")
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
@@ -57,10 +113,7 @@ def resolve(model_id: str) -> Path:
             return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
         except (LocalEntryNotFoundError, ValueError, OSError):
             pass
-    raise ModelNotFound(
-        f"model {model_id!r} is neither a local folder nor a Hugging Face repo in the local cache"
-        " (`mlx-manager models pull` downloads one)"
-    )
+    raise ModelNotFound(unknown_model(model_id))
 
 
 class ModelPool:
@@ -69,14 +122,14 @@ class ModelPool:
 
     def __init__(
         self,
-        allowed: list[str],
+        access: ModelAccess,
         max_loaded: int,
         keep_alive: float,
         load_listeners: list[Callable[[str, float], None]],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.load_listeners = load_listeners
-        self.allowed = allowed
+        self.access = access
         self.max_loaded = max_loaded
         self.keep_alive = keep_alive
         self.loading: str | None = None
@@ -116,17 +169,21 @@ class ModelPool:
         path = self.path_of(model_id)
         if path is None:
             try:
-                path = resolve(model_id)
+                path = resolve(model_id, self.access)
             except ModelNotFound:
                 return None
         return self._models.get(path)
 
     def check_allowed(self, model_id: str) -> None:
-        if not self.allowed or model_id in self.allowed:
+        allowed = self.access.allowed
+        if not allowed or model_id in allowed:
             return
-        path = Path(model_id).expanduser()
-        if path.is_dir() and any(Path(a).expanduser().resolve() == path.resolve() for a in self.allowed):
-            return
+        try:
+            real = _lexical(model_id).resolve()
+            if any(_lexical(a).resolve() == real for a in allowed):
+                return
+        except (OSError, ValueError):
+            pass
         raise ModelNotAllowed(f"model {model_id!r} is not in models.allowed")
 
     def load(self, model_id: str) -> LoadedModel:
@@ -135,7 +192,7 @@ class ModelPool:
         self.check_allowed(model_id)
         path = self._ids.get(model_id)
         if path is None or path not in self._models:
-            path = resolve(model_id)
+            path = resolve(model_id, self.access)
             self._ids[model_id] = path
         entry = self._models.get(path)
         if entry is None:

@@ -19,6 +19,18 @@ class SamplingParams:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's frequency and presence penalties (-2 to 2, over the generated tokens), its
+    `logit_bias` (token id -> -100 to 100, added to the logits), and mlx-lm's multiplicative
+    `repetition_penalty` over the last 20 tokens, prompt included (an extension; 1 or None: off)."""
+
+    frequency: float = 0.0
+    presence: float = 0.0
+    repetition: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
 @dataclass
 class GenerationRequest:
     """One generation: either `prompt` (completions) or `messages` (chat), never both.
@@ -44,6 +56,13 @@ class GenerationRequest:
     # tool_choice "required" or {"type": "function", "function": {"name": ...}} to force a call.
     constraint: GrammarSpec | None = None
     tool_choice: str | dict[str, Any] | None = None
+    penalties: Penalties = field(default_factory=Penalties)
+    # Report each generated token's log probability and this many of the most likely (0-20) at
+    # its step, as `Logprobs` events; None: none.
+    logprobs: int | None = None
+    # `max_tokens` is the server's default, not the client's: cut it to what the context leaves
+    # instead of refusing a prompt that leaves less.
+    max_tokens_is_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,31 @@ class ReasoningDelta:
     """New text of the model's thinking section (its think tags are not part of it)."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str  # its text; bytes that are not whole UTF-8 characters as \xNN escapes
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its log probability and the most likely tokens at its step."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """The log probabilities of generated tokens, sent just before the text they make (which a
+    stop string or markup may hold back, or leave out)."""
+
+    tokens: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -93,7 +137,7 @@ class Finished:
     cached_tokens: int = 0  # of prompt_tokens, those restored from the prompt cache
 
 
-Event = Started | TextDelta | ReasoningDelta | ToolCall | Finished
+Event = Started | TextDelta | ReasoningDelta | ToolCall | Logprobs | Finished
 
 
 @dataclass

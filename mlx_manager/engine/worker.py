@@ -15,6 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlx_manager.engine.batch import ModelBatch, Slot
 from mlx_manager.engine.commands import (
@@ -33,6 +34,7 @@ from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.embedding_queue import EmbeddingQueue, entry_of, result_of
 from mlx_manager.engine.errors import (
     ChatTemplateMissing,
+    ContextLengthExceeded,
     EngineError,
     EngineStopped,
     GenerationFailed,
@@ -44,11 +46,13 @@ from mlx_manager.engine.errors import (
     WrongModelKind,
 )
 from mlx_manager.engine.jobs import EmbeddingJob, Job
-from mlx_manager.engine.pool import LoadedModel, ModelPool
+from mlx_manager.engine.logits import penalty_processors
+from mlx_manager.engine.open_files import import_mlx_lm
+from mlx_manager.engine.output import Output
+from mlx_manager.engine.pool import LoadedModel, ModelAccess, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
 from mlx_manager.engine.structured import constraint_for
-from mlx_manager.engine.output import Output
 from mlx_manager.engine.types import GenerationRequest, ModelStatus, Started
 
 log = logging.getLogger("mlx_manager.engine")
@@ -64,12 +68,15 @@ class WorkerSnapshot:
 
 class Worker:
     def __init__(
-        self, config: EngineConfig, commands: queue.SimpleQueue[Command], load_listeners: list[Callable[[str, float], None]]
+        self,
+        config: EngineConfig,
+        commands: queue.SimpleQueue[Command],
+        load_listeners: list[Callable[[str, float], None]],
     ) -> None:
         self.config = config
         self.commands = commands
         self.pool = ModelPool(
-            list(config.allowed), config.max_loaded, config.keep_alive, load_listeners, on_change=self._publish
+            ModelAccess.of(config), config.max_loaded, config.keep_alive, load_listeners, on_change=self._publish
         )
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot
@@ -79,6 +86,7 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
+        import_mlx_lm()  # first, on this thread: mlx-lm's import would lower the open-file limit
         while self._running:
             busy = bool(self.batches) or bool(self.pending) or bool(self.embeddings)
             self._drain_commands(block=not busy)
@@ -110,7 +118,7 @@ class Worker:
     def _handle(self, command: Command) -> None:
         match command:
             case Submit(job):
-                self.pending.append(job)
+                self.pending.extend(job.group or (job,))
             case Embed(job):
                 self._admit_embedding(job)
             case Cancel(job):
@@ -148,7 +156,7 @@ class Worker:
                 reply.settle(gone)
             case Reconfigure(config):
                 self.config = config
-                self.pool.allowed = list(config.allowed)
+                self.pool.access = ModelAccess.of(config)
                 self.pool.max_loaded = config.max_loaded
                 self.pool.keep_alive = config.keep_alive
                 for entry in self.pool.entries():
@@ -170,17 +178,29 @@ class Worker:
                 self.pending.popleft()
                 job.end()
                 continue
-            if sum(len(b) for b in self.batches.values()) >= limit:
+            running = sum(len(b) for b in self.batches.values())
+            group = [j for j in job.group or (job,) if j in self.pending]
+            # The choices of one request go in together; a group larger than the batch goes in alone.
+            if running >= limit or (running and running + len(group) > limit):
                 return
-            self.pending.popleft()
-            job.take()
+            for member in group:
+                self.pending.remove(member)
+                member.take()
+            live = [member for member in group if not member.cancelled]
+            for member in group:
+                if member.cancelled:
+                    member.end()
+            if not live:
+                continue
             try:
-                self._admit(job)
+                self._admit(live)
             except EngineError as exc:
-                job.emit(exc)
+                for member in live:
+                    member.emit(exc)
             except Exception as exc:  # a tokenizer or template bug must not take the thread down
                 log.exception("job %s could not start", job.request.request_id)
-                job.emit(GenerationFailed(f"the request could not be prepared: {type(exc).__name__}"))
+                for member in live:
+                    member.emit(GenerationFailed(f"the request could not be prepared: {type(exc).__name__}"))
 
     def _generator(self, model_id: str) -> LoadedModel:
         """The model, loaded, if it generates text (an embedding model does not)."""
@@ -189,44 +209,53 @@ class Worker:
             raise WrongModelKind(f"model {model_id!r} is an embedding model; use /v1/embeddings")
         return entry
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
+        """Start a job, or the choices of one request (they share its prompt, read once)."""
         from mlx_manager.engine.sampling import sampler_for
 
-        entry = self._generator(job.request.model)
-        tokens = prompt_tokens(entry, job.request)
-        if entry.context_length and len(tokens) >= entry.context_length:
-            raise InvalidRequest(
-                f"the prompt has {len(tokens)} tokens; model {job.request.model!r} takes at most {entry.context_length}"
-            )
+        request = jobs[0].request
+        entry = self._generator(request.model)
+        tokens = prompt_tokens(entry, request)
+        max_tokens = fitting_max_tokens(entry, request, len(tokens))
+        check_logit_bias(entry, request)
         batch = self.batches.get(entry.path)
         if batch is None:
             if entry.prompt_cache is None:
                 entry.prompt_cache = self._prompt_cache(entry)
             batch = ModelBatch(entry, self.config.max_batch_size, entry.prompt_cache, self.config.prefill_chunk)
             self.batches[entry.path] = batch
-        sampling = job.request.sampling
+        sampling = request.sampling
         if sampling.top_k >= vocab_size(entry):  # top-k of the whole vocabulary is no top-k; mlx-lm refuses it
             sampling = dataclasses.replace(sampling, top_k=0)
-        request = job.request
-        output = Output(
-            entry.tokenizer,
-            tokens,
-            request.stop,
-            chat=request.messages is not None,
-            tools=request.tools,
-            parallel_tool_calls=request.parallel_tool_calls,
-        )
-        constraint = constraint_for(entry, request, tokens)
-        processors = [constraint.processor] if constraint else []
-        slot = Slot(job, output, list(tokens), sampler_for(sampling), processors)
-        job.prompt_tokens = len(tokens)
+        slots, compile_ms = [], None
+        for index, job in enumerate(jobs):
+            output = Output(
+                entry.tokenizer,
+                tokens,
+                request.stop,
+                chat=request.messages is not None,
+                tools=request.tools,
+                parallel_tool_calls=request.parallel_tool_calls,
+            )
+            constraint = constraint_for(entry, request, tokens)
+            compile_ms = constraint.compile_ms if constraint else None
+            processors = penalty_processors(request.penalties, vocab_size(entry), tokens)
+            processors += [constraint.processor] if constraint else []
+            # Seeded choices each get their own seed, so n > 1 is n samples, not one repeated.
+            seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + index)
+            slots.append(Slot(job, output, list(tokens), sampler_for(seeded), processors, max_tokens))
+            job.prompt_tokens = len(tokens)
         try:
-            batch.add(slot, tokens)
+            if len(slots) == 1:
+                batch.add(slots[0], tokens)
+            else:
+                batch.add_choices(slots, tokens)
         except Exception:
             self._release(entry.path, batch)  # a batch this job was to open must not stay behind empty
             raise
-        entry.active_jobs += 1
-        job.emit(Started(len(tokens), constraint.compile_ms if constraint else None))
+        entry.active_jobs += len(jobs)
+        for job in jobs:
+            job.emit(Started(len(tokens), compile_ms))
 
     def _prompt_cache(self, entry: LoadedModel) -> PromptCache:
         config = self.config
@@ -354,10 +383,11 @@ class Worker:
             except queue.Empty:
                 break
             match command:
-                case Submit(job):
-                    job.emit(stopped)
-                case Embed(job):
-                    job.settle(error=stopped)
+                case Submit(submitted):
+                    for member in submitted.group or (submitted,):
+                        member.emit(stopped)
+                case Embed(embedding):
+                    embedding.settle(error=stopped)
                 case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply) | ClearCache(reply):
                     reply.settle(error=stopped)
         self.pool.unload_all()
@@ -367,6 +397,63 @@ class Worker:
 def vocab_size(entry: LoadedModel) -> int:
     """How many token ids the model knows: its embedding rows, else the tokenizer's size."""
     return entry.vocab_size or len(entry.tokenizer._tokenizer)
+
+
+def fitting_max_tokens(entry: LoadedModel, request: GenerationRequest, prompt: int) -> int:
+    """The job's max_tokens within the model's context: a default is cut to what the prompt
+    leaves; a prompt that leaves no room, or a max_tokens the client asked for that does not
+    fit, is refused in OpenAI's words (clients look for "maximum context length")."""
+    context = entry.context_length
+    if not context:
+        return request.max_tokens
+    part = "messages" if request.messages is not None else "prompt"
+    if prompt >= context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens. However, your {part} resulted in"
+            f" {prompt} tokens. Please reduce the length of the {part}.",
+            param=part,
+        )
+    room = context - prompt
+    if request.max_tokens <= room:
+        return request.max_tokens
+    if request.max_tokens_is_default:
+        return room
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {context} tokens. However, you requested"
+        f" {prompt + request.max_tokens} tokens ({prompt} in the {part}, {request.max_tokens} in the completion)."
+        f" Please reduce the length of the {part} or completion.",
+        param=part,
+    )
+
+
+def check_logit_bias(entry: LoadedModel, request: GenerationRequest) -> None:
+    vocab = vocab_size(entry)
+    wrong = sorted(t for t in request.penalties.logit_bias if not 0 <= t < vocab)
+    if wrong:
+        raise InvalidRequest(
+            f"logit_bias: token id {wrong[0]} is not in the vocabulary of model {request.model!r} (0 to {vocab - 1})",
+            param="logit_bias",
+        )
+
+
+NAME_PROBE = "\u2063name-probe\u2063"
+
+
+def check_names_are_read(tokenizer: Any, request: GenerationRequest) -> None:
+    """A message `name` reaches the model only if the chat template writes it: the template is
+    rendered again with every name changed, and the same text means the names were dropped."""
+    messages = request.messages or []
+    named = [i for i, message in enumerate(messages) if message.get("name")]
+    if not named:
+        return
+    probed = [{**m, "name": NAME_PROBE} if m.get("name") else m for m in messages]
+    render = {"tools": request.tools, "add_generation_prompt": True, "tokenize": False, **request.template_kwargs}
+    if tokenizer.apply_chat_template(messages, **render) == tokenizer.apply_chat_template(probed, **render):
+        raise InvalidRequest(
+            f"messages.{named[0]}.name: the chat template of model {request.model!r} does not use message names,"
+            " so the model would never see it; put the name in the message content",
+            param=f"messages.{named[0]}.name",
+        )
 
 
 def prompt_tokens(entry: LoadedModel, request: GenerationRequest) -> list[int]:
@@ -391,6 +478,7 @@ def prompt_tokens(entry: LoadedModel, request: GenerationRequest) -> list[int]:
                     request.messages, tools=request.tools, add_generation_prompt=True, **request.template_kwargs
                 )
             )
+            check_names_are_read(tokenizer, request)
         except TemplateError as exc:  # the template's own checks (roles that must alternate...)
             raise InvalidRequest(f"the chat template of model {request.model!r} refused the messages: {exc}") from None
     elif isinstance(request.prompt, str):

@@ -29,7 +29,7 @@ from mlx_manager.settings.file import (
     unset_in_document,
     write_config_text,
 )
-from mlx_manager.settings.keys import KeyInfo, key_info, key_infos, needs_restart, sections, suggest_key
+from mlx_manager.settings.keys import KeyInfo, entry_info, key_info, key_infos, needs_restart, sections, suggest_key
 from mlx_manager.settings.load import (
     changed_keys,
     check_config_text,
@@ -67,6 +67,7 @@ __all__ = [
     "check_config_text",
     "config_lock",
     "config_path",
+    "entry_info",
     "flatten",
     "home",
     "key_info",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_manager.files import private_lock, write_atomic
 from mlx_manager.settings.errors import SettingsError
-from mlx_manager.settings.keys import sections
+from mlx_manager.settings.keys import entry_info, sections
 from mlx_manager.settings.paths import config_path
 
 if TYPE_CHECKING:
@@ -58,6 +58,12 @@ def set_in_document(document: TOMLDocument, key: str, value: Any) -> None:
     section, name = key.split(".", 1)
     if section not in document:
         document.add(section, tomlkit.table())
+    entry = entry_info(key)
+    if entry is not None:  # `models.aliases.fast`: the entry in the [models.aliases] table
+        if entry.name not in document[section]:
+            document[section][entry.name] = tomlkit.table()
+        document[section][entry.name][entry.entry] = value
+        return
     document[section][name] = value
 
 
@@ -71,6 +77,15 @@ def unset_in_document(document: TOMLDocument, key: str) -> bool:
         del document[section]
         return True
     table = document.get(section)
+    entry = entry_info(key)
+    if entry is not None and table is not None and hasattr(table, "keys") and entry.name in table:
+        mapping = table[entry.name]
+        if not hasattr(mapping, "keys") or entry.entry not in mapping:
+            return False
+        del mapping[entry.entry]
+        if not mapping:
+            del table[entry.name]
+        return True
     if table is None or not hasattr(table, "keys") or name not in table:
         return False
     del table[name]

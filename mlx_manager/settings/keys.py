@@ -26,7 +26,7 @@ class KeyInfo:
     name: str
     description: str
     default: Any
-    kind: Literal["duration", "size", "int", "float", "bool", "str", "list", "choice"]
+    kind: Literal["duration", "size", "int", "float", "bool", "str", "list", "choice", "map"]
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
@@ -34,6 +34,13 @@ class KeyInfo:
     secret: bool = False
     # A running daemon reports a change of this key as `restart_needed`, never as applied.
     restart: bool = False
+    # One entry of a map key: `models.aliases.fast` is entry "fast" of `models.aliases`.
+    entry: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The setting itself: the key without its entry."""
+        return f"{self.section}.{self.name}"
 
     @property
     def env_var(self) -> str:
@@ -55,6 +62,7 @@ class KeyInfo:
             "str": "text",
             "list": 'a comma-separated list or a JSON array like ["a", "b"]',
             "choice": "one of " + ", ".join(self.choices),
+            "map": f'a JSON object like {{"name": "value"}}, or one entry set as {self.key}.NAME',
         }[self.kind]
 
 
@@ -84,6 +92,8 @@ def key_infos() -> dict[str, KeyInfo]:
                 kind, choices = "choice", tuple(typing.get_args(field.annotation))
             elif typing.get_origin(field.annotation) is list:
                 kind = "list"
+            elif typing.get_origin(field.annotation) is dict:
+                kind = "map"
             else:
                 kind = _KINDS.get(field.annotation, "str")
             if kind == "bool":
@@ -135,11 +145,27 @@ def suggest_key(key: str) -> str | None:
 
 
 def key_info(key: str) -> KeyInfo:
-    """The key's description, or SettingsError naming the closest known key."""
+    """The key's description (or that of one entry of a map key, `models.aliases.NAME`), or
+    SettingsError naming the closest known key."""
     info = key_infos().get(key)
+    if info is None:
+        info = entry_info(key)
     if info is None:
         raise SettingsError(key=key, problem=unknown_key_problem(key))
     return info
+
+
+def entry_info(key: str) -> KeyInfo | None:
+    """`section.name.entry` where `section.name` is a map key: that entry, as a text key."""
+    section, _, rest = key.partition(".")
+    name, _, entry = rest.partition(".")
+    parent = key_infos().get(f"{section}.{name}")
+    if parent is None or parent.kind != "map" or not entry:
+        return None
+    return KeyInfo(
+        key=key, section=section, name=name, description=f"entry {entry!r} of {parent.key}", default=None,
+        kind="str", secret=parent.secret, restart=parent.restart, entry=entry,
+    )
 
 
 def unknown_key_problem(key: str) -> str:

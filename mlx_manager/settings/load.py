@@ -45,6 +45,14 @@ def _validation_error(exc: ValidationError, **where: Any) -> SettingsError:
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc[:2])
+    info = key_infos().get(key)
+    if info is not None and info.kind == "map" and len(loc) > 2:  # one entry's name or value
+        entry = loc[2]
+        if loc[-1] == "[key]":
+            problem = f"{entry!r} is not a valid name: use letters, digits and . _ : + - (no slash, no space)"
+        else:
+            problem = f"the value of {entry!r} is not valid: {error['msg'].lower()}"
+        return SettingsError(key=key, problem=problem, **where)
     if error["type"] == "extra_forbidden":
         return SettingsError(key=key, problem=unknown_key_problem(key), **where)
     if len(loc) == 1 and error["type"] in ("model_type", "dict_type"):
@@ -60,6 +68,18 @@ def parse_value(key: str, raw: Any, *, source: str | None = None) -> Any:
     from mlx_manager.settings.schema import Settings
 
     info = key_info(key)
+    if info.entry is not None:  # one entry of a map: checked as that map with this entry alone
+        try:
+            settings = Settings.model_validate({info.section: {info.name: {info.entry: raw}}})
+        except ValidationError as exc:
+            raise _validation_error(exc, source=source) from None
+        return getattr(getattr(settings, info.section), info.name)[info.entry]
+    if isinstance(raw, str) and info.kind == "map":
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            problem = f"{raw!r} is not valid; expected {info.expected()}"
+            raise SettingsError(key=key, source=source, problem=problem) from None
     if isinstance(raw, str) and info.kind == "list":
         text = raw.strip()
         if text.startswith("["):

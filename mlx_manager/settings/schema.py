@@ -59,6 +59,9 @@ def parse_size(value: Any) -> Any:
 # Every "bytes" key takes a whole number or a size with its unit (KiB, MiB, GiB; KB, MB, GB).
 Size = Annotated[int, BeforeValidator(parse_size)]
 
+# A model alias: no slash (clients such as openai-agents read `a/b` as provider/model), no space.
+AliasName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,99}$")]
+
 
 def default_cache_bytes() -> int:
     """An eighth of this machine's memory, at most 8 GiB: what one model's prompt cache may hold."""
@@ -111,8 +114,64 @@ class ServerSettings(Section):
 
     prefill_chunk: int = Field(
         512, ge=16, le=65536,
-        description="Prompt tokens read per step; running streams decode between chunks, and a cancelled prompt stops within one.",
+        description="Prompt tokens read per step; running streams decode between chunks,"
+        " and a cancelled prompt stops within one.",
     )
+    max_connections: int = Field(
+        1000, ge=16, le=1_000_000, json_schema_extra=RESTART,
+        description="Most client connections open at once (at most half the open-file limit): past it the one idle"
+        " longest is closed for a new one; with none idle, new ones get 503 (/health and /ready still answer).",
+    )
+    idle_timeout: Duration = Field(
+        5, ge=0.5, le=3600, json_schema_extra=RESTART,
+        description="Seconds a connection may stay open without sending a request before it is closed.",
+    )
+    read_timeout: Duration = Field(
+        30, ge=1, le=3600, json_schema_extra=RESTART,
+        description="Seconds a client has to send a whole request, headers and body (from connecting or from its"
+        " last answer); a slower one (slowloris) is closed.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names clients may reach the daemon by, besides loopback names, IP addresses and"
+        " server.host; other Host headers get 421 (a guard against DNS rebinding). '*.example.com' takes"
+        " subdomains; '*' turns the check off.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, json_schema_extra=RESTART,
+        description="Web origins (https://app.example.com) whose pages may call the API from a browser (CORS);"
+        " empty: none.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, json_schema_extra=RESTART,
+        description="Addresses or networks of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are"
+        " believed (client address for the rate limit and the logs); empty: those headers are ignored.",
+    )
+    docs: bool = Field(
+        False, json_schema_extra=RESTART,
+        description="Serve interactive API docs at /docs (Swagger UI, which the browser loads from a CDN).",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def host_names(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if host != "*" and not _HOST_PATTERN.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host name (like api.example.com or *.example.com)")
+        return [host.lower().rstrip(".") for host in hosts]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def web_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN_PATTERN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not a web origin (scheme://host[:port], no path)")
+        return [origin.rstrip("/") for origin in origins]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def proxy_addresses(cls, addresses: list[str]) -> list[str]:
+        return _networks(addresses, allow_any=True)
 
     @field_validator("blas")
     @classmethod
@@ -120,6 +179,25 @@ class ServerSettings(Section):
         if value in ("auto", "bundled") or Path(value).expanduser().is_file():
             return value
         raise ValueError("must be 'auto', 'bundled' or the path of an existing library file")
+
+
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_PATTERN = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*\.?")
+_ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+/?")
+
+
+def _networks(values: list[str], *, allow_any: bool = False) -> list[str]:
+    """Each value an IP address or network (10.0.0.0/8); '*' too when `allow_any`."""
+    import ipaddress
+
+    for value in values:
+        if allow_any and value == "*":
+            continue
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network (like 10.0.0.5 or 10.0.0.0/8)") from None
+    return values
 
 
 class TimeoutSettings(Section):
@@ -133,9 +211,17 @@ class TimeoutSettings(Section):
 class ModelSettings(Section):
     allowed: list[str] = Field(
         default_factory=list,
-        description="Models requests may load (folder paths or Hugging Face ids); empty allows any.",
+        description="Models requests may load (folder paths or Hugging Face ids); empty: any in the Hugging Face"
+        " cache or models.folders.",
     )
-    max_loaded: int = Field(2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first).")
+    allow_any_path: bool = Field(
+        False,
+        description="Let a request load a model from any folder on this machine by its path; off, folders load"
+        " only from models.folders, models.allowed, models.preload and `--model`.",
+    )
+    max_loaded: int = Field(
+        2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first)."
+    )
     keep_alive: Duration = Field(
         1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
     )
@@ -144,10 +230,21 @@ class ModelSettings(Section):
     )
     folders: list[str] = Field(
         default_factory=list,
-        description="Folders of model folders (besides the Hugging Face cache) that `mlx-manager models list` shows.",
+        description="Folders of model folders (besides the Hugging Face cache): `mlx-manager models list` shows them"
+        " and requests may load them by path.",
+    )
+    aliases: dict[AliasName, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description=(
+            "Short model ids clients may send instead of a path or Hugging Face id (name -> model); each allowed or"
+            " preloaded model also gets its folder or repo name as one when that name is unique."
+        ),
     )
     default_max_tokens: int = Field(
-        512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."
+        512,
+        ge=1,
+        le=1_000_000,
+        description="max_tokens used when a request gives none (never above models.max_tokens).",
     )
     max_tokens: int = Field(
         131072, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for; more is refused with 422."
@@ -228,6 +325,23 @@ class AuthSettings(Section):
         description="File of more API keys in plain text, one per line (e.g. a mounted secret); "
         "the MLX_MANAGER_API_KEY variable adds one more.",
     )
+
+    open_endpoints: list[Literal["/ready", "/metrics", "/docs", "/openapi.json"]] = Field(
+        default_factory=list,
+        description="Of /ready, /metrics, /docs and /openapi.json (they show model paths and traffic), those that"
+        " answer without a key while the API needs one. Otherwise they take an API key, or the admin token from"
+        " this machine.",
+    )
+    probe_clients: list[str] = Field(
+        default_factory=list,
+        description="Client addresses or networks (10.0.0.5, 10.0.0.0/8) that may read /ready and /metrics"
+        " without a key: a Prometheus scraper, a load balancer's probe.",
+    )
+
+    @field_validator("probe_clients")
+    @classmethod
+    def probe_addresses(cls, addresses: list[str]) -> list[str]:
+        return _networks(addresses)
 
     @field_validator("keys")
     @classmethod

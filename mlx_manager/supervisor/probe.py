@@ -23,10 +23,19 @@ def fetch(url: str, path: str, timeout: float) -> tuple[int, bytes] | None:
     """Status and body of GET `path`, or None when the daemon did not answer in time (or at all)."""
     import http.client  # with ssl, ~10 % of a CLI start: paid only when there is a daemon to ask
 
+    from mlx_manager.runtime import admin_token
+
     parts = urlsplit(url)
+    headers = {"User-Agent": "mlx-manager-supervisor"}
+    try:  # /ready and /metrics need it once the API has keys
+        token = admin_token() if path != "/health" else None
+    except OSError:
+        token = None
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
     try:
-        connection.request("GET", path, headers={"User-Agent": "mlx-manager-supervisor"})
+        connection.request("GET", path, headers=headers)
         response = connection.getresponse()
         return response.status, response.read()
     except (OSError, http.client.HTTPException):

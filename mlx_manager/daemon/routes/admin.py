@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.requests import HTTPConnection
 
 from mlx_manager.auth import bearer_token, is_loopback_address
+from mlx_manager.daemon.hosts import origin_allowed
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.reload import reload_settings
 from mlx_manager.daemon.schemas import ReloadResult
@@ -26,6 +27,10 @@ def admin_refusal(connection: HTTPConnection, daemon: DaemonState, *, or_key: bo
     """Why this HTTP request or WebSocket may not use an admin endpoint, or None if it may.
     `or_key`: the endpoint also takes an API key, from any client (the refusal says so)."""
     client = connection.client.host if connection.client else None
+    # A browser sends Origin and CORS does not cover WebSockets: a page elsewhere may not open one.
+    if connection.scope["type"] == "websocket" and not origin_allowed(connection.scope, daemon.settings):
+        log.warning("refused admin WebSocket %s from origin %s", connection.url.path, connection.headers.get("origin"))
+        return Problem("forbidden", "this WebSocket comes from a web page of another origin (server.cors_origins)")
     if not is_loopback_address(client):
         log.warning("refused admin call %s from %s", connection.url.path, client)
         also = " (or, with an API key, from anywhere)" if or_key else ""

@@ -22,22 +22,22 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.openapi import SSE_EVENT_SCHEMA
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.routes.admin import require_admin_or_key
+from mlx_manager.daemon.schemas import ModelId
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_error
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import ModelStatus
 
 log = logging.getLogger("mlx_manager.daemon")
-router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin_or_key)])
-
-MODEL_ID = Field(min_length=1, max_length=1024, description="A Hugging Face repo id (org/name[@revision]) or a folder.")
+router = APIRouter(route_class=StrictJsonRoute, tags=["admin"], dependencies=[Depends(require_admin_or_key)])
 
 
 class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = MODEL_ID
+    model: ModelId
 
 
 class UnloadRequest(ModelRequest):
@@ -56,6 +56,8 @@ class LoadedModel(BaseModel):
     expires_in_seconds: float | None = Field(
         description="seconds until keep-alive unloads it; null: not while busy, or never"
     )
+    prompt_cache_bytes: int = Field(0, description="memory its prompt cache holds (KV state of earlier prompts)")
+    prompt_cache_entries: int = Field(0, description="prompts its prompt cache holds")
 
 
 class ModelsStatus(BaseModel):
@@ -76,6 +78,7 @@ def loaded_model(status: ModelStatus) -> LoadedModel:
         id=status.model_id, path=status.path, kind=status.kind, memory_bytes=status.memory_bytes,
         active_jobs=status.active_jobs, queued_jobs=status.queued_jobs, idle_seconds=round(status.idle_seconds, 3),
         keep_alive_seconds=status.keep_alive, expires_in_seconds=None if expires is None else round(expires, 3),
+        prompt_cache_bytes=status.cache.bytes, prompt_cache_entries=status.cache.entries,
     )
 
 
@@ -93,14 +96,14 @@ async def loaded_models(daemon: Daemon) -> ModelsStatus:
 async def load(body: ModelRequest, daemon: Daemon, outcome: Outcome) -> LoadedModel:
     """Load a model now (a loaded one is marked as just used). Errors as for a request naming it."""
     outcome.model = body.model
-    return loaded_model(await daemon.engine.load(body.model))
+    return loaded_model(await daemon.engine.load(daemon.model_id(body.model)))
 
 
 @router.post("/admin/models/unload", response_model=Unloaded)
 async def unload(body: UnloadRequest, daemon: Daemon, outcome: Outcome) -> Unloaded:
     """Unload a model now. 404 if it is not loaded; 409 while it has jobs, unless `force`."""
     outcome.model = body.model
-    await daemon.engine.unload(body.model, force=body.force)
+    await daemon.engine.unload(daemon.model_id(body.model), force=body.force)
     return Unloaded(unloaded=body.model)
 
 

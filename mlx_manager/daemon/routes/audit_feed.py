@@ -1,11 +1,11 @@
 """WS /admin/audit/feed: the audit log's new rows as JSON, as they are committed (the admin panel's feed).
 
-Protected like every admin endpoint: loopback clients with the admin token; or a signed-in
-dashboard session (its cookie), from the dashboard's own page. Whatever the credential, a
-handshake whose Origin names another site is refused: a browser sends the cookie with a
-WebSocket from any page of the same site (another port of this host, say), so the Origin is what
-tells the dashboard apart. A refused client is accepted and closed at once with code 1008
-(policy violation) and the reason, so it learns why instead of seeing a bare failed handshake.
+Protected like every admin endpoint: loopback clients with the admin token (from no web page, or
+one of an origin in server.cors_origins); or a signed-in dashboard session (its cookie), only from
+the dashboard's own page: a browser sends the cookie with a WebSocket from any page of the same
+site (another port of this host, say), so the Origin is what tells the dashboard apart. A refused
+client is accepted and closed at once with code 1008 (policy violation) and the reason, so it
+learns why instead of seeing a bare failed handshake.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket
 
-from mlx_manager.daemon.dashboard.access import foreign_origin_problem, session_of
+from mlx_manager.daemon.dashboard.access import same_origin, session_of
 from mlx_manager.daemon.middleware import request_id_from
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
@@ -55,10 +55,9 @@ async def audit_feed(websocket: WebSocket) -> None:
 
 
 def _refusal(websocket: WebSocket, daemon: DaemonState) -> Problem | None:
-    problem = foreign_origin_problem(websocket)
-    if problem is not None:
-        return problem
-    if websocket.headers.get("origin") is not None and session_of(websocket, daemon) is not None:
+    """A dashboard session from the dashboard's own page; else as every admin WebSocket: the admin
+    token from this machine, from no web page or one of an origin the daemon allows."""
+    if same_origin(websocket) and session_of(websocket, daemon) is not None:
         return None
     return admin_refusal(websocket, daemon)
 

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from mlx_manager.daemon.call import EmbeddingCall
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.schemas import EmbeddingList, EmbeddingsRequest
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import EmbeddingRequest, EmbeddingResult
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["embeddings"])
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingList)
@@ -22,8 +23,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request, daemon: Daemon, 
     unless `truncate` (an extension) is true."""
     outcome.model = body.model
     job_request = EmbeddingRequest(
-        model=body.model,
-        inputs=body.input,
+        model=daemon.model_id(body.model),
+        inputs=body.inputs(),
         dimensions=body.dimensions,
         truncate=body.truncate,
         request_id=outcome.request_id,

@@ -10,9 +10,10 @@ from mlx_manager.daemon.call import TokenCountCall
 from mlx_manager.daemon.dialects.anthropic import serving
 from mlx_manager.daemon.dialects.anthropic.protocol import CountTokensRequest, Message, MessagesRequest, TokenCount
 from mlx_manager.daemon.generation import GenerationCall, answer
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.state import Daemon, Outcome
 
-router = APIRouter(tags=["messages"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["messages"])
 
 
 @router.post("/v1/messages", response_model=Message)
@@ -20,6 +21,7 @@ async def messages(body: MessagesRequest, request: Request, daemon: Daemon, outc
     """A message from the model, whole or streamed (`stream: true`) as Anthropic's events."""
     outcome.model, outcome.stream = body.model, body.stream
     job_request = serving.generation_request(body, outcome.request_id, daemon.settings)
+    job_request.model = daemon.model_id(body.model)
     call = GenerationCall(daemon, request, "messages", job_request)
     fmt = serving.MessageFormat(f"msg_{outcome.request_id}", body.model, serving.shows_thinking(body))
     return await answer(call, body.stream, fmt.complete, fmt.stream())
@@ -30,4 +32,5 @@ async def count_tokens(body: CountTokensRequest, request: Request, daemon: Daemo
     """How many tokens the prompt (system, messages and tools) is for the model, without generating."""
     outcome.model = body.model
     job_request = serving.prompt_request(body, outcome.request_id, daemon.settings)
+    job_request.model = daemon.model_id(body.model)
     return TokenCount(input_tokens=await TokenCountCall(daemon, request, "messages", job_request).count())

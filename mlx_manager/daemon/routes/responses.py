@@ -10,10 +10,11 @@ from mlx_manager.daemon.dialects.responses import serving
 from mlx_manager.daemon.dialects.responses.protocol import DeletedResponse, ResponseObject, ResponsesRequest
 from mlx_manager.daemon.dialects.responses.store import StoredResponse
 from mlx_manager.daemon.generation import GenerationCall, answer
+from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.state import Daemon, DaemonState, Outcome
 
-router = APIRouter(tags=["responses"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["responses"])
 
 
 @router.post("/v1/responses", response_model=ResponseObject)
@@ -27,6 +28,7 @@ async def create_response(body: ResponsesRequest, request: Request, daemon: Daem
         parent = stored(daemon, body.previous_response_id, owner, param="previous_response_id")
     history = parent.conversation() if parent is not None else []
     job_request, turns = serving.generation_request(body, history, outcome.request_id, daemon.settings)
+    job_request.model = daemon.model_id(body.model)
 
     def keep(response: ResponseObject, conversation: list[dict[str, Any]]) -> None:
         store.put(StoredResponse(response, conversation, owner, parent))

@@ -29,7 +29,7 @@ from mlx_manager.daemon.dialects.common import (
     not_supported,
     refuse_when_set,
 )
-from mlx_manager.daemon.schemas import FunctionName
+from mlx_manager.daemon.schemas import FunctionName, ModelId
 
 # -- request: content blocks ---------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ class Metadata(Strict):
 class PromptFields(Strict):
     """What makes the prompt: shared by /v1/messages and /v1/messages/count_tokens."""
 
-    model: str = Field(min_length=1)
+    model: ModelId
     messages: list[MessageParam] = Field(min_length=1)
     system: SystemContent | None = None
     tools: list[Tool] | None = Field(None, max_length=512)

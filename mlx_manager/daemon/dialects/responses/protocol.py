@@ -30,7 +30,7 @@ from mlx_manager.daemon.dialects.common import (
     not_supported,
     refuse_when_set,
 )
-from mlx_manager.daemon.schemas import FunctionName, ReasoningEffort
+from mlx_manager.daemon.schemas import FunctionName, ModelId, ReasoningEffort
 
 Status = Literal["in_progress", "completed", "incomplete"]  # of an output item
 ResponseStatus = Literal["completed", "failed", "in_progress", "incomplete"]
@@ -326,7 +326,7 @@ class StreamOptions(Strict):
 
 
 class ResponsesRequest(Strict):
-    model: str = Field(min_length=1)
+    model: ModelId
     input: Input = Field(min_length=1)
     instructions: str | None = None
     tools: list[ToolParam] | None = Field(None, max_length=512)

@@ -87,7 +87,8 @@ def constraint(body: ResponsesRequest) -> GrammarSpec | None:
             return json_schema_spec({"type": "object"}, kind="json_object")
         return json_schema_spec(fmt.schema_, name=fmt.name)
     except ConstraintError as exc:
-        raise Problem("invalid_request", str(exc).replace("response_format", "text.format"), param="text.format") from None
+        message = str(exc).replace("response_format", "text.format")
+        raise Problem("invalid_request", message, param="text.format") from None
 
 
 def tool_choice(body: ResponsesRequest) -> str | dict[str, Any] | None:
@@ -179,6 +180,7 @@ def generation_request(
         model=body.model,
         messages=messages,
         max_tokens=max_tokens_for(body.max_output_tokens, settings, "max_output_tokens"),
+        max_tokens_is_default=body.max_output_tokens is None,
         sampling=SamplingParams(
             temperature=defaults.temperature if body.temperature is None else body.temperature,
             top_p=defaults.top_p if body.top_p is None else body.top_p,
