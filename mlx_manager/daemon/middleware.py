@@ -67,6 +67,7 @@ class DaemonMiddleware:
         scope["mlx_manager.outcome"] = outcome
         status: int | None = None
         request_id_header = (b"x-request-id", outcome.request_id.encode())
+        recorded = path.startswith(_RECORDED)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -74,6 +75,8 @@ class DaemonMiddleware:
                 status = message["status"]
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 message = {**message, "headers": [*headers, request_id_header]}
+            elif recorded and not message.get("more_body", False):
+                await daemon.acknowledge(outcome, status)  # the last byte waits for its audit row (audit.durability)
             await send(message)
 
         # Only requests that do work count for the drain: probes and refusals end at once.
@@ -101,7 +104,7 @@ class DaemonMiddleware:
             outcome.route = getattr(scope.get("route"), "path_format", None)
             if counted:
                 daemon.request_ended()
-            if path.startswith(_RECORDED):
+            if recorded:
                 outcome.finish(status)
                 _log_outcome(outcome)
                 daemon.emit(outcome)

@@ -180,6 +180,12 @@ class AuditSettings(Section):
     )
     retention_days: int = Field(30, ge=1, le=36500, description="Days audit rows are kept before pruning.")
     prune_interval: Duration = Field(3600, ge=60, le=7 * 86400, description="Seconds between automatic prunes.")
+    durability: Literal["acknowledged", "batched"] = Field(
+        "acknowledged",
+        description="'acknowledged': an answer's last byte waits for its audit row's commit (requests share"
+        " commits), so a crash loses no row of an answered request. 'batched': nothing waits, and a crash"
+        " loses the rows of the last flush window (up to 100 ms).",
+    )
 
 
 class TelemetrySettings(Section):
