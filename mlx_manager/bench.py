@@ -74,13 +74,16 @@ class BenchPlan:
 
 
 _prompt_counter = itertools.count()
+# Starts every prompt: no two runs of `bench` send a prompt the server could have cached before.
+_RUN = os.urandom(4).hex()
 
 
 def distinct_prompt(words: int) -> str:
-    """A prompt no other request of this process has used: the words depend on a counter."""
+    """A prompt no other request (of this run or an earlier one) has used: the words depend on a
+    counter, and the first one on the run."""
     n = next(_prompt_counter)
-    picked = [WORDS[(n * 7 + i * (n % 5 + 1)) % len(WORDS)] for i in range(max(1, words - 2))]
-    return f"request {n}: " + " ".join(picked)
+    picked = [WORDS[(n * 7 + i * (n % 5 + 1)) % len(WORDS)] for i in range(max(1, words - 3))]
+    return f"{_RUN} request {n}: " + " ".join(picked)
 
 
 def percentile(values: list[float], q: float) -> float | None:

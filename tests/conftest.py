@@ -1,10 +1,13 @@
-"""Shared fixtures: an isolated home for every test, and the tiny real MLX models."""
+"""Shared fixtures: an isolated home for every test, the processes a test starts, the tiny real MLX models."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from tests.processes import Children
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,6 +36,15 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TERM", "dumb")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    """Start a test's processes through this (`children.start(command, ctrl_c=True, ...)`): what
+    still runs when the test ends, passed or failed, is killed and reaped."""
+    started = Children()
+    yield started
+    started.reap()
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -19,9 +19,11 @@ import uvicorn
 
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.engine import Engine
-from mlx_manager.engine.jobs import Job
-from mlx_manager.engine.types import GenerationRequest
+from mlx_manager.engine.jobs import EmbeddingJob, Job
+from mlx_manager.engine.types import EmbeddingRequest, GenerationRequest
 from mlx_manager.settings import Settings
+
+T = TypeVar("T")
 
 
 class RecordingEngine(Engine):
@@ -30,10 +32,16 @@ class RecordingEngine(Engine):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.jobs: list[Job] = []
+        self.embedding_jobs: list[EmbeddingJob] = []
 
     def submit(self, request: GenerationRequest) -> Job:
         job = super().submit(request)
         self.jobs.append(job)
+        return job
+
+    def submit_embedding(self, request: EmbeddingRequest) -> EmbeddingJob:
+        job = super().submit_embedding(request)
+        self.embedding_jobs.append(job)
         return job
 
     def job(self, request_id: str) -> Job:
@@ -111,8 +119,11 @@ def serving(*models: str, settings: Settings | None = None, **engine_config: Any
         yield live
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """The predicate's first truthy value within `timeout` seconds (its last value otherwise)."""
+def wait_until(predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.02) -> T:
+    """The predicate's first truthy value within `timeout` seconds (its last value otherwise).
+
+    The timeout is a ceiling for a state that should come, not a deadline the product must meet:
+    generous, so a busy machine only makes the test slower, never wrong."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -50,5 +50,5 @@ def minilm_folder(cache: Path) -> Path:
 
 
 def reference() -> dict:
-    """Vectors sentence-transformers computed for a few texts (see tests/make_minilm_reference.py)."""
+    """Vectors sentence-transformers computed for a few texts (see benchmarks/make_minilm_reference.py)."""
     return json.loads(REFERENCE.read_text())

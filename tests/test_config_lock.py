@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from mlx_manager.cli import app
 from mlx_manager.settings import ConfigBusyError, config_lock, config_path
 from mlx_manager.settings import file as settings_file
+from tests.daemon_server import wait_until
+from tests.processes import Children
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))
 runner = CliRunner()
@@ -26,52 +28,55 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([MLX_MANAGER, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def run_workers(commands: list[list[list[str]]]) -> None:
+def run_workers(children: Children, commands: list[list[list[str]]]) -> None:
     """One shell loop per worker, all started at once; each runs its commands one after another."""
     workers = [
-        subprocess.Popen(
+        children.start(
             ["/bin/sh", "-c", " && ".join(" ".join([MLX_MANAGER, *args]) for args in todo)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for todo in commands
     ]
     for worker in workers:
-        _, err = worker.communicate(timeout=120)
+        _, err = worker.communicate(timeout=240)
         assert worker.returncode == 0, err
 
 
-def test_concurrent_keys_add_keeps_every_key():
+def test_concurrent_keys_add_keeps_every_key(children):
     names = [[f"name-{i}-{j}" for j in range(5)] for i in range(3)]
-    run_workers([[["keys", "add", name, "--json"] for name in todo] for todo in names])
+    run_workers(children, [[["keys", "add", name, "--json"] for name in todo] for todo in names])
     listed = cli("keys", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert sorted(row["name"] for row in json.loads(listed.stdout)) == sorted(name for todo in names for name in todo)
 
 
-def test_concurrent_config_set_keeps_every_value():
+def test_concurrent_config_set_keeps_every_value(children):
     values = [
         [("timeouts.chat", "301"), ("timeouts.completions", "302"), ("timeouts.embeddings", "303")],
         [("server.max_messages", "401"), ("server.queue_limit", "402"), ("server.drain_timeout", "43")],
         [("log.level", "debug"), ("server.port", "12345"), ("server.max_batch_size", "7")],
     ]
-    run_workers([[["config", "set", key, value] for key, value in todo] for todo in values])
+    run_workers(children, [[["config", "set", key, value] for key, value in todo] for todo in values])
     data = tomllib.loads(config_path().read_text())
     for key, value in [pair for todo in values for pair in todo]:
         section, name = key.split(".")
         assert str(data[section][name]) == value, key
 
 
-def test_config_set_waits_for_the_lock_then_succeeds():
+def test_config_set_waits_for_the_lock_then_succeeds(children):
     with config_lock():
-        started = time.monotonic()
-        waiting = subprocess.Popen([MLX_MANAGER, "config", "set", "timeouts.chat", "777"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)  # several times what the command takes when the lock is free
+        waiting = children.start([MLX_MANAGER, "config", "set", "timeouts.chat", "777"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # It gets as far as the lock, finds it busy and says so, however slowly it starts...
+        said = waiting.stderr.readline()
+        assert said == f"Waiting for another mlx-manager command to finish changing {config_path()}...\n"
+        # ...and stays there: a command that ignored the lock would have written the file within
+        # these ten of its tries at the lock. (A pause for something that must not happen.)
+        time.sleep(0.5)
         assert waiting.poll() is None, "config set did not wait for the lock"
         assert not config_path().exists()
-    out, err = waiting.communicate(timeout=30)
-    assert waiting.returncode == 0, err
-    assert time.monotonic() - started >= 3
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, said + err
     assert out.startswith("Set timeouts.chat = 777")
     assert tomllib.loads(config_path().read_text())["timeouts"]["chat"] == 777
 
@@ -82,7 +87,10 @@ def test_config_set_gives_up_with_a_clear_message(monkeypatch):
         result = runner.invoke(app, ["config", "set", "timeouts.chat", "777"])
         keys = runner.invoke(app, ["keys", "add", "laptop", "--json"])
     assert result.exit_code == 1
-    assert result.output.strip() == f"Error: another mlx-manager command is changing {config_path()}; try again."
+    assert result.output.splitlines() == [
+        f"Waiting for another mlx-manager command to finish changing {config_path()}...",
+        f"Error: another mlx-manager command is changing {config_path()}; try again.",
+    ]
     assert keys.exit_code == 1
     assert json.loads(keys.output) == {"error": f"another mlx-manager command is changing {config_path()}; try again."}
     assert not config_path().exists()
@@ -141,7 +149,7 @@ def test_lock_is_released_when_the_holder_dies():
     finally:
         holder.kill()
         holder.wait()
-    with config_lock(timeout=5):
+    with config_lock(timeout=60):
         pass
 
 
@@ -151,7 +159,7 @@ def test_threads_in_one_process_are_serialised():
     overlap = []
 
     def hold(n: int) -> None:
-        with config_lock(timeout=10):
+        with config_lock(timeout=60):
             if inside:
                 overlap.append(n)
             inside.append(n)

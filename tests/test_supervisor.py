@@ -22,6 +22,7 @@ from mlx_manager.supervisor.state import (
     Lock, lock_holder, read_state, same_process, state_file, supervisor_log, supervisor_running, write_state,
 )
 from tests.daemon_server import wait_until
+from tests.processes import reading_at_end
 
 CRASH = "import sys; sys.exit(3)"
 # Appends its start time to a file, then crashes: the gaps between lines are the backoff delays.
@@ -69,7 +70,7 @@ def reap():
     state = read_state() or {}
     for process in started:
         kill_tree(process.pid)
-        process.wait(10)
+        process.wait(60)
     if same_process(state.get("daemon_pid"), state.get("daemon_started")):
         kill_tree(state["daemon_pid"])
 
@@ -81,7 +82,7 @@ def log_text() -> str:
         return ""
 
 
-def state_when(predicate, timeout: float = 10.0) -> dict:
+def state_when(predicate, timeout: float = 60.0) -> dict:
     state = wait_until(lambda: (s := read_state()) is not None and predicate(s) and s, timeout)
     assert state, f"state never matched; last: {read_state()}"
     return state
@@ -149,6 +150,7 @@ def test_lock_excludes_a_second_holder_and_dies_with_its_process():
     finally:
         holder.kill()
         holder.wait()
+        holder.wait()
 
 
 def test_same_process_rejects_a_recycled_pid():
@@ -164,7 +166,7 @@ def test_same_process_rejects_a_recycled_pid():
 def test_crash_loop_is_cut_off_after_five_crashes(reap):
     supervisor = supervise("--backoff-initial", "0.05", child=CRASH)
     reap(supervisor)
-    assert supervisor.wait(30) == 1
+    assert supervisor.wait(120) == 1
     state = read_state()
     assert state["state"] == "given_up" and state["given_up"] is True
     assert "5 crashes within 60 s" in state["reason"]
@@ -180,18 +182,23 @@ def test_restarts_wait_longer_each_time(reap, tmp_path):
     starts = tmp_path / "starts"
     supervisor = supervise("--backoff-initial", "0.3", child=CRASH_AND_RECORD, args=(str(starts),))
     reap(supervisor)
-    assert supervisor.wait(30) == 1
+    assert supervisor.wait(120) == 1
     times = [float(line) for line in starts.read_text().split()]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) == 5
+    # The supervisor says which delay it chose, and the next start really came no sooner.
+    # (Starting a process takes longer on a busy machine: the gaps have no upper bound here.)
+    said = [line.split("restarting the daemon in ")[1] for line in log_text().splitlines()
+            if "restarting the daemon in" in line]
+    assert said == ["0.3 s", "0.6 s", "1.2 s", "2.4 s"]
     for gap, delay in zip(gaps, (0.3, 0.6, 1.2, 2.4)):
-        assert delay <= gap < delay + 1.0, gaps
+        assert delay <= gap, gaps
 
 
 def test_without_retry_a_daemon_that_never_got_ready_is_not_restarted(reap):
     supervisor = supervise("--no-retry-before-ready", child="print('Error: bad things', flush=True); raise SystemExit(2)")
     reap(supervisor)
-    assert supervisor.wait(30) == 1
+    assert supervisor.wait(60) == 1
     state = read_state()
     assert state["restarts"] == 0
     assert state["reason"] == "the daemon exited with code 2 before it was ready"
@@ -202,7 +209,7 @@ def test_without_retry_a_daemon_that_never_got_ready_is_not_restarted(reap):
 def test_a_clean_exit_is_not_a_crash(reap):
     supervisor = supervise(child="raise SystemExit(0)")
     reap(supervisor)
-    assert supervisor.wait(30) == 0
+    assert supervisor.wait(60) == 0
     state = read_state()
     assert state["state"] == "stopped" and state["restarts"] == 0
 
@@ -214,7 +221,7 @@ def test_sigterm_drains_the_daemon_then_the_supervisor_exits(reap, tmp_path):
     daemon_pid = state_when(lambda s: s.get("daemon_pid"))["daemon_pid"]
     assert wait_until(lambda: "child up" in log_text().splitlines())
     supervisor.send_signal(signal.SIGTERM)
-    assert supervisor.wait(15) == 0
+    assert supervisor.wait(60) == 0
     assert proof.read_text() == "drained"  # the daemon finished its drain before the supervisor left
     assert not psutil.pid_exists(daemon_pid) or psutil.Process(daemon_pid).status() == psutil.STATUS_ZOMBIE
     state = read_state()
@@ -228,15 +235,15 @@ def test_a_daemon_that_ignores_sigterm_is_killed_after_the_stop_timeout(reap):
     assert wait_until(lambda: "up" in log_text().splitlines())
     began = time.monotonic()
     supervisor.send_signal(signal.SIGTERM)
-    assert supervisor.wait(15) == 0
-    assert 1 <= time.monotonic() - began < 5
+    assert supervisor.wait(60) == 0
+    assert time.monotonic() - began >= 1  # it waited the stop timeout, then killed
     assert read_state()["last_exit"]["reason"] == "did not stop within 1 s and was killed"
 
 
 def test_a_daemon_that_never_answers_is_killed_by_the_watchdog(reap):
     supervisor = supervise("--start-timeout", "1", "--crash-limit", "1", child=SLEEP)
     reap(supervisor)
-    assert supervisor.wait(20) == 1
+    assert supervisor.wait(60) == 1
     last_exit = read_state()["last_exit"]
     assert "never answered /health" in last_exit["reason"] and "watchdog" in last_exit["reason"]
     assert "watchdog: the daemon never answered /health" in log_text()
@@ -248,7 +255,7 @@ def test_only_one_supervisor_per_home(reap):
     state = state_when(lambda s: s.get("daemon_pid"))
     second = supervise(child=SLEEP)
     reap(second)
-    assert second.wait(15) == 3
+    assert second.wait(60) == 3
     assert read_state()["supervisor_pid"] == state["supervisor_pid"] == first.pid  # untouched
     assert "another supervisor is already running" in log_text()
 
@@ -301,10 +308,10 @@ def test_follow_sees_new_lines_and_survives_rotation(tmp_path):
     seen: list[str] = []
     thread = threading.Thread(target=lambda: [seen.append(line) for line in follow(path, poll=0.02)], daemon=True)
     thread.start()
-    time.sleep(0.2)
+    assert wait_until(lambda: reading_at_end(os.getpid(), path))  # it follows the file from here on
     with open(path, "a") as handle:
         handle.write("first\n")
-    assert wait_until(lambda: seen == ["first"], 5)
+    assert wait_until(lambda: seen == ["first"])
     path.rename(tmp_path / "daemon.log.1")  # what RotatingFileHandler does
     path.write_text("after rotation\n")
-    assert wait_until(lambda: seen == ["first", "after rotation"], 5), seen
+    assert wait_until(lambda: seen == ["first", "after rotation"]), seen

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_manager import __version__
-from mlx_manager.cli import audit, bench, config, keys, lifecycle, models, serve, service
+from mlx_manager.cli import audit, bench, cache, config, keys, lifecycle, models, serve, service
 
 app = typer.Typer(
     name="mlx-manager",
@@ -44,6 +44,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(config.app, name="config")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
+app.add_typer(cache.app, name="cache")
 app.add_typer(service.app, name="service")
 app.command(epilog=bench.EPILOG)(bench.bench)
 # lifecycle.register(app) adds start, stop, restart, status and logs as top-level commands.

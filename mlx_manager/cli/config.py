@@ -167,12 +167,16 @@ def changing_config(json_output: bool = False) -> Iterator[None]:
     path = config_path()
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(config_lock(path))
+            stack.enter_context(config_lock(path, on_wait=None if json_output else lambda: _say_waiting(path)))
         except ConfigBusyError as error:
             fail(f"{error}.", code=EXIT_ERROR, json_output=json_output)
         except OSError as error:
             fail(f"cannot lock {path}: {error.strerror or error}", code=EXIT_ERROR, json_output=json_output)
         yield
+
+
+def _say_waiting(path: Path) -> None:
+    say(f"Waiting for another mlx-manager command to finish changing {path}...", err=True)
 
 
 def _save(text: str, json_output: bool = False) -> None:

@@ -236,6 +236,7 @@ def _show_status(s: "Status") -> None:
         ("CPU", f"{s.cpu_percent:.0f} %" if s.cpu_percent is not None else None),
         ("Requests", _requests_line(s.figures) if s.figures else None),
         ("Tokens", _tokens_line(s.figures) if s.figures else None),
+        ("Prompt cache", _cache_line(s.figures) if s.figures else None),
         ("Restarts", str(s.restarts) if s.supervised else None),
         ("Last exit", _exit_line(s.last_exit) if s.last_exit else None),
     ]
@@ -259,6 +260,17 @@ def _tokens_line(figures: dict[str, Any]) -> str:
     if figures.get("audit_backlog"):
         line += f"; {figures['audit_backlog']} audit rows waiting to be written"
     return line
+
+
+def _cache_line(figures: dict[str, Any]) -> str | None:
+    """Its size and hit rate: how much of the prompts it saved recomputing."""
+    hits, misses = figures.get("prompt_cache_hits", 0), figures.get("prompt_cache_misses", 0)
+    size = figures.get("prompt_cache_bytes")
+    if not hits and not misses and not size:
+        return None
+    rate = f"{100 * hits / (hits + misses):.0f}% of prompts hit" if hits + misses else "no prompt yet"
+    return (f"{(size or 0) / 1024**2:.0f} MiB; {rate}; "
+            f"{figures.get('prompt_cache_cached_tokens', 0)} prompt tokens not computed again")
 
 
 def _exit_line(last_exit: dict[str, Any]) -> str:

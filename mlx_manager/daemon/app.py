@@ -15,6 +15,7 @@ from mlx_manager.daemon.middleware import DaemonMiddleware
 from mlx_manager.daemon.openapi import describe_errors
 from mlx_manager.daemon.routes import (
     admin,
+    admin_cache,
     admin_models,
     audit_feed,
     chat,
@@ -96,7 +97,7 @@ def create_app(
     app.state.metrics = figures
     telemetry.instrument_app(app, settings)
     handlers.install(app)
-    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models, audit_feed):
+    for module in (chat, completions, messages, responses, embeddings, models, health, metrics, admin, admin_models, admin_cache, audit_feed):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)

@@ -70,4 +70,12 @@ class Stop:
     """Fail every job with EngineStopped, unload every model, end the thread."""
 
 
-Command = Submit | Embed | Cancel | Load | Unload | CountTokens | Reconfigure | Stop
+@dataclass(frozen=True)
+class ClearCache:
+    """Forget the prompt cache of every loaded model (its disk tier too); the reply counts the
+    entries that went."""
+
+    reply: Reply[int]
+
+
+Command = Submit | Embed | Cancel | Load | Unload | CountTokens | ClearCache | Reconfigure | Stop

@@ -12,7 +12,18 @@ import queue
 import threading
 from collections.abc import Callable
 
-from mlx_manager.engine.commands import Cancel, Command, CountTokens, Embed, Load, Reconfigure, Stop, Submit, Unload
+from mlx_manager.engine.commands import (
+    Cancel,
+    ClearCache,
+    Command,
+    CountTokens,
+    Embed,
+    Load,
+    Reconfigure,
+    Stop,
+    Submit,
+    Unload,
+)
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import EngineStopped
 from mlx_manager.engine.jobs import Admission, EmbeddingJob, Job, Reply
@@ -94,6 +105,14 @@ class Engine:
             raise EngineStopped("the engine is not running")
         reply: Reply[int] = Reply(asyncio.get_running_loop())
         self._commands.put(CountTokens(request, reply))
+        return await reply.future
+
+    async def clear_cache(self) -> int:
+        """Forget every loaded model's prompt cache (its disk tier too); how many entries went."""
+        if self._thread is None:
+            raise EngineStopped("the engine is not running")
+        reply: Reply[int] = Reply(asyncio.get_running_loop())
+        self._commands.put(ClearCache(reply))
         return await reply.future
 
     def _cancel(self, job: Job) -> None:

@@ -163,3 +163,28 @@ def model_identity(path: Path) -> str:
                 handle.seek(-(1 << 20), os.SEEK_END)
                 digest.update(handle.read(1 << 20))
     return digest.hexdigest()[:32]
+
+
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(entries, bytes) of a disk tier's folder, every model's: what `cache stats` shows when no
+    daemon runs. Plain file reads, no MLX."""
+    entries = size = 0
+    if folder.is_dir():
+        for data in folder.glob("*/*.safetensors"):
+            entries += 1
+            size += data.stat().st_size
+    return entries, size
+
+
+def clear_folder(folder: Path) -> int:
+    """Delete every entry of a disk tier's folder, every model's; how many went."""
+    gone = 0
+    if folder.is_dir():
+        for model in folder.iterdir():
+            if not model.is_dir():
+                continue
+            for file in model.iterdir():
+                if file.suffix == ".safetensors":
+                    gone += 1
+                file.unlink(missing_ok=True)
+    return gone

@@ -18,7 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_manager.engine.batch import ModelBatch, Slot
-from mlx_manager.engine.commands import Cancel, Command, CountTokens, Embed, Load, Reconfigure, Stop, Submit, Unload
+from mlx_manager.engine.commands import (
+    Cancel,
+    ClearCache,
+    Command,
+    CountTokens,
+    Embed,
+    Load,
+    Reconfigure,
+    Stop,
+    Submit,
+    Unload,
+)
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.embedding_queue import EmbeddingQueue, entry_of, result_of
 from mlx_manager.engine.errors import (
@@ -129,6 +140,14 @@ class Worker:
                 except Exception as exc:  # a tokenizer or template bug must not take the thread down
                     log.exception("counting the prompt tokens of %s failed", request.request_id)
                     reply.settle(error=GenerationFailed(f"the prompt could not be prepared: {type(exc).__name__}"))
+            case ClearCache(reply):
+                caches = [e.prompt_cache for e in self.pool.entries() if e.prompt_cache is not None]
+                gone = 0
+                for cache in caches:
+                    status = cache.status()
+                    gone += status.entries + status.disk_entries
+                    cache.clear()
+                reply.settle(gone)
             case Reconfigure(config):
                 self.config = config
                 self.pool.allowed = list(config.allowed)
@@ -353,7 +372,7 @@ class Worker:
                     job.emit(stopped)
                 case Embed(job):
                     job.settle(error=stopped)
-                case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply):
+                case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply) | ClearCache(reply):
                     reply.settle(error=stopped)
         self.pool.unload_all()
         self._publish()

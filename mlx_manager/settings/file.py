@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,17 +94,25 @@ class ConfigBusyError(TimeoutError):
 
 
 @contextlib.contextmanager
-def config_lock(path: Path | None = None, timeout: float | None = None) -> Iterator[Path]:
+def config_lock(
+    path: Path | None = None, timeout: float | None = None, on_wait: Callable[[], None] | None = None
+) -> Iterator[Path]:
     """Hold an exclusive lock on `config.toml.lock` next to the config file (mode 0600, folder 0700)
     for a whole read-modify-write, so two commands changing the file at once cannot lose a change.
     Waits up to `timeout` seconds (CONFIG_LOCK_TIMEOUT by default), then raises ConfigBusyError;
-    other OSErrors (an unwritable folder) propagate. The kernel drops the lock if the process dies."""
+    other OSErrors (an unwritable folder) propagate. The kernel drops the lock if the process dies.
+    `on_wait()` is called once if the lock is busy at first, before waiting (to tell a person why)."""
     from filelock import Timeout
 
     path = path or config_path()
     lock = private_lock(path.with_name(f"{path.name}.lock"))
     try:
-        lock.acquire(timeout=CONFIG_LOCK_TIMEOUT if timeout is None else timeout)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            lock.acquire(timeout=CONFIG_LOCK_TIMEOUT if timeout is None else timeout)
     except Timeout:
         raise ConfigBusyError(f"another mlx-manager command is changing {path}; try again") from None
     try:

@@ -1,6 +1,6 @@
 """Benchmark: the daemon's tokens/s with telemetry on (no Logfire token: nothing is sent) and off.
 
-    python -m tests.bench_telemetry [--sessions 4] [--rounds 12] [--tokens 128] [--size bench] [--control]
+    python -m benchmarks.bench_telemetry [--sessions 4] [--rounds 12] [--tokens 128] [--size bench] [--control]
 
 Target: the two figures within 3% of each other.
 
@@ -83,7 +83,7 @@ def start(name: str, telemetry_on: bool, model: str, workdir: Path, cpu: int | N
     env.update(MLX_MANAGER_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     serve_as = "on" if telemetry_on else "off"
-    command = [sys.executable, "-m", "tests.bench_telemetry", "--serve", serve_as, "--model", model]
+    command = [sys.executable, "-m", "benchmarks.bench_telemetry", "--serve", serve_as, "--model", model]
     command += ["--port", str(port)]
     if cpu is not None:
         command += ["--cpu", str(cpu)]
@@ -188,7 +188,7 @@ def main() -> int:
     ratio = statistics.median(a / b for a, b in zip(rates["on"], rates["off"]))
     label = "off (control)" if args.control else "on"
     command = (
-        f"python -m tests.bench_telemetry --sessions {args.sessions} --rounds {args.rounds}"
+        f"python -m benchmarks.bench_telemetry --sessions {args.sessions} --rounds {args.rounds}"
         f" --tokens {args.tokens} --size {args.size}"
     )
     command += " --control" if args.control else ""

@@ -1,6 +1,6 @@
 """Benchmark: the daemon against mlx_lm.server, same generated model, same client, one run.
 
-    python -m tests.bench_server [--requests 16] [--max-tokens 128] [--prompt-tokens 64] [--size bench]
+    python -m benchmarks.bench_server [--requests 16] [--max-tokens 128] [--prompt-tokens 64] [--size bench]
                                  [--blas auto|bundled]
 
 Starts both servers the same way (a subprocess each, the model folder given on the command
@@ -85,7 +85,7 @@ def main() -> int:
         print("B:", " ".join(commands["mlx_lm.server"]))
         print("bench:", " ".join(bench), flush=True)
         result = subprocess.run(bench, env={**env, "COLUMNS": "160"})
-        print(f"reproduce: HF_HUB_OFFLINE=1 python -m tests.bench_server --requests {args.requests} "
+        print(f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_server --requests {args.requests} "
               f"--max-tokens {args.max_tokens} --prompt-tokens {args.prompt_tokens} --size {args.size} "
               f"--blas {args.blas}")
         return result.returncode

