@@ -36,7 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,7 @@ class AuditWriter:
 
     async def prune(self, older_than: timedelta) -> int:
         """Delete rows older than `older_than`, in small transactions interleaved with the writes."""
-        before = datetime.now(timezone.utc) - older_than
+        before = datetime.now(UTC) - older_than
         deleted = 0
         while True:
             n = await self._in_thread(self._prune_batch, before)
@@ -426,7 +426,7 @@ class AuditWriter:
         """Roll up (at most) one closed day; look again soon while days are left, else in a while."""
         assert self._loop is not None
         try:
-            more = await self._in_thread(self._rollup_step, datetime.now(timezone.utc).date().isoformat())
+            more = await self._in_thread(self._rollup_step, datetime.now(UTC).date().isoformat())
         except Exception as exc:  # a cache: the rows are safe, stats read them instead
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
             log.warning("audit writer could not update the stats rollup of %s (will retry): %s", self.path, reason)

@@ -109,7 +109,8 @@ class TokenCountCall(EngineCall):
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
         self.engine = daemon.engine
         self.job_request = job_request
-        super().__init__(daemon, request, endpoint, token_count_span(job_request.model, endpoint, job_request.request_id))
+        span = token_count_span(job_request.model, endpoint, job_request.request_id)
+        super().__init__(daemon, request, endpoint, span)
 
     async def count(self) -> int:
         """The count, within the deadline; raises ClientGone, the timeout problem or an EngineError."""

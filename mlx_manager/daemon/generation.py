@@ -99,7 +99,8 @@ def sampling_of(body: Any) -> SamplingParams:
 class GenerationCall(EngineCall):
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
         self.job: Job = daemon.engine.submit(job_request)  # Overloaded / EngineStopped: at once
-        super().__init__(daemon, request, endpoint, generation_span(job_request.model, endpoint, job_request.request_id))
+        span = generation_span(job_request.model, endpoint, job_request.request_id)
+        super().__init__(daemon, request, endpoint, span)
         self.outcome.tools_offered = job_request.tools is not None
         self.outcome.tool_calls = 0
         forced_call = job_request.tools is not None and job_request.tool_choice not in (None, "auto", "none")

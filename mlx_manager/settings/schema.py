@@ -111,7 +111,8 @@ class ServerSettings(Section):
 
     prefill_chunk: int = Field(
         512, ge=16, le=65536,
-        description="Prompt tokens read per step; running streams decode between chunks, and a cancelled prompt stops within one.",
+        description="Prompt tokens read per step; running streams decode between chunks, and a cancelled prompt"
+        " stops within one.",
     )
 
     @field_validator("blas")
@@ -135,7 +136,9 @@ class ModelSettings(Section):
         default_factory=list,
         description="Models requests may load (folder paths or Hugging Face ids); empty allows any.",
     )
-    max_loaded: int = Field(2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first).")
+    max_loaded: int = Field(
+        2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first)."
+    )
     keep_alive: Duration = Field(
         1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
     )
@@ -147,7 +150,10 @@ class ModelSettings(Section):
         description="Folders of model folders (besides the Hugging Face cache) that `mlx-manager models list` shows.",
     )
     default_max_tokens: int = Field(
-        512, ge=1, le=1_000_000, description="max_tokens used when a request gives none (never above models.max_tokens)."
+        512,
+        ge=1,
+        le=1_000_000,
+        description="max_tokens used when a request gives none (never above models.max_tokens).",
     )
     max_tokens: int = Field(
         131072, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for; more is refused with 422."
