@@ -10,7 +10,7 @@ brings psutil) so that `mlx-manager --help` stays fast.
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,16 +23,22 @@ if TYPE_CHECKING:
     from mlx_manager.supervisor.status import Status
 
 HostOption = Annotated[
-    Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
+    str | None, typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
 ]
-PortOption = Annotated[Optional[int], typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")]
+PortOption = Annotated[
+    int | None, typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")
+]
 WaitOption = Annotated[
     float, typer.Option("--wait", min=1, metavar="SECONDS", help="How long to wait for the daemon to be ready.")
 ]
 TimeoutOption = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--timeout", min=0, metavar="SECONDS", help="How long running requests may finish before the daemon is killed."
+        "--timeout",
+        min=0,
+        metavar="SECONDS",
+        help="How long to wait before the daemon is killed (default: server.drain_timeout + 30 s, at least"
+        " supervisor.stop_timeout: requests still running when the drain ends get the `draining` problem).",
     ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Kill at once, without letting running requests finish.")]
@@ -47,7 +53,10 @@ STATUS_EPILOG = (
     "Examples:\n\n  mlx-manager status\n\n  mlx-manager status --json | jq .rss_bytes\n\n"
     "  mlx-manager status >/dev/null || mlx-manager restart"
 )
-LOGS_EPILOG = "Examples:\n\n  mlx-manager logs\n\n  mlx-manager logs -n 200\n\n  mlx-manager logs --follow\n\n  mlx-manager logs --supervisor"
+LOGS_EPILOG = (
+    "Examples:\n\n  mlx-manager logs\n\n  mlx-manager logs -n 200\n\n  mlx-manager logs --follow\n\n"
+    "  mlx-manager logs --supervisor"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -81,16 +90,18 @@ def start(
 
 
 def _check_bind(flags: dict[str, Any]) -> None:
-    """Refuse a network address without an API key here, before any process is started or stopped;
-    the daemon checks again itself (and says why if the settings cannot be read)."""
+    """Refuse settings the daemon could not start with (a broken config.toml, a bad MLX_MANAGER_
+    variable or flag, a network address without an API key) here, before any process is started
+    or stopped: a `restart` that cannot start again leaves the running daemon alone."""
     from mlx_manager.auth import load_keyring, unsafe_bind
     from mlx_manager.settings import SettingsError, load_settings
 
     try:
-        settings = load_settings({"server.host": flags.get("host")})
+        settings = load_settings({"server.host": flags.get("host"), "server.port": flags.get("port")})
         keyring = load_keyring(settings)
-    except SettingsError:
-        return
+    except SettingsError as exc:
+        hint = "Fix them (mlx-manager config ...); nothing was started or stopped."
+        fail(f"the settings cannot be read: {exc}.", hint, code=EXIT_USAGE)
     refusal = unsafe_bind(settings.server.host, keyring, bool(flags.get("insecure_no_auth")))
     if refusal is not None:
         fail(refusal, code=EXIT_USAGE)
@@ -144,19 +155,36 @@ def _options() -> "SupervisorOptions":
     return SupervisorOptions.from_settings(settings, retry_before_ready=False)
 
 
-def stop(timeout: TimeoutOption = 30, force: ForceOption = False) -> None:
-    """Stop the daemon: running requests may finish, then it exits; killed after the timeout.
+def _stop_wait() -> float:
+    """`stop`'s default wait: the supervisor's own (it kills the daemon then), and a moment more for it to report."""
+    from mlx_manager.settings import SettingsError, load_settings
+    from mlx_manager.supervisor.options import stop_wait
+
+    try:
+        settings = load_settings()
+    except SettingsError:
+        settings = None
+    return stop_wait(settings) + 5
+
+
+def stop(timeout: TimeoutOption = None, force: ForceOption = False) -> None:
+    """Stop the daemon: running requests may finish (server.drain_timeout), those still running then
+    get the `draining` problem, every audit row is written, and it exits; killed after the timeout.
 
     When nothing runs, says so and exits 0.
     """
     from mlx_manager.supervisor.control import stop as stop_supervised
 
+    if timeout is None:
+        timeout = _stop_wait()
     stopped = stop_supervised(timeout, force)
     if not stopped.was_running:
         say("Not running." + (f" (The last supervisor {stopped.note}.)" if stopped.note else ""))
         return
     pids = ", ".join(
-        f"{what} pid {pid}" for what, pid in (("daemon", stopped.daemon_pid), ("supervisor", stopped.supervisor_pid)) if pid
+        f"{what} pid {pid}"
+        for what, pid in (("daemon", stopped.daemon_pid), ("supervisor", stopped.supervisor_pid))
+        if pid
     )
     if force:
         say(f"Killed ({pids}).")
@@ -170,7 +198,7 @@ def restart(
     host: HostOption = None,
     port: PortOption = None,
     model: ModelOption = None,
-    timeout: TimeoutOption = 30,
+    timeout: TimeoutOption = None,
     wait: WaitOption = 120,
     insecure_no_auth: InsecureOption = False,
 ) -> None:
@@ -301,10 +329,14 @@ def _duration(seconds: float) -> str:
 
 def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many of the last lines to show.")] = 50,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines as they are written (Ctrl-C ends).")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines as they are written (Ctrl-C ends).")
+    ] = False,
     supervisor: Annotated[
         bool,
-        typer.Option("--supervisor", help="Show the supervisor's log (restarts, watchdog, the daemon's crash output) instead."),
+        typer.Option(
+            "--supervisor", help="Show the supervisor's log (restarts, watchdog, the daemon's crash output) instead."
+        ),
     ] = False,
 ) -> None:
     """Show the end of the daemon's log file (rotated by size), or follow it."""

@@ -264,7 +264,8 @@ class SupervisorSettings(Section):
     )
     stop_timeout: Duration = Field(
         60, ge=1, le=86400, json_schema_extra=RESTART,
-        description="Seconds the supervisor waits for a graceful stop before it kills the daemon.",
+        description="Seconds the supervisor (and `stop`) wait for a graceful stop before the daemon is killed;"
+        " never less than server.drain_timeout + 30 s, so requests the drain ends still get their answer and row.",
     )
 
 
