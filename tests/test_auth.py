@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import openai
@@ -25,7 +25,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def key_entry(name: str, key: str) -> dict:
-    return {"name": name, "sha256": key_digest(key), "created": datetime(2025, 1, 1, tzinfo=timezone.utc)}
+    return {"name": name, "sha256": key_digest(key), "created": datetime(2025, 1, 1, tzinfo=UTC)}
 
 
 def audit_row(server: LiveServer, request_id: str) -> dict:
@@ -219,8 +219,15 @@ def test_key_changes_apply_live_through_the_cli(isolated_home):
         revoked = runner.invoke(cli_app, ["keys", "revoke", "laptop"])
         assert revoked.exit_code == 0, revoked.stderr
         assert revoked.stdout.startswith(f"Revoked key laptop (running daemon at {live.url} applied it)")
-        assert http.get("/v1/models", headers={"Authorization": f"Bearer {answer['key']}"}).status_code == 200
-        assert http.get("/v1/models").status_code == 200  # open again: loopback, no key left
+        revoked_key = http.get("/v1/models", headers={"Authorization": f"Bearer {answer['key']}"})
+        assert_problem(revoked_key, 401, "unauthorized")
+        # The last key is gone, and the API stays closed (issue 24.15): revoking never opens it.
+        body = assert_problem(http.get("/v1/models"), 401, "unauthorized")
+        assert "auth.required is true" in body["detail"] and "mlx-manager keys add NAME" in body["detail"]
+        assert "auth.required = true" in revoked.stderr
+        reopened = runner.invoke(cli_app, ["config", "set", "auth.required", "false"])
+        assert reopened.exit_code == 0, reopened.stderr
+        assert http.get("/v1/models").status_code == 200  # open again, as asked: loopback, no key left
 
 
 def test_a_network_daemon_with_no_key_left_closes_v1():
@@ -249,7 +256,8 @@ def test_bind_safety(host, refused):
 
 
 def test_the_rate_limit_is_429_with_retry_after_per_client(tmp_path):
-    settings = settings_with(server={"rate_limit": 3}, auth={"keys": [key_entry("alice", ALICE), key_entry("bob", BOB)]})
+    keys = [key_entry("alice", ALICE), key_entry("bob", BOB)]
+    settings = settings_with(server={"rate_limit": 3}, auth={"keys": keys})
     with LiveServer(create_app(settings)) as live:
         alice = live.openai(api_key=ALICE)
         for _ in range(3):
@@ -304,4 +312,5 @@ def test_limits_are_422_with_the_limit_and_413_for_the_body(fast_model):
         answer = client.completions.create(model=fast_model, prompt="count", temperature=0)
         assert live.engine.jobs[-1].request.max_tokens == 8 and answer.usage.completion_tokens <= 8
         with httpx.Client(base_url=live.url) as http:
-            assert http.post("/v1/completions", json={"model": fast_model, "prompt": "a", "max_tokens": 8}).status_code == 200
+            body = {"model": fast_model, "prompt": "a", "max_tokens": 8}
+            assert http.post("/v1/completions", json=body).status_code == 200

@@ -63,10 +63,11 @@ class DaemonMiddleware:
             return
         daemon = self.daemon
         path = scope["path"]
-        outcome = RequestOutcome(request_id=request_id_from(scope), endpoint=path, method=scope["method"])
+        request_id = request_id_from(scope)
+        outcome = RequestOutcome(request_id=request_id, endpoint=path, method=scope["method"])
         scope["mlx_manager.outcome"] = outcome
         status: int | None = None
-        request_id_header = (b"x-request-id", outcome.request_id.encode())
+        request_id_header = (b"x-request-id", request_id.encode())
         recorded = path.startswith(_RECORDED)
 
         async def send_with_id(message: Message) -> None:
@@ -85,7 +86,7 @@ class DaemonMiddleware:
             refusal = self._refusal(scope, path, outcome)
             if refusal is not None:
                 outcome.fail(refusal.kind)
-                await refusal.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
+                await refusal.response(instance=path, request_id=request_id)(scope, receive, send_with_id)
                 return
             counted = path not in _PROBES
             if counted:
@@ -99,7 +100,7 @@ class DaemonMiddleware:
             if status is None:
                 detail = f"an unexpected error occurred; see request_id {outcome.request_id} in the daemon's log"
                 problem = Problem("internal_error", detail)
-                await problem.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
+                await problem.response(instance=path, request_id=request_id)(scope, receive, send_with_id)
         finally:
             outcome.route = getattr(scope.get("route"), "path_format", None)
             if counted:
@@ -132,13 +133,15 @@ class DaemonMiddleware:
     def _authenticate(self, scope: Scope) -> tuple[str | None, Problem | None]:
         """(name of the key the request presents, or a 401 problem). No keys at all: (None, None)."""
         keyring = self.daemon.keyring
-        if not keyring and not self.daemon.require_key:
+        if not keyring and not self.daemon.require_key and not self.daemon.settings.auth.required:
             return None, None
         # Anthropic's clients send the key as `x-api-key`; everyone else as a bearer token.
         token = bearer_token(_header(scope, b"authorization") or "")
         token = token or (_header(scope, b"x-api-key") or "").strip() or None
-        if not keyring:
+        if not keyring and self.daemon.require_key:
             detail = f"this daemon listens on a network address and has no API key left. {ADD_KEY_HINT}."
+        elif not keyring:
+            detail = f"no API key is left and auth.required is true. {ADD_KEY_HINT}."
         elif token is None:
             detail = "this API needs a key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
         else:

@@ -240,6 +240,12 @@ class AuthSettings(Section):
         description="File of more API keys in plain text, one per line (e.g. a mounted secret); "
         "the MLX_MANAGER_API_KEY variable adds one more.",
     )
+    required: bool = Field(
+        False,
+        description="true: /v1 needs a key even when none is configured (refused until one is added). "
+        "`keys revoke` of the last key sets it, so revoking never reopens the API; set it to false to serve "
+        "loopback clients without a key again. A network address always needs a key.",
+    )
 
     @field_validator("keys")
     @classmethod
