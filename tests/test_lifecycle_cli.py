@@ -294,6 +294,23 @@ def test_start_with_a_broken_config_starts_nothing(clean_up, isolated_home):
     assert lock_holder() is None and read_state() is None and read_daemon_info() is None
 
 
+def test_start_with_other_options_while_running_says_what_differs(clean_up, fast_model):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    port = read_state()["port"]
+
+    same = cli("start", "--port", str(port))
+    assert same.returncode == 0 and same.stdout.startswith(f"Already running: {url}")
+    other = cli("start", "--model", fast_model, "--port", str(port + 1))
+    assert other.returncode == 1
+    assert other.stdout.startswith(f"Already running: {url}")
+    assert other.stderr.strip() == (
+        f"Error: it runs with no --model (not {fast_model}); --port {port} (not {port + 1}): what you asked for "
+        "was not applied. Run `mlx-manager restart` with the options you want; it replaces them."
+    )
+    assert read_state()["daemon_pid"] == daemon  # left alone
+
+
 def test_start_on_a_busy_port_fails_with_the_reason(clean_up):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

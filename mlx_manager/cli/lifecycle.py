@@ -82,7 +82,8 @@ def start(
     Returns once the daemon is ready (prints its URL and pid), or prints why it could not start.
     On an address other than loopback it needs an API key (`mlx-manager keys add NAME`).
 
-    When it already runs, says so and does nothing.
+    When it already runs, says so and does nothing; exits 1 if it runs with another --model, --host
+    or --port than those given (`restart` replaces them).
     """
     flags = {"host": host, "port": port, "model": model_argument(model), "insecure_no_auth": insecure_no_auth or None}
     _check_bind(flags)
@@ -123,6 +124,29 @@ def _start(flags: dict[str, Any], wait: float) -> None:
                 say(f"  {line}", err=True)
         fail(f"the daemon did not start: {failure.message}", failure.hint)
     _report_started(running)
+    if running.already and (differences := _differences(flags, running)):
+        hint = "Run `mlx-manager restart` with the options you want; it replaces them."
+        fail(f"it runs with {'; '.join(differences)}: what you asked for was not applied.", hint)
+
+
+def _differences(flags: dict[str, Any], running: "Running") -> list[str]:
+    """What a `start` asked for that the daemon already running does not have (so it was not applied)."""
+    from mlx_manager.runtime import read_daemon_info
+    from mlx_manager.supervisor.state import read_state
+
+    info = read_daemon_info() or {}
+    started_with = ((read_state() or {}).get("flags") or {}) if running.supervised else {}
+    has = {"host": info.get("host"), "port": info.get("port"), "model": started_with.get("model")}
+    said = []
+    for name in ("model", "host", "port"):
+        asked = flags.get(name)
+        if asked is None or (name != "model" and has[name] is None):
+            continue  # not asked for, or not known
+        if has[name] is None:
+            said.append(f"no --model (not {asked})")
+        elif str(has[name]) != str(asked):
+            said.append(f"{'--' + name} {has[name]} (not {asked})")
+    return said
 
 
 def _report_started(running: "Running") -> None:
