@@ -62,7 +62,8 @@ def test_set_adds_a_section_and_creates_a_private_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_MANAGER_HOME", str(home))
     assert run("set", "models.allowed", "./a, org/b").exit_code == 0
     assert run("set", "telemetry.enabled", "false").exit_code == 0
-    assert config_path().read_text() == '[models]\nallowed = ["./a", "org/b"]\n\n[telemetry]\nenabled = false\n'
+    a = Path.cwd().resolve() / "a"  # a relative folder is stored absolute
+    assert config_path().read_text() == f'[models]\nallowed = ["{a}", "org/b"]\n\n[telemetry]\nenabled = false\n'
     assert stat.S_IMODE(config_path().stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
@@ -402,3 +403,19 @@ def test_keys_and_choices_complete():
     assert complete("mlx-manager config set timeouts.c") == ["timeouts.chat", "timeouts.completions"]
     assert complete("mlx-manager config get log.") == ["log.level", "log.file"]
     assert complete("mlx-manager config set log.level d") == ["debug"]
+
+
+def test_relative_model_folders_are_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "models" / "mid").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    done = run("set", "models.preload", "./models/mid,mlx-community/Qwen3-4B-4bit")
+    assert done.exit_code == 0, done.stderr
+    absolute = str(tmp_path.resolve() / "models" / "mid")
+    assert f"./models/mid is stored as {absolute}" in done.stdout
+    preload = json.loads(run("get", "models.preload", "--json").stdout)["value"]
+    assert preload == [absolute, "mlx-community/Qwen3-4B-4bit"]
+    done = run("set", "models.folders", "models")  # an existing folder, even without ./
+    assert done.exit_code == 0
+    monkeypatch.chdir("/")  # another folder: the settings still name the same folders
+    assert json.loads(run("get", "models.preload", "--json").stdout)["value"][0] == absolute
+    assert json.loads(run("get", "models.folders", "--json").stdout)["value"] == [str(tmp_path.resolve() / "models")]

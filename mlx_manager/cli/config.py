@@ -228,6 +228,7 @@ def set_(
         typed = parse_value(key, value)
     except SettingsError as error:
         _refuse(error)
+    typed, made_absolute = _absolute_paths(key, typed)
     path = config_path()
     with changing_config():
         try:
@@ -240,6 +241,30 @@ def set_(
         _save(document.as_string())
     _env_note(key)
     apply_live(f"Set {key} = {_shown(typed)}", [key])
+    for given, absolute in made_absolute:
+        say(f"  {given} is stored as {absolute}: the daemon may start from any folder.")
+
+
+# Settings naming model folders: a relative path is resolved where `config set` runs, so that the
+# daemon (started from anywhere) finds the same folder and every place names the model the same way.
+MODEL_PATH_KEYS = ("models.preload", "models.allowed", "models.folders")
+
+
+def _absolute_paths(key: str, value: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """`value` with each relative folder made absolute (for MODEL_PATH_KEYS), and what was changed.
+    An entry is a folder when it starts with ., .. or ~, or names a folder that exists here (else it
+    stays as written: a Hugging Face id such as mlx-community/Qwen3-4B-4bit)."""
+    if key not in MODEL_PATH_KEYS or not isinstance(value, list):
+        return value, []
+    changed = []
+    result = []
+    for entry in value:
+        looks_like_path = isinstance(entry, str) and (entry.startswith((".", "~")) or Path(entry).exists())
+        absolute = str(Path(entry).expanduser().resolve()) if looks_like_path else entry
+        if absolute != entry:
+            changed.append((entry, absolute))
+        result.append(absolute)
+    return result, changed
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config unset timeouts.chat")
@@ -353,7 +378,9 @@ def edit() -> None:
                 _save(draft)
                 break
         raced = f"{path} was changed by another command while you were editing it"
-        if not (sys.stdin.isatty() and typer.confirm(f"{raced}. Replace it with your version?", default=False, err=True)):
+        question = f"{raced}. Replace it with your version?"
+        replace = sys.stdin.isatty() and typer.confirm(question, default=False, err=True)
+        if not replace:
             fail(f"{raced}; nothing was saved.", "Run `mlx-manager config edit` again.", code=EXIT_ERROR)
         base = current
     try:
