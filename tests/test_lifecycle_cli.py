@@ -361,11 +361,36 @@ def test_a_daemon_whose_supervisor_was_killed_can_still_be_stopped(clean_up):
     code, body = status_json()
     assert code == 0 and body["running"] and not body["supervised"] and body["daemon_pid"] == daemon
     assert "nothing restarts it" in cli("status").stdout
-    assert "not supervised" in cli("start").stdout
+    # (`start` would now adopt it: test_start_adopts_a_daemon_whose_supervisor_was_killed.)
     stopped = cli("stop")
     assert stopped.returncode == 0 and f"daemon pid {daemon}" in stopped.stdout
     assert gone(daemon)
     assert cli("status").returncode == 3
+
+
+def test_start_adopts_a_daemon_whose_supervisor_was_killed(clean_up, fast_model):
+    url, daemon, supervisor = start("--model", fast_model)
+    clean_up |= {daemon, supervisor}
+    os.kill(supervisor, signal.SIGKILL)
+    assert wait_until(lambda: gone(supervisor))
+
+    adopted = cli("start")
+    assert adopted.returncode == 0, adopted.stderr
+    state = read_state()
+    clean_up.add(state["supervisor_pid"])
+    assert state["supervisor_pid"] != supervisor and state["daemon_pid"] == daemon and not gone(daemon)
+    assert adopted.stdout.startswith(f"Already running: {url} (daemon pid {daemon}); its supervisor was gone")
+    code, body = status_json()
+    assert code == 0 and body["supervised"] and body["supervisor_pid"] == state["supervisor_pid"]
+    # Supervised again: a crash is restarted, with the options it was started with.
+    os.kill(daemon, signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (s := read_state()) and s.get("ready") and s["daemon_pid"] not in (None, daemon) and s, timeout=120
+    )
+    assert restarted, read_state()
+    clean_up.add(restarted["daemon_pid"])
+    assert restarted["flags"]["model"] == fast_model and restarted["restarts"] == 1
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("loaded") == [fast_model], timeout=120)
 
 
 def test_restart_keeps_the_options_and_replaces_the_daemon(clean_up):

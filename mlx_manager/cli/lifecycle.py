@@ -154,6 +154,9 @@ def _report_started(running: "Running") -> None:
     daemon = f"daemon pid {running.daemon_pid}" if running.daemon_pid else "daemon restarting"
     if not running.already:
         say(f"Started: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
+    elif running.adopted:
+        say(f"Already running: {where} ({daemon}); its supervisor was gone, so a new one (pid "
+            f"{running.supervisor_pid}) took it over: it is restarted if it crashes or hangs.")
     elif running.supervised:
         say(f"Already running: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
     else:
