@@ -137,7 +137,11 @@ class ModelSettings(Section):
         description="Models requests may load (folder paths or Hugging Face ids); empty allows any.",
     )
     max_loaded: int = Field(
-        2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first)."
+        2,
+        ge=1,
+        le=64,
+        description="Most models kept loaded at once (least recently used idle one goes first; when all are busy,"
+        " a request for another model gets 503 with Retry-After).",
     )
     keep_alive: Duration = Field(
         1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
