@@ -112,13 +112,30 @@ def _refuse_secret(key: str, action: str) -> None:
              "Use `mlx-manager keys add NAME` or `mlx-manager keys revoke NAME`.", code=EXIT_USAGE)
 
 
-def _shown(value: Any) -> str:
-    """How a value reads on a terminal: lists as JSON, booleans as TOML writes them."""
+def _shown(value: Any, key: str | None = None) -> str:
+    """How a value reads on a terminal: lists as JSON, booleans as TOML writes them, durations
+    with their unit (`900s (15m)`; --json keeps the bare number of seconds)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
         return json.dumps(value)
+    if key is not None and isinstance(value, int | float) and key_infos()[key].kind == "duration":
+        return duration_text(float(value))
     return str(value)
+
+
+def duration_text(seconds: float) -> str:
+    """`900s (15m)`, `5400s (1h30m)`, `45s`, `0.5s`."""
+    plain = f"{seconds:g}s"
+    if seconds < 60 or seconds != int(seconds):
+        return plain
+    rest = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return f"{plain} ({''.join(parts)})"
 
 
 def _origin_label(key: str, origin: str) -> str:
@@ -199,13 +216,13 @@ def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     if json_output:
         print_json({"key": key, "value": values[key], "origin": origins[key]})
     else:
-        say(_shown(values[key]))
+        say(_shown(values[key], key))
 
 
 @app.command(
     "set",
     epilog=(
-        "Examples:\n\n  mlx-manager config set timeouts.chat 900\n\n  mlx-manager config set timeouts.chat 15m\n\n"
+        "Examples:\n\n  mlx-manager config set timeouts.chat 1200\n\n  mlx-manager config set timeouts.chat 20m\n\n"
         "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n  mlx-manager config set log.level debug"
     ),
     # `-5` must reach the validator (and its clear message) rather than look like an option.
@@ -240,7 +257,7 @@ def set_(
         set_in_document(document, key, typed)
         _save(document.as_string())
     _env_note(key)
-    apply_live(f"Set {key} = {_shown(typed)}", [key])
+    apply_live(f"Set {key} = {_shown(typed, key)}", [key])
     for given, absolute in made_absolute:
         say(f"  {given} is stored as {absolute}: the daemon may start from any folder.")
 
@@ -297,7 +314,7 @@ def unset(key: KeyArgument) -> None:
         apply_live(f"Removed unknown key {key} from {path}", None)
         return
     _env_note(key)
-    apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
+    apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default, key)} applies", [key])
 
 
 @app.command(
@@ -330,7 +347,7 @@ def list_(
         table.add_column("Origin", no_wrap=True)
     table.add_column("Description")
     for key, value in values.items():
-        shown = _shown(value) if value != "" else '""'
+        shown = _shown(value, key) if value != "" else '""'
         row = [key, shown] + ([_origin_label(key, origins[key])] if show_origin else [])
         table.add_row(*row, key_infos()[key].description)
     console.print(table)
