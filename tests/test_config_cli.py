@@ -419,3 +419,12 @@ def test_relative_model_folders_are_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir("/")  # another folder: the settings still name the same folders
     assert json.loads(run("get", "models.preload", "--json").stdout)["value"][0] == absolute
     assert json.loads(run("get", "models.folders", "--json").stdout)["value"] == [str(tmp_path.resolve() / "models")]
+
+
+def test_unset_of_the_last_key_leaves_no_empty_table():
+    assert run("set", "timeouts.chat", "20m").exit_code == 0
+    assert run("set", "server.port", "9000").exit_code == 0
+    assert run("unset", "timeouts.chat").exit_code == 0
+    assert config_path().read_text().strip() == "[server]\nport = 9000"
+    assert run("unset", "server.port").exit_code == 0
+    assert config_path().read_text().strip() == ""
