@@ -135,7 +135,7 @@ class GenerationCall(EngineCall):
                 reasoning.append(event.text)
             elif isinstance(event, ToolCall):
                 calls.append(event)
-                self.outcome.tool_calls += 1
+                self.outcome.tool_calls = (self.outcome.tool_calls or 0) + 1
             elif isinstance(event, Finished):
                 self.finished(event)
                 return Answer(event, "".join(text), "".join(reasoning), calls)
@@ -191,7 +191,7 @@ class Translation:
 
     def failure(self, problem: Problem, outcome: RequestOutcome) -> list[str]:
         """The problem as an SSE `error` event (its body in the dialect of the route)."""
-        return [sse_error(problem.document(instance=outcome.endpoint, request_id=outcome.request_id))]
+        return [sse_error(problem.document(instance=outcome.endpoint or "", request_id=outcome.request_id or ""))]
 
     def keepalive(self) -> str:
         raise NotImplementedError
@@ -264,7 +264,7 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
                 # Deltas that arrived while the last chunk was written go out together.
                 event = type(event)(event.text + call.job.take_ready_text(type(event)))
             if isinstance(event, ToolCall):
-                outcome.tool_calls += 1
+                outcome.tool_calls = (outcome.tool_calls or 0) + 1
             if isinstance(event, Finished):
                 call.finished(event)
                 await call.acknowledge()

@@ -54,7 +54,9 @@ class Solo:
     """A lone job: its prompt prefilled a chunk per step, then mlx-lm's single-sequence loop
     (`generate_step`), which has no batching overhead."""
 
-    def __init__(self, entry: LoadedModel, slot: Slot, cache: list[Any] | None, held: list[int], rest: list[int]) -> None:
+    def __init__(
+        self, entry: LoadedModel, slot: Slot, cache: list[Any] | None, held: list[int], rest: list[int]
+    ) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.entry = entry
@@ -234,16 +236,16 @@ class ModelBatch:
             _, responses = self.generator.next()
         finished = []
         for r in responses:
-            slot = self.slots.get(r.uid)
-            if slot is None or not self._deliver(slot, r.token, r.finish_reason):
+            live = self.slots.get(r.uid)
+            if live is None or not self._deliver(live, r.token, r.finish_reason):
                 continue
-            finished.append(slot)
+            finished.append(live)
             if r.finish_reason is not None:  # mlx-lm let go of it, and handed its state over
-                self.slots.pop(slot.uid, None)
-                self.fresh.discard(slot.uid)
+                self.slots.pop(live.uid, None)
+                self.fresh.discard(live.uid)
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
-                self.remove(slot.uid, keep_cache=True)
+                self.remove(live.uid, keep_cache=True)
         return finished, stats.prompt_tokens
 
     def _deliver(self, slot: Slot, token: int, reason: str | None) -> bool:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from mlx_manager.engine.errors import EngineStopped, Overloaded
 from mlx_manager.engine.types import (
@@ -191,7 +191,9 @@ class Reply(Generic[T]):
 
     def settle(self, result: T | None = None, error: BaseException | None = None) -> None:
         """From the inference thread: the result, or the error to raise in the waiting coroutine."""
-        self._deliver(lambda future: future.set_exception(error) if error is not None else future.set_result(result))
+        self._deliver(
+            lambda future: future.set_exception(error) if error is not None else future.set_result(cast(T, result))
+        )
 
     def drop(self) -> None:
         """From the inference thread: no answer will come (the work was dropped after a cancel)."""

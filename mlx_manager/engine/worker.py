@@ -45,12 +45,12 @@ from mlx_manager.engine.errors import (
     WrongModelKind,
 )
 from mlx_manager.engine.jobs import EmbeddingJob, Job
+from mlx_manager.engine.output import Output
+from mlx_manager.engine.pacing import PrefillPacer
 from mlx_manager.engine.pool import LoadedModel, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
 from mlx_manager.engine.structured import constraint_for
-from mlx_manager.engine.output import Output
-from mlx_manager.engine.pacing import PrefillPacer
 from mlx_manager.engine.types import GenerationRequest, ModelStatus, Started
 
 log = logging.getLogger("mlx_manager.engine")
@@ -66,7 +66,10 @@ class WorkerSnapshot:
 
 class Worker:
     def __init__(
-        self, config: EngineConfig, commands: queue.SimpleQueue[Command], load_listeners: list[Callable[[str, float], None]]
+        self,
+        config: EngineConfig,
+        commands: queue.SimpleQueue[Command],
+        load_listeners: list[Callable[[str, float], None]],
     ) -> None:
         self.config = config
         self.commands = commands
@@ -359,8 +362,8 @@ class Worker:
         self.batches.clear()
         while self.pending:
             self.pending.popleft().emit(stopped)
-        for job in self.embeddings.jobs:
-            job.settle(error=stopped)
+        for waiting in self.embeddings.jobs:
+            waiting.settle(error=stopped)
         self.embeddings.jobs.clear()
         while True:
             try:
@@ -370,8 +373,8 @@ class Worker:
             match command:
                 case Submit(job):
                     job.emit(stopped)
-                case Embed(job):
-                    job.settle(error=stopped)
+                case Embed(embedding):
+                    embedding.settle(error=stopped)
                 case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply) | ClearCache(reply):
                     reply.settle(error=stopped)
         self.pool.unload_all()
