@@ -45,6 +45,7 @@ class EngineCall:
     """The deadline, disconnect and cancellation of one request's engine work; see the module doc."""
 
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, span: EngineSpan) -> None:
+        self.daemon = daemon
         self.request = request
         self.outcome: RequestOutcome = request.scope["mlx_manager.outcome"]
         self.endpoint = endpoint  # the timeouts.<endpoint> key: "chat", "messages", "embeddings"...
@@ -108,7 +109,8 @@ class TokenCountCall(EngineCall):
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
         self.engine = daemon.engine
         self.job_request = job_request
-        super().__init__(daemon, request, endpoint, token_count_span(job_request.model, endpoint, job_request.request_id))
+        span = token_count_span(job_request.model, endpoint, job_request.request_id)
+        super().__init__(daemon, request, endpoint, span)
 
     async def count(self) -> int:
         """The count, within the deadline; raises ClientGone, the timeout problem or an EngineError."""
