@@ -219,8 +219,15 @@ def test_key_changes_apply_live_through_the_cli(isolated_home):
         revoked = runner.invoke(cli_app, ["keys", "revoke", "laptop"])
         assert revoked.exit_code == 0, revoked.stderr
         assert revoked.stdout.startswith(f"Revoked key laptop (running daemon at {live.url} applied it)")
-        assert http.get("/v1/models", headers={"Authorization": f"Bearer {answer['key']}"}).status_code == 200
-        assert http.get("/v1/models").status_code == 200  # open again: loopback, no key left
+        revoked_key = http.get("/v1/models", headers={"Authorization": f"Bearer {answer['key']}"})
+        assert_problem(revoked_key, 401, "unauthorized")
+        # The last key is gone, and the API stays closed (issue 24.15): revoking never opens it.
+        body = assert_problem(http.get("/v1/models"), 401, "unauthorized")
+        assert "auth.required is true" in body["detail"] and "mlx-manager keys add NAME" in body["detail"]
+        assert "auth.required = true" in revoked.stderr
+        reopened = runner.invoke(cli_app, ["config", "set", "auth.required", "false"])
+        assert reopened.exit_code == 0, reopened.stderr
+        assert http.get("/v1/models").status_code == 200  # open again, as asked: loopback, no key left
 
 
 def test_a_network_daemon_with_no_key_left_closes_v1():

@@ -53,7 +53,7 @@ def commented_file():
 def test_set_keeps_comments_and_layout(commented_file):
     result = run("set", "timeouts.chat", "15m")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip() == "Set timeouts.chat = 900 (no daemon running; takes effect at next start)"
+    assert result.stdout.strip() == "Set timeouts.chat = 900s (15m) (no daemon running; takes effect at next start)"
     assert commented_file.read_text() == COMMENTED.replace("chat = 300 ", "chat = 900 ")
 
 
@@ -62,7 +62,8 @@ def test_set_adds_a_section_and_creates_a_private_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_MANAGER_HOME", str(home))
     assert run("set", "models.allowed", "./a, org/b").exit_code == 0
     assert run("set", "telemetry.enabled", "false").exit_code == 0
-    assert config_path().read_text() == '[models]\nallowed = ["./a", "org/b"]\n\n[telemetry]\nenabled = false\n'
+    a = Path.cwd().resolve() / "a"  # a relative folder is stored absolute
+    assert config_path().read_text() == f'[models]\nallowed = ["{a}", "org/b"]\n\n[telemetry]\nenabled = false\n'
     assert stat.S_IMODE(config_path().stat().st_mode) == 0o600
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
@@ -117,8 +118,8 @@ def test_set_warns_when_the_environment_overrides(monkeypatch):
 
 
 def test_get_prints_the_effective_value(commented_file, monkeypatch):
-    assert run("get", "timeouts.chat").stdout == "300\n"
-    assert run("get", "timeouts.completions").stdout == "600\n"
+    assert run("get", "timeouts.chat").stdout == "300s (5m)\n"  # durations with their unit
+    assert run("get", "timeouts.completions").stdout == "600s (10m)\n"
     monkeypatch.setenv("MLX_MANAGER_TIMEOUTS__CHAT", "2h")
     result = run("get", "timeouts.chat", "--json")
     assert json.loads(result.stdout) == {"key": "timeouts.chat", "value": 7200, "origin": "env"}
@@ -145,8 +146,8 @@ def test_list_table_shows_origin_column(commented_file):
     result = run("list", "--show-origin")
     assert result.exit_code == 0
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
-    assert rows["timeouts.chat"][1:3] == ["300", "file"]
-    assert rows["timeouts.completions"][1:3] == ["600", "default"]
+    assert rows["timeouts.chat"][1:4] == ["300s", "(5m)", "file"]
+    assert rows["timeouts.completions"][1:4] == ["600s", "(10m)", "default"]
     assert result.stdout.splitlines()[0].split()[:3] == ["Key", "Value", "Origin"]
 
 
@@ -174,7 +175,7 @@ def test_every_command_has_help_with_examples():
 def test_unset_removes_only_that_key(commented_file):
     result = run("unset", "timeouts.embeddings")
     assert result.exit_code == 0
-    assert result.stdout.startswith("Unset timeouts.embeddings; the default 120 applies")
+    assert result.stdout.startswith("Unset timeouts.embeddings; the default 120s (2m) applies")
     assert commented_file.read_text() == COMMENTED.replace("embeddings = 60\n", "")
 
 
@@ -201,7 +202,7 @@ def test_unset_removes_a_stray_key_so_a_bad_file_can_be_fixed():
     assert result.exit_code == 0
     assert result.stdout.startswith(f"Removed unknown key timeouts.chatt from {config_path()} (no daemon running")
     assert config_path().read_text() == "[timeouts]\nchat = 5\n"
-    assert run("get", "timeouts.chat").stdout == "5\n"
+    assert run("get", "timeouts.chat").stdout == "5s\n"
 
 
 # --- edit ------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def test_running_daemon_applies_a_set(daemon):
     daemon.body = {"applied": ["timeouts.chat"], "restart_needed": [], "error": None}
     result = run("set", "timeouts.chat", "900")
     assert result.exit_code == 0
-    assert result.stdout == f"Set timeouts.chat = 900 (running daemon at {daemon.url} applied it)\n"
+    assert result.stdout == f"Set timeouts.chat = 900s (15m) (running daemon at {daemon.url} applied it)\n"
     assert daemon.calls == [{"path": "/admin/reload", "authorization": f"Bearer {admin_token()}"}]
 
 
@@ -343,14 +344,14 @@ def test_unset_and_edit_also_reload(daemon, editor):
 def test_daemon_that_changed_nothing_says_so(daemon):
     result = run("set", "timeouts.chat", "900")
     said = f"running daemon at {daemon.url} reloaded; no value it uses changed"
-    assert result.stdout == f"Set timeouts.chat = 900 ({said})\n"
+    assert result.stdout == f"Set timeouts.chat = 900s (15m) ({said})\n"
 
 
 def test_daemon_refusing_the_reload_is_a_warning(daemon):
     daemon.status, daemon.body = 401, {"title": "Unauthorized", "status": 401, "detail": "bad admin token"}
     result = run("set", "timeouts.chat", "60")
     assert result.exit_code == 0  # the file was written; only the live part failed
-    assert result.stdout == "Set timeouts.chat = 60\n"
+    assert result.stdout == "Set timeouts.chat = 60s (1m)\n"
     assert one_line(result.stderr) == (
         f"Warning: the running daemon at {daemon.url} did not confirm the change: "
         "it answered 401: bad admin token. Restart it to apply the change."
@@ -376,7 +377,7 @@ def test_stale_daemon_file_means_no_daemon():
     dead = 2**22 + 12345
     daemon_file().write_text(json.dumps({"pid": dead, "host": "127.0.0.1", "port": 1, "url": "http://127.0.0.1:1"}))
     result = run("set", "timeouts.chat", "60")
-    assert result.stdout == "Set timeouts.chat = 60 (no daemon running; takes effect at next start)\n"
+    assert result.stdout == "Set timeouts.chat = 60s (1m) (no daemon running; takes effect at next start)\n"
 
 
 def test_edit_of_comments_only_saves_without_a_reload(commented_file, editor, daemon):
@@ -402,3 +403,28 @@ def test_keys_and_choices_complete():
     assert complete("mlx-manager config set timeouts.c") == ["timeouts.chat", "timeouts.completions"]
     assert complete("mlx-manager config get log.") == ["log.level", "log.file"]
     assert complete("mlx-manager config set log.level d") == ["debug"]
+
+
+def test_relative_model_folders_are_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "models" / "mid").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    done = run("set", "models.preload", "./models/mid,mlx-community/Qwen3-4B-4bit")
+    assert done.exit_code == 0, done.stderr
+    absolute = str(tmp_path.resolve() / "models" / "mid")
+    assert f"./models/mid is stored as {absolute}" in done.stdout
+    preload = json.loads(run("get", "models.preload", "--json").stdout)["value"]
+    assert preload == [absolute, "mlx-community/Qwen3-4B-4bit"]
+    done = run("set", "models.folders", "models")  # an existing folder, even without ./
+    assert done.exit_code == 0
+    monkeypatch.chdir("/")  # another folder: the settings still name the same folders
+    assert json.loads(run("get", "models.preload", "--json").stdout)["value"][0] == absolute
+    assert json.loads(run("get", "models.folders", "--json").stdout)["value"] == [str(tmp_path.resolve() / "models")]
+
+
+def test_unset_of_the_last_key_leaves_no_empty_table():
+    assert run("set", "timeouts.chat", "20m").exit_code == 0
+    assert run("set", "server.port", "9000").exit_code == 0
+    assert run("unset", "timeouts.chat").exit_code == 0
+    assert config_path().read_text().strip() == "[server]\nport = 9000"
+    assert run("unset", "server.port").exit_code == 0
+    assert config_path().read_text().strip() == ""

@@ -20,6 +20,7 @@ from mlx_manager.engine.errors import (
     Overloaded,
 )
 from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from tests.daemon_server import wait_until
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -183,6 +184,83 @@ def test_cancel_while_waiting_for_a_slot(engine, fast_model):
         assert await until(lambda: e.status().queue_depth == 0)
 
     asyncio.run(main())
+
+
+def test_a_cancelled_waiting_job_leaves_the_queue_at_once(engine, slow_model):
+    """Not when the worker next looks (after the running job's step): at the cancel itself."""
+
+    async def main():
+        e = engine(max_batch_size=1)
+        running = e.submit(request(slow_model, max_tokens=5000))
+        async for event in running:
+            if isinstance(event, Started):
+                break
+        waiting = [e.submit(request(slow_model, max_tokens=5)) for _ in range(3)]
+        assert e.status().queue_depth == 3
+        waiting[1].cancel()
+        assert e.status().queue_depth == 2  # at once, from the caller's thread
+        assert await asyncio.to_thread(wait_until, lambda: waiting[1].done, 10)
+        # And out of the worker's line too (its next snapshot counts the two others).
+        assert await asyncio.to_thread(wait_until, lambda: e.status().models[0].queued_jobs == 2, 10)
+        for job in (waiting[0], waiting[2]):
+            job.cancel()
+        assert e.status().queue_depth == 0
+        running.cancel()
+        assert await asyncio.to_thread(wait_until, lambda: e.status().active_jobs == 0, 10)
+        assert e.status().queue_depth == 0
+
+    asyncio.run(main())
+
+
+def test_a_long_prompt_is_read_between_the_tokens_of_running_streams(engine, fast_model):
+    """While a stream decodes, a long prompt arriving is read in small chunks sized to a decode
+    round, not `prefill_chunk` at once: the stream keeps getting tokens all through the prefill."""
+
+    async def main():
+        e = engine(prefill_chunk=512)
+        stream = e.submit(request(fast_model, "a running stream", max_tokens=100000))
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        prompt = list(range(10, 500)) * 6  # 2,940 tokens: 6 chunks of 512 at once
+        long = e.submit(GenerationRequest(model=fast_model, prompt=prompt, max_tokens=1, sampling=GREEDY))
+        async for event in long:
+            if isinstance(event, Started):
+                break
+        before = stream.completion_tokens
+        await collect(long)
+        during = stream.completion_tokens - before
+        stream.cancel()
+        # Unpaced, each of the 6 chunks holds up the stream once: about 6 tokens during the prefill.
+        assert during > 3 * (len(prompt) // 512), during
+
+    asyncio.run(main())
+
+
+def test_the_pacer_sizes_chunks_to_a_share_of_a_decode_round():
+    from mlx_manager.engine.pacing import MIN_CHUNK, REMEASURE_SECONDS, SHARE, PrefillPacer
+
+    pacer = PrefillPacer()
+    assert pacer.chunk(512, decoding=False, now=0.0) == 512  # nobody waits: the whole chunk
+    assert pacer.chunk(512, decoding=True, now=0.0) == 0  # first, time a decode round alone
+    pacer.observe(0.010, decoding=True, chunk=0, prompt_tokens=0, now=0.0)
+    chunk = pacer.chunk(512, decoding=True, now=0.1)
+    assert chunk == MIN_CHUNK
+    # Each step costs 2 ms plus 0.25 ms a token: the chunk settles where its cost is SHARE of 10 ms.
+    for step in range(20):
+        pacer.observe(0.010 + 0.002 + chunk * 0.00025, decoding=True, chunk=chunk, prompt_tokens=chunk, now=0.2)
+        chunk = pacer.chunk(512, decoding=True, now=0.2 + step / 100)
+    assert abs(chunk - (SHARE * 0.010 - 0.002) / 0.00025) <= 2
+    # Dearer tokens (a longer context, a busier machine): it shrinks.
+    for _ in range(4):
+        pacer.observe(0.010 + chunk * 0.002, decoding=True, chunk=chunk, prompt_tokens=chunk, now=0.5)
+    assert pacer.chunk(512, decoding=True, now=0.5) < chunk / 4
+    # One freak step does not move it; it is never above the setting; the round is timed again now and then.
+    before = pacer.chunk(512, decoding=True, now=0.5)
+    pacer.observe(5.0, decoding=True, chunk=before, prompt_tokens=before, now=0.5)
+    assert pacer.chunk(512, decoding=True, now=0.5) == before
+    assert pacer.chunk(2, decoding=True, now=0.5) <= 2
+    assert pacer.chunk(512, decoding=True, now=0.5 + REMEASURE_SECONDS + 1) == 0
 
 
 def test_queue_limit_refuses_with_overloaded(engine, slow_model):

@@ -86,7 +86,9 @@ def test_add_keeps_the_rest_of_the_config_file():
     assert text.startswith("# mine\n[timeouts]\nchat = 300  # five minutes\n\n[[auth.keys]]\nname = \"a\"\n")
     assert keys("revoke", "a").exit_code == 0
     assert keys("revoke", "b").exit_code == 0
-    assert config_path().read_text().rstrip() == "# mine\n[timeouts]\nchat = 300  # five minutes"
+    # The rest is untouched; the last revoke leaves the API closed (auth.required), not open.
+    rest = "# mine\n[timeouts]\nchat = 300  # five minutes"
+    assert config_path().read_text().rstrip() == rest + "\n\n[auth]\nrequired = true"
 
 
 def test_list_shows_names_and_dates_never_keys(tmp_path, monkeypatch):
@@ -118,15 +120,25 @@ def test_revoke():
     added_key("laptop")
     added_key("ci")
     done = keys("revoke", "laptop")
-    assert done.exit_code == 0 and done.stdout.strip() == "Revoked key laptop (no daemon running; takes effect at next start)"
+    assert done.exit_code == 0
+    assert done.stdout.strip() == "Revoked key laptop (no daemon running; takes effect at next start)"
     assert done.stderr == ""
     missing = keys("revoke", "laptop")
     assert missing.exit_code == 1
     assert missing.stderr.strip() == "Error: no key named laptop (keys: ci). `mlx-manager keys list` shows them."
     last = keys("revoke", "ci", "--json")
     assert last.exit_code == 0 and json.loads(last.stdout)["keys_left"] == 0
-    assert "auth" not in config_path().read_text()
+    # No `keys = []` is left behind, and the API stays closed: revoking never opens it.
+    assert config_path().read_text().strip() == "[auth]\nrequired = true"
     assert keys("list", "--json").stdout.strip() == "[]"
+
+
+def test_revoking_the_last_key_keeps_an_explicit_choice_to_serve_without_keys():
+    runner.invoke(app, ["config", "set", "auth.required", "false"])
+    added_key("laptop")
+    done = keys("revoke", "laptop")
+    assert done.exit_code == 0 and "auth.required is false" in done.stderr
+    assert "required = false" in config_path().read_text()
 
 
 def test_config_never_prints_a_key():
@@ -172,7 +184,8 @@ def test_the_setting_counts_like_the_flag(isolated_home):
 def test_the_supervisor_passes_insecure_no_auth_to_the_daemon():
     flags = {"host": "0.0.0.0", "port": 8080, "model": None, "insecure_no_auth": True}
     command = supervisor_command(flags, SupervisorOptions())
-    assert command[-1] == "--insecure-no-auth" and "--insecure-no-auth" not in supervisor_command({}, SupervisorOptions())
+    assert command[-1] == "--insecure-no-auth"
+    assert "--insecure-no-auth" not in supervisor_command({}, SupervisorOptions())
     args, _ = parse_args(command[3:])
     assert args.insecure_no_auth and args.host == "0.0.0.0"
     assert serve_command(args.host, args.port, args.model, args.insecure_no_auth)[-3:] == [

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -85,7 +86,8 @@ def start(*args: str) -> tuple[str, int, int]:
     assert done.returncode == 0, done.stderr
     state = read_state()
     assert done.stdout.strip() == (
-        f"Started: http://127.0.0.1:{port} (daemon pid {state['daemon_pid']}, supervisor pid {state['supervisor_pid']})."
+        f"Started: http://127.0.0.1:{port} (daemon pid {state['daemon_pid']},"
+        f" supervisor pid {state['supervisor_pid']})."
     )
     return state["url"], state["daemon_pid"], state["supervisor_pid"]
 
@@ -221,6 +223,94 @@ def test_stop_lets_an_in_flight_request_finish(clean_up, slow_model, isolated_ho
     assert gone(daemon) and gone(supervisor)
 
 
+def test_stop_with_defaults_answers_every_request_and_writes_its_row(clean_up, slow_model, isolated_home):
+    # A drain shorter than the requests, and longer than `stop` used to wait (30 s, killing the
+    # daemon before the drain ran out): every client must get its answer or the `draining` problem.
+    (isolated_home / "config.toml").write_text("[server]\ndrain_timeout = 31\n")
+    url, daemon, supervisor = start("--model", slow_model)
+    clean_up |= {daemon, supervisor}
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("loaded"), timeout=120)
+    answers: dict[str, object] = {}
+
+    def ask(n: int) -> None:
+        request_id = f"long-{n}"
+        body = {"model": slow_model, "prompt": f"tell me everything {n}", "max_tokens": 3000, "temperature": 0}
+        try:
+            with httpx.Client(base_url=url, timeout=280, headers={"x-request-id": request_id}) as http:
+                if n % 2:
+                    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+                        answers[request_id] = (stream.status_code, "".join(stream.iter_text()))
+                else:
+                    answer = http.post("/v1/completions", json=body)
+                    answers[request_id] = (answer.status_code, answer.text)
+        except httpx.HTTPError as exc:  # a dropped connection: what this test forbids
+            answers[request_id] = exc
+
+    requests = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
+    for request in requests:
+        request.start()
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("active_jobs") == 4, timeout=120)
+    stopped = cli("stop", timeout=280)
+    for request in requests:
+        request.join(280)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert gone(daemon) and gone(supervisor)
+    assert len(answers) == 4
+    for request_id, answer in answers.items():
+        assert isinstance(answer, tuple), f"{request_id}: {answer!r}"
+        status, text = answer
+        if request_id in ("long-1", "long-3"):  # streams: a complete stream that ends with its error event
+            last = text.strip().splitlines()[-1]
+            assert status == 200 and last.startswith("data: ") and json.loads(last[6:])["error"]["code"] == "draining"
+        else:
+            assert status == 503 and json.loads(text)["error"]["code"] == "draining", text
+    with sqlite3.connect(isolated_home / "audit.db") as db:
+        rows = dict(db.execute("SELECT request_id, status FROM audit_logs"))
+    assert {request_id: rows.get(request_id) for request_id in answers} == dict.fromkeys(answers, "error")
+
+
+def test_restart_with_a_broken_config_leaves_the_daemon_running(clean_up, isolated_home):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    config = isolated_home / "config.toml"
+    config.write_text('[server]\ndrain_timeout = 5\n\n[timeouts]\nchat = "soon"\n')
+
+    done = cli("restart")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"Error: the settings cannot be read: {config}:5: timeouts.chat")
+    assert "nothing was started or stopped" in done.stderr
+    assert not gone(daemon) and not gone(supervisor)  # the running daemon was left alone
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert read_state()["daemon_pid"] == daemon
+
+
+def test_start_with_a_broken_config_starts_nothing(clean_up, isolated_home):
+    config = isolated_home / "config.toml"
+    config.write_text("[server]\nport = 99999\n")
+    done = cli("start")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"Error: the settings cannot be read: {config}:2: server.port")
+    assert lock_holder() is None and read_state() is None and read_daemon_info() is None
+
+
+def test_start_with_other_options_while_running_says_what_differs(clean_up, fast_model):
+    url, daemon, supervisor = start()
+    clean_up |= {daemon, supervisor}
+    port = read_state()["port"]
+
+    same = cli("start", "--port", str(port))
+    assert same.returncode == 0 and same.stdout.startswith(f"Already running: {url}")
+    other = cli("start", "--model", fast_model, "--port", str(port + 1))
+    assert other.returncode == 1
+    assert other.stdout.startswith(f"Already running: {url}")
+    assert other.stderr.strip() == (
+        f"Error: it runs with no --model (not {fast_model}); --port {port} (not {port + 1}): what you asked for "
+        "was not applied. Run `mlx-manager restart` with the options you want; it replaces them."
+    )
+    assert read_state()["daemon_pid"] == daemon  # left alone
+
+
 def test_start_on_a_busy_port_fails_with_the_reason(clean_up):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -271,11 +361,36 @@ def test_a_daemon_whose_supervisor_was_killed_can_still_be_stopped(clean_up):
     code, body = status_json()
     assert code == 0 and body["running"] and not body["supervised"] and body["daemon_pid"] == daemon
     assert "nothing restarts it" in cli("status").stdout
-    assert "not supervised" in cli("start").stdout
+    # (`start` would now adopt it: test_start_adopts_a_daemon_whose_supervisor_was_killed.)
     stopped = cli("stop")
     assert stopped.returncode == 0 and f"daemon pid {daemon}" in stopped.stdout
     assert gone(daemon)
     assert cli("status").returncode == 3
+
+
+def test_start_adopts_a_daemon_whose_supervisor_was_killed(clean_up, fast_model):
+    url, daemon, supervisor = start("--model", fast_model)
+    clean_up |= {daemon, supervisor}
+    os.kill(supervisor, signal.SIGKILL)
+    assert wait_until(lambda: gone(supervisor))
+
+    adopted = cli("start")
+    assert adopted.returncode == 0, adopted.stderr
+    state = read_state()
+    clean_up.add(state["supervisor_pid"])
+    assert state["supervisor_pid"] != supervisor and state["daemon_pid"] == daemon and not gone(daemon)
+    assert adopted.stdout.startswith(f"Already running: {url} (daemon pid {daemon}); its supervisor was gone")
+    code, body = status_json()
+    assert code == 0 and body["supervised"] and body["supervisor_pid"] == state["supervisor_pid"]
+    # Supervised again: a crash is restarted, with the options it was started with.
+    os.kill(daemon, signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (s := read_state()) and s.get("ready") and s["daemon_pid"] not in (None, daemon) and s, timeout=120
+    )
+    assert restarted, read_state()
+    clean_up.add(restarted["daemon_pid"])
+    assert restarted["flags"]["model"] == fast_model and restarted["restarts"] == 1
+    assert wait_until(lambda: httpx.get(f"{url}/ready").json().get("loaded") == [fast_model], timeout=120)
 
 
 def test_restart_keeps_the_options_and_replaces_the_daemon(clean_up):

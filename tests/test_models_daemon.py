@@ -21,7 +21,7 @@ from mlx_manager.cli import app
 from mlx_manager.hub.pull import format_bytes
 from mlx_manager.runtime import admin_token, read_daemon_info
 from mlx_manager.supervisor.state import lock_holder
-from tests.daemon_server import wait_until
+from tests.daemon_server import assert_problem, serving, settings_with, wait_until
 from tests.hub_server import StandInHub, model_files
 
 pytestmark = pytest.mark.slow
@@ -142,3 +142,23 @@ def test_a_pinned_revision_is_served_under_its_id(daemon):
     answer = client.chat.completions.create(model="org/tiny@v1", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=4)
     assert answer.choices[0].message.content
+
+
+def test_max_loaded_holds_while_every_model_is_busy(slow_model, fast_model):
+    other = fast_model
+    settings = settings_with(models={"max_loaded": 1})
+    with serving(slow_model, settings=settings, max_loaded=1) as live, live.http(timeout=120) as http:
+        # Greedy from this prompt runs hundreds of tokens without an end (seconds on any machine).
+        body = {"model": slow_model, "prompt": "story 0", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as busy:
+            lines = busy.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # decoding: the one loaded model is busy
+            refused = http.post("/v1/completions", json={"model": other, "prompt": "hi", "max_tokens": 2})
+            problem = assert_problem(refused, 503, "overloaded")
+            assert "models.max_loaded (1)" in problem["detail"] and int(refused.headers["retry-after"]) >= 1
+            assert live.engine.status().loaded == [slow_model]  # never over the limit
+        # Once it is free, the other model takes its place.
+        assert wait_until(lambda: not live.engine.status().active_jobs)
+        answer = http.post("/v1/completions", json={"model": other, "prompt": "hi", "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        assert live.engine.status().loaded == [other]

@@ -88,7 +88,9 @@ def test_show_refuses_an_unknown_platform():
     assert "not a platform" in result.output
 
 
-@pytest.mark.skipif(sys.platform == "darwin", reason="checks the systemd path; the launchd one is ~/Library/LaunchAgents")
+@pytest.mark.skipif(
+    sys.platform == "darwin", reason="checks the systemd path; the launchd one is ~/Library/LaunchAgents"
+)
 def test_install_writes_the_unit_and_uninstall_removes_it(user_dirs, tmp_path):
     unit_path = user_dirs / ".config" / "systemd" / "user" / "mlx-manager.service"
     written = runner.invoke(app, ["service", "install", "--no-enable", "--port", "8080"])
@@ -153,6 +155,15 @@ def test_install_refuses_a_network_host_from_the_config_file(isolated_home):
     (isolated_home / "config.toml").write_text('[server]\nhost = "0.0.0.0"\n')
     result = runner.invoke(app, ["service", "install", "--no-enable"])
     assert result.exit_code == 2 and result.stderr.strip() == BIND_REFUSAL
+    assert not service_path().exists()
+
+
+def test_install_refuses_a_broken_config_file_and_writes_nothing(isolated_home):
+    (isolated_home / "config.toml").write_text("[server\nport = 1\n")
+    result = runner.invoke(app, ["service", "install", "--no-enable"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: the settings cannot be read: {isolated_home / 'config.toml'}:1")
+    assert "nothing was installed" in result.stderr
     assert not service_path().exists()
 
 

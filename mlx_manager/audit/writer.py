@@ -2,7 +2,8 @@
 
     audit_writer = AuditWriter(settings.audit_path())
     await audit_writer.start()                 # open + migrate the database, start the flush task
-    audit_writer.record(AuditRecord(...))      # sync, O(1), never touches the disk
+    ticket = audit_writer.record(AuditRecord(...))   # sync, O(1), never touches the disk
+    await audit_writer.committed(ticket)       # only where an answer must wait for its row
     deleted = await audit_writer.prune(timedelta(days=30))
     async with audit_writer.subscribe() as feed:
         async for row in feed: ...             # JSON-ready dicts, once committed
@@ -11,9 +12,11 @@
 `record` appends to an in-memory queue; a task on the event loop hands the queue to one
 dedicated thread in batches (one executemany in one BEGIN IMMEDIATE transaction per batch)
 at least every `flush_interval` (100 ms), sooner when `batch_size` rows are waiting. A row
-counts as written (leaves `backlog`, reaches subscribers, satisfies `flush()`) only once its
-transaction has committed with `synchronous=FULL`, so a crash after that loses nothing. A
-batch that fails (disk full, lock held past the busy timeout) stays at the head of the queue
+counts as written (leaves `backlog`, reaches subscribers, satisfies `flush()` and
+`committed()`) only once its transaction has committed with `synchronous=FULL`, so a crash after
+that loses nothing. While some caller waits in `committed()` the queue is written at once, not
+at the next interval: a group commit, as the rows recorded while one transaction is on the disk
+all go in the next one. A batch that fails (disk full, lock held past the busy timeout) stays at the head of the queue
 and is retried with backoff. Nothing is dropped unless the queue passes `max_backlog`, the
 database refuses a row (a constraint or a wrong type: only that row goes), or the final flush
 in `stop()` gives up after `stop_timeout`; all of these are counted in `dropped` and logged.
@@ -33,7 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,8 @@ class AuditWriter:
         self._written = 0
         self._dropped = 0
         self._lost = 0  # the part of `_dropped` that had been accepted by record()
+        self._waiting = 0  # callers in committed(): the queue is written without waiting for the interval
+        self._failing = False  # the last write failed: nobody is kept waiting for the disk meanwhile
         self._feeds: set[AuditFeed] = set()
         self._store: AuditStore | None = None
         self._engine: Engine | None = None
@@ -213,8 +218,9 @@ class AuditWriter:
 
     # -- the daemon's calls --------------------------------------------------------------
 
-    def record(self, row: AuditRecord) -> None:
+    def record(self, row: AuditRecord) -> int | None:
         """Queue one request's row; never blocks, never raises. Call it from the event loop's thread.
+        Returns its ticket for `committed()` (None: it will not be stored).
 
         The values are taken now (`row.values()`): the caller may keep and change the object. A
         record that cannot be stored (a naive timestamp, an unknown status, a NOT NULL column
@@ -223,22 +229,42 @@ class AuditWriter:
         if self._closed:
             self._dropped += 1
             log.warning("audit row for request %s recorded after the writer stopped; not stored", row.request_id)
-            return
+            return None
         if len(self._pending) >= self.max_backlog:
             self._dropped += 1
             if self._dropped == 1 or self._dropped % 10_000 == 0:
                 log.error("audit backlog full (%d rows): %d rows dropped so far", self.max_backlog, self._dropped)
-            return
+            return None
         try:
             values = row.values()
         except ValueError as exc:
             self._dropped += 1
             log.error("audit row for request %s not stored: %s", row.request_id, exc)
-            return
+            return None
         self._pending.append(values)
         self._accepted += 1
         if len(self._pending) >= self.batch_size:
             self._wake_soon()
+        return self._accepted
+
+    async def committed(self, ticket: int) -> bool:
+        """Wait until the row `record()` gave this ticket is committed; True when it is. Returns
+        False at once, without waiting for the disk, while the writer cannot write (a failing
+        disk: the row stays queued and is written once it can be) or after it stopped."""
+        assert self._progress is not None, "AuditWriter not started"
+
+        def settled() -> bool:
+            return self._written + self._lost >= ticket or self._failing or not self.running
+
+        if not settled():
+            self._waiting += 1
+            self._wake_soon()
+            try:
+                async with self._progress:
+                    await self._progress.wait_for(settled)
+            finally:
+                self._waiting -= 1
+        return self._written + self._lost >= ticket
 
     @property
     def sql_engine(self) -> Engine:
@@ -265,7 +291,7 @@ class AuditWriter:
 
     async def prune(self, older_than: timedelta) -> int:
         """Delete rows older than `older_than`, in small transactions interleaved with the writes."""
-        before = datetime.now(timezone.utc) - older_than
+        before = datetime.now(UTC) - older_than
         deleted = 0
         while True:
             n = await self._in_thread(self._prune_batch, before)
@@ -303,11 +329,14 @@ class AuditWriter:
                     failures = 0
                 else:
                     failures += 1
+                await self._set_failing(failures > 0)
             if self._stopping and not self._pending:
                 return
             if not self._pending and not self._stopping and self._loop.time() >= self._rollup_due:
                 await self._refresh_rollup()  # only while no row waits: rows first, the stats cache after
             delay = self.flush_interval - (self._loop.time() - started)
+            if self._waiting and self._pending:
+                delay = 0  # someone waits for these rows: write them now (they share one commit)
             if failures:
                 delay = min(0.1 * 2 ** (failures - 1), 2.0)
             if delay > 0 and not (self._stopping and not failures):
@@ -316,6 +345,13 @@ class AuditWriter:
                 except TimeoutError:
                     pass
             self._wake.clear()
+
+    async def _set_failing(self, failing: bool) -> None:
+        if failing != self._failing:
+            self._failing = failing
+            assert self._progress is not None
+            async with self._progress:
+                self._progress.notify_all()  # waiters go on without their row while the disk fails
 
     async def _write_pending(self) -> bool:
         """Write the queue in batches; on a failure put the batch back at the head and return False."""
@@ -390,7 +426,7 @@ class AuditWriter:
         """Roll up (at most) one closed day; look again soon while days are left, else in a while."""
         assert self._loop is not None
         try:
-            more = await self._in_thread(self._rollup_step, datetime.now(timezone.utc).date().isoformat())
+            more = await self._in_thread(self._rollup_step, datetime.now(UTC).date().isoformat())
         except Exception as exc:  # a cache: the rows are safe, stats read them instead
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
             log.warning("audit writer could not update the stats rollup of %s (will retry): %s", self.path, reason)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from mlx_manager import __version__
-from mlx_manager.cli import audit, backends, bench, cache, config, keys, lifecycle, models, serve, service
+from mlx_manager.cli import audit, backends, bench, cache, config, dashboard, keys, lifecycle, models, serve, service
 
 app = typer.Typer(
     name="mlx-manager",
@@ -48,6 +48,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(cache.app, name="cache")
 app.add_typer(service.app, name="service")
 app.command(epilog=bench.EPILOG)(bench.bench)
+app.command(epilog=dashboard.EPILOG)(dashboard.dashboard)
 # lifecycle.register(app) adds start, stop, restart, status and logs as top-level commands.
 lifecycle.register(app)
 

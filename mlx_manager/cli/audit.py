@@ -339,10 +339,14 @@ def prune(
             question = f"Delete {matching:,} requests from before {_utc(cutoff)}?"
             try:
                 confirmed = typer.confirm(question, default=False, err=True)
-            except typer.Abort:  # end of input or Ctrl-C at the question
-                confirmed = False
-            if not confirmed:
+            except typer.Abort:  # end of input or Ctrl-C at the question: no answer, an error
                 fail("Nothing deleted.", "Pass --yes to prune without the question.", json_output=json_output)
+            if not confirmed:  # the user said no: what they asked for, not an error
+                if json_output:
+                    print_json({"deleted": 0, "declined": True, "cutoff": _iso(cutoff), "dry_run": False})
+                else:
+                    console.print("Nothing deleted.")
+                return
         deleted = prune_older(store, cutoff)
     if json_output:
         print_json({"deleted": deleted, "cutoff": _iso(cutoff), "dry_run": False})

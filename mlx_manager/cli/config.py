@@ -113,13 +113,30 @@ def _refuse_secret(key: str, action: str) -> None:
              "Use `mlx-manager keys add NAME` or `mlx-manager keys revoke NAME`.", code=EXIT_USAGE)
 
 
-def _shown(value: Any) -> str:
-    """How a value reads on a terminal: lists and maps as JSON, booleans as TOML writes them."""
+def _shown(value: Any, key: str | None = None) -> str:
+    """How a value reads on a terminal: lists and maps as JSON, booleans as TOML writes them, durations
+    with their unit (`900s (15m)`; --json keeps the bare number of seconds)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, dict)):
         return json.dumps(value)
+    if key is not None and isinstance(value, int | float) and key_infos()[key].kind == "duration":
+        return duration_text(float(value))
     return str(value)
+
+
+def duration_text(seconds: float) -> str:
+    """`900s (15m)`, `5400s (1h30m)`, `45s`, `0.5s`."""
+    plain = f"{seconds:g}s"
+    if seconds < 60 or seconds != int(seconds):
+        return plain
+    rest = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return f"{plain} ({''.join(parts)})"
 
 
 def _origin_label(key: str, origin: str) -> str:
@@ -206,13 +223,13 @@ def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     if json_output:
         print_json({"key": key, "value": value, "origin": origins[info.base]})
     else:
-        say(_shown(value))
+        say(_shown(value, key if info.entry is None else None))
 
 
 @app.command(
     "set",
     epilog=(
-        "Examples:\n\n  mlx-manager config set timeouts.chat 900\n\n  mlx-manager config set timeouts.chat 15m\n\n"
+        "Examples:\n\n  mlx-manager config set timeouts.chat 1200\n\n  mlx-manager config set timeouts.chat 20m\n\n"
         "  mlx-manager config set models.allowed ./models/a,mlx-community/b\n\n"
         "  mlx-manager config set log.level debug\n\n"
         "  mlx-manager config set models.aliases.qwen mlx-community/Qwen3-0.6B-4bit"
@@ -238,6 +255,7 @@ def set_(
         base = key_info(key).base
     except SettingsError as error:
         _refuse(error)
+    typed, made_absolute = _absolute_paths(key, typed)
     path = config_path()
     with changing_config():
         try:
@@ -253,7 +271,31 @@ def set_(
             _refuse(error)
         _save(document.as_string())
     _env_note(base)
-    apply_live(f"Set {key} = {_shown(typed)}", [base])
+    apply_live(f"Set {key} = {_shown(typed, base)}", [base])
+    for given, absolute in made_absolute:
+        say(f"  {given} is stored as {absolute}: the daemon may start from any folder.")
+
+
+# Settings naming model folders: a relative path is resolved where `config set` runs, so that the
+# daemon (started from anywhere) finds the same folder and every place names the model the same way.
+MODEL_PATH_KEYS = ("models.preload", "models.allowed", "models.folders")
+
+
+def _absolute_paths(key: str, value: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """`value` with each relative folder made absolute (for MODEL_PATH_KEYS), and what was changed.
+    An entry is a folder when it starts with ., .. or ~, or names a folder that exists here (else it
+    stays as written: a Hugging Face id such as mlx-community/Qwen3-4B-4bit)."""
+    if key not in MODEL_PATH_KEYS or not isinstance(value, list):
+        return value, []
+    changed = []
+    result = []
+    for entry in value:
+        looks_like_path = isinstance(entry, str) and (entry.startswith((".", "~")) or Path(entry).exists())
+        absolute = str(Path(entry).expanduser().resolve()) if looks_like_path else entry
+        if absolute != entry:
+            changed.append((entry, absolute))
+        result.append(absolute)
+    return result, changed
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config unset timeouts.chat")
@@ -291,7 +333,7 @@ def unset(key: KeyArgument) -> None:
         apply_live(f"Removed {key}", [entry.base])
         return
     _env_note(key)
-    apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default)} applies", [key])
+    apply_live(f"Unset {key}; the default {_shown(key_infos()[key].default, key)} applies", [key])
 
 
 @app.command(
@@ -324,7 +366,7 @@ def list_(
         table.add_column("Origin", no_wrap=True)
     table.add_column("Description")
     for key, value in values.items():
-        shown = _shown(value) if value != "" else '""'
+        shown = _shown(value, key) if value != "" else '""'
         row = [key, shown] + ([_origin_label(key, origins[key])] if show_origin else [])
         table.add_row(*row, key_infos()[key].description)
     console.print(table)
@@ -373,7 +415,8 @@ def edit() -> None:
                 break
         raced = f"{path} was changed by another command while you were editing it"
         question = f"{raced}. Replace it with your version?"
-        if not (sys.stdin.isatty() and typer.confirm(question, default=False, err=True)):
+        replace = sys.stdin.isatty() and typer.confirm(question, default=False, err=True)
+        if not replace:
             fail(f"{raced}; nothing was saved.", "Run `mlx-manager config edit` again.", code=EXIT_ERROR)
         base = current
     try:

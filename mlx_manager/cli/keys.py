@@ -174,12 +174,21 @@ def revoke(name: NameArgument, json_output: JsonOption = False) -> None:
             names = ", ".join(k.name for k in settings.auth.keys) or "none"
             fail(f"no key named {name} (keys: {names}).", "`mlx-manager keys list` shows them.",
                  code=EXIT_ERROR, json_output=json_output)
+        last = len(settings.auth.keys) == 1
+        # Revoking must never open the API: with the last key gone, keys stay required unless the
+        # file already says otherwise (an explicit auth.required = false).
+        closed = last and "required" not in settings.auth.model_fields_set
+        if closed:
+            document.setdefault("auth", {})["required"] = True
         _save(document, json_output)
-    last = len(settings.auth.keys) == 1
     if json_output:
         print_json({"revoked": name, "keys_left": len(settings.auth.keys) - 1, "daemon": _reload_json()})
         return
     _reload(f"Revoked key {name}")
-    if last:
-        warn("no key is left in the config file: a daemon on this machine's loopback serves /v1 to anyone "
-             "here, one on a network address refuses /v1 until a key is added.")
+    if closed:
+        warn("no key is left, so /v1 refuses every request until one is added (auth.required = true is now "
+             "in the config file). `mlx-manager config set auth.required false` serves loopback clients "
+             "without a key again.")
+    elif last:
+        warn("no key is left and auth.required is false: a daemon on this machine's loopback serves /v1 to "
+             "anyone here; one on a network address refuses /v1 until a key is added.")

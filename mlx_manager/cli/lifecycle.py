@@ -32,9 +32,13 @@ WaitOption = Annotated[
     float, typer.Option("--wait", min=1, metavar="SECONDS", help="How long to wait for the daemon to be ready.")
 ]
 TimeoutOption = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--timeout", min=0, metavar="SECONDS", help="How long running requests may finish before the daemon is killed."
+        "--timeout",
+        min=0,
+        metavar="SECONDS",
+        help="How long to wait before the daemon is killed (default: server.drain_timeout + 30 s, at least"
+        " supervisor.stop_timeout: requests still running when the drain ends get the `draining` problem).",
     ),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Kill at once, without letting running requests finish.")]
@@ -78,7 +82,8 @@ def start(
     Returns once the daemon is ready (prints its URL and pid), or prints why it could not start.
     On an address other than loopback it needs an API key (`mlx-manager keys add NAME`).
 
-    When it already runs, says so and does nothing.
+    When it already runs, says so and does nothing; exits 1 if it runs with another --model, --host
+    or --port than those given (`restart` replaces them).
     """
     flags = {"host": host, "port": port, "model": model_argument(model), "insecure_no_auth": insecure_no_auth or None}
     _check_bind(flags)
@@ -86,16 +91,18 @@ def start(
 
 
 def _check_bind(flags: dict[str, Any]) -> None:
-    """Refuse a network address without an API key here, before any process is started or stopped;
-    the daemon checks again itself (and says why if the settings cannot be read)."""
+    """Refuse settings the daemon could not start with (a broken config.toml, a bad MLX_MANAGER_
+    variable or flag, a network address without an API key) here, before any process is started
+    or stopped: a `restart` that cannot start again leaves the running daemon alone."""
     from mlx_manager.auth import load_keyring, unsafe_bind
     from mlx_manager.settings import SettingsError, load_settings
 
     try:
-        settings = load_settings({"server.host": flags.get("host")})
+        settings = load_settings({"server.host": flags.get("host"), "server.port": flags.get("port")})
         keyring = load_keyring(settings)
-    except SettingsError:
-        return
+    except SettingsError as exc:
+        hint = "Fix them (mlx-manager config ...); nothing was started or stopped."
+        fail(f"the settings cannot be read: {exc}.", hint, code=EXIT_USAGE)
     refusal = unsafe_bind(settings.server.host, keyring, bool(flags.get("insecure_no_auth")))
     if refusal is not None:
         fail(refusal, code=EXIT_USAGE)
@@ -117,6 +124,29 @@ def _start(flags: dict[str, Any], wait: float) -> None:
                 say(f"  {line}", err=True)
         fail(f"the daemon did not start: {failure.message}", failure.hint)
     _report_started(running)
+    if running.already and (differences := _differences(flags, running)):
+        hint = "Run `mlx-manager restart` with the options you want; it replaces them."
+        fail(f"it runs with {'; '.join(differences)}: what you asked for was not applied.", hint)
+
+
+def _differences(flags: dict[str, Any], running: "Running") -> list[str]:
+    """What a `start` asked for that the daemon already running does not have (so it was not applied)."""
+    from mlx_manager.runtime import read_daemon_info
+    from mlx_manager.supervisor.state import read_state
+
+    info = read_daemon_info() or {}
+    started_with = ((read_state() or {}).get("flags") or {}) if running.supervised else {}
+    has = {"host": info.get("host"), "port": info.get("port"), "model": started_with.get("model")}
+    said = []
+    for name in ("model", "host", "port"):
+        asked = flags.get(name)
+        if asked is None or (name != "model" and has[name] is None):
+            continue  # not asked for, or not known
+        if has[name] is None:
+            said.append(f"no --model (not {asked})")
+        elif str(has[name]) != str(asked):
+            said.append(f"{'--' + name} {has[name]} (not {asked})")
+    return said
 
 
 def _report_started(running: "Running") -> None:
@@ -124,6 +154,9 @@ def _report_started(running: "Running") -> None:
     daemon = f"daemon pid {running.daemon_pid}" if running.daemon_pid else "daemon restarting"
     if not running.already:
         say(f"Started: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
+    elif running.adopted:
+        say(f"Already running: {where} ({daemon}); its supervisor was gone, so a new one (pid "
+            f"{running.supervisor_pid}) took it over: it is restarted if it crashes or hangs.")
     elif running.supervised:
         say(f"Already running: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
     else:
@@ -149,13 +182,28 @@ def _options() -> "SupervisorOptions":
     return SupervisorOptions.from_settings(settings, retry_before_ready=False)
 
 
-def stop(timeout: TimeoutOption = 30, force: ForceOption = False) -> None:
-    """Stop the daemon: running requests may finish, then it exits; killed after the timeout.
+def _stop_wait() -> float:
+    """`stop`'s default wait: the supervisor's own (it kills the daemon then), and a moment more for it to report."""
+    from mlx_manager.settings import SettingsError, load_settings
+    from mlx_manager.supervisor.options import stop_wait
+
+    try:
+        settings = load_settings()
+    except SettingsError:
+        settings = None
+    return stop_wait(settings) + 5
+
+
+def stop(timeout: TimeoutOption = None, force: ForceOption = False) -> None:
+    """Stop the daemon: running requests may finish (server.drain_timeout), those still running then
+    get the `draining` problem, every audit row is written, and it exits; killed after the timeout.
 
     When nothing runs, says so and exits 0.
     """
     from mlx_manager.supervisor.control import stop as stop_supervised
 
+    if timeout is None:
+        timeout = _stop_wait()
     stopped = stop_supervised(timeout, force)
     if not stopped.was_running:
         say("Not running." + (f" (The last supervisor {stopped.note}.)" if stopped.note else ""))
@@ -177,7 +225,7 @@ def restart(
     host: HostOption = None,
     port: PortOption = None,
     model: ModelOption = None,
-    timeout: TimeoutOption = 30,
+    timeout: TimeoutOption = None,
     wait: WaitOption = 120,
     insecure_no_auth: InsecureOption = False,
 ) -> None:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Literal, Optional, cast
+from typing import Annotated, cast
 
 import typer
 
@@ -26,11 +26,13 @@ app = typer.Typer(
 )
 
 HostOption = Annotated[
-    Optional[str], typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
+    str | None, typer.Option("--host", help="Address the daemon listens on (default from settings: 127.0.0.1).")
 ]
-PortOption = Annotated[Optional[int], typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")]
+PortOption = Annotated[
+    int | None, typer.Option("--port", help="Port the daemon listens on (default from settings: 10242).")
+]
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", help="Preload this model (a local folder or a cached Hugging Face id).")
+    str | None, typer.Option("--model", help="Preload this model (a local folder or a cached Hugging Face id).")
 ]
 
 
@@ -65,7 +67,7 @@ def _check_bind(host: str | None, insecure_no_auth: bool) -> None:
     """Refuse, as `serve` and `start` do (auth.unsafe_bind), a service that would listen on a network
     address without any API key: it would fail at every start. Judged by the settings the service
     will read, so a key only in this shell's MLX_MANAGER_API_KEY does not count. Settings that
-    cannot be read are left to the daemon to report, as `start` does."""
+    cannot be read are refused too, as `start` does: the service would fail at every start."""
     from mlx_manager.auth import load_keyring, unsafe_bind
     from mlx_manager.settings import SettingsError, load_settings
 
@@ -73,8 +75,9 @@ def _check_bind(host: str | None, insecure_no_auth: bool) -> None:
         try:
             settings = load_settings({"server.host": host})
             keyring = load_keyring(settings)
-        except SettingsError:
-            return
+        except SettingsError as exc:
+            fail(f"the settings cannot be read: {exc}.", "Fix them (mlx-manager config ...); nothing was installed.",
+                 code=EXIT_USAGE)
     refusal = unsafe_bind(settings.server.host, keyring, insecure_no_auth)
     if refusal is not None:
         hint = f"({', '.join(hidden)} in this shell: not passed to the service.)" if hidden else None
@@ -89,23 +92,23 @@ def show(
     port: PortOption = None,
     model: ModelOption = None,
     platform: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--platform", help="linux (systemd user unit) or macos (launchd agent); default: this system's."),
     ] = None,
     insecure_no_auth: InsecureOption = False,
 ) -> None:
     """Print the service file `install` would write, without installing anything."""
-    from mlx_manager.supervisor.service import current_platform, service_file
+    from mlx_manager.supervisor.service import Platform, current_platform, service_file
 
     chosen = platform or current_platform()
     if chosen not in ("linux", "macos"):
         raise typer.BadParameter(f"{chosen!r} is not a platform: use linux or macos", param_hint="--platform")
-    file = service_file(cast(Literal["linux", "macos"], chosen), host, port, _model(model), insecure_no_auth)
-    typer.echo(file.text, nl=False)
+    typer.echo(service_file(cast(Platform, chosen), host, port, _model(model), insecure_no_auth).text, nl=False)
 
 
 @app.command(
-    epilog="Examples:\n\n  mlx-manager service install\n\n  mlx-manager service install --port 8080 --model ./models/my-model\n\n"
+    epilog="Examples:\n\n  mlx-manager service install\n\n"
+    "  mlx-manager service install --port 8080 --model ./models/my-model\n\n"
     "  mlx-manager service install --no-enable\n\n"
     "  mlx-manager keys add laptop && mlx-manager service install --host 0.0.0.0"
 )
@@ -114,7 +117,8 @@ def install(
     port: PortOption = None,
     model: ModelOption = None,
     enable: Annotated[
-        bool, typer.Option("--enable/--no-enable", help="Also enable and start the service now (else only write the file).")
+        bool,
+        typer.Option("--enable/--no-enable", help="Also enable and start the service now (else only write the file)."),
     ] = True,
     insecure_no_auth: InsecureOption = False,
 ) -> None:

@@ -21,6 +21,8 @@ from mlx_manager.daemon.routes import (
     audit_feed,
     chat,
     completions,
+    dashboard,
+    dashboard_api,
     embeddings,
     health,
     messages,
@@ -102,7 +104,7 @@ def create_app(
     telemetry.instrument_app(app, settings)
     handlers.install(app)
     routers = (chat, completions, messages, responses, embeddings, models, health, metrics)
-    for module in (*routers, admin, admin_models, admin_cache, audit_feed):
+    for module in (*routers, admin, admin_models, admin_cache, audit_feed, dashboard, dashboard_api):
         app.include_router(module.router)
     describe_errors(app)
     app.add_middleware(DaemonMiddleware, daemon=daemon)

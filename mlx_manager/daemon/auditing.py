@@ -1,8 +1,10 @@
 """The daemon's audit log: every request's outcome becomes one row; old rows are pruned.
 
-Started and stopped by the app's lifespan. The writer batches rows on its own thread, so no
-response waits for the disk; `stop()` flushes every queued row, which is why a graceful stop
-loses none.
+Started and stopped by the app's lifespan. The writer batches rows on its own thread. With
+`audit.durability = "acknowledged"` (the default) an answer's last byte waits for its row's
+commit (many requests share one commit), so even a crash loses no row of an answered request;
+with "batched" nothing waits and a crash loses up to the writer's flush interval of rows.
+`stop()` flushes every queued row, which is why a graceful stop loses none either way.
 """
 
 from __future__ import annotations
@@ -28,10 +30,16 @@ class Auditing:
         await self.writer.start()
         self.daemon.audit = self.writer
         self.daemon.outcome_sinks.append(self.record)
+        self.daemon.durable = self.committed
         self._pruner = asyncio.create_task(self._prune_forever())
 
     def record(self, outcome: RequestOutcome) -> None:
-        self.writer.record(outcome)
+        outcome.audit_ticket = self.writer.record(outcome)
+
+    async def committed(self, outcome: RequestOutcome) -> None:
+        """Under audit.durability = "acknowledged" (read per request: a reload applies), wait for the row's commit."""
+        if self.daemon.settings.audit.durability == "acknowledged" and outcome.audit_ticket is not None:
+            await self.writer.committed(outcome.audit_ticket)
 
     async def _prune_forever(self) -> None:
         """Prune at start, then every audit.prune_interval (both read from the current settings)."""
@@ -50,4 +58,5 @@ class Auditing:
             self._pruner.cancel()
         if self.record in self.daemon.outcome_sinks:
             self.daemon.outcome_sinks.remove(self.record)
+        self.daemon.durable = None
         await self.writer.stop()

@@ -45,6 +45,7 @@ class EngineCall:
     """The deadline, disconnect and cancellation of one request's engine work; see the module doc."""
 
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, span: EngineSpan) -> None:
+        self.daemon = daemon
         self.request = request
         self.outcome: RequestOutcome = request.scope["mlx_manager.outcome"]
         self.endpoint = endpoint  # the timeouts.<endpoint> key: "chat", "messages", "embeddings"...

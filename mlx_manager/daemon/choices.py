@@ -119,11 +119,13 @@ async def _chunks(call: GenerationCall, fmt: Format) -> AsyncIterator[str]:
                 yield sse_data(chunk)
         total = total_of([finished[i] for i in range(len(call.jobs))], call.n)
         call.finished(total)
+        await call.acknowledge()  # the outcome is final: its audit row before the last byte
         if fmt.include_usage:
             yield sse_data(fmt.usage_chunk(total))
         yield sse_done()
     except Exception as exc:
         problem = ended_by(call, stream_problem(call, exc))
+        await call.acknowledge()
         yield sse_error(problem.document(instance=outcome.endpoint, request_id=outcome.request_id))
 
 

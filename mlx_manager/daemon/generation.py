@@ -245,6 +245,11 @@ class GenerationCall(EngineCall):
             outcome.prompt_tokens = outcome.prompt_tokens or self.job.prompt_tokens or None
             outcome.finish_reason = outcome.finish_reason or ("cancelled" if self.job.cancelled else "error")
 
+    async def acknowledge(self) -> None:
+        """Before a stream's closing (or failure) events: its outcome is final, and the client
+        must not see the end of its answer before the audit row is durable (audit.durability)."""
+        await self.daemon.acknowledge(self.outcome, 200)
+
     def close_stream(self) -> None:
         """The stream's end: a stream cut before its last event was cut by the client."""
         if not self.ended:
@@ -270,7 +275,7 @@ class Translation:
 
     def failure(self, problem: Problem, outcome: RequestOutcome) -> list[str]:
         """The problem as an SSE `error` event (its body in the dialect of the route)."""
-        return [sse_error(problem.document(instance=outcome.endpoint, request_id=outcome.request_id))]
+        return [sse_error(problem.document(instance=outcome.endpoint or "", request_id=outcome.request_id or ""))]
 
     def keepalive(self) -> str:
         raise NotImplementedError
@@ -321,29 +326,32 @@ async def _events(call: GenerationCall, translation: Translation) -> AsyncIterat
                 outcome.tool_calls = (outcome.tool_calls or 0) + 1
             if isinstance(event, Finished):
                 call.finished(event)
+                await call.acknowledge()
                 for text in translation.closing(event):
                     yield text
                 return
             for text in translation.piece(event):
                 yield text
     except Problem as problem:
-        for text in _failure(call, translation, problem):
+        for text in await _failure(call, translation, problem):
             yield text
     except (EngineError, RoutingError) as exc:
-        for text in _failure(call, translation, problem_for(exc)):
+        for text in await _failure(call, translation, problem_for(exc)):
             yield text
     except Exception:
         log.exception("stream failed (request_id=%s)", outcome.request_id)
         detail = f"the stream failed; see request_id {outcome.request_id} in the daemon's log"
-        for text in _failure(call, translation, Problem("internal_error", detail)):
+        for text in await _failure(call, translation, Problem("internal_error", detail)):
             yield text
     finally:
         if pending is not None:
             pending.cancel()
 
 
-def _failure(call: GenerationCall, translation: Translation, problem: Problem) -> list[str]:
-    return translation.failure(ended_by(call, problem), call.outcome)
+async def _failure(call: GenerationCall, translation: Translation, problem: Problem) -> list[str]:
+    problem = ended_by(call, problem)
+    await call.acknowledge()  # the stream's outcome is final: its audit row before its last byte
+    return translation.failure(problem, call.outcome)
 
 
 def ended_by(call: GenerationCall, problem: Problem) -> Problem:

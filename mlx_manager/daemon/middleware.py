@@ -36,6 +36,8 @@ _SCRAPED = ("/ready", "/metrics")
 POLICY_VIOLATION = 1008
 # Paths whose outcome is worth a record (the audit log): the API and the admin endpoints.
 _RECORDED = ("/v1/", "/admin/")
+# The dashboard's page, files and the reads it polls: browsing, not calls worth a row each.
+_UNRECORDED_READS = "/admin/ui/"
 # The OpenAI API: what API keys and the rate limit guard.
 _API = "/v1/"
 DRAIN_RETRY_AFTER = 5.0
@@ -76,10 +78,13 @@ class DaemonMiddleware:
             return
         daemon = self.daemon
         path = scope["path"]
-        outcome = RequestOutcome(request_id=request_id_from(scope), endpoint=path, method=scope["method"])
+        request_id = request_id_from(scope)
+        outcome = RequestOutcome(request_id=request_id, endpoint=path, method=scope["method"])
         scope["mlx_manager.outcome"] = outcome
         status: int | None = None
-        request_id_header = (b"x-request-id", outcome.request_id.encode())
+        request_id_header = (b"x-request-id", request_id.encode())
+        # The dashboard's reads are not API requests: they leave no audit row.
+        recorded = path.startswith(_RECORDED) and not (path.startswith(_UNRECORDED_READS) and scope["method"] == "GET")
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -89,6 +94,8 @@ class DaemonMiddleware:
                 if outcome.backend is not None:  # a generation: the backend that served it (routing)
                     headers.append((b"x-mlx-manager-backend", outcome.backend.encode()))
                 message = {**message, "headers": [*headers, request_id_header]}
+            elif recorded and not message.get("more_body", False):
+                await daemon.acknowledge(outcome, status)  # the last byte waits for its audit row (audit.durability)
             await send(message)
 
         # Only requests that do work count for the drain: probes and refusals end at once.
@@ -97,7 +104,7 @@ class DaemonMiddleware:
             refusal = self._refusal(scope, path, outcome)
             if refusal is not None:
                 outcome.fail(refusal.kind)
-                await refusal.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
+                await refusal.response(instance=path, request_id=request_id)(scope, receive, send_with_id)
                 return
             counted = path not in _PROBES
             if counted:
@@ -111,12 +118,12 @@ class DaemonMiddleware:
             if status is None:
                 detail = f"an unexpected error occurred; see request_id {outcome.request_id} in the daemon's log"
                 problem = Problem("internal_error", detail)
-                await problem.response(instance=path, request_id=outcome.request_id)(scope, receive, send_with_id)
+                await problem.response(instance=path, request_id=request_id)(scope, receive, send_with_id)
         finally:
             outcome.route = getattr(scope.get("route"), "path_format", None)
             if counted:
                 daemon.request_ended()
-            if path.startswith(_RECORDED):
+            if recorded:
                 outcome.finish(status)
                 _log_outcome(outcome)
                 daemon.emit(outcome)
@@ -149,7 +156,7 @@ class DaemonMiddleware:
         return None
 
     def _api_needs_key(self) -> bool:
-        return bool(self.daemon.keyring) or self.daemon.require_key
+        return bool(self.daemon.keyring) or self.daemon.require_key or self.daemon.settings.auth.required
 
     def _extras_refusal(self, scope: Scope, extra: str) -> Problem | None:
         """A 401 problem for /ready, /metrics, /docs or /openapi.json while the API needs a key,
@@ -182,8 +189,10 @@ class DaemonMiddleware:
         if not self._api_needs_key():
             return None, None
         token = _presented_key(scope)
-        if not keyring:
+        if not keyring and self.daemon.require_key:
             detail = f"this daemon listens on a network address and has no API key left. {ADD_KEY_HINT}."
+        elif not keyring:
+            detail = f"no API key is left and auth.required is true. {ADD_KEY_HINT}."
         elif token is None:
             detail = "this API needs a key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
         else:

@@ -1,8 +1,10 @@
 """What happened to one request: filled in as it runs, emitted once when its response has ended.
 
-The middleware creates one per request and emits it after the last byte (for a stream: when
-the stream ends), so this is the one place that knows the outcome of every /v1 request. The
-audit log subscribes through `DaemonState.outcome_sinks`.
+The middleware creates one per request and emits it once: just before the last byte of the
+answer (for a stream, before its closing events), so that with `audit.durability =
+"acknowledged"` that byte can wait for the row's commit, or when the response ended without
+one (a client that left). This is the one place that knows the outcome of every /v1 request.
+The audit log subscribes through `DaemonState.outcome_sinks`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class RequestOutcome(AuditRecord):
     finish_reason: str | None = None
     span: EngineSpan | None = None  # the engine work's span, ended by `end_span` once the response is over
     fallbacks: int = 0  # backends given up for the next one before the first byte (routing)
+    emitted: bool = False  # handed to the sinks (once: before the last byte, or when the response ended)
+    audit_ticket: int | None = None  # the audit writer's ticket for its row (for `committed()`)
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def elapsed_ms(self) -> float:

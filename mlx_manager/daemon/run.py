@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from datetime import UTC, datetime
+from pathlib import Path
 
 from mlx_manager import __version__
 from mlx_manager.files import write_atomic
@@ -64,6 +65,12 @@ def run_daemon(
             "Stop it first, or give this one another MLX_MANAGER_HOME.",
         )
     raise_open_file_limit()  # every connection takes a descriptor: room for them before the first
+    missing = [m for m in [model, *settings.models.preload] if m and _missing_folder(m)]
+    if missing:  # said before anything listens or logs "serving"
+        raise StartupError(
+            f"could not preload model '{missing[0]}': no such model folder (or no config.json in it)",
+            "Check the model (--model or models.preload).",
+        )
     sock = bind(settings.server.host, settings.server.port)
     configure_logging(settings)
     configure_telemetry(settings)  # once, before the app is built
@@ -91,6 +98,14 @@ def run_daemon(
     if app.state.daemon.fatal_error:
         raise StartupError(app.state.daemon.fatal_error, "Check the model (--model or models.preload).")
     log.info("stopped")
+
+
+def _missing_folder(model: str) -> bool:
+    """A model named as a path (./m, /m, ~/m) that is not a model folder here."""
+    if not model.startswith((".", "/", "~")):
+        return False  # a Hugging Face id: the engine looks in the cache when it loads
+    folder = Path(model).expanduser()
+    return not (folder / "config.json").is_file()
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -58,6 +58,9 @@ class DaemonState:
     # Called with every finished request's outcome. The audit writer plugs in here
     # (see create_app); a sink must not block: it runs on the event loop.
     outcome_sinks: list[OutcomeSink] = field(default_factory=list)
+    # What an answer's last byte waits for once its outcome is emitted: the audit row's commit
+    # under audit.durability = "acknowledged" (set by the audit log; None: nothing).
+    durable: Callable[[RequestOutcome], Awaitable[None]] | None = None
     # Responses kept for GET /v1/responses/{id} and previous_response_id: in memory only.
     responses: ResponseStore = field(default_factory=ResponseStore)
     _idle: asyncio.Event | None = None
@@ -104,7 +107,20 @@ class DaemonState:
         finally:
             self._idle = None
 
+    async def acknowledge(self, outcome: RequestOutcome, http_status: int | None) -> None:
+        """Just before an answer's last byte: finish and emit the outcome, and wait until what
+        must be durable (the audit row) is, so a crash after the client has its answer loses nothing."""
+        if not outcome.emitted:
+            outcome.finish(http_status)
+            self.emit(outcome)
+        if self.durable is not None:
+            await self.durable(outcome)
+
     def emit(self, outcome: RequestOutcome) -> None:
+        """Hand the outcome to every sink, once (later calls do nothing)."""
+        if outcome.emitted:
+            return
+        outcome.emitted = True
         for sink in self.outcome_sinks:
             try:
                 sink(outcome)

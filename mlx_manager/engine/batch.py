@@ -2,10 +2,11 @@
 together in its `BatchGenerator` (continuous batching: a new job joins at the next step).
 
 A job's prompt starts from the longest prefix the model's prompt cache has; the rest is
-prefilled in chunks (`prefill_chunk` tokens a step), so a long prompt never holds up the other
-streams for long and a cancelled job stops within one chunk. When a job ends, its state goes
-back into the prompt cache for the next turn of its conversation. The choices of one request
-(`n` > 1) read their prompt once (`SharedPrefill`), then each decodes from a copy of its cache.
+prefilled in chunks (a step reads at most the chunk the worker gives it, see `pacing.py`), so a
+long prompt never holds up the other streams for long and a cancelled job stops within one
+chunk. When a job ends, its state goes back into the prompt cache for the next turn of its
+conversation. The choices of one request (`n` > 1) read their prompt once (`SharedPrefill`),
+then each decodes from a copy of its cache.
 
 Everything here runs on the inference thread.
 """
@@ -57,8 +58,9 @@ class Solo:
     """A lone job: its prompt prefilled a chunk per step, then mlx-lm's single-sequence loop
     (`generate_step`), which has no batching overhead."""
 
-    def __init__(self, entry: LoadedModel, slot: Slot, cache: list[Any] | None, held: list[int], rest: list[int],
-                 prefill_chunk: int) -> None:
+    def __init__(
+        self, entry: LoadedModel, slot: Slot, cache: list[Any] | None, held: list[int], rest: list[int]
+    ) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.entry = entry
@@ -66,21 +68,27 @@ class Solo:
         self.cache = cache if cache is not None else make_prompt_cache(entry.model)
         self.held = list(held)  # the tokens the cache holds
         self.rest = list(rest)  # prompt tokens still to prefill (at least one)
-        self.prefill_chunk = prefill_chunk
         self.steps: Any = None
         self.last_token: int | None = None
         self.last_logprobs: Any = None  # the distribution the last token was drawn from
 
-    def advance(self) -> int | None:
-        """One step of work: a chunk of the prompt (None), or the next token."""
+    @property
+    def decoding(self) -> bool:
+        return self.steps is not None
+
+    def advance(self, chunk: int) -> tuple[int | None, int]:
+        """One step of work: (None, tokens read) for a chunk of the prompt (at most `chunk`
+        tokens), or (the next token, prompt tokens read on the way)."""
         import mlx.core as mx
 
         if self.steps is None:
-            if len(self.rest) > self.prefill_chunk:
-                chunk, self.rest = self.rest[: self.prefill_chunk], self.rest[self.prefill_chunk :]
-                read_chunk(self.entry, self.cache, chunk)
-                self.held += chunk
-                return None
+            if len(self.rest) > chunk:
+                if chunk <= 0:
+                    return None, 0
+                part, self.rest = self.rest[:chunk], self.rest[chunk:]
+                read_chunk(self.entry, self.cache, part)
+                self.held += part
+                return None, len(part)
             from mlx_lm.generate import generate_step
 
             self.steps = generate_step(
@@ -91,14 +99,17 @@ class Solo:
                 logits_processors=self.slot.processors or None,
                 prompt_cache=self.cache,
             )
+            read = len(self.rest)
             self.held += self.rest
             self.rest = []
+        else:
+            read = 0
         token, self.last_logprobs = next(self.steps)
         # generate_step feeds each token to the model before it yields it (it runs one step
         # ahead), so the cache now holds this token too.
         self.last_token = int(token)
         self.held.append(self.last_token)
-        return self.last_token
+        return self.last_token, read
 
     def close(self) -> None:
         if self.steps is not None:
@@ -133,7 +144,7 @@ class SharedPrefill:
     token as its prompt, so only that token is computed per choice."""
 
     def __init__(self, entry: LoadedModel, slots: list[Slot], cache: list[Any] | None, held: list[int],
-                 rest: list[int], prefill_chunk: int) -> None:
+                 rest: list[int]) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.entry = entry
@@ -141,15 +152,19 @@ class SharedPrefill:
         self.cache = cache if cache is not None else make_prompt_cache(entry.model)
         self.held = list(held)
         self.rest = list(rest)  # at least one token: the last is each choice's own
-        self.prefill_chunk = prefill_chunk
 
-    def advance(self) -> bool:
-        """Read one chunk; True once only the last token is left."""
-        if len(self.rest) > 1:
-            size = min(self.prefill_chunk, len(self.rest) - 1)
-            chunk, self.rest = self.rest[:size], self.rest[size:]
-            read_chunk(self.entry, self.cache, chunk)
-            self.held += chunk
+    def advance(self, chunk: int) -> int:
+        """Read up to `chunk` tokens of the prompt (never its last); how many were read."""
+        size = max(0, min(chunk, len(self.rest) - 1))
+        if size:
+            part, self.rest = self.rest[:size], self.rest[size:]
+            read_chunk(self.entry, self.cache, part)
+            self.held += part
+        return size
+
+    @property
+    def read(self) -> bool:
+        """Only the last token is left: each choice may join the batch."""
         return len(self.rest) <= 1
 
     def caches(self) -> list[list[Any] | None]:
@@ -168,7 +183,7 @@ class ModelBatch:
         self.entry = entry
         self.max_batch_size = max_batch_size
         self.prompt_cache = prompt_cache
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # the generator's first chunk; each step gives its own
         self.eos = entry.tokenizer.eos_token_ids
         self.generator: Any = None
         self.solo: Solo | None = None
@@ -181,12 +196,19 @@ class ModelBatch:
     def __len__(self) -> int:
         return len(self.slots)
 
+    @property
+    def decoding(self) -> bool:
+        """Whether some job here is past its prompt: it waits for each step's token."""
+        if self.solo is not None:
+            return self.solo.decoding
+        return len(self.fresh) < len(self.slots)
+
     def add(self, slot: Slot, tokens: list[int]) -> None:
         cache, cached = self.prompt_cache.fetch(tokens)
         slot.cached = cached
         if not self.slots and self.generator is None:
             slot.uid = self._solo_uid
-            self.solo = Solo(self.entry, slot, cache, tokens[:cached], tokens[cached:], self.prefill_chunk)
+            self.solo = Solo(self.entry, slot, cache, tokens[:cached], tokens[cached:])
         else:
             if self.solo is not None:
                 self._move_solo_to_batch()
@@ -205,14 +227,16 @@ class ModelBatch:
             slot.uid = self._waiting_uid
             self.slots[slot.uid] = slot
             self.fresh.add(slot.uid)
-        prefill = SharedPrefill(self.entry, slots, cache, tokens[:cached], tokens[cached:], self.prefill_chunk)
+        prefill = SharedPrefill(self.entry, slots, cache, tokens[:cached], tokens[cached:])
         self.prefills.append(prefill)
 
-    def _advance_prefills(self) -> None:
-        """A chunk of each group's prompt; a group whose prompt is read joins the batch, one
-        sequence per choice, each with its own copy of the cache."""
+    def _advance_prefills(self, chunk: int) -> int:
+        """Up to `chunk` tokens of each group's prompt; a group whose prompt is read joins the
+        batch, one sequence per choice, each with its own copy of the cache. Returns the tokens read."""
+        read = 0
         for prefill in list(self.prefills):
-            if not prefill.advance():
+            read += prefill.advance(chunk)
+            if not prefill.read:
                 continue
             self.prefills.remove(prefill)
             for slot, cache in zip(prefill.slots, prefill.caches(), strict=True):
@@ -222,6 +246,7 @@ class ModelBatch:
                 slot.uid = self._insert(slot, list(prompt), cache, list(held))
                 self.slots[slot.uid] = slot
                 self.fresh.add(slot.uid)
+        return read
 
     def _insert(self, slot: Slot, prompt: list[int], cache: list[Any] | None, held: list[int]) -> int:
         (uid,) = self._batch().insert(
@@ -280,24 +305,27 @@ class ModelBatch:
                 self.prompt_cache.store(list(held), cache)
         return slot
 
-    def step(self) -> list[Slot]:
-        """One step for every job (a decode step, or a chunk of a prompt); returns the slots that finished."""
+    def step(self, chunk: int) -> tuple[list[Slot], int]:
+        """One step for every job: a decode step for those generating, up to `chunk` tokens of
+        each prompt being read. Returns the slots that finished and how many prompt tokens were read."""
         if self.solo is not None:
             slot = self.solo.slot
-            token = self.solo.advance()
+            token, read = self.solo.advance(chunk)
             if token is None:  # still reading the prompt
-                return []
+                return [], read
             reason = "stop" if token in self.eos else None
             if reason is None and slot.job.completion_tokens + 1 >= slot.max_tokens:
                 reason = "length"
             finished = [slot] if self._deliver(slot, token, reason, self.solo.last_logprobs) else []
             if finished:
                 self.remove(slot.uid, keep_cache=True)
-            return finished
-        self._advance_prefills()
+            return finished, read
+        read = self._advance_prefills(chunk)
         if self.generator is None:
-            return []
-        _, responses = self.generator.next()
+            return [], read
+        self.generator.prefill_step_size = chunk  # 0: a decode-only round (mlx-lm reads no prompt then)
+        with self.generator.stats() as stats:
+            _, responses = self.generator.next()
         finished = []
         for r in responses:
             found = self.slots.get(r.uid)
@@ -310,7 +338,7 @@ class ModelBatch:
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
                 self.remove(found.uid, keep_cache=True)
-        return finished
+        return finished, read + stats.prompt_tokens
 
     def _deliver(self, slot: Slot, token: int, reason: str | None, logprobs: Any) -> bool:
         """Send what this token completes; True when the job is over."""

@@ -76,13 +76,15 @@ class _Work:
     def done(self) -> bool:
         return self._phase == self.DONE
 
-    # Called from the inference thread only.
     def take(self) -> None:
-        """Out of the waiting line (into a batch, or dropped before it)."""
-        if self._phase == self.QUEUED:
-            self._phase = self.TAKEN
-            self._admission._move(-1, 0)
+        """Out of the waiting line: into a batch (the inference thread), or cancelled while it
+        waited (the caller's thread: a job nobody waits for leaves `queue_depth` at once)."""
+        with self._admission._lock:  # both threads may take it; it leaves the line once
+            if self._phase == self.QUEUED:
+                self._phase = self.TAKEN
+                self._admission.waiting -= 1
 
+    # Called from the inference thread only.
     def begin(self) -> None:
         """Running: counts as active until it ends."""
         self.take()
@@ -162,10 +164,12 @@ class Job(_Work):
         return "".join(parts)
 
     def cancel(self) -> None:
-        """Stop generating for this job; the inference thread drops it within one decode step."""
+        """Stop generating for this job: a waiting one leaves the line now, a running one is
+        dropped by the inference thread within one step (a decode step or a prompt chunk)."""
         if self.done or self.cancelled:
             return
         self.cancelled = True
+        self.take()
         self._on_cancel(self)
 
     # Called from the inference thread only.
@@ -234,9 +238,11 @@ class EmbeddingJob(_Work):
             self.cancel()
 
     def cancel(self) -> None:
-        """Stop computing this job: the inference thread drops it before its next batch."""
+        """Stop computing this job: a waiting one leaves the line now; the inference thread
+        drops it before its next batch."""
         if not self.done:
             self.cancelled = True
+            self.take()
 
     # Called from the inference thread only.
     def settle(self, result: EmbeddingResult | None = None, error: BaseException | None = None) -> None:

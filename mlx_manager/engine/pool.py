@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from mlx_manager.engine.config import EngineConfig
-from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound
+from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import CacheStatus, ModelStatus
 
 log = logging.getLogger("mlx_manager.engine")
+
+# Retry-After of a load refused because every loaded model is busy (models.max_loaded).
+BUSY_RETRY_AFTER = 5.0
 
 
 @dataclass
@@ -253,10 +256,16 @@ class ModelPool:
         )
 
     def _make_room(self) -> None:
+        """Unload the least recently used idle models until one more fits under max_loaded; when
+        every loaded model is busy, refuse (the limit is never exceeded: it is what memory allows)."""
         while len(self._models) >= self.max_loaded:
             victim = next((p for p, m in self._models.items() if m.active_jobs == 0), None)
-            if victim is None:  # every loaded model is busy: go over the limit rather than fail work
-                return
+            if victim is None:
+                raise Overloaded(
+                    f"models.max_loaded ({self.max_loaded}) models are loaded and every one is busy; "
+                    "retry once one is free",
+                    retry_after=BUSY_RETRY_AFTER,
+                )
             self._unload(victim, "least recently used")
 
     def sweep(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.logits import penalty_processors
 from mlx_manager.engine.open_files import import_mlx_lm
 from mlx_manager.engine.output import Output
+from mlx_manager.engine.pacing import PrefillPacer
 from mlx_manager.engine.pool import LoadedModel, ModelAccess, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
@@ -81,6 +83,7 @@ class Worker:
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot
         self.embeddings = EmbeddingQueue()
+        self.pacer = PrefillPacer()
         self.snapshot = WorkerSnapshot()
         self._running = True
 
@@ -91,8 +94,7 @@ class Worker:
             busy = bool(self.batches) or bool(self.pending) or bool(self.embeddings)
             self._drain_commands(block=not busy)
             self._admit_pending()
-            for path, batch in list(self.batches.items()):
-                self._step(path, batch)
+            self._step_batches()
             self._embed_step()
             if not self.batches and not self.embeddings:
                 self.pool.sweep()
@@ -164,8 +166,6 @@ class Worker:
                         entry.prompt_cache.max_bytes = config.cache_max_bytes
                         entry.prompt_cache.max_entries = config.cache_max_entries
                         entry.prompt_cache.shrink()
-                for batch in self.batches.values():
-                    batch.prefill_chunk = config.prefill_chunk
             case Stop():
                 self._running = False
 
@@ -274,17 +274,31 @@ class Worker:
                     self._release(path, batch)
                     job.end()
                     return
-        # Still pending: _admit_pending drops it.
+        if job in self.pending:  # still waiting for a slot: out of the line now, not when it comes up
+            self.pending.remove(job)
+            job.end()
 
-    def _step(self, path: Path, batch: ModelBatch) -> None:
+    def _step_batches(self) -> None:
+        """One step of every model's batch; prompts are read in chunks paced by the decoding streams."""
+        started = time.perf_counter()
+        decoding = any(batch.decoding for batch in self.batches.values())
+        chunk = self.pacer.chunk(self.config.prefill_chunk, decoding, started)
+        read = sum(self._step(path, batch, chunk) for path, batch in list(self.batches.items()))
+        if self.batches or read:
+            ended = time.perf_counter()
+            self.pacer.observe(ended - started, decoding, chunk, read, ended)
+
+    def _step(self, path: Path, batch: ModelBatch, chunk: int) -> int:
+        """One step of one batch; returns how many prompt tokens it read."""
         try:
-            finished = batch.step()
+            finished, read = batch.step(chunk)
         except Exception as exc:
             self._fail_step(path, batch, exc)
-            return
+            return 0
         batch.entry.active_jobs -= len(finished)
         if not batch.slots:
             self._release(path, batch)
+        return read
 
     def _fail_step(self, path: Path, batch: ModelBatch, exc: Exception) -> None:
         """An MLX error in a step fails the jobs that had just joined (all of them if none had)."""
@@ -374,8 +388,8 @@ class Worker:
         self.batches.clear()
         while self.pending:
             self.pending.popleft().emit(stopped)
-        for job in self.embeddings.jobs:
-            job.settle(error=stopped)
+        for waiting in self.embeddings.jobs:
+            waiting.settle(error=stopped)
         self.embeddings.jobs.clear()
         while True:
             try:

@@ -89,6 +89,8 @@ def unset_in_document(document: TOMLDocument, key: str) -> bool:
     if table is None or not hasattr(table, "keys") or name not in table:
         return False
     del table[name]
+    if not table and "#" not in table.as_string():
+        del document[section]  # no `[timeouts]` left behind with nothing in it (a commented one stays)
     return True
 
 

@@ -223,7 +223,11 @@ class ModelSettings(Section):
         " only from models.folders, models.allowed, models.preload and `--model`.",
     )
     max_loaded: int = Field(
-        2, ge=1, le=64, description="Most models kept loaded at once (least recently used goes first)."
+        2,
+        ge=1,
+        le=64,
+        description="Most models kept loaded at once (least recently used idle one goes first; when all are busy,"
+        " a request for another model gets 503 with Retry-After).",
     )
     keep_alive: Duration = Field(
         1800, ge=0, le=7 * 86400, description="Seconds an idle model stays loaded; 0 keeps it forever."
@@ -280,6 +284,12 @@ class AuditSettings(Section):
     )
     retention_days: int = Field(30, ge=1, le=36500, description="Days audit rows are kept before pruning.")
     prune_interval: Duration = Field(3600, ge=60, le=7 * 86400, description="Seconds between automatic prunes.")
+    durability: Literal["acknowledged", "batched"] = Field(
+        "acknowledged",
+        description="'acknowledged': an answer's last byte waits for its audit row's commit (requests share"
+        " commits), so a crash loses no row of an answered request. 'batched': nothing waits, and a crash"
+        " loses the rows of the last flush window (up to 100 ms).",
+    )
 
 
 class TelemetrySettings(Section):
@@ -328,6 +338,12 @@ class AuthSettings(Section):
         description="File of more API keys in plain text, one per line (e.g. a mounted secret); "
         "the MLX_MANAGER_API_KEY variable adds one more.",
     )
+    required: bool = Field(
+        False,
+        description="true: /v1 needs a key even when none is configured (refused until one is added). "
+        "`keys revoke` of the last key sets it, so revoking never reopens the API; set it to false to serve "
+        "loopback clients without a key again. A network address always needs a key.",
+    )
 
     open_endpoints: list[Literal["/ready", "/metrics", "/docs", "/openapi.json"]] = Field(
         default_factory=list,
@@ -369,7 +385,8 @@ class SupervisorSettings(Section):
     )
     stop_timeout: Duration = Field(
         60, ge=1, le=86400, json_schema_extra=RESTART,
-        description="Seconds the supervisor waits for a graceful stop before it kills the daemon.",
+        description="Seconds the supervisor (and `stop`) wait for a graceful stop before the daemon is killed;"
+        " never less than server.drain_timeout + 30 s, so requests the drain ends still get their answer and row.",
     )
 
 

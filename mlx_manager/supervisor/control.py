@@ -17,8 +17,17 @@ from mlx_manager.runtime import read_daemon_info
 from mlx_manager.supervisor.logfile import tail
 from mlx_manager.supervisor.options import SupervisorOptions
 from mlx_manager.supervisor.state import (
-    GIVEN_UP, RUNNING, STOPPED, lock_holder, lock_if_free, read_state, same_process,
-    supervisor_log, supervisor_running, wait_gone, write_state,
+    GIVEN_UP,
+    RUNNING,
+    STOPPED,
+    lock_holder,
+    lock_if_free,
+    read_state,
+    same_process,
+    supervisor_log,
+    supervisor_running,
+    wait_gone,
+    write_state,
 )
 from mlx_manager.supervisor.supervisor import EXIT_LOCKED, terminate
 
@@ -48,6 +57,7 @@ class Running:
     daemon_pid: int | None
     supervisor_pid: int | None
     already: bool = False  # `start` found it running and did nothing
+    adopted: bool = False  # `start` found it without its supervisor and had a new one take it over
 
     @property
     def supervised(self) -> bool:
@@ -83,10 +93,29 @@ def supervisor_command(flags: dict[str, Any], options: SupervisorOptions) -> lis
 
 
 def start(flags: dict[str, Any], options: SupervisorOptions, wait: float) -> Running:
-    """Launch a detached supervisor and wait until its daemon is ready. Raises StartFailed."""
+    """Launch a detached supervisor and wait until its daemon is ready. Raises StartFailed.
+    A daemon whose supervisor was killed is adopted by a new one, started with the flags it had."""
     running = find_running()
     if running is not None:
-        return Running(running.url, running.daemon_pid, running.supervisor_pid, already=True)
+        orphaned = _orphaned(running)
+        if orphaned is None:
+            return Running(running.url, running.daemon_pid, running.supervisor_pid, already=True)
+        adopted = _launch(orphaned, options, wait)
+        return Running(adopted.url, adopted.daemon_pid, adopted.supervisor_pid, already=True, adopted=True)
+    return _launch(flags, options, wait)
+
+
+def _orphaned(running: Running) -> dict[str, Any] | None:
+    """The flags of a daemon that runs without the supervisor that started it (killed), or None."""
+    state = read_state() or {}
+    if running.supervised or running.daemon_pid is None or state.get("daemon_pid") != running.daemon_pid:
+        return None
+    if not same_process(state.get("daemon_pid"), state.get("daemon_started")):
+        return None
+    return dict(state.get("flags") or {})
+
+
+def _launch(flags: dict[str, Any], options: SupervisorOptions, wait: float) -> Running:
     log_path = supervisor_log()
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

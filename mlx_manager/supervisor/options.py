@@ -16,6 +16,10 @@ START_TIMEOUT = 120.0
 # How long a stop waits for the daemon to drain before it is killed (server.drain_timeout is 30 s
 # by default, and the daemon needs a few more seconds to close connections and flush its audit rows).
 STOP_TIMEOUT = 60.0
+# What a stop waits beyond server.drain_timeout: the requests still running are then ended with
+# the `draining` problem (up to 5 s), the engine stops (up to 10 s), connections close (5 s) and
+# the audit rows are flushed. A stop never waits less than this past the drain.
+AFTER_DRAIN = 30.0
 # Restarts: wait 1 s after the first crash, doubling up to 30 s; 5 crashes within 60 s is a crash loop.
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
@@ -46,4 +50,15 @@ class SupervisorOptions:
             for name in ("health_interval", "hang_timeout", "start_timeout", "stop_timeout")
             if section is not None and getattr(section, name, None) is not None
         }
+        values["stop_timeout"] = stop_wait(settings)
         return cls(**{**values, **overrides})
+
+
+def stop_wait(settings: Any) -> float:
+    """How long a graceful stop may take before the daemon is killed: supervisor.stop_timeout, but
+    never less than server.drain_timeout + AFTER_DRAIN, so a drain that runs out still answers its
+    requests (the `draining` problem) and writes their audit rows before the process is killed."""
+    section = getattr(settings, "supervisor", None)
+    stop_timeout = float(getattr(section, "stop_timeout", None) or STOP_TIMEOUT)
+    drain = getattr(getattr(settings, "server", None), "drain_timeout", None)
+    return stop_timeout if drain is None else max(stop_timeout, float(drain) + AFTER_DRAIN)

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from datetime import UTC
 from typing import Any
 
 from mlx_manager.runtime import read_daemon_info
@@ -21,8 +22,20 @@ from mlx_manager.supervisor import probe
 from mlx_manager.supervisor.options import SupervisorOptions
 from mlx_manager.supervisor.policy import RestartPolicy
 from mlx_manager.supervisor.state import (
-    GIVEN_UP, RESTARTING, RUNNING, STARTING, STOPPED, STOPPING,
-    Lock, now_iso, process_started, read_state, same_process, supervisor_log, wait_gone, write_state,
+    GIVEN_UP,
+    RESTARTING,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    Lock,
+    now_iso,
+    process_started,
+    read_state,
+    same_process,
+    supervisor_log,
+    wait_gone,
+    write_state,
 )
 
 log = logging.getLogger("mlx_manager.supervisor")
@@ -86,9 +99,12 @@ class Supervisor:
             return EXIT_LOCKED
         try:
             self._install_signal_handlers()
-            self._stop_orphan(read_state())
+            old = read_state()
+            adopted = self._adopt(old)
+            if adopted is None:
+                self._stop_orphan(old)
             log.info("supervisor started (pid %d): %s", os.getpid(), " ".join(self.command))
-            return self._loop()
+            return self._loop(adopted)
         except Exception:
             log.exception("supervisor failed")
             self._set(state=STOPPED, reason="the supervisor itself failed; see its log")
@@ -107,15 +123,16 @@ class Supervisor:
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
 
     # -- the loop -------------------------------------------------------------------------------
-    def _loop(self) -> int:
+    def _loop(self, adopted: Adopted | None = None) -> int:
         while True:
-            child = self._spawn()
+            child: subprocess.Popen | Adopted = adopted or self._spawn()
+            adopted = None
             started = time.monotonic()
             watchdog_reason = self._watch(child, started)
             code = child.wait()
             self._finish_reader()
             ran_for = time.monotonic() - started
-            reason = watchdog_reason or describe_exit(code)
+            reason = watchdog_reason or (describe_exit(code) if code is not None else "exited (code unknown: adopted)")
             last_exit = {"at": now_iso(), "reason": reason, "code": code, "ran_for": round(ran_for, 1)}
             if self._output_tail:
                 last_exit["last_output"] = self._output_tail[-1][:300]
@@ -177,7 +194,7 @@ class Supervisor:
         )
         return child
 
-    def _watch(self, child: subprocess.Popen, started: float) -> str | None:
+    def _watch(self, child: subprocess.Popen | Adopted, started: float) -> str | None:
         """Run until the child exits. Returns why the watchdog killed it, or None."""
         o = self.options
         last_answer = None  # monotonic time /health last answered
@@ -260,6 +277,21 @@ class Supervisor:
             self._reader = None
 
     # -- orphans and state ---------------------------------------------------------------------------
+    def _adopt(self, old: dict[str, Any] | None) -> Adopted | None:
+        """A supervisor killed with SIGKILL leaves its daemon running. One we would have started
+        ourselves (the same command) is adopted: watched, probed, stopped and restarted as our own."""
+        if not old or old.get("command") != self.command:
+            return None
+        if not same_process(old.get("daemon_pid"), old.get("daemon_started")):
+            return None
+        pid = old["daemon_pid"]
+        log.warning("adopting the daemon (pid %d) left running by supervisor pid %s", pid, old.get("supervisor_pid"))
+        self.state.update({name: old.get(name) for name in ("daemon_started_at", "url", "host", "port", "last_exit")})
+        self.state["restarts"] = old.get("restarts") or 0
+        self.ready_once = bool(old.get("ready"))
+        self._set(state=STARTING, daemon_pid=pid, daemon_started=old["daemon_started"], ready=False)
+        return Adopted(pid)
+
     def _stop_orphan(self, old: dict[str, Any] | None) -> None:
         """A supervisor killed with SIGKILL leaves its daemon running; stop it before starting anew."""
         if not old or not same_process(old.get("daemon_pid"), old.get("daemon_started")):
@@ -273,7 +305,36 @@ class Supervisor:
         write_state(self.state)
 
 
-def _signal(child: subprocess.Popen, sig: int) -> None:
+class Adopted:
+    """A daemon started by an earlier supervisor, watched like our own child (but not our child:
+    its exit code cannot be known, and its output goes where that supervisor had sent it)."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.pid = pid
+        self._process = psutil.Process(pid)
+
+    def poll(self) -> int | None:
+        """None while it runs; once gone, -1 (the code is unknown, so never read as a clean exit)."""
+        import psutil
+
+        try:
+            running = self._process.is_running() and self._process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            running = False
+        return None if running else -1
+
+    def wait(self) -> int | None:
+        while self.poll() is None:
+            time.sleep(TICK)
+        return None
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+
+def _signal(child: subprocess.Popen | Adopted, sig: int) -> None:
     try:
         child.send_signal(sig)
     except ProcessLookupError:
@@ -281,9 +342,9 @@ def _signal(child: subprocess.Popen, sig: int) -> None:
 
 
 def _iso_in(seconds: float) -> str:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="seconds")
 
 
 def terminate(pid: int, timeout: float) -> bool:

@@ -1,6 +1,9 @@
 """WS /admin/audit/feed: the audit log's new rows as JSON, as they are committed (the admin panel's feed).
 
-Protected like every admin endpoint: loopback clients with the admin token only. A refused
+Protected like every admin endpoint: loopback clients with the admin token (from no web page, or
+one of an origin in server.cors_origins); or a signed-in dashboard session (its cookie), only from
+the dashboard's own page: a browser sends the cookie with a WebSocket from any page of the same
+site (another port of this host, say), so the Origin is what tells the dashboard apart. A refused
 client is accepted and closed at once with code 1008 (policy violation) and the reason, so it
 learns why instead of seeing a bare failed handshake.
 """
@@ -12,9 +15,12 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket
 
+from mlx_manager.daemon.dashboard.access import same_origin, session_of
 from mlx_manager.daemon.middleware import request_id_from
 from mlx_manager.daemon.outcome import RequestOutcome
+from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.routes.admin import admin_refusal
+from mlx_manager.daemon.state import DaemonState
 
 router = APIRouter(tags=["admin"])
 POLICY_VIOLATION, GOING_AWAY, INTERNAL_ERROR = 1008, 1001, 1011
@@ -24,7 +30,7 @@ POLICY_VIOLATION, GOING_AWAY, INTERNAL_ERROR = 1008, 1001, 1011
 async def audit_feed(websocket: WebSocket) -> None:
     daemon = websocket.app.state.daemon
     await websocket.accept()
-    problem = admin_refusal(websocket, daemon)
+    problem = _refusal(websocket, daemon)
     if problem is not None:
         await websocket.close(code=POLICY_VIOLATION, reason=problem.detail)
         # The middleware records HTTP requests only: a refused feed leaves its audit row here.
@@ -46,6 +52,14 @@ async def audit_feed(websocket: WebSocket) -> None:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender
+
+
+def _refusal(websocket: WebSocket, daemon: DaemonState) -> Problem | None:
+    """A dashboard session from the dashboard's own page; else as every admin WebSocket: the admin
+    token from this machine, from no web page or one of an origin the daemon allows."""
+    if same_origin(websocket) and session_of(websocket, daemon) is not None:
+        return None
+    return admin_refusal(websocket, daemon)
 
 
 async def _send_rows(websocket: WebSocket, writer) -> None:

@@ -1,0 +1,178 @@
+"""A long prompt arriving while streams decode, and a long prompt cancelled mid-prefill (issue 24, item 5).
+
+    HF_HUB_OFFLINE=1 python benchmarks/prefill_latency.py [--size bench] [--streams 4] [--prompt-tokens 4000]
+
+(a) `--streams` streams decode; one `--prompt-tokens` prompt arrives. Their inter-token latency
+    (ITL) while it is read is compared with their ITL just before it came (target: p95 at most
+    2x). The same run with fixed `server.prefill_chunk` chunks (the pacing switched off) is shown
+    beside it: that is what the engine did before.
+(b) The same prompt alone, cancelled in the middle of its prefill: how long the engine takes to
+    let go of it, against the time of one chunk (target: within one chunk), and how soon a
+    short request sent at the cancel gets its first token.
+
+The engine runs in this process on the generated test model (`tests/models.py`); each token's
+time is taken on the inference thread as the batch delivers it (`ModelBatch._deliver` is wrapped
+for that, and only here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.models` from a checkout
+
+from mlx_manager.engine import batch as batch_module  # noqa: E402
+from mlx_manager.engine import pacing  # noqa: E402
+from mlx_manager.engine.config import EngineConfig  # noqa: E402
+from mlx_manager.engine.engine import Engine  # noqa: E402
+from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams, Started  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0)
+STAMPS: dict[str, list[float]] = defaultdict(list)  # request id -> perf_counter() of each token
+
+
+def _stamp_tokens() -> None:
+    deliver = batch_module.ModelBatch._deliver
+
+    def timed(self: Any, slot: Any, token: int, reason: str | None) -> bool:
+        STAMPS[slot.job.request.request_id].append(time.perf_counter())
+        return deliver(self, slot, token, reason)
+
+    batch_module.ModelBatch._deliver = timed  # type: ignore[method-assign]
+
+
+def _request(model: str, prompt: str | list[int], max_tokens: int, request_id: str) -> GenerationRequest:
+    return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, sampling=GREEDY, request_id=request_id)
+
+
+def _gaps(stamps: list[float], start: float, end: float) -> list[float]:
+    inside = [t for t in stamps if start <= t <= end]
+    return [b - a for a, b in zip(inside, inside[1:], strict=False)]
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+async def _until_started(job: Any) -> None:
+    async for event in job:
+        if isinstance(event, Started):
+            return
+
+
+async def _drain(job: Any) -> None:
+    async for event in job:
+        if isinstance(event, Finished):
+            return
+
+
+async def arrival(engine: Engine, model: str, streams: int, prompt: list[int], tag: str) -> dict[str, float]:
+    """Streams decode; a long prompt arrives. ITL of the streams before it and while it is read."""
+    running = [
+        engine.submit(_request(model, f"stream {i} of {tag} says", 100_000, f"{tag}-stream-{i}")) for i in range(streams)
+    ]
+    warm = 20
+    while min(len(STAMPS[f"{tag}-stream-{i}"]) for i in range(streams)) < warm + 40:
+        await asyncio.sleep(0.05)
+    before_end = time.perf_counter()
+    long = engine.submit(_request(model, prompt, 1, f"{tag}-long"))
+    arrived = time.perf_counter()
+    await _drain(long)
+    first_token = STAMPS[f"{tag}-long"][0]
+    for job in running:
+        job.cancel()
+    before, during = [], []
+    for i in range(streams):
+        stamps = STAMPS[f"{tag}-stream-{i}"]
+        before += _gaps(stamps[warm:], 0.0, before_end)
+        during += _gaps(stamps, arrived, first_token)
+    while engine.status().active_jobs:
+        await asyncio.sleep(0.01)
+    return {
+        "before_p50": statistics.median(before), "before_p95": _p(before, 0.95),
+        "during_p50": statistics.median(during), "during_p95": _p(during, 0.95), "during_max": max(during),
+        "prefill_s": first_token - arrived, "tokens_during": len(during),
+    }
+
+
+async def cancel_mid_prefill(engine: Engine, model: str, prompt: list[int], chunk: int) -> dict[str, float]:
+    """The prompt read alone (timed), then again and cancelled halfway: how soon is the engine free?"""
+    alone = engine.submit(_request(model, prompt, 1, "alone"))
+    started = time.perf_counter()
+    await _drain(alone)
+    prefill = STAMPS["alone"][0] - started
+    chunks = math.ceil(len(prompt) / chunk)
+    victim = engine.submit(_request(model, list(reversed(prompt)), 1, "victim"))  # not a prompt-cache hit
+    await _until_started(victim)
+    await asyncio.sleep(prefill / 2)
+    cancelled = time.perf_counter()
+    victim.cancel()
+    short = engine.submit(_request(model, "a short question", 5, "short"))
+    await _drain(short)
+    assert victim.stopped_at is not None
+    return {
+        "prefill_s": prefill, "chunk_s": prefill / chunks, "chunks": chunks,
+        "freed_s": victim.stopped_at - cancelled, "short_first_token_s": STAMPS["short"][0] - cancelled,
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    from tests.models import build_model
+
+    folder = build_model(Path(tempfile.mkdtemp(prefix="prefill-bench-")) / args.size, args.size)
+    model = str(folder)
+    engine = Engine(EngineConfig(prefill_chunk=args.chunk, cache_max_bytes=0, max_batch_size=32))
+    engine.start()
+    try:
+        await engine.load(model)
+        words = list(range(8, 1000))
+        prompt = (words * (args.prompt_tokens // len(words) + 1))[: args.prompt_tokens]
+        await _drain(engine.submit(_request(model, prompt[:600], 4, "warm-up")))
+        paced = await arrival(engine, model, args.streams, prompt, "paced")
+        real_chunk = pacing.PrefillPacer.chunk
+        pacing.PrefillPacer.chunk = lambda self, limit, decoding, now: limit  # type: ignore[method-assign]
+        fixed = await arrival(engine, model, args.streams, prompt, "fixed")
+        pacing.PrefillPacer.chunk = real_chunk  # type: ignore[method-assign]
+        cancel = await cancel_mid_prefill(engine, model, prompt, args.chunk)
+    finally:
+        engine.stop(timeout=120)  # a step of a long prompt may still be running
+    command = "HF_HUB_OFFLINE=1 python benchmarks/prefill_latency.py " + " ".join(sys.argv[1:])
+    print(f"command: {command.strip()}")
+    print(f"model: generated '{args.size}' test model; BLAS: {engine.status().blas or 'bundled'}")
+    print(f"(a) {args.streams} streams decoding; one {args.prompt_tokens}-token prompt arrives (prefill_chunk {args.chunk})")
+    print("| chunks | ITL p50 before | ITL p95 before | ITL p50 during | ITL p95 during | p95 ratio (target <= 2) "
+          "| max gap | prefill |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in (("paced (now)", paced), (f"fixed {args.chunk} (before)", fixed)):
+        print(f"| {name} | {r['before_p50'] * 1000:.0f} ms | {r['before_p95'] * 1000:.0f} ms "
+              f"| {r['during_p50'] * 1000:.0f} ms | {r['during_p95'] * 1000:.0f} ms "
+              f"| {r['during_p95'] / r['before_p95']:.2f} | {r['during_max'] * 1000:.0f} ms | {r['prefill_s']:.1f} s |")
+    print(f"(b) the {args.prompt_tokens}-token prompt alone: read in {cancel['prefill_s']:.1f} s, "
+          f"{cancel['chunks']} chunks of {args.chunk} ({cancel['chunk_s'] * 1000:.0f} ms a chunk on average)")
+    print(f"    cancelled halfway: the engine let go {cancel['freed_s'] * 1000:.0f} ms later "
+          f"({cancel['freed_s'] / cancel['chunk_s']:.2f} chunks; target <= 1); a 5-token request sent at the "
+          f"cancel had its first token {cancel['short_first_token_s'] * 1000:.0f} ms after it")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="bench", help="test model size (tests/models.py): fast, bench, slow")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=4000)
+    parser.add_argument("--chunk", type=int, default=512, help="server.prefill_chunk")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    _stamp_tokens()
+    asyncio.run(main(parse(sys.argv[1:])))

@@ -1,0 +1,143 @@
+"""The dashboard's figures over time, read from a real audit database with the daemon's reader
+(aiosqlite): the same numbers as `audit stats` for the same window, exact percentiles, and
+buckets read again when (and only when) their rows change."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mlx_manager.audit import AuditFilter, AuditStore, compute_stats, prune_older
+from mlx_manager.audit import reader as reader_module
+from mlx_manager.audit.reader import AuditReader
+from mlx_manager.audit.record import format_timestamp
+from mlx_manager.audit.series import WINDOWS
+from mlx_manager.audit.stats import nearest_rank
+from tests.audit_rows import ago, fill, record
+
+MODELS = ("model-a", "model-b")
+KEYS = ("alice", "bob", None)
+
+
+def requests(count: int, *, minutes: float = 55) -> list:
+    """`count` API requests spread over the last `minutes`, with a mix of models, keys, outcomes."""
+    rows = []
+    for i in range(count):
+        status = ("success", "success", "success", "error", "timeout", "cancelled")[i % 6]
+        rows.append(record(
+            timestamp=ago(seconds=minutes * 60 * (i + 0.5) / count),
+            model=MODELS[i % 2], api_key=KEYS[i % 3], status=status,
+            duration_ms=10.0 + (i * 37) % 500 + (i % 7) / 8,
+            time_to_first_token_ms=None if i % 5 == 0 else 1.0 + (i * 13) % 90,
+            prompt_tokens=5 + i % 11, completion_tokens=0 if status != "success" else 1 + i % 23,
+            error_type={"error": "model_not_found" if i % 12 != 9 else None, "timeout": "timeout"}.get(status),
+        ))
+    return rows
+
+
+def summary(path, window: str = "hour") -> dict:
+    async def read() -> dict:
+        reader = AuditReader(path)
+        try:
+            return await reader.series(WINDOWS[window])
+        finally:
+            await reader.close()
+
+    return asyncio.run(read())
+
+
+def exact(values: list[float], percent: int) -> float:
+    ordered = sorted(int(v * 1000) for v in values)
+    return ordered[nearest_rank(len(ordered), percent) - 1] / 1000
+
+
+@pytest.fixture
+def audit_path(isolated_home):
+    return isolated_home / "audit.db"
+
+
+def test_the_window_says_what_audit_stats_says(audit_path):
+    fill(audit_path, requests(600) + [record(endpoint="/admin/reload", model=None, timestamp=ago(minutes=3))])
+    figures = summary(audit_path)
+    window = WINDOWS["hour"]
+    assert len(figures["time"]) == window.count == 60
+    assert all(b - a == 60 for a, b in zip(figures["time"], figures["time"][1:], strict=False))
+    since = datetime.fromtimestamp(figures["time"][0], UTC)
+    until = datetime.fromtimestamp(figures["time"][-1] + window.step, UTC)
+    same = AuditFilter(since=since, until=until)
+    with AuditStore.open(audit_path) as store, store.read() as conn:
+        (total,) = compute_stats(conn, AuditFilter(since=since, until=until, endpoint="/v1/chat/completions"))
+        per_model = compute_stats(conn, same, by="model")
+        per_key = compute_stats(conn, same, by="key")
+        ttfts = [row[0] for row in conn.execute(
+            "SELECT time_to_first_token_ms FROM audit_logs WHERE timestamp >= ? AND timestamp < ?"
+            " AND time_to_first_token_ms IS NOT NULL AND endpoint LIKE '/v1/%'",
+            (format_timestamp(since), format_timestamp(until)))]
+    assert ttfts
+
+    fields = ("requests", "errors", "timeouts", "cancelled", "p50_duration_ms", "p95_duration_ms", "prompt_tokens",
+              "completion_tokens")
+    for name in fields:
+        assert figures["total"][name] == total[name], name
+    assert figures["total"]["tokens_per_second"] == pytest.approx(total["tokens_per_second"])
+    assert figures["total"]["p50_ttft_ms"] == exact(ttfts, 50) and figures["total"]["p95_ttft_ms"] == exact(ttfts, 95)
+    # The admin call is in the log (audit stats counts it) but not among the API's figures.
+    assert sum(item["requests"] for item in per_model) == total["requests"] + 1
+    api_models = [item for item in per_model if item["model"] is not None]
+    assert [item["model"] for item in figures["by_model"]] == [item["model"] for item in api_models]
+    for mine, theirs in zip(figures["by_model"], api_models, strict=True):
+        assert {n: mine[n] for n in fields} == {n: theirs[n] for n in fields}
+    keys = {item["key"]: item for item in figures["by_key"]}
+    assert set(keys) == {"alice", "bob", None}
+    for theirs in per_key:
+        if theirs["key"] is not None:
+            assert keys[theirs["key"]]["requests"] == theirs["requests"]
+            assert keys[theirs["key"]]["p95_duration_ms"] == theirs["p95_duration_ms"]
+
+    assert sum(figures["requests_per_second"][:-1]) * 60 + figures["requests_per_second"][-1] > 0
+    assert figures["failures"].keys() == {"model_not_found", "error", "timeout", "cancelled"}
+    assert sum(map(sum, figures["failures"].values())) == total["errors"] + total["timeouts"] + total["cancelled"]
+
+
+def test_a_bucket_is_read_again_only_when_its_rows_change(audit_path, monkeypatch):
+    monkeypatch.setattr(reader_module, "FRESH_SECONDS", 0.0)
+    fill(audit_path, requests(120))
+
+    async def scenario() -> None:
+        reader = AuditReader(audit_path)
+        try:
+            first = await reader.series(WINDOWS["hour"])
+            kept = dict(reader._buckets["hour"])
+            old = datetime.fromtimestamp(first["time"][10] + 5, UTC)  # a bucket 50 minutes back
+            fill(audit_path, [record(timestamp=old, duration_ms=99_999.0, model="late-model")])
+            second = await reader.series(WINDOWS["hour"])
+            changed = [start for start, bucket in reader._buckets["hour"].items() if kept.get(start) is not bucket]
+            assert first["time"][10] in changed and len(changed) <= 2  # that bucket (and a new minute's)
+            assert second["total"]["requests"] == first["total"]["requests"] + 1
+            assert "late-model" in [item["model"] for item in second["by_model"]]
+            assert second["duration_p95_ms"][10] == 99_999.0
+
+            with AuditStore.open(audit_path) as store:
+                prune_older(store, datetime.now(UTC) - timedelta(minutes=30))
+            third = await reader.series(WINDOWS["hour"])
+            assert third["total"]["requests"] < second["total"]["requests"]
+            assert "late-model" not in [item["model"] for item in third["by_model"]]
+            assert third["requests_per_second"][:25] == [0.0] * 25
+        finally:
+            await reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_day_window_and_an_empty_log(audit_path):
+    fill(audit_path, [record(timestamp=ago(hours=20)), record(timestamp=ago(days=3))])
+    figures = summary(audit_path, "day")
+    assert len(figures["time"]) == 96 and figures["time"][1] - figures["time"][0] == 900
+    assert figures["total"]["requests"] == 1  # the one three days back is outside
+    assert sum(1 for value in figures["duration_p50_ms"] if value is not None) == 1
+
+    empty = summary(audit_path, "hour")
+    assert empty["total"]["requests"] == 0 and empty["by_model"] == [] and empty["failures"] == {}
+    assert empty["ttft_p50_ms"] == [None] * 60 and empty["requests_per_second"] == [0.0] * 60
