@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlx_manager.audit.record import AuditRecord
@@ -44,7 +44,7 @@ FLOORS = {"query": 0.200, "stats": 2.0, "writer": 20_000}
 def generate(rows: int, *, days: float = 30, seed: int = 1, start: datetime | None = None):
     """Requests spread evenly over `days` up to now (or from `start` on, as a live daemon writes them)."""
     rng = random.Random(seed)
-    start = start or datetime.now(timezone.utc) - timedelta(days=days)
+    start = start or datetime.now(UTC) - timedelta(days=days)
     step = timedelta(days=days) / rows
     for i in range(rows):
         status = rng.choices(["success", "error", "timeout", "cancelled"], [92, 5, 2, 1])[0]
@@ -83,8 +83,12 @@ def in_process(args: list[str], repeat: int) -> list[float]:
 
 def as_process(args: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from mlx_manager.cli import main; main()", *args],
-                   check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", "from mlx_manager.cli import main; main()", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     return time.perf_counter() - started
 
 
@@ -96,7 +100,7 @@ async def writer_throughput(path: Path, rows: int) -> float:
     """Records offered as fast as the event loop can (yielding every 500), until all are committed."""
     from mlx_manager.audit.writer import AuditWriter
 
-    records = list(generate(rows, days=1 / 24, seed=2, start=datetime.now(timezone.utc)))
+    records = list(generate(rows, days=1 / 24, seed=2, start=datetime.now(UTC)))
     writer = AuditWriter(path)
     await writer.start()
     started = time.perf_counter()
@@ -115,7 +119,7 @@ async def writer_paced(path: Path, rate: int, seconds: float) -> tuple[int, floa
     from mlx_manager.audit.writer import AuditWriter
 
     # Made up front, so the benchmark's own work does not compete with the writer for the CPU.
-    records = iter(list(generate(int(rate * seconds) + rate, days=1 / 24, seed=3, start=datetime.now(timezone.utc))))
+    records = iter(list(generate(int(rate * seconds) + rate, days=1 / 24, seed=3, start=datetime.now(UTC))))
     writer = AuditWriter(path)
     await writer.start()
     sent_at: dict[str, float] = {}
@@ -160,8 +164,7 @@ def main() -> None:
 
     started = time.perf_counter()
     filled = fill(db, generate(options.rows))
-    print(f"fill: {filled:,} rows in {time.perf_counter() - started:.1f} s "
-          f"({db.stat().st_size / 1e6:,.0f} MB)")
+    print(f"fill: {filled:,} rows in {time.perf_counter() - started:.1f} s ({db.stat().st_size / 1e6:,.0f} MB)")
 
     results: dict[str, float] = {}
     commands = {
@@ -173,8 +176,10 @@ def main() -> None:
     for name, args in commands.items():
         times = in_process(args, options.repeat)
         results[name] = statistics.median(times)
-        print(f"mlx-manager {' '.join(args)}\n    in-process: median {ms(results[name])}, first {ms(times[0])}, "
-              f"best {ms(min(times))}; as a new process: {ms(as_process(args))}")
+        print(
+            f"mlx-manager {' '.join(args)}\n    in-process: median {ms(results[name])}, first {ms(times[0])}, "
+            f"best {ms(min(times))}; as a new process: {ms(as_process(args))}"
+        )
 
     from mlx_manager.audit.filters import AuditFilter, parse_time
     from mlx_manager.audit.query import count_rows, query_rows
@@ -187,27 +192,37 @@ def main() -> None:
             started = time.perf_counter()
             query_rows(conn, filters, limit=50)
             times.append(time.perf_counter() - started)
-    print(f"audit query's SQL alone (query_rows, same filter): median {statistics.median(times) * 1000:.1f} ms; "
-          "the rest of the command's time is settings, opening the file and the rich table")
+    print(
+        f"audit query's SQL alone (query_rows, same filter): median {statistics.median(times) * 1000:.1f} ms; "
+        "the rest of the command's time is settings, opening the file and the rich table"
+    )
 
     prune_args = ["audit", "prune", "--older-than", "15d", "--yes"]
     [prune_time] = in_process(prune_args, 1)
 
     with AuditStore.open(db, create=False) as store, store.read() as conn:
         left = count_rows(conn)
-    print(f"mlx-manager {' '.join(prune_args)}\n    deleted {filled - left:,} rows in {prune_time:.2f} s "
-          f"({(filled - left) / prune_time:,.0f} rows/s), {left:,} left")
+    print(
+        f"mlx-manager {' '.join(prune_args)}\n    deleted {filled - left:,} rows in {prune_time:.2f} s "
+        f"({(filled - left) / prune_time:,.0f} rows/s), {left:,} left"
+    )
 
     rate = asyncio.run(writer_throughput(db, 200_000))
     results["writer"] = rate
     print(f"writer, records offered faster than it writes: {rate:,.0f} rows/s committed (200,000 rows)")
     backlog, lag, sent = asyncio.run(writer_paced(db, 20_000, 5.0))
-    print(f"writer, paced at 20,000 rows/s for 5 s ({sent:,} rows): largest backlog {backlog:,} rows, "
-          f"slowest record-to-commit {ms(lag)}")
+    print(
+        f"writer, paced at 20,000 rows/s for 5 s ({sent:,} rows): largest backlog {backlog:,} rows, "
+        f"slowest record-to-commit {ms(lag)}"
+    )
 
     print("\nfloors:")
     verdicts = [
-        ("query --model X --since 7d --limit 50", results["query"] < FLOORS["query"], f"{ms(results['query'])} < 200 ms"),
+        (
+            "query --model X --since 7d --limit 50",
+            results["query"] < FLOORS["query"],
+            f"{ms(results['query'])} < 200 ms",
+        ),
         ("stats", results["stats"] < FLOORS["stats"], f"{results['stats']:.2f} s < 2 s"),
         ("writer", results["writer"] >= FLOORS["writer"], f"{results['writer']:,.0f} rows/s >= 20,000"),
     ]

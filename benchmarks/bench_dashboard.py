@@ -40,8 +40,22 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = [f"mlx-community/model-{i}" for i in range(10)]
 KEYS = ["alice", "bob", "carol", None]
-STORED = ("request_id", "timestamp", "model", "backend_type", "endpoint", "status", "http_status", "duration_ms",
-          "time_to_first_token_ms", "prompt_tokens", "completion_tokens", "total_tokens", "error_type", "api_key")
+STORED = (
+    "request_id",
+    "timestamp",
+    "model",
+    "backend_type",
+    "endpoint",
+    "status",
+    "http_status",
+    "duration_ms",
+    "time_to_first_token_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "error_type",
+    "api_key",
+)
 PARTS = ["serving", "serving-warm", "reads", "browser"]
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and the sea."}]
 
@@ -57,10 +71,18 @@ def requests(count: int, *, seed: int = 1):
         prompt = rng.randint(5, 2000)
         completion = rng.randint(1, 500) if status == "success" else 0
         yield (
-            f"bench-{i:08d}", (start + step * i).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), rng.choice(MODELS), "local",
-            rng.choices(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"], [7, 2, 1])[0], status,
-            {"success": 200, "error": 500, "timeout": 504, "cancelled": None}[status], duration,
-            duration / 8 if status == "success" else None, prompt, completion, prompt + completion,
+            f"bench-{i:08d}",
+            (start + step * i).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            rng.choice(MODELS),
+            "local",
+            rng.choices(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"], [7, 2, 1])[0],
+            status,
+            {"success": 200, "error": 500, "timeout": 504, "cancelled": None}[status],
+            duration,
+            duration / 8 if status == "success" else None,
+            prompt,
+            completion,
+            prompt + completion,
             None if status == "success" else rng.choice(["timeout", "model_not_found", "overloaded"]),
             rng.choice(KEYS),
         )
@@ -104,14 +126,21 @@ class Daemon:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MLX_MANAGER_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-               "DASHBOARD_BENCH_COLD": "1" if cold else "0"}
+        env = {
+            **os.environ,
+            "MLX_MANAGER_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "DASHBOARD_BENCH_COLD": "1" if cold else "0",
+        }
         # The daemon's log goes to a file: a pipe nobody reads fills up and stops the daemon.
         self.log = home / f"daemon-{self.port}.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, __file__, "--serve", str(home), str(model), str(self.port)], env=env,
-                stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, __file__, "--serve", str(home), str(model), str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.home = home
 
@@ -190,9 +219,11 @@ def serving_under_load(daemon: Daemon, model: str, rounds: int, per_phase: int, 
             idle.extend(ttft_ms(client, model) for _ in range(per_phase))
     p50_idle, p50_busy = statistics.median(idle), statistics.median(busy)
     print(f"chat TTFT p50 with no dashboard: {p50_idle:.1f} ms ({len(idle)} requests)")
-    print(f"chat TTFT p50 while the day's figures are read {how}: {p50_busy:.1f} ms "
-          f"({len(busy)} requests, "
-          f"{len(reads)} reads of {statistics.median(reads):.2f} s median)")
+    print(
+        f"chat TTFT p50 while the day's figures are read {how}: {p50_busy:.1f} ms "
+        f"({len(busy)} requests, "
+        f"{len(reads)} reads of {statistics.median(reads):.2f} s median)"
+    )
     print(f"  ratio {p50_busy / p50_idle:.3f} (target <= 1.05)")
     dashboard.close()
 
@@ -208,8 +239,10 @@ def read_times(daemon: Daemon) -> None:
         started = time.perf_counter()
         dashboard.get("/admin/ui/api/series", params={"window": "day"}).raise_for_status()
         warm.append(time.perf_counter() - started)
-    print(f"the last day's figures ({figures['total']['requests']:,} API requests in 96 buckets): "
-          f"{cold:.2f} s cold, {statistics.median(warm):.3f} s warm (median of 5)")
+    print(
+        f"the last day's figures ({figures['total']['requests']:,} API requests in 96 buckets): "
+        f"{cold:.2f} s cold, {statistics.median(warm):.3f} s warm (median of 5)"
+    )
     dashboard.close()
 
 
@@ -229,13 +262,14 @@ def in_the_browser(daemon: Daemon, model: str, loads: int, feed_requests: int) -
             page.goto(daemon.url + "/admin#live")
             page.wait_for_selector("#feed tbody tr")
             shown.append(page.evaluate("performance.now()"))
-            paints.append(page.evaluate(
-                "performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? NaN"))
+            paints.append(page.evaluate("performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? NaN"))
             page.close()
-        print(f"/admin first contentful paint: {paints[0]:.0f} ms the first time, then "
-              f"{statistics.median(paints[1:]):.0f} ms median of {loads - 1} loads (max {max(paints[1:]):.0f}; "
-              "target < 300 ms); live page with rows "
-              f"shown: {shown[0]:.0f} ms the first time, then {statistics.median(shown[1:]):.0f} ms")
+        print(
+            f"/admin first contentful paint: {paints[0]:.0f} ms the first time, then "
+            f"{statistics.median(paints[1:]):.0f} ms median of {loads - 1} loads (max {max(paints[1:]):.0f}; "
+            "target < 300 ms); live page with rows "
+            f"shown: {shown[0]:.0f} ms the first time, then {statistics.median(shown[1:]):.0f} ms"
+        )
         # The floor on this machine as it is now: the same measure of a one-line page with nothing to fetch.
         floor = []
         for _ in range(5):
@@ -244,8 +278,10 @@ def in_the_browser(daemon: Daemon, model: str, loads: int, feed_requests: int) -
             page.wait_for_function("performance.getEntriesByName('first-contentful-paint').length > 0")
             floor.append(page.evaluate("performance.getEntriesByName('first-contentful-paint')[0].startTime"))
             page.close()
-        print(f"  control: a one-line page with nothing to fetch paints in {statistics.median(floor):.0f} ms "
-              "(median of 5)")
+        print(
+            f"  control: a one-line page with nothing to fetch paints in {statistics.median(floor):.0f} ms "
+            "(median of 5)"
+        )
         page = context.new_page()
         page.goto(daemon.url + "/admin#live")
 
@@ -254,15 +290,18 @@ def in_the_browser(daemon: Daemon, model: str, loads: int, feed_requests: int) -
         delays = []
         for _ in range(feed_requests):
             request_id = f"feed-{uuid.uuid4().hex[:12]}"
-            client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4,
-                                           extra_headers={"X-Request-ID": request_id})
+            client.chat.completions.create(
+                model=model, messages=PROMPT, max_tokens=4, extra_headers={"X-Request-ID": request_id}
+            )
             answered = time.perf_counter()
             page.wait_for_selector(f'#feed tr[data-request-id="{request_id}"]', timeout=10_000)
             delays.append((time.perf_counter() - answered) * 1000)
         delays.sort()
-        print(f"live feed, response to row shown: {statistics.median(delays):.0f} ms median, "
-              f"p95 {delays[int(len(delays) * 0.95) - 1]:.0f} ms, max {delays[-1]:.0f} ms over {len(delays)} "
-              "requests (target < 1000 ms)")
+        print(
+            f"live feed, response to row shown: {statistics.median(delays):.0f} ms median, "
+            f"p95 {delays[int(len(delays) * 0.95) - 1]:.0f} ms, max {delays[-1]:.0f} ms over {len(delays)} "
+            "requests (target < 1000 ms)"
+        )
         context.close()
 
 

@@ -56,8 +56,13 @@ def until(predicate, what: str, timeout: float = 300) -> None:
 
 def one_request(url: str, model: str, stream: bool) -> tuple[float, float]:
     """Seconds from sending to the end of the answer, and to the engine having no job running."""
-    body = {"model": model, "messages": [{"role": "user", "content": "tell me everything"}],
-            "max_tokens": 2000, "temperature": 0, "stream": stream}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "tell me everything"}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": stream,
+    }
     started = time.perf_counter()
     with httpx.Client(base_url=url, timeout=120) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
         text = r.read().decode()
@@ -81,12 +86,16 @@ def main() -> int:
     env.update(MLX_MANAGER_HOME=str(work / "home"), MLX_MANAGER_TIMEOUTS__CHAT=str(DEADLINE_S), HF_HUB_OFFLINE="1")
     daemon = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlx-manager")), "serve", "--model", model, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     over: dict[str, list[float]] = {name: [] for name in TARGETS}
     try:
-        until(lambda: daemon.poll() is None and (state := ready(url)) is not None and model in state["loaded"],
-              "the daemon was not ready")
+        until(
+            lambda: daemon.poll() is None and (state := ready(url)) is not None and model in state["loaded"],
+            "the daemon was not ready",
+        )
         one_request(url, model, stream=False)  # warm-up
         for _ in range(args.rounds):
             for name, stream in (("chat, whole answer", False), ("chat, streamed", True)):
@@ -101,8 +110,10 @@ def main() -> int:
     for name, figures in over.items():
         within = max(figures) <= TARGETS[name]
         ok &= within
-        print(f"{'ok  ' if within else 'FAIL'} {name:<20} after the {DEADLINE_S:g} s deadline: median "
-              f"{statistics.median(figures):.2f} s, slowest {max(figures):.2f} s (target <= {TARGETS[name]:g} s)")
+        print(
+            f"{'ok  ' if within else 'FAIL'} {name:<20} after the {DEADLINE_S:g} s deadline: median "
+            f"{statistics.median(figures):.2f} s, slowest {max(figures):.2f} s (target <= {TARGETS[name]:g} s)"
+        )
     print(f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_deadlines --rounds {args.rounds}")
     return 0 if ok else 1
 

@@ -54,7 +54,9 @@ async def bench_engine(engine, model_id, prompts, max_tokens) -> float:
 
     async def one(prompt):
         job = engine.submit(
-            GenerationRequest(model=model_id, prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0))
+            GenerationRequest(
+                model=model_id, prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0)
+            )
         )
         async for event in job:
             if isinstance(event, Finished):
@@ -100,11 +102,18 @@ def main() -> int:
 
     med = {k: statistics.median(v) for k, v in figures.items()}
     print(f"model: {args.size} ({folder}), {args.tokens} new tokens, greedy, median of {args.rounds} rounds")
-    print(f"1 job : engine {med['engine_single']:8.1f} tok/s | stream_generate {med['mlx_single']:8.1f} tok/s"
-          f" | ratio {med['engine_single'] / med['mlx_single']:.3f} (target >= 0.95)")
-    print(f"8 jobs: engine {med['engine_batch8']:8.1f} tok/s | batch_generate  {med['mlx_batch8']:8.1f} tok/s"
-          f" | ratio {med['engine_batch8'] / med['mlx_batch8']:.3f} (target >= 0.95)")
-    print(f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_engine --rounds {args.rounds} --size {args.size} --tokens {args.tokens}")
+    print(
+        f"1 job : engine {med['engine_single']:8.1f} tok/s | stream_generate {med['mlx_single']:8.1f} tok/s"
+        f" | ratio {med['engine_single'] / med['mlx_single']:.3f} (target >= 0.95)"
+    )
+    print(
+        f"8 jobs: engine {med['engine_batch8']:8.1f} tok/s | batch_generate  {med['mlx_batch8']:8.1f} tok/s"
+        f" | ratio {med['engine_batch8'] / med['mlx_batch8']:.3f} (target >= 0.95)"
+    )
+    print(
+        "reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_engine"
+        f" --rounds {args.rounds} --size {args.size} --tokens {args.tokens}"
+    )
     return 0
 
 

@@ -38,7 +38,10 @@ async def measure(db: Path, rows: int) -> list[float]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     follower = subprocess.Popen(
         [sys.executable, "-m", "mlx_manager.cli", "audit", "tail", "--follow", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     shown: dict[str, float] = {}
 
@@ -77,8 +80,10 @@ def main() -> int:
         os.environ["MLX_MANAGER_HOME"] = home
         figures = asyncio.run(measure(Path(home) / "audit.db", args.rows))
     slowest = max(figures)
-    print(f"record() -> shown by `audit tail --follow`: median {statistics.median(figures) * 1000:.0f} ms, "
-          f"slowest {slowest * 1000:.0f} ms ({len(figures)} rows)")
+    print(
+        f"record() -> shown by `audit tail --follow`: median {statistics.median(figures) * 1000:.0f} ms, "
+        f"slowest {slowest * 1000:.0f} ms ({len(figures)} rows)"
+    )
     verdict = "ok  " if slowest < PROMISE_S else "FAIL"
     print(f"{verdict} every row shown within {PROMISE_S * 1000:.0f} ms")
     print(f"reproduce: python -m benchmarks.bench_follow --rows {args.rows}")

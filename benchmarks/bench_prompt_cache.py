@@ -34,8 +34,18 @@ from tests.models import build_model
 
 
 def bench(a: Server, b: Server, model: str, *args: str) -> dict:
-    command = [str(Path(sys.executable).with_name("mlx-manager")), "bench", "--url", a.url, "--vs", b.url,
-               "--model", model, "--json", *args]
+    command = [
+        str(Path(sys.executable).with_name("mlx-manager")),
+        "bench",
+        "--url",
+        a.url,
+        "--vs",
+        b.url,
+        "--model",
+        model,
+        "--json",
+        *args,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     if done.returncode != 0:
         raise SystemExit(f"bench failed: {done.stderr}")
@@ -81,18 +91,38 @@ def main() -> int:
         servers["D"] = Server("mlx-manager", "baseline", {"PYTHONPATH": args.baseline})
     with start_servers(list(servers.values()), model, work):
         conversation = [
-            "--concurrency", str(args.conversations), "--requests", str(args.conversations), "--turns", str(args.turns),
-            "--system-tokens", str(args.system_words), "--max-tokens", str(args.max_tokens), "--prompt-tokens", "12",
+            "--concurrency",
+            str(args.conversations),
+            "--requests",
+            str(args.conversations),
+            "--turns",
+            str(args.turns),
+            "--system-tokens",
+            str(args.system_words),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--prompt-tokens",
+            "12",
         ]
-        single = ["--concurrency", "1,4", "--requests", str(args.single_requests), "--max-tokens", "64",
-                  "--prompt-tokens", "64"]
+        single = [
+            "--concurrency",
+            "1,4",
+            "--requests",
+            str(args.single_requests),
+            "--max-tokens",
+            "64",
+            "--prompt-tokens",
+            "64",
+        ]
         vs_mlx_lm = bench(servers["A"], servers["B"], model, *conversation)
         vs_off = bench(servers["A"], servers["C"], model, *conversation)
         single_off = bench(servers["A"], servers["C"], model, *single)
         single_base = bench(servers["A"], servers["D"], model, *single) if args.baseline else None
 
-    print(f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
-          f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n")
+    print(
+        f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
+        f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n"
+    )
     print("| A vs | tokens/s A / B | TTFT p50 turn 1, ms | TTFT p50 later turns, ms |")
     print("| --- | --- | --- | --- |")
     print(row("B: mlx_lm.server, same BLAS", vs_mlx_lm))
@@ -104,8 +134,10 @@ def main() -> int:
         for level, clients in enumerate(report["plan"]["concurrency"]):
             a, b = (s[level] for s in report["servers"])
             ratio = report["ratios"][level]["tokens_per_second"]
-            print(f"- {label}, {clients} client(s): {a['tokens_per_second']:.1f} / {b['tokens_per_second']:.1f}"
-                  f" = {ratio:.2f}x")
+            print(
+                f"- {label}, {clients} client(s): {a['tokens_per_second']:.1f} / {b['tokens_per_second']:.1f}"
+                f" = {ratio:.2f}x"
+            )
     reproduce = " ".join(sys.argv[1:])
     print(f"\nreproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache {reproduce}".rstrip())
     return 0

@@ -80,8 +80,10 @@ def main() -> int:
             figures.append(one_round(env))
     healthy = [h for h, _ in figures]
     ready = [r for _, r in figures]
-    print(f"kill -9 -> new daemon answers /health: median {statistics.median(healthy):.2f} s, "
-          f"slowest {max(healthy):.2f} s ({args.rounds} rounds)")
+    print(
+        f"kill -9 -> new daemon answers /health: median {statistics.median(healthy):.2f} s, "
+        f"slowest {max(healthy):.2f} s ({args.rounds} rounds)"
+    )
     print(f"kill -9 -> new daemon answers /ready : median {statistics.median(ready):.2f} s, slowest {max(ready):.2f} s")
     verdict = "ok  " if max(ready) < PROMISE_S else "FAIL"
     print(f"{verdict} restarted within {PROMISE_S:g} s (the slowest round, to /ready)")

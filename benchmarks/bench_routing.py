@@ -57,8 +57,14 @@ class Result:
 
 
 def stream(url: str, model: str, max_tokens: int) -> Result:
-    body = {"model": model, "messages": HELLO, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": HELLO,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     result = Result()
     started = time.perf_counter()
     with httpx.Client(base_url=url, timeout=300) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -90,7 +96,8 @@ class Daemon:
         self.process = subprocess.Popen(
             [MLX_MANAGER, "serve", *args, "--port", str(port)],
             env={**base, "MLX_MANAGER_HOME": str(self.home), "HF_HUB_OFFLINE": "1", **env},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -117,11 +124,15 @@ class Daemon:
 
 
 def router_config(d1: Daemon, d2: Daemon, model: str) -> str:
-    backends = "".join(f'[[routing.backends]]\nname = "{name}"\ntype = "openai"\nbase_url = "{d.url}/v1"\n\n'
-                       for name, d in (("d1", d1), ("d2", d2)))
-    return (backends + '[[routing.groups]]\nname = "pair"\nmembers = ["d1", "d2"]\n\n'
-            f'[[routing.routes]]\nmodel = "one"\nto = "d1:{model}"\n\n'
-            f'[[routing.routes]]\nmodel = "team"\nto = "pair:{model}"\n')
+    backends = "".join(
+        f'[[routing.backends]]\nname = "{name}"\ntype = "openai"\nbase_url = "{d.url}/v1"\n\n'
+        for name, d in (("d1", d1), ("d2", d2))
+    )
+    return (
+        backends + '[[routing.groups]]\nname = "pair"\nmembers = ["d1", "d2"]\n\n'
+        f'[[routing.routes]]\nmodel = "one"\nto = "d1:{model}"\n\n'
+        f'[[routing.routes]]\nmodel = "team"\nto = "pair:{model}"\n'
+    )
 
 
 def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: int) -> bool:
@@ -146,10 +157,14 @@ def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: 
     extra_ms = p50_ttft(routed) - p50_ttft(direct)
     ratio = rate(routed) / rate(direct)
     ok_ttft, ok_rate = extra_ms <= 5.0, ratio >= 0.97
-    print(f"{'ok  ' if ok_ttft else 'FAIL'} TTFT p50: direct {p50_ttft(direct):.1f} ms, through the router "
-          f"{p50_ttft(routed):.1f} ms: +{extra_ms:.1f} ms (target <= 5 ms)")
-    print(f"{'ok  ' if ok_rate else 'FAIL'} tokens/s (median): direct {rate(direct):.0f}, through the router "
-          f"{rate(routed):.0f}: {ratio:.3f}x (target >= 0.97x)")
+    print(
+        f"{'ok  ' if ok_ttft else 'FAIL'} TTFT p50: direct {p50_ttft(direct):.1f} ms, through the router "
+        f"{p50_ttft(routed):.1f} ms: +{extra_ms:.1f} ms (target <= 5 ms)"
+    )
+    print(
+        f"{'ok  ' if ok_rate else 'FAIL'} tokens/s (median): direct {rate(direct):.0f}, through the router "
+        f"{rate(routed):.0f}: {ratio:.3f}x (target >= 0.97x)"
+    )
     return ok_ttft and ok_rate
 
 
@@ -161,8 +176,10 @@ def spread(router: Daemon, requests: int, max_tokens: int) -> bool:
     counts = {name: sum(r.backend == name for r in results) for name in ("d1", "d2")}
     even = requests / 2
     ok = all(abs(count - even) <= 0.2 * even for count in counts.values())
-    print(f"{'ok  ' if ok else 'FAIL'} spread of {requests} requests over the pair: d1 {counts['d1']}, "
-          f"d2 {counts['d2']} (target each {even * 0.8:.0f}..{even * 1.2:.0f})")
+    print(
+        f"{'ok  ' if ok else 'FAIL'} spread of {requests} requests over the pair: d1 {counts['d1']}, "
+        f"d2 {counts['d2']} (target each {even * 0.8:.0f}..{even * 1.2:.0f})"
+    )
     return ok
 
 
@@ -187,13 +204,18 @@ def killed(router: Daemon, d1: Daemon, requests: int, max_tokens: int) -> bool:
     whole = [r for r in results if r.status == 200 and r.done and r.error is None]
     cut = [r for r in results if r.error is not None and r.chunks > 0 and r.backend == "d1"]
     lost = [r for r in results if r not in whole and r not in cut]
-    moved = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(router.url + "/metrics").text.splitlines()
-                if line.startswith('mlx_manager_backend_failures_total{backend="d1"'))
+    moved = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(router.url + "/metrics").text.splitlines()
+        if line.startswith('mlx_manager_backend_failures_total{backend="d1"')
+    )
     served = {name: sum(r.backend == name for r in whole) for name in ("d1", "d2")}
     ok = not lost
-    print(f"{'ok  ' if ok else 'FAIL'} d1 killed after {requests // 4} of {requests} requests: {len(whole)} answered "
-          f"whole (d1 {served['d1']}, d2 {served['d2']}), {len(cut)} cut after their first byte (SSE error event), "
-          f"{int(moved)} attempts moved off d1 before their first byte, {len(lost)} lost (target 0)")
+    print(
+        f"{'ok  ' if ok else 'FAIL'} d1 killed after {requests // 4} of {requests} requests: {len(whole)} answered "
+        f"whole (d1 {served['d1']}, d2 {served['d2']}), {len(cut)} cut after their first byte (SSE error event), "
+        f"{int(moved)} attempts moved off d1 before their first byte, {len(lost)} lost (target 0)"
+    )
     return ok
 
 
@@ -222,8 +244,10 @@ def main() -> int:
     finally:
         for daemon in daemons:
             daemon.stop()
-    print(f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing --requests {args.requests} "
-          f"--max-tokens {args.max_tokens} --group-requests {args.group_requests}")
+    print(
+        f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing --requests {args.requests} "
+        f"--max-tokens {args.max_tokens} --group-requests {args.group_requests}"
+    )
     return 0 if ok else 1
 
 

@@ -59,7 +59,12 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mlx-bench-server-"))
     model = str(build_model(work / "model", args.size))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_MANAGER_HOME": str(work / "home"), "HF_HUB_CACHE": str(work / "hf")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MLX_MANAGER_HOME": str(work / "home"),
+        "HF_HUB_CACHE": str(work / "hf"),
+    }
     (work / "hf").mkdir()  # mlx_lm.server's /v1/models scans the cache folder and fails if it is missing
     ours, theirs = free_port(), free_port()
     bin_dir = Path(sys.executable).parent
@@ -76,18 +81,32 @@ def main() -> int:
         wait_for(f"http://127.0.0.1:{ours}/ready", processes[0])
         wait_for(f"http://127.0.0.1:{theirs}/health", processes[1])
         bench = [
-            str(bin_dir / "mlx-manager"), "bench",
-            "--url", f"http://127.0.0.1:{ours}", "--vs", f"http://127.0.0.1:{theirs}",
-            "--model", model, "--concurrency", "1,8", "--requests", str(args.requests),
-            "--max-tokens", str(args.max_tokens), "--prompt-tokens", str(args.prompt_tokens),
+            str(bin_dir / "mlx-manager"),
+            "bench",
+            "--url",
+            f"http://127.0.0.1:{ours}",
+            "--vs",
+            f"http://127.0.0.1:{theirs}",
+            "--model",
+            model,
+            "--concurrency",
+            "1,8",
+            "--requests",
+            str(args.requests),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--prompt-tokens",
+            str(args.prompt_tokens),
         ]
         print("A:", " ".join(commands["mlx-manager"]))
         print("B:", " ".join(commands["mlx_lm.server"]))
         print("bench:", " ".join(bench), flush=True)
         result = subprocess.run(bench, env={**env, "COLUMNS": "160"})
-        print(f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_server --requests {args.requests} "
-              f"--max-tokens {args.max_tokens} --prompt-tokens {args.prompt_tokens} --size {args.size} "
-              f"--blas {args.blas}")
+        print(
+            f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_server --requests {args.requests} "
+            f"--max-tokens {args.max_tokens} --prompt-tokens {args.prompt_tokens} --size {args.size} "
+            f"--blas {args.blas}"
+        )
         return result.returncode
     finally:
         for process in processes:

@@ -65,8 +65,11 @@ async def level(client, model: str, clients: int, requests: int, max_tokens: int
         nonlocal tokens
         for i in pending:
             reply = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": f"list {i}"}], max_tokens=max_tokens,
-                temperature=0, **extra,
+                model=model,
+                messages=[{"role": "user", "content": f"list {i}"}],
+                max_tokens=max_tokens,
+                temperature=0,
+                **extra,
             )
             tokens += reply.usage.completion_tokens
 
@@ -125,8 +128,10 @@ def main() -> int:
     for clients, (free, held) in results.items():
         a, b = statistics.median(free), statistics.median(held)
         print(f"| {clients} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
-    print(f"\ntypical schema (10 fields, nested): compile {cold:.1f} ms cold, {hit:.3f} ms from the cache"
-          f" (reading the tokenizer, once per model: {view:.0f} ms)")
+    print(
+        f"\ntypical schema (10 fields, nested): compile {cold:.1f} ms cold, {hit:.3f} ms from the cache"
+        f" (reading the tokenizer, once per model: {view:.0f} ms)"
+    )
     print("reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_structured " + " ".join(sys.argv[1:]))
     return 0
 

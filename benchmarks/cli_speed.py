@@ -27,13 +27,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 MODELS = [f"mlx-community/model-{i}" for i in range(10)]
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-STORED = ("request_id", "timestamp", "model", "backend_type", "endpoint", "status", "http_status", "duration_ms",
-          "time_to_first_token_ms", "prompt_tokens", "completion_tokens", "total_tokens", "error_type")
+STORED = (
+    "request_id",
+    "timestamp",
+    "model",
+    "backend_type",
+    "endpoint",
+    "status",
+    "http_status",
+    "duration_ms",
+    "time_to_first_token_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "error_type",
+)
 
 BARE_TYPER = '''
 import typer
@@ -70,7 +83,7 @@ COMMANDS: list[tuple[str, list[str], float]] = [
 def requests(count: int, *, days: float = 30, seed: int = 1):
     """Rows (as stored) spread evenly over the `days` before now, like tests/bench_audit.py's."""
     rng = random.Random(seed)
-    start = datetime.now(timezone.utc) - timedelta(days=days)
+    start = datetime.now(UTC) - timedelta(days=days)
     step = timedelta(days=days) / count
     for i in range(count):
         status = rng.choices(["success", "error", "timeout", "cancelled"], [92, 5, 2, 1])[0]
@@ -109,7 +122,7 @@ def fill(path: Path, count: int) -> None:
         from mlx_manager.audit.rollup import refresh_step
     except ImportError:
         return
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = datetime.now(UTC).date().isoformat()
     checked: set[str] = set()
     with AuditStore.open(path) as store:
         while True:
@@ -153,8 +166,10 @@ def main() -> None:
     bare = home / "bare_typer.py"
     bare.write_text(BARE_TYPER)
     program = [sys.executable, "-c", "from mlx_manager.cli import main; main()"]
-    cases = [("python -c pass", [sys.executable, "-c", "pass"], None), ("bare Typer app --help (1.00)",
-             [sys.executable, str(bare), "--help"], None)]
+    cases = [
+        ("python -c pass", [sys.executable, "-c", "pass"], None),
+        ("bare Typer app --help (1.00)", [sys.executable, str(bare), "--help"], None),
+    ]
     cases += [(label, program + args, target) for label, args, target in COMMANDS]
 
     # From the home folder: `python -c` puts the current folder first on sys.path, and a checkout
@@ -176,8 +191,10 @@ def main() -> None:
         verdict = "" if target is None else f"<= {target:.1f}x {'ok' if median / base <= target else 'OVER'}"
         print(f"{label:<36} {median:>7.3f}s {median / base:>6.2f}x  {verdict}")
     where = os.environ.get("PYTHONPATH", "")
-    print(f"\nreproduce: {'PYTHONPATH=' + where + ' ' if where else ''}python benchmarks/cli_speed.py "
-          f"--rows {options.rows} --runs {options.runs}{' --home ' + str(home) if options.home else ''}")
+    print(
+        f"\nreproduce: {'PYTHONPATH=' + where + ' ' if where else ''}python benchmarks/cli_speed.py "
+        f"--rows {options.rows} --runs {options.runs}{' --home ' + str(home) if options.home else ''}"
+    )
     if options.home is None:
         shutil.rmtree(home)
 

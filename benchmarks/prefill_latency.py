@@ -79,7 +79,8 @@ async def _drain(job: Any) -> None:
 async def arrival(engine: Engine, model: str, streams: int, prompt: list[int], tag: str) -> dict[str, float]:
     """Streams decode; a long prompt arrives. ITL of the streams before it and while it is read."""
     running = [
-        engine.submit(_request(model, f"stream {i} of {tag} says", 100_000, f"{tag}-stream-{i}")) for i in range(streams)
+        engine.submit(_request(model, f"stream {i} of {tag} says", 100_000, f"{tag}-stream-{i}"))
+        for i in range(streams)
     ]
     warm = 20
     while min(len(STAMPS[f"{tag}-stream-{i}"]) for i in range(streams)) < warm + 40:
@@ -99,9 +100,13 @@ async def arrival(engine: Engine, model: str, streams: int, prompt: list[int], t
     while engine.status().active_jobs:
         await asyncio.sleep(0.01)
     return {
-        "before_p50": statistics.median(before), "before_p95": _p(before, 0.95),
-        "during_p50": statistics.median(during), "during_p95": _p(during, 0.95), "during_max": max(during),
-        "prefill_s": first_token - arrived, "tokens_during": len(during),
+        "before_p50": statistics.median(before),
+        "before_p95": _p(before, 0.95),
+        "during_p50": statistics.median(during),
+        "during_p95": _p(during, 0.95),
+        "during_max": max(during),
+        "prefill_s": first_token - arrived,
+        "tokens_during": len(during),
     }
 
 
@@ -121,8 +126,11 @@ async def cancel_mid_prefill(engine: Engine, model: str, prompt: list[int], chun
     await _drain(short)
     assert victim.stopped_at is not None
     return {
-        "prefill_s": prefill, "chunk_s": prefill / chunks, "chunks": chunks,
-        "freed_s": victim.stopped_at - cancelled, "short_first_token_s": STAMPS["short"][0] - cancelled,
+        "prefill_s": prefill,
+        "chunk_s": prefill / chunks,
+        "chunks": chunks,
+        "freed_s": victim.stopped_at - cancelled,
+        "short_first_token_s": STAMPS["short"][0] - cancelled,
     }
 
 
@@ -149,19 +157,30 @@ async def main(args: argparse.Namespace) -> None:
     command = "HF_HUB_OFFLINE=1 python benchmarks/prefill_latency.py " + " ".join(sys.argv[1:])
     print(f"command: {command.strip()}")
     print(f"model: generated '{args.size}' test model; BLAS: {engine.status().blas or 'bundled'}")
-    print(f"(a) {args.streams} streams decoding; one {args.prompt_tokens}-token prompt arrives (prefill_chunk {args.chunk})")
-    print("| chunks | ITL p50 before | ITL p95 before | ITL p50 during | ITL p95 during | p95 ratio (target <= 2) "
-          "| max gap | prefill |")
+    print(
+        f"(a) {args.streams} streams decoding; one {args.prompt_tokens}-token prompt arrives"
+        f" (prefill_chunk {args.chunk})"
+    )
+    print(
+        "| chunks | ITL p50 before | ITL p95 before | ITL p50 during | ITL p95 during | p95 ratio (target <= 2) "
+        "| max gap | prefill |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in (("paced (now)", paced), (f"fixed {args.chunk} (before)", fixed)):
-        print(f"| {name} | {r['before_p50'] * 1000:.0f} ms | {r['before_p95'] * 1000:.0f} ms "
-              f"| {r['during_p50'] * 1000:.0f} ms | {r['during_p95'] * 1000:.0f} ms "
-              f"| {r['during_p95'] / r['before_p95']:.2f} | {r['during_max'] * 1000:.0f} ms | {r['prefill_s']:.1f} s |")
-    print(f"(b) the {args.prompt_tokens}-token prompt alone: read in {cancel['prefill_s']:.1f} s, "
-          f"{cancel['chunks']} chunks of {args.chunk} ({cancel['chunk_s'] * 1000:.0f} ms a chunk on average)")
-    print(f"    cancelled halfway: the engine let go {cancel['freed_s'] * 1000:.0f} ms later "
-          f"({cancel['freed_s'] / cancel['chunk_s']:.2f} chunks; target <= 1); a 5-token request sent at the "
-          f"cancel had its first token {cancel['short_first_token_s'] * 1000:.0f} ms after it")
+        print(
+            f"| {name} | {r['before_p50'] * 1000:.0f} ms | {r['before_p95'] * 1000:.0f} ms "
+            f"| {r['during_p50'] * 1000:.0f} ms | {r['during_p95'] * 1000:.0f} ms "
+            f"| {r['during_p95'] / r['before_p95']:.2f} | {r['during_max'] * 1000:.0f} ms | {r['prefill_s']:.1f} s |"
+        )
+    print(
+        f"(b) the {args.prompt_tokens}-token prompt alone: read in {cancel['prefill_s']:.1f} s, "
+        f"{cancel['chunks']} chunks of {args.chunk} ({cancel['chunk_s'] * 1000:.0f} ms a chunk on average)"
+    )
+    print(
+        f"    cancelled halfway: the engine let go {cancel['freed_s'] * 1000:.0f} ms later "
+        f"({cancel['freed_s'] / cancel['chunk_s']:.2f} chunks; target <= 1); a 5-token request sent at the "
+        f"cancel had its first token {cancel['short_first_token_s'] * 1000:.0f} ms after it"
+    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

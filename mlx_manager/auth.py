@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def unsafe_bind(host: str, keyring: KeyRing, insecure_no_auth: bool) -> str | No
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def add_key_entry(document: Any, name: str, digest: str, created: datetime) -> None:

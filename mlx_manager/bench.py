@@ -16,8 +16,8 @@ import itertools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 WORDS = (
     "river stone cloud lantern orbit maple signal harbor copper meadow violet engine candle "
@@ -190,7 +190,9 @@ async def one_request(client, model: str, plan: BenchPlan, messages: list[dict] 
         return RequestResult(False, time.perf_counter() - started, error="connection")
 
 
-async def run_level(url: str, model: str, concurrency: int, plan: BenchPlan, tick: Callable[[], None] | None = None) -> LevelReport:
+async def run_level(
+    url: str, model: str, concurrency: int, plan: BenchPlan, tick: Callable[[], None] | None = None
+) -> LevelReport:
     """Closed loop: `concurrency` workers share `plan.requests` requests."""
     client = _client(url)
     remaining = itertools.count()

@@ -1,7 +1,7 @@
 """Generate the shell completion scripts and the man page from the Typer app and the Settings model.
 
-    python -m mlx_manager.docs          # rewrite completions/ and man/mlx-manager.1
-    python -m mlx_manager.docs --check  # exit 1 if the committed files are out of date
+python -m mlx_manager.docs          # rewrite completions/ and man/mlx-manager.1
+python -m mlx_manager.docs --check  # exit 1 if the committed files are out of date
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ SHELLS = {"bash": "mlx-manager.bash", "zsh": "_mlx-manager", "fish": "mlx-manage
 ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLES = [
-    ("Get a small model from the Hugging Face hub and serve it:",
-     "mlx-manager models pull mlx-community/Qwen3-0.6B-4bit\nmlx-manager serve --model mlx-community/Qwen3-0.6B-4bit"),
+    (
+        "Get a small model from the Hugging Face hub and serve it:",
+        "mlx-manager models pull mlx-community/Qwen3-0.6B-4bit\n"
+        "mlx-manager serve --model mlx-community/Qwen3-0.6B-4bit",
+    ),
     ("Serve on the defaults (127.0.0.1:10242), loading models on first request:", "mlx-manager serve"),
     ("Preload a model and serve it:", "mlx-manager serve --model ./models/my-model"),
     (
@@ -148,37 +151,64 @@ def man_page() -> str:
         options = _option_lines(command)
         if options:
             lines += [".PP", "Options:", ".RS", *options, ".RE"]
-    lines += [".SH CONFIGURATION", _esc(
-        "Settings live in config.toml under the home folder. Change them with mlx-manager config set KEY VALUE; "
-        "precedence is command\\-line flag, then environment, then file, then default."
-    )]
+    lines += [
+        ".SH CONFIGURATION",
+        _esc(
+            "Settings live in config.toml under the home folder. Change them with mlx-manager config set KEY VALUE; "
+            "precedence is command\\-line flag, then environment, then file, then default."
+        ),
+    ]
     for key, kind, default, description in _settings_rows(Settings):
         lines += [".TP", f"\\fB{_esc(key)}\\fR ({_esc(kind)}, default {_esc(default)})", _esc(description)]
     lines += [
         ".SH ENVIRONMENT",
-        ".TP", "\\fBMLX_MANAGER_HOME\\fR",
+        ".TP",
+        "\\fBMLX_MANAGER_HOME\\fR",
         _esc("Folder for every file the program keeps: config, audit database, logs, pid and state files."),
-        ".TP", "\\fBMLX_MANAGER_\\fISECTION\\fB__\\fIKEY\\fR",
+        ".TP",
+        "\\fBMLX_MANAGER_\\fISECTION\\fB__\\fIKEY\\fR",
         _esc("Overrides one setting, e.g. MLX_MANAGER_TIMEOUTS__CHAT=900."),
-        ".TP", "\\fBHF_HUB_OFFLINE\\fR",
+        ".TP",
+        "\\fBHF_HUB_OFFLINE\\fR",
         _esc("Set to 1 to never reach the Hugging Face hub; models then load from folders or the local cache."),
-        ".TP", "\\fBHF_HOME\\fR, \\fBHF_HUB_CACHE\\fR",
-        _esc("Where the Hugging Face cache lives (models pull writes there, models list and rm read it); "
-             "default ~/.cache/huggingface."),
-        ".TP", "\\fBHF_TOKEN\\fR",
+        ".TP",
+        "\\fBHF_HOME\\fR, \\fBHF_HUB_CACHE\\fR",
+        _esc(
+            "Where the Hugging Face cache lives (models pull writes there, models list and rm read it); "
+            "default ~/.cache/huggingface."
+        ),
+        ".TP",
+        "\\fBHF_TOKEN\\fR",
         _esc("A Hugging Face token for gated or private repos (models pull)."),
-        ".TP", "\\fBHF_ENDPOINT\\fR",
+        ".TP",
+        "\\fBHF_ENDPOINT\\fR",
         _esc("The hub to pull from instead of https://huggingface.co (a mirror)."),
         ".SH FILES",
-        ".TP", "\\fI$MLX_MANAGER_HOME/config.toml\\fR", "The settings file.",
-        ".TP", "\\fI$MLX_MANAGER_HOME/audit.db\\fR", "The request audit log (SQLite, WAL mode).",
-        ".TP", "\\fI$MLX_MANAGER_HOME/logs/daemon.log\\fR", "The daemon's log.",
-        ".TP", "\\fI$MLX_MANAGER_HOME/admin.token\\fR", "The admin credential the CLI sends to the daemon (mode 0600).",
+        ".TP",
+        "\\fI$MLX_MANAGER_HOME/config.toml\\fR",
+        "The settings file.",
+        ".TP",
+        "\\fI$MLX_MANAGER_HOME/audit.db\\fR",
+        "The request audit log (SQLite, WAL mode).",
+        ".TP",
+        "\\fI$MLX_MANAGER_HOME/logs/daemon.log\\fR",
+        "The daemon's log.",
+        ".TP",
+        "\\fI$MLX_MANAGER_HOME/admin.token\\fR",
+        "The admin credential the CLI sends to the daemon (mode 0600).",
         ".SH EXIT STATUS",
-        ".TP", "0", "Success (for status: running and healthy).",
-        ".TP", "1", "Failure (for status: running but unhealthy, or given up after a crash loop).",
-        ".TP", "2", "Bad usage or an invalid setting; nothing was changed.",
-        ".TP", "3", "status: the daemon is not running.",
+        ".TP",
+        "0",
+        "Success (for status: running and healthy).",
+        ".TP",
+        "1",
+        "Failure (for status: running but unhealthy, or given up after a crash loop).",
+        ".TP",
+        "2",
+        "Bad usage or an invalid setting; nothing was changed.",
+        ".TP",
+        "3",
+        "status: the daemon is not running.",
         ".SH EXAMPLES",
     ]
     for text, command in EXAMPLES:

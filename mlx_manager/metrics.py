@@ -110,17 +110,22 @@ class Metrics:
         )
         # Routing: per backend (local, or an upstream's name from the settings: a bounded set).
         self.backend_requests = Counter(
-            f"{PREFIX}_backend_requests", "Generations by the backend that served them.",
-            ["backend", "backend_type", "status"], registry=r,
+            f"{PREFIX}_backend_requests",
+            "Generations by the backend that served them.",
+            ["backend", "backend_type", "status"],
+            registry=r,
         )
         self.backend_failures = Counter(
             f"{PREFIX}_backend_failures",
             "Attempts that failed on a backend before the first byte (the next was tried).",
-            ["backend", "error"], registry=r,
+            ["backend", "error"],
+            registry=r,
         )
         self.backend_tokens = Counter(
-            f"{PREFIX}_backend_tokens", "Tokens of the generations a backend served (prompt or completion).",
-            ["backend", "kind"], registry=r,
+            f"{PREFIX}_backend_tokens",
+            "Tokens of the generations a backend served (prompt or completion).",
+            ["backend", "kind"],
+            registry=r,
         )
         self._gauges = {
             "active_requests": Gauge(f"{PREFIX}_active_requests", "Requests in flight.", registry=r),
@@ -181,8 +186,9 @@ class Metrics:
             (self.cache_hits if cached_tokens else self.cache_misses).labels(model).inc()
             self.cached_tokens.labels(model).inc(cached_tokens)
 
-    def observe_backend(self, backend: str, backend_type: str, status: str, prompt_tokens: int | None,
-                        completion_tokens: int | None) -> None:
+    def observe_backend(
+        self, backend: str, backend_type: str, status: str, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
         """Count one generation against the backend that served it (or failed it last)."""
         self.backend_requests.labels(backend, backend_type, status).inc()
         if prompt_tokens:
@@ -214,10 +220,14 @@ class _BackendGauges:
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        up = GaugeMetricFamily(f"{PREFIX}_backend_up", "1 while a backend takes requests, 0 while it cools down.",
-                               labels=["backend", "backend_type"])
-        outstanding = GaugeMetricFamily(f"{PREFIX}_backend_outstanding", "Requests a backend is serving now.",
-                                        labels=["backend"])
+        up = GaugeMetricFamily(
+            f"{PREFIX}_backend_up",
+            "1 while a backend takes requests, 0 while it cools down.",
+            labels=["backend", "backend_type"],
+        )
+        outstanding = GaugeMetricFamily(
+            f"{PREFIX}_backend_outstanding", "Requests a backend is serving now.", labels=["backend"]
+        )
         try:
             backends = self.source()
         except Exception:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlx_manager.audit.record import AuditRecord
@@ -15,7 +15,7 @@ _ids = itertools.count(1)
 def record(**overrides) -> AuditRecord:
     values = dict(
         request_id=f"req-{next(_ids):06d}",
-        timestamp=datetime.now(timezone.utc),
+        timestamp=datetime.now(UTC),
         model="tiny-model",
         endpoint="/v1/chat/completions",
         status="success",
@@ -29,7 +29,7 @@ def record(**overrides) -> AuditRecord:
 
 
 def ago(**delta) -> datetime:
-    return datetime.now(timezone.utc) - timedelta(**delta)
+    return datetime.now(UTC) - timedelta(**delta)
 
 
 def fill(path: Path, records: Iterable[AuditRecord], *, chunk: int = 50_000) -> int:

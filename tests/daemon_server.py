@@ -1,7 +1,7 @@
 """A real uvicorn server on a free port, in a background thread, for the daemon's tests.
 
-    with LiveServer(create_app(settings)) as server:
-        client = server.openai()          # the official client, no retries
+with LiveServer(create_app(settings)) as server:
+    client = server.openai()          # the official client, no retries
 """
 
 from __future__ import annotations

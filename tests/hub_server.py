@@ -94,8 +94,9 @@ class StandInHub:
         self.server.server_close()
 
     # -- content -------------------------------------------------------------------------------------
-    def add_commit(self, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",),
-                   gated: bool = False) -> str:
+    def add_commit(
+        self, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",), gated: bool = False
+    ) -> str:
         """A commit of `files` in `repo_id`, which `refs` (branches or tags) then point at; its sha."""
         sha = hashlib.sha1(repr((repo_id, sorted((k, etag_of(k, v)) for k, v in files.items()))).encode()).hexdigest()
         repo = self.repos.setdefault(repo_id, Repo())
@@ -114,11 +115,22 @@ class StandInHub:
         path = unquote(urlsplit(handler.path).path)
         authorization = handler.headers.get("Authorization")
         with self._lock:
-            self.requests.append({"method": handler.command, "path": path, "range": handler.headers.get("Range"),
-                                  "authorization": authorization})
+            self.requests.append(
+                {
+                    "method": handler.command,
+                    "path": path,
+                    "range": handler.headers.get("Range"),
+                    "authorization": authorization,
+                }
+            )
         if self.token is not None and authorization not in (None, f"Bearer {self.token}"):
-            return _send(handler, 401, {"error": "Invalid credentials in Authorization header"},
-                         {"X-Error-Message": "Invalid credentials in Authorization header"}, body)
+            return _send(
+                handler,
+                401,
+                {"error": "Invalid credentials in Authorization header"},
+                {"X-Error-Message": "Invalid credentials in Authorization header"},
+                body,
+            )
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "revision":
             return self._repo_info(handler, "/".join(parts[2:4]), "/".join(parts[5:]), authorization, body)
@@ -129,17 +141,32 @@ class StandInHub:
     def _commit(self, handler, repo_id: str, revision: str, authorization: str | None, body: bool):
         repo = self.repos.get(repo_id)
         if repo is None:  # the hub answers 401 to anonymous callers, so as not to say whether it exists
-            _send(handler, 404 if authorization else 401, {"error": "Repository not found"},
-                  {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, body)
+            _send(
+                handler,
+                404 if authorization else 401,
+                {"error": "Repository not found"},
+                {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+                body,
+            )
             return None, None
         if repo.gated and not authorization:
-            _send(handler, 403, {"error": "Access to this model is restricted"},
-                  {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this model is restricted"}, body)
+            _send(
+                handler,
+                403,
+                {"error": "Access to this model is restricted"},
+                {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to this model is restricted"},
+                body,
+            )
             return None, None
         sha = repo.refs.get(revision) or (revision if revision in repo.commits else None)
         if sha is None:
-            _send(handler, 404, {"error": "Invalid rev id"},
-                  {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, body)
+            _send(
+                handler,
+                404,
+                {"error": "Invalid rev id"},
+                {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"},
+                body,
+            )
             return None, None
         return sha, repo.commits[sha]
 
@@ -154,28 +181,50 @@ class StandInHub:
             if name.endswith(LFS):
                 sibling["lfs"] = {"size": size, "sha256": etag_of(name, content), "pointerSize": 134}
             siblings.append(sibling)
-        _send(handler, 200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                             "gated": "manual" if self.repos[repo_id].gated else False,
-                             "tags": ["mlx"], "library_name": "mlx", "siblings": siblings}, {}, body)
+        _send(
+            handler,
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": sha,
+                "private": False,
+                "gated": "manual" if self.repos[repo_id].gated else False,
+                "tags": ["mlx"],
+                "library_name": "mlx",
+                "siblings": siblings,
+            },
+            {},
+            body,
+        )
 
     def _file(self, handler, repo_id: str, revision: str, name: str, authorization: str | None, body: bool) -> None:
         sha, files = self._commit(handler, repo_id, revision, authorization, body)
         if sha is None:
             return
         if name not in files:
-            _send(handler, 404, {"error": "Entry not found"},
-                  {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, body)
+            _send(
+                handler,
+                404,
+                {"error": "Entry not found"},
+                {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha},
+                body,
+            )
             return
         content = files[name]
         etag = etag_of(name, content)
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if name.endswith(LFS):
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(content))})
         start = 0
         wanted = handler.headers.get("Range") if body else None
         if wanted and wanted.startswith("bytes=") and wanted.endswith("-"):
-            start = int(wanted[len("bytes="):-1])
+            start = int(wanted[len("bytes=") : -1])
             headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
         payload = content[start:]
         handler.send_response(206 if start else 200)

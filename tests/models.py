@@ -36,18 +36,27 @@ class ModelSize:
 SIZES = {
     # Most tests: a few ms per token.
     "fast": ModelSize(
-        hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-        num_attention_heads=4, vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        vocab_size=512,
     ),
     # Benchmarks: a few million parameters.
     "bench": ModelSize(
-        hidden_size=256, num_hidden_layers=4, intermediate_size=768,
-        num_attention_heads=8, vocab_size=1024,
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=768,
+        num_attention_heads=8,
+        vocab_size=1024,
     ),
     # Timeout and cancellation tests: hundreds of ms per request.
     "slow": ModelSize(
-        hidden_size=768, num_hidden_layers=12, intermediate_size=2048,
-        num_attention_heads=12, vocab_size=1024,
+        hidden_size=768,
+        num_hidden_layers=12,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        vocab_size=1024,
     ),
 }
 

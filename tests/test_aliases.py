@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def mlx_manager(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -55,7 +54,9 @@ def test_aliases_are_served_listed_and_audited(daemon, fast_model):
     assert done.returncode == 0, done.stderr
     assert f"Set models.aliases.quick = {fast_model} (running daemon at {daemon} applied it)" in done.stdout
     reply = client.chat.completions.with_raw_response.create(
-        model="quick", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+        model="quick",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
         extra_headers={"X-Request-ID": "by-alias-1"},
     )
     assert reply.parse().model == "quick"

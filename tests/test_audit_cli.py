@@ -53,19 +53,54 @@ def db(isolated_home) -> Path:
 @pytest.fixture
 def sample(db) -> Path:
     base = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-    fill(db, [
-        record(request_id="r-a", timestamp=base, model="m1", status="success", duration_ms=100.0, api_key="alice"),
-        record(request_id="r-b", timestamp=base + timedelta(minutes=1), model="m2", endpoint="/v1/completions",
-               status="error", http_status=404, error_type="model_not_found", duration_ms=5.0, completion_tokens=0,
-               api_key="bob"),
-        record(request_id="r-c", timestamp=base + timedelta(minutes=2), model="m1", endpoint="/v1/embeddings",
-               status="timeout", http_status=504, error_type="timeout", duration_ms=900.0, completion_tokens=0,
-               api_key="alice"),
-        record(request_id="r-d", timestamp=ago(minutes=10), model="m1", status="cancelled", http_status=None,
-               duration_ms=300.0, time_to_first_token_ms=40.0, backend_type="openai"),
-        record(request_id="r-e", timestamp=ago(minutes=1), model="m2", status="success", duration_ms=200.0,
-               time_to_first_token_ms=20.0),
-    ])
+    fill(
+        db,
+        [
+            record(request_id="r-a", timestamp=base, model="m1", status="success", duration_ms=100.0, api_key="alice"),
+            record(
+                request_id="r-b",
+                timestamp=base + timedelta(minutes=1),
+                model="m2",
+                endpoint="/v1/completions",
+                status="error",
+                http_status=404,
+                error_type="model_not_found",
+                duration_ms=5.0,
+                completion_tokens=0,
+                api_key="bob",
+            ),
+            record(
+                request_id="r-c",
+                timestamp=base + timedelta(minutes=2),
+                model="m1",
+                endpoint="/v1/embeddings",
+                status="timeout",
+                http_status=504,
+                error_type="timeout",
+                duration_ms=900.0,
+                completion_tokens=0,
+                api_key="alice",
+            ),
+            record(
+                request_id="r-d",
+                timestamp=ago(minutes=10),
+                model="m1",
+                status="cancelled",
+                http_status=None,
+                duration_ms=300.0,
+                time_to_first_token_ms=40.0,
+                backend_type="openai",
+            ),
+            record(
+                request_id="r-e",
+                timestamp=ago(minutes=1),
+                model="m2",
+                status="success",
+                duration_ms=200.0,
+                time_to_first_token_ms=20.0,
+            ),
+        ],
+    )
     return db
 
 
@@ -164,7 +199,12 @@ class Follower:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = children.start(
             [sys.executable, "-c", "from mlx_manager.cli import main; main()", "audit", "tail", "--follow", *args],
-            ctrl_c=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            ctrl_c=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.errors: queue.Queue[str] = queue.Queue()
@@ -343,36 +383,61 @@ def test_stats_by_model_and_since(sample):
 def test_stats_by_key_and_for_one_key(sample):
     groups = json_doc(cli("stats", "--by", "key", "--json").stdout)
     assert [(g["key"], g["requests"], g["errors"], g["timeouts"]) for g in groups] == [
-        ("alice", 2, 0, 1), (None, 2, 0, 0), ("bob", 1, 1, 0)  # among equals, no key last
+        ("alice", 2, 0, 1),
+        (None, 2, 0, 0),
+        ("bob", 1, 1, 0),  # among equals, no key last
     ]
     [alice] = json_doc(cli("stats", "--key", "alice", "--json").stdout)
     assert alice["requests"] == 2 and alice["timeouts"] == 1
     table = cli("stats", "--by", "key")
     assert table.exit_code == 0, table.output
-    rows = {line.split()[0]: line.split()[1] for line in table.stdout.splitlines()
-            if line.split() and line.split()[0] in ("alice", "bob", "-")}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in table.stdout.splitlines()
+        if line.split() and line.split()[0] in ("alice", "bob", "-")
+    }
     assert rows == {"alice": "2", "bob": "1", "-": "2"}
 
 
-
 def test_query_and_stats_by_backend_name_or_type(db):
-    fill(db, [
-        record(request_id="r-1", backend="mac2", backend_type="openai", upstream_prompt_tokens=10,
-               upstream_completion_tokens=20),
-        record(request_id="r-2", backend="mac3", backend_type="openai"),
-        record(request_id="r-3", backend="cloud", backend_type="anthropic", status="error", http_status=429,
-               error_type="upstream_rate_limited"),
-        record(request_id="r-4"),
-    ])
+    fill(
+        db,
+        [
+            record(
+                request_id="r-1",
+                backend="mac2",
+                backend_type="openai",
+                upstream_prompt_tokens=10,
+                upstream_completion_tokens=20,
+            ),
+            record(request_id="r-2", backend="mac3", backend_type="openai"),
+            record(
+                request_id="r-3",
+                backend="cloud",
+                backend_type="anthropic",
+                status="error",
+                http_status=429,
+                error_type="upstream_rate_limited",
+            ),
+            record(request_id="r-4"),
+        ],
+    )
     assert request_ids(cli("query", "--backend", "mac2", "--json")) == ["r-1"]
     assert request_ids(cli("query", "--backend", "openai", "--json")) == ["r-2", "r-1"]  # a type: all of them
     assert request_ids(cli("query", "--backend", "local", "--json")) == ["r-4"]
     [row] = json_doc(cli("query", "--request-id", "r-1", "--json").stdout)
-    assert (row["backend"], row["backend_type"], row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) \
-        == ("mac2", "openai", 10, 20)
+    assert (row["backend"], row["backend_type"], row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) == (
+        "mac2",
+        "openai",
+        10,
+        20,
+    )
     groups = json_doc(cli("stats", "--by", "backend", "--json").stdout)
     assert sorted((g["backend"], g["requests"], g["errors"]) for g in groups) == [
-        ("cloud", 1, 1), ("local", 1, 0), ("mac2", 1, 0), ("mac3", 1, 0)
+        ("cloud", 1, 1),
+        ("local", 1, 0),
+        ("mac2", 1, 0),
+        ("mac3", 1, 0),
     ]
     [cloud] = json_doc(cli("stats", "--backend", "cloud", "--json").stdout)
     assert cloud["requests"] == 1 and cloud["errors"] == 1
@@ -393,9 +458,7 @@ def test_key_names_complete_from_the_configured_keys(isolated_home, tmp_path):
     )
     env = {"MLX_MANAGER_HOME": str(isolated_home), "MLX_MANAGER_API_KEY": "env-key-0123456789"}
     assert complete("mlx-manager audit query --key al", env) == ["alice", "albert"]
-    assert complete("mlx-manager audit stats --key ", env) == [
-        "alice", "albert", "keys_file:2", "MLX_MANAGER_API_KEY"
-    ]
+    assert complete("mlx-manager audit stats --key ", env) == ["alice", "albert", "keys_file:2", "MLX_MANAGER_API_KEY"]
     assert complete("mlx-manager audit stats --by ") == ["model", "endpoint", "status", "backend", "key"]
 
 
@@ -444,8 +507,9 @@ def test_prune_yes_json_and_nothing_to_do(aged):
     assert json_doc(result.stdout)["deleted"] == 12
     again = cli("prune", "--older-than", "7d", "--yes")
     assert again.exit_code == 0 and "nothing to prune" in again.stdout
-    by_date = cli("prune", "--older-than", (datetime.now(UTC) + timedelta(days=1)).date().isoformat(),
-                  "--dry-run", "--json")
+    by_date = cli(
+        "prune", "--older-than", (datetime.now(UTC) + timedelta(days=1)).date().isoformat(), "--dry-run", "--json"
+    )
     assert json_doc(by_date.stdout)["would_delete"] == 3
 
 
@@ -482,8 +546,14 @@ def test_prune_while_a_writer_writes(db, children):
         asyncio.run(main())
         """
     )
-    proc = children.start([sys.executable, "-c", writer_script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = children.start(
+        [sys.executable, "-c", writer_script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout.readline().strip() == "started"
     assert wait_until(lambda: live_rows(db) > 0), "the writer committed nothing"  # it is writing now
     pruned = {}
@@ -516,12 +586,27 @@ LONG_MODEL = "mlx-community/Llama-3.2-3B-Instruct-4bit"
 
 @pytest.fixture
 def long_names(db) -> Path:
-    fill(db, [
-        record(request_id=LONG_ID, model=LONG_MODEL, api_key="laptop", time_to_first_token_ms=12.0,
-               timestamp=ago(minutes=3)),
-        record(request_id="r-b", model="/Users/someone/models/mid", status="error", http_status=404,
-               error_type="model_not_found", api_key="alice", timestamp=ago(minutes=2)),
-    ])
+    fill(
+        db,
+        [
+            record(
+                request_id=LONG_ID,
+                model=LONG_MODEL,
+                api_key="laptop",
+                time_to_first_token_ms=12.0,
+                timestamp=ago(minutes=3),
+            ),
+            record(
+                request_id="r-b",
+                model="/Users/someone/models/mid",
+                status="error",
+                http_status=404,
+                error_type="model_not_found",
+                api_key="alice",
+                timestamp=ago(minutes=2),
+            ),
+        ],
+    )
     return db
 
 
@@ -571,8 +656,21 @@ def test_row_tables_at_full_width_hide_nothing_and_wide_shows_every_column(long_
     wide = cli("query", "--wide")
     assert wide.exit_code == 0 and "Hidden" not in wide.stderr
     header = wide.stdout.splitlines()[0]
-    for title in ("request id", "key", "model", "backend", "endpoint", "status", "http", "ms", "ttft ms", "in", "out",
-                  "total", "error"):
+    for title in (
+        "request id",
+        "key",
+        "model",
+        "backend",
+        "endpoint",
+        "status",
+        "http",
+        "ms",
+        "ttft ms",
+        "in",
+        "out",
+        "total",
+        "error",
+    ):
         assert title in header
     assert LONG_ID in wide.stdout and LONG_MODEL in wide.stdout  # whole, on one line each
     assert len(wide.stdout.splitlines()) == 4  # header, rule, two rows: nothing folded
@@ -587,8 +685,12 @@ def test_stats_tables_fit_the_terminal_and_keep_the_group(long_names, monkeypatc
     header, _ = shown(result)
     assert header.split()[:2] == [by, "requests"] and "errors" in header and "p50 ms" in header
     groups = {line.split()[0] for line in result.stdout.splitlines()[2:4]}
-    expected = {"model": {"mlx-commu…truct-4bit", "/Users/so…models/mid"}, "key": {"laptop", "alice"},
-                "endpoint": {"/v1/chat/completions"}, "status": {"success", "error"}}[by]
+    expected = {
+        "model": {"mlx-commu…truct-4bit", "/Users/so…models/mid"},
+        "key": {"laptop", "alice"},
+        "endpoint": {"/v1/chat/completions"},
+        "status": {"success", "error"},
+    }[by]
     assert groups >= expected
     if width == 80 and by == "model":
         assert "Hidden to fit the terminal:" in result.stderr
@@ -601,8 +703,16 @@ def test_stats_tables_fit_the_terminal_and_keep_the_group(long_names, monkeypatc
 
 @pytest.mark.parametrize(
     "args",
-    [["tail"], ["tail", "-n", "1"], ["query"], ["query", "--model", "nobody"], ["stats"], ["stats", "--by", "key"],
-     ["stats", "--since", "2030-01-01"], ["prune", "--older-than", "30d", "--dry-run"]],
+    [
+        ["tail"],
+        ["tail", "-n", "1"],
+        ["query"],
+        ["query", "--model", "nobody"],
+        ["stats"],
+        ["stats", "--by", "key"],
+        ["stats", "--since", "2030-01-01"],
+        ["prune", "--older-than", "30d", "--dry-run"],
+    ],
 )
 def test_json_is_one_document_on_every_command(sample, args):
     result = cli(*args, "--json")

@@ -6,7 +6,7 @@ import asyncio
 import random
 import sqlite3
 from array import array
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,11 +17,19 @@ from mlx_manager.audit.stats import kth_smallest
 from tests.audit_rows import fill, record
 from tests.daemon_server import wait_until
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 TODAY = NOW.date().isoformat()
-MIDNIGHT = datetime.combine(NOW.date(), datetime.min.time(), tzinfo=timezone.utc)
-EXACT = ("requests", "errors", "timeouts", "cancelled", "p50_duration_ms", "p95_duration_ms", "prompt_tokens",
-         "completion_tokens")
+MIDNIGHT = datetime.combine(NOW.date(), datetime.min.time(), tzinfo=UTC)
+EXACT = (
+    "requests",
+    "errors",
+    "timeouts",
+    "cancelled",
+    "p50_duration_ms",
+    "p95_duration_ms",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
 @pytest.fixture
@@ -35,19 +43,21 @@ def requests_over_days(count: int, days: float, *, seed: int = 7) -> list:
     rows = []
     for i in range(count):
         status = rng.choice(["success", "success", "success", "error", "timeout", "cancelled"])
-        rows.append(record(
-            request_id=f"roll-{i}",
-            timestamp=NOW - timedelta(seconds=rng.uniform(0, days * 86400)),
-            model=rng.choice(["m1", "m2", "org/a-long-model-name", None]),
-            endpoint=rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
-            status=status,
-            backend_type=rng.choice(["local", "local", "openai"]),
-            api_key=rng.choice(["alice", "bob", None]),
-            duration_ms=rng.lognormvariate(5, 1.2),
-            time_to_first_token_ms=rng.uniform(1, 50) if rng.random() < 0.5 else None,
-            prompt_tokens=rng.randint(0, 500),
-            completion_tokens=rng.randint(0, 300) if status == "success" else 0,
-        ))
+        rows.append(
+            record(
+                request_id=f"roll-{i}",
+                timestamp=NOW - timedelta(seconds=rng.uniform(0, days * 86400)),
+                model=rng.choice(["m1", "m2", "org/a-long-model-name", None]),
+                endpoint=rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+                status=status,
+                backend_type=rng.choice(["local", "local", "openai"]),
+                api_key=rng.choice(["alice", "bob", None]),
+                duration_ms=rng.lognormvariate(5, 1.2),
+                time_to_first_token_ms=rng.uniform(1, 50) if rng.random() < 0.5 else None,
+                prompt_tokens=rng.randint(0, 500),
+                completion_tokens=rng.randint(0, 300) if status == "success" else 0,
+            )
+        )
     return rows
 
 
@@ -104,8 +114,9 @@ def assert_same(got: list[dict], expected: list[dict]) -> None:
 WINDOWS = {
     "everything": AuditFilter(),
     "since 1d": AuditFilter(since=NOW - timedelta(days=1)),
-    "mid-day to mid-day": AuditFilter(since=NOW - timedelta(days=4, hours=3, minutes=7),
-                                      until=NOW - timedelta(days=1, hours=5)),
+    "mid-day to mid-day": AuditFilter(
+        since=NOW - timedelta(days=4, hours=3, minutes=7), until=NOW - timedelta(days=1, hours=5)
+    ),
     "whole days": AuditFilter(since=MIDNIGHT - timedelta(days=4), until=MIDNIGHT - timedelta(days=1)),
     "one model": AuditFilter(model="m1", since=NOW - timedelta(days=5)),
     "one key and endpoint": AuditFilter(api_key="alice", endpoint="/v1/chat/completions"),
@@ -117,8 +128,11 @@ WINDOWS = {
 def test_stats_from_the_rollup_are_the_stats_from_the_requests(db):
     rows = requests_over_days(3000, 6.5)
     fill(db, rows)
-    expected = {(name, by): stats(db, filters, by) for name, filters in WINDOWS.items()
-                for by in (None, "model", "endpoint", "status", "backend", "key")}
+    expected = {
+        (name, by): stats(db, filters, by)
+        for name, filters in WINDOWS.items()
+        for by in (None, "model", "endpoint", "status", "backend", "key")
+    }
     days = roll_up(db)
     assert days == closed_days(rows) and len(days) >= 6  # closed days only: today keeps changing
     for (name, by), before in expected.items():
@@ -176,10 +190,15 @@ def test_the_writer_rolls_up_closed_days_and_repairs_changes_made_behind_its_bac
     # A program that does not know the rollup (an older version) deletes and adds requests.
     days = rolled()
     with sqlite3.connect(db) as raw:
-        raw.execute("DELETE FROM audit_logs WHERE id IN (SELECT id FROM audit_logs WHERE timestamp LIKE ? LIMIT 10)",
-                    (days[1] + "%",))
-        raw.execute("INSERT INTO audit_logs (request_id, timestamp, endpoint, status, duration_ms) "
-                    "VALUES ('foreign', ?, '/v1/completions', 'success', 1.0)", (days[2] + "T12:00:00.000000Z",))
+        raw.execute(
+            "DELETE FROM audit_logs WHERE id IN (SELECT id FROM audit_logs WHERE timestamp LIKE ? LIMIT 10)",
+            (days[1] + "%",),
+        )
+        raw.execute(
+            "INSERT INTO audit_logs (request_id, timestamp, endpoint, status, duration_ms) "
+            "VALUES ('foreign', ?, '/v1/completions', 'success', 1.0)",
+            (days[2] + "T12:00:00.000000Z",),
+        )
     from_requests = stats_from_the_requests(db, by="model")
     assert not same(stats(db, by="model"), from_requests)  # the rollup no longer tells the truth
     # The next writer checks every rolled-up day once, and rebuilds the two that changed.
@@ -190,16 +209,29 @@ def test_the_writer_rolls_up_closed_days_and_repairs_changes_made_behind_its_bac
 def test_kth_smallest_of_sorted_runs():
     rng = random.Random(3)
     for runs_count, size, spread in ((1, 500, 10**6), (40, 300, 10**6), (300, 20, 50), (7, 1000, 3)):
-        runs = [array("q", sorted(rng.randrange(spread) for _ in range(rng.randint(0, size))))
-                for _ in range(runs_count)]
+        runs = [
+            array("q", sorted(rng.randrange(spread) for _ in range(rng.randint(0, size)))) for _ in range(runs_count)
+        ]
         everything = sorted(v for run in runs for v in run)
-        ks = sorted(k for k in {1, 2, len(everything) // 2, (95 * len(everything) + 99) // 100, len(everything) - 1,
-                                len(everything)} if k >= 1)
+        ks = sorted(
+            k
+            for k in {
+                1,
+                2,
+                len(everything) // 2,
+                (95 * len(everything) + 99) // 100,
+                len(everything) - 1,
+                len(everything),
+            }
+            if k >= 1
+        )
         assert kth_smallest(runs, *ks) == [everything[k - 1] for k in ks], (runs_count, size, spread)
     # Lopsided: many runs of one or two values, a few long ones, a far tail, heavy ties.
     for _ in range(12):
-        runs = [array("q", sorted(int(rng.lognormvariate(8, 3)) for _ in range(rng.choice([1, 1, 2, 33, 400]))))
-                for _ in range(rng.choice([2, 50, 400]))]
+        runs = [
+            array("q", sorted(int(rng.lognormvariate(8, 3)) for _ in range(rng.choice([1, 1, 2, 33, 400]))))
+            for _ in range(rng.choice([2, 50, 400]))
+        ]
         runs.append(array("q", [7] * rng.randint(0, 500)))
         everything = sorted(v for run in runs for v in run)
         ks = [1, rng.randint(1, len(everything)), (95 * len(everything) + 99) // 100, len(everything)]

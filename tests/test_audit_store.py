@@ -73,11 +73,13 @@ VALUES ('old-1', '2026-01-02T03:04:05.000000Z', 'old-model', '/v1/completions', 
 """
 
 # The schema the release before API key names wrote (migrations 0001 and 0002), frozen the same way.
-V2_SCHEMA = V1_SCHEMA.replace(
-    "INSERT INTO audit_migrations VALUES ('0001_create_audit_logs', '2026-01-01T00:00:00.000000Z');",
-    "INSERT INTO audit_migrations VALUES ('0001_create_audit_logs', '2026-01-01T00:00:00.000000Z');\n"
-    "INSERT INTO audit_migrations VALUES ('0002_audit_logs_indexes', '2026-01-01T00:00:00.000000Z');",
-) + """
+V2_SCHEMA = (
+    V1_SCHEMA.replace(
+        "INSERT INTO audit_migrations VALUES ('0001_create_audit_logs', '2026-01-01T00:00:00.000000Z');",
+        "INSERT INTO audit_migrations VALUES ('0001_create_audit_logs', '2026-01-01T00:00:00.000000Z');\n"
+        "INSERT INTO audit_migrations VALUES ('0002_audit_logs_indexes', '2026-01-01T00:00:00.000000Z');",
+    )
+    + """
 CREATE INDEX ix_audit_logs_timestamp ON audit_logs (timestamp);
 CREATE INDEX ix_audit_logs_model ON audit_logs (model, timestamp);
 CREATE INDEX ix_audit_logs_backend_type ON audit_logs (backend_type, timestamp);
@@ -88,6 +90,7 @@ INSERT INTO audit_logs (request_id, timestamp, model, endpoint, status, http_sta
 VALUES ('old-2', '2026-01-02T03:05:00.000000Z', 'old-model', '/v1/chat/completions', 'error', 401, 1.5, 0, 0, 0,
         'unauthorized');
 """
+)
 
 
 @pytest.fixture
@@ -105,13 +108,18 @@ def all_rows(path: Path) -> list[dict]:
 
 
 def table_columns(conn: sqlite3.Connection, table: str = "audit_logs") -> dict[str, dict]:
-    return {name: {"name": name, "nullable": not notnull}
-            for _, name, _type, notnull, _default, _pk in conn.execute(f"PRAGMA table_info({table})")}
+    return {
+        name: {"name": name, "nullable": not notnull}
+        for _, name, _type, notnull, _default, _pk in conn.execute(f"PRAGMA table_info({table})")
+    }
 
 
 def table_indexes(conn: sqlite3.Connection, table: str = "audit_logs") -> dict[str, list[str]]:
-    return {name: [column for _, _, column in conn.execute(f"PRAGMA index_info({name})")]
-            for _, name, _unique, origin, _partial in conn.execute(f"PRAGMA index_list({table})") if origin == "c"}
+    return {
+        name: [column for _, _, column in conn.execute(f"PRAGMA index_info({name})")]
+        for _, name, _unique, origin, _partial in conn.execute(f"PRAGMA index_list({table})")
+        if origin == "c"
+    }
 
 
 def pragma(conn: sqlite3.Connection, name: str):
@@ -169,8 +177,12 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
 
     with AuditStore.open(db, migrate=False) as store:
         assert store.applied_migrations() == ["0001_create_audit_logs", "0002_audit_logs_indexes"]
-        assert store.migrate() == ["0003_audit_logs_api_key", "0004_audit_rollup", "0005_audit_logs_generation_facts",
-                                   "0006_audit_logs_backend"]
+        assert store.migrate() == [
+            "0003_audit_logs_api_key",
+            "0004_audit_rollup",
+            "0005_audit_logs_generation_facts",
+            "0006_audit_logs_backend",
+        ]
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
         with store.read() as conn:
             assert list(table_columns(conn)) == list(COLUMNS)
@@ -178,7 +190,10 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
     fill(db, [record(request_id="new-alice", api_key="alice"), record(request_id="new-open")])
     rows = all_rows(db)
     assert [(r["request_id"], r["api_key"]) for r in rows] == [
-        ("old-1", None), ("old-2", None), ("new-alice", "alice"), ("new-open", None)
+        ("old-1", None),
+        ("old-2", None),
+        ("new-alice", "alice"),
+        ("new-open", None),
     ]
     old_2 = rows[1]
     assert (old_2["status"], old_2["http_status"], old_2["error_type"]) == ("error", 401, "unauthorized")
@@ -186,8 +201,12 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
     with AuditStore.open(db, create=False) as store, store.read() as conn:
         assert ids(query_rows(conn, AuditFilter(api_key="alice"))) == ["new-alice"]
         # the key filter is one index range scan, like the model filter
-        plan = " ".join(str(r[-1]) for r in conn.execute(
-            "EXPLAIN QUERY PLAN SELECT id FROM audit_logs WHERE api_key = 'alice' ORDER BY timestamp DESC"))
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM audit_logs WHERE api_key = 'alice' ORDER BY timestamp DESC"
+            )
+        )
         assert "ix_audit_logs_api_key" in plan
 
 
@@ -249,8 +268,14 @@ def test_no_field_or_column_can_hold_request_text():
     assert not record_fields & text_names
     assert set(COLUMNS) - {"id"} == record_fields
     with pytest.raises(TypeError):
-        AuditRecord(request_id="r", timestamp=ago(), endpoint="/v1/completions", status="success",
-                    duration_ms=1.0, prompt="secret")  # type: ignore[call-arg]
+        AuditRecord(
+            request_id="r",
+            timestamp=ago(),
+            endpoint="/v1/completions",
+            status="success",
+            duration_ms=1.0,
+            prompt="secret",
+        )  # type: ignore[call-arg]
 
 
 def test_records_validate_what_the_daemon_hands_over():
@@ -260,8 +285,11 @@ def test_records_validate_what_the_daemon_hands_over():
         record(timestamp=datetime.now()).values()
     with pytest.raises(ValueError, match="success, error, timeout, cancelled"):
         record(status="ok").values()
-    local = record(timestamp=datetime(2026, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
-                   prompt_tokens=None, completion_tokens=5).row()
+    local = record(
+        timestamp=datetime(2026, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
+        prompt_tokens=None,
+        completion_tokens=5,
+    ).row()
     assert datetime.fromisoformat(local["timestamp"]) == datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     assert (local["prompt_tokens"], local["total_tokens"]) == (0, 5)
 
@@ -342,8 +370,9 @@ def test_writer_writes_a_burst_in_one_batch_and_a_lone_row_on_its_own(db):
         event.listen(
             writer.sql_engine,
             "before_cursor_execute",
-            lambda conn, cursor, statement, params, context, many: inserts.append(many)
-            if statement.startswith("INSERT INTO audit_logs") else None,
+            lambda conn, cursor, statement, params, context, many: (
+                inserts.append(many) if statement.startswith("INSERT INTO audit_logs") else None
+            ),
         )
         for _ in range(1000):
             writer.record(record())
@@ -463,8 +492,13 @@ def test_a_crash_after_commit_loses_no_committed_row(db):
         asyncio.run(main())
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == -9, proc.stderr
     assert proc.stdout.strip() == "committed 500"
     committed = [r["request_id"] for r in all_rows(db) if r["request_id"].startswith("crash-")]
@@ -529,18 +563,57 @@ def test_the_wal_file_is_private_too(db):
 @pytest.fixture
 def sample(db) -> Path:
     base = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-    fill(db, [
-        record(request_id="a", timestamp=base, model="m1", endpoint="/v1/chat/completions", status="success",
-               api_key="alice"),
-        record(request_id="b", timestamp=base + timedelta(minutes=1), model="m2", endpoint="/v1/completions",
-               status="error", http_status=404, error_type="model_not_found", api_key="bob"),
-        record(request_id="c", timestamp=base + timedelta(minutes=2), model="m1", endpoint="/v1/embeddings",
-               status="timeout", http_status=504, error_type="timeout", api_key="alice"),
-        record(request_id="d", timestamp=base + timedelta(minutes=3), model=None, endpoint="/v1/chat/completions",
-               status="error", http_status=422, error_type="invalid_request"),
-        record(request_id="e", timestamp=base + timedelta(minutes=4), model="m1", endpoint="/v1/chat/completions",
-               status="cancelled", http_status=None, backend_type="openai"),
-    ])
+    fill(
+        db,
+        [
+            record(
+                request_id="a",
+                timestamp=base,
+                model="m1",
+                endpoint="/v1/chat/completions",
+                status="success",
+                api_key="alice",
+            ),
+            record(
+                request_id="b",
+                timestamp=base + timedelta(minutes=1),
+                model="m2",
+                endpoint="/v1/completions",
+                status="error",
+                http_status=404,
+                error_type="model_not_found",
+                api_key="bob",
+            ),
+            record(
+                request_id="c",
+                timestamp=base + timedelta(minutes=2),
+                model="m1",
+                endpoint="/v1/embeddings",
+                status="timeout",
+                http_status=504,
+                error_type="timeout",
+                api_key="alice",
+            ),
+            record(
+                request_id="d",
+                timestamp=base + timedelta(minutes=3),
+                model=None,
+                endpoint="/v1/chat/completions",
+                status="error",
+                http_status=422,
+                error_type="invalid_request",
+            ),
+            record(
+                request_id="e",
+                timestamp=base + timedelta(minutes=4),
+                model="m1",
+                endpoint="/v1/chat/completions",
+                status="cancelled",
+                http_status=None,
+                backend_type="openai",
+            ),
+        ],
+    )
     return db
 
 
@@ -560,8 +633,10 @@ def ids(rows):
         (AuditFilter(api_key="alice"), ["c", "a"]),
         (AuditFilter(api_key="bob", model="m2"), ["b"]),
         (AuditFilter(api_key="carol"), []),
-        (AuditFilter(since=datetime(2026, 5, 1, 12, 1, tzinfo=UTC),
-                     until=datetime(2026, 5, 1, 12, 3, tzinfo=UTC)), ["c", "b"]),  # [since, until)
+        (
+            AuditFilter(since=datetime(2026, 5, 1, 12, 1, tzinfo=UTC), until=datetime(2026, 5, 1, 12, 3, tzinfo=UTC)),
+            ["c", "b"],
+        ),  # [since, until)
         (AuditFilter(model="m1", status="timeout", since=datetime(2026, 5, 1, tzinfo=UTC)), ["c"]),
         (AuditFilter(model="x' OR '1'='1"), []),
     ],
@@ -595,10 +670,14 @@ def test_the_query_binds_every_value():
 
 
 def test_stats_numbers(db):
-    rows = [record(model="m1", duration_ms=float(ms), completion_tokens=10, time_to_first_token_ms=ms / 10,
-                   api_key="alice") for ms in range(100, 1100, 100)]  # 10 requests, 100..1000 ms
-    rows += [record(model="m2", status="error", duration_ms=50.0, completion_tokens=0, http_status=500, api_key="bob"),
-             record(model="m2", status="timeout", duration_ms=5000.0, completion_tokens=0, http_status=504)]
+    rows = [
+        record(model="m1", duration_ms=float(ms), completion_tokens=10, time_to_first_token_ms=ms / 10, api_key="alice")
+        for ms in range(100, 1100, 100)
+    ]  # 10 requests, 100..1000 ms
+    rows += [
+        record(model="m2", status="error", duration_ms=50.0, completion_tokens=0, http_status=500, api_key="bob"),
+        record(model="m2", status="timeout", duration_ms=5000.0, completion_tokens=0, http_status=504),
+    ]
     fill(db, rows)
     with AuditStore.open(db, create=False) as store, store.read() as conn:
         [overall] = compute_stats(conn)
@@ -619,7 +698,9 @@ def test_stats_numbers(db):
     assert groups[1]["tokens_per_second"] is None and groups[1]["mean_ttft_ms"] is None
     assert {g["status"]: g["requests"] for g in by_status} == {"success": 10, "error": 1, "timeout": 1}
     assert [(g["key"], g["requests"], g["errors"], g["timeouts"]) for g in by_key] == [
-        ("alice", 10, 0, 0), ("bob", 1, 1, 0), (None, 1, 0, 1)  # among equals, no key last
+        ("alice", 10, 0, 0),
+        ("bob", 1, 1, 0),
+        (None, 1, 0, 1),  # among equals, no key last
     ]
     assert (bob["requests"], bob["errors"]) == (1, 1)
     assert empty == []

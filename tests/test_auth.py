@@ -62,8 +62,9 @@ def test_a_valid_key_is_served(server, fast_model):
 
 def test_a_missing_key_is_401_with_www_authenticate(server, fast_model):
     with server.http() as http:
-        response = http.post("/v1/chat/completions", json={"model": fast_model, "messages": HELLO},
-                             headers={"X-Request-ID": "no-key-1"})
+        response = http.post(
+            "/v1/chat/completions", json={"model": fast_model, "messages": HELLO}, headers={"X-Request-ID": "no-key-1"}
+        )
     body = assert_problem(response, 401, "unauthorized")
     assert response.headers["www-authenticate"] == 'Bearer realm="mlx-manager"'
     assert "Authorization: Bearer" in body["detail"]
@@ -107,7 +108,8 @@ def test_each_audit_row_names_the_key_that_made_it_never_the_key_itself(server, 
     assert audit_row(server, "by-bob-1")["api_key"] == "bob"
     assert audit_row(server, "by-bob-2")["api_key"] == "bob"
     assert (audit_row(server, "by-alice-404")["api_key"], audit_row(server, "by-alice-404")["http_status"]) == (
-        "alice", 404
+        "alice",
+        404,
     )
     for refused in ("wrong-key-null", "no-key-null"):
         row = audit_row(server, refused)
@@ -187,7 +189,8 @@ def test_keys_from_a_file_and_the_environment(tmp_path, monkeypatch):
         assert audit_row(live, "from-env-1")["api_key"] == "MLX_MANAGER_API_KEY"
         assert audit_row(live, "from-file-1")["api_key"] == "keys_file:3"
     assert [name for name, _ in load_keyring(settings_with(auth={"keys_file": str(keys_file)})).entries] == [
-        "keys_file:3", "MLX_MANAGER_API_KEY"
+        "keys_file:3",
+        "MLX_MANAGER_API_KEY",
     ]
 
 
@@ -238,8 +241,16 @@ def test_a_network_daemon_with_no_key_left_closes_v1():
 
 @pytest.mark.parametrize(
     ("host", "refused"),
-    [("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("[::1]", False), ("localhost", False),
-     ("0.0.0.0", True), ("::", True), ("192.0.2.10", True)],
+    [
+        ("127.0.0.1", False),
+        ("127.0.0.2", False),
+        ("::1", False),
+        ("[::1]", False),
+        ("localhost", False),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("192.0.2.10", True),
+    ],
 )
 def test_bind_safety(host, refused):
     message = unsafe_bind(host, KeyRing(), insecure_no_auth=False)

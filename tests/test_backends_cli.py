@@ -31,19 +31,27 @@ def test_add_keeps_the_key_as_a_reference_that_list_and_config_show(monkeypatch)
     monkeypatch.setenv("MAC2_KEY", "sk-the-key-itself-0123456789")
     result = add_mac2("--api-key", "env:MAC2_KEY")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == ("Added backend mac2 (openai, http://mac2.local:10242/v1)"
-                             " (no daemon running; takes effect at next start)\n")
+    assert result.stdout == (
+        "Added backend mac2 (openai, http://mac2.local:10242/v1) (no daemon running; takes effect at next start)\n"
+    )
     text = config_path().read_text()
-    assert text == ('[[routing.backends]]\nname = "mac2"\ntype = "openai"\nbase_url = "http://mac2.local:10242/v1"\n'
-                    'api_key = "env:MAC2_KEY"\n\n')
+    assert text == (
+        '[[routing.backends]]\nname = "mac2"\ntype = "openai"\nbase_url = "http://mac2.local:10242/v1"\n'
+        'api_key = "env:MAC2_KEY"\n\n'
+    )
     listed = cli("backends", "list")
     assert listed.stdout.splitlines()[1].split() == ["mac2", "openai", "http://mac2.local:10242/v1", "env:MAC2_KEY"]
     assert json.loads(cli("backends", "list", "--json").stdout)["backends"] == [
         {"name": "mac2", "type": "openai", "base_url": "http://mac2.local:10242/v1", "api_key": "env:MAC2_KEY"}
     ]
     got = json.loads(cli("config", "get", "routing.backends", "--json").stdout)
-    assert got == {"key": "routing.backends", "origin": "file", "value": [
-        {"name": "mac2", "type": "openai", "base_url": "http://mac2.local:10242/v1", "api_key": "env:MAC2_KEY"}]}
+    assert got == {
+        "key": "routing.backends",
+        "origin": "file",
+        "value": [
+            {"name": "mac2", "type": "openai", "base_url": "http://mac2.local:10242/v1", "api_key": "env:MAC2_KEY"}
+        ],
+    }
     every = cli("config", "list", "--json").stdout
     assert "env:MAC2_KEY" in every and "sk-the-key-itself" not in every
 
@@ -51,8 +59,11 @@ def test_add_keeps_the_key_as_a_reference_that_list_and_config_show(monkeypatch)
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["--api-key", "sk-ant-api03-abcdef"], "api_key: must be env:NAME (a variable of the daemon's environment) or"
-                                               " the path of a file that holds it, never the key itself"),
+        (
+            ["--api-key", "sk-ant-api03-abcdef"],
+            "api_key: must be env:NAME (a variable of the daemon's environment) or"
+            " the path of a file that holds it, never the key itself",
+        ),
         (["--api-key", "relative/key.txt"], "never the key itself"),
     ],
 )

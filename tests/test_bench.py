@@ -27,8 +27,21 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_report_matches_the_audit_log(server, fast_model):
-    done = bench("--url", server.url, "--model", fast_model, "--concurrency", "1,3", "--requests", "4",
-                 "--max-tokens", "6", "--prompt-tokens", "8", "--json")
+    done = bench(
+        "--url",
+        server.url,
+        "--model",
+        fast_model,
+        "--concurrency",
+        "1,3",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "6",
+        "--prompt-tokens",
+        "8",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     [levels] = report["servers"]
@@ -48,14 +61,43 @@ def test_report_matches_the_audit_log(server, fast_model):
 
 
 def test_compare_prints_ratios(server, fast_model):
-    done = bench("--url", server.url, "--vs", server.url, "--model", fast_model, "--concurrency", "2",
-                 "--requests", "2", "--max-tokens", "3", "--prompt-tokens", "4", "--json")
+    done = bench(
+        "--url",
+        server.url,
+        "--vs",
+        server.url,
+        "--model",
+        fast_model,
+        "--concurrency",
+        "2",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "3",
+        "--prompt-tokens",
+        "4",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert len(report["servers"]) == 2 and len(report["ratios"]) == 1
     assert report["ratios"][0]["tokens_per_second"] > 0
-    human = bench("--url", server.url, "--vs", server.url, "--model", fast_model, "--concurrency", "1",
-                  "--requests", "1", "--max-tokens", "2", "--prompt-tokens", "4")
+    human = bench(
+        "--url",
+        server.url,
+        "--vs",
+        server.url,
+        "--model",
+        fast_model,
+        "--concurrency",
+        "1",
+        "--requests",
+        "1",
+        "--max-tokens",
+        "2",
+        "--prompt-tokens",
+        "4",
+    )
     assert human.returncode == 0 and "A/B" in human.stdout
 
 
@@ -73,8 +115,25 @@ def test_unreachable_and_foreign_servers_are_one_line_errors(server):
 
 
 def test_conversation_mode_reports_first_and_later_turns(server, fast_model):
-    done = bench("--url", server.url, "--model", fast_model, "--concurrency", "2", "--requests", "2", "--turns", "3",
-                 "--system-tokens", "120", "--max-tokens", "5", "--prompt-tokens", "6", "--json")
+    done = bench(
+        "--url",
+        server.url,
+        "--model",
+        fast_model,
+        "--concurrency",
+        "2",
+        "--requests",
+        "2",
+        "--turns",
+        "3",
+        "--system-tokens",
+        "120",
+        "--max-tokens",
+        "5",
+        "--prompt-tokens",
+        "6",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     [[level]] = json.loads(done.stdout)["servers"]
     assert level["requests"] == 2 * 3 and level["errors"] == {}
@@ -84,6 +143,20 @@ def test_conversation_mode_reports_first_and_later_turns(server, fast_model):
         assert wait_until(lambda: db.execute("SELECT count(*) FROM audit_logs").fetchone()[0] == 8)
     # Each later turn resent the conversation, and the daemon's prompt cache reused it.
     assert server.engine.status().models[0].cache.hits >= 4
-    human = bench("--url", server.url, "--model", fast_model, "--concurrency", "1", "--requests", "1", "--turns", "2",
-                  "--max-tokens", "2", "--prompt-tokens", "4")
+    human = bench(
+        "--url",
+        server.url,
+        "--model",
+        fast_model,
+        "--concurrency",
+        "1",
+        "--requests",
+        "1",
+        "--turns",
+        "2",
+        "--max-tokens",
+        "2",
+        "--prompt-tokens",
+        "4",
+    )
     assert human.returncode == 0 and "TTFT p50 later" in human.stdout

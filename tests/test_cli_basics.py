@@ -93,9 +93,16 @@ def test_audit_read_commands_stay_light(isolated_home):
     from tests.audit_rows import ago, fill, record
 
     fill(isolated_home / "audit.db", [record(), record(timestamp=ago(days=2), status="error")])
-    for argv in (["audit", "tail", "-n", "20"], ["audit", "query", "--limit", "50"], ["audit", "stats"],
-                 ["audit", "stats", "--since", "1d", "--by", "model"], ["audit", "query", "--json"],
-                 ["audit", "tail", "--help"], ["audit", "query", "--help"], ["audit", "stats", "--help"]):
+    for argv in (
+        ["audit", "tail", "-n", "20"],
+        ["audit", "query", "--limit", "50"],
+        ["audit", "stats"],
+        ["audit", "stats", "--since", "1d", "--by", "model"],
+        ["audit", "query", "--json"],
+        ["audit", "tail", "--help"],
+        ["audit", "query", "--help"],
+        ["audit", "stats", "--help"],
+    ):
         code, out, modules = _modules_after(*argv)
         assert code == 0, out
         assert not modules & set(HEAVY), f"{' '.join(argv)} imported {sorted(modules & set(HEAVY))}"

@@ -30,9 +30,16 @@ def complete(words: str, env: dict[str, str] | None = None) -> list[str]:
     parts = words.split(" ")
     done = subprocess.run(
         [MLX_MANAGER],
-        env={**os.environ, **(env or {}), "_MLX_MANAGER_COMPLETE": "complete_bash",
-             "COMP_WORDS": words, "COMP_CWORD": str(len(parts) - 1)},
-        capture_output=True, text=True, timeout=60,
+        env={
+            **os.environ,
+            **(env or {}),
+            "_MLX_MANAGER_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(parts) - 1),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()

@@ -214,8 +214,7 @@ def editor(tmp_path, monkeypatch):
     script = tmp_path / "editor.py"
     new_text = tmp_path / "new_text.toml"
     script.write_text(
-        "import sys, pathlib\n"
-        f"pathlib.Path(sys.argv[1]).write_text(pathlib.Path({str(new_text)!r}).read_text())\n"
+        f"import sys, pathlib\npathlib.Path(sys.argv[1]).write_text(pathlib.Path({str(new_text)!r}).read_text())\n"
     )
     monkeypatch.delenv("VISUAL", raising=False)
     monkeypatch.setenv("EDITOR", f"{sys.executable} {script}")

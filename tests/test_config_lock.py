@@ -32,7 +32,9 @@ def run_workers(children: Children, commands: list[list[list[str]]]) -> None:
     workers = [
         children.start(
             ["/bin/sh", "-c", " && ".join(" ".join([MLX_MANAGER, *args]) for args in todo)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for todo in commands
     ]
@@ -64,8 +66,12 @@ def test_concurrent_config_set_keeps_every_value(children):
 
 def test_config_set_waits_for_the_lock_then_succeeds(children):
     with config_lock():
-        waiting = children.start([MLX_MANAGER, "config", "set", "timeouts.chat", "777"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiting = children.start(
+            [MLX_MANAGER, "config", "set", "timeouts.chat", "777"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # It gets as far as the lock, finds it busy and says so, however slowly it starts...
         said = waiting.stderr.readline()
         assert said == f"Waiting for another mlx-manager command to finish changing {config_path()}...\n"
@@ -135,11 +141,16 @@ def test_edit_does_not_hold_the_lock_and_refuses_to_overwrite_a_concurrent_chang
 
 def test_lock_is_released_when_the_holder_dies():
     holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import time\nfrom mlx_manager.settings import config_lock\n"
-            "with config_lock():\n    print('held', flush=True)\n    time.sleep(60)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time\nfrom mlx_manager.settings import config_lock\n"
+                "with config_lock():\n    print('held', flush=True)\n    time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

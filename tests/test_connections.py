@@ -109,10 +109,24 @@ def supervised(tmp_path, fast_model):
     port = free_port()
     env = {"MLX_MANAGER_SERVER__READ_TIMEOUT": "3", "MLX_MANAGER_SERVER__IDLE_TIMEOUT": "2"}
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "mlx_manager.supervisor", "--port", str(port), "--model", fast_model,
-         "--health-interval", "1", "--hang-timeout", str(HANG_TIMEOUT)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, **env}, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_manager.supervisor",
+            "--port",
+            str(port),
+            "--model",
+            fast_model,
+            "--health-interval",
+            "1",
+            "--hang-timeout",
+            str(HANG_TIMEOUT),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
+        start_new_session=True,
     )
     try:
         state = wait_until(lambda: (s := read_state()) and s.get("ready") and s, timeout=120, interval=0.2)
@@ -189,8 +203,10 @@ def test_with_every_connection_busy_a_new_one_gets_503_but_health_answers(tmp_pa
     once the dawdlers are cut off (read timeout, 2 s) requests are served again."""
     settings = settings_with(server={"max_connections": 16, "read_timeout": 2, "idle_timeout": 1})
     with LiveServer(create_app(settings)) as live:
-        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n{")
+        head = (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
         dawdlers = [socket.create_connection(("127.0.0.1", live.port), timeout=5) for _ in range(16)]
         try:
             for sock in dawdlers:

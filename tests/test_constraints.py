@@ -24,7 +24,6 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_manager.engine import constraints
-from mlx_manager.engine.errors import InvalidRequest
 from mlx_manager.engine.constraints import (
     CompiledConstraint,
     InvalidSchema,
@@ -37,11 +36,10 @@ from mlx_manager.engine.constraints import (
     tool_call_spec,
 )
 from mlx_manager.engine.constraints_mask import ConstrainedLogits
+from mlx_manager.engine.errors import InvalidRequest
 from tests.json_schemas import AGE, SCHEMAS, _obj, _s
 
 MAX_TOKENS = 256
-
-
 
 
 @pytest.fixture(scope="module")

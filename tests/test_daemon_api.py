@@ -9,7 +9,6 @@ import pytest
 
 from tests.daemon_server import serving
 
-
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
@@ -45,8 +44,14 @@ def test_chat_completion(server, client, fast_model):
 
 def test_request_fields_reach_the_engine(server, client, fast_model):
     raw = client.chat.completions.with_raw_response.create(
-        model=fast_model, messages=HELLO, max_completion_tokens=5,
-        temperature=0.5, top_p=0.9, seed=3, stop="zz", user="u1",
+        model=fast_model,
+        messages=HELLO,
+        max_completion_tokens=5,
+        temperature=0.5,
+        top_p=0.9,
+        seed=3,
+        stop="zz",
+        user="u1",
     )
     request = server.engine.job(raw.headers["x-request-id"]).request
     assert request.max_tokens == 5 and request.stop == ["zz"]
@@ -77,8 +82,12 @@ def test_completion(server, client, fast_model, prompt):
 def test_chat_stream_matches_the_whole_answer(server, client, fast_model):
     whole = client.chat.completions.create(model=fast_model, messages=HELLO, max_tokens=16, temperature=0)
     stream = client.chat.completions.with_raw_response.create(
-        model=fast_model, messages=HELLO, max_tokens=16, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        model=fast_model,
+        messages=HELLO,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     assert stream.headers["content-type"].startswith("text/event-stream")
     request_id = stream.headers["x-request-id"]
@@ -131,15 +140,21 @@ def test_async_client(server, fast_model):
                 model=fast_model, prompt="while True:", max_tokens=10, temperature=0
             )
             stream = await client.completions.create(
-                model=fast_model, prompt="while True:", max_tokens=10, temperature=0,
-                stream=True, stream_options={"include_usage": True},
+                model=fast_model,
+                prompt="while True:",
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
             )
             return whole, [chunk async for chunk in stream]
 
     whole, chunks = asyncio.run(main())
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     streamed = chunks[-1].usage
-    assert streamed.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(exclude={"prompt_tokens_details"})
+    assert streamed.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(
+        exclude={"prompt_tokens_details"}
+    )
     # The same prompt again: all of it but the last token comes from the prompt cache.
     assert streamed.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
 

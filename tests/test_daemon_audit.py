@@ -73,7 +73,11 @@ def test_without_keys_no_row_names_a_key_whatever_the_client_sends(server, fast_
 
 def test_streamed_request_is_recorded_when_the_stream_ends(server, fast_model):
     stream = server.openai().completions.create(
-        model=fast_model, prompt="once upon", max_tokens=9, stream=True, stream_options={"include_usage": True},
+        model=fast_model,
+        prompt="once upon",
+        max_tokens=9,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_headers={"X-Request-ID": "stream-row-1"},
     )
     usage = [chunk.usage for chunk in stream if chunk.usage][-1]
@@ -129,16 +133,24 @@ def test_no_prompt_or_completion_text_reaches_the_disk(server, fast_model):
     marker = f"PRIVATE-{uuid.uuid4().hex}"
     client = server.openai()
     client.chat.completions.create(
-        model=fast_model, messages=[{"role": "user", "content": marker}], max_tokens=5,
+        model=fast_model,
+        messages=[{"role": "user", "content": marker}],
+        max_tokens=5,
         extra_headers={"X-Request-ID": "private-1"},
     )
     for _ in client.completions.create(
-        model=fast_model, prompt=f"{marker} again", max_tokens=5, stream=True, extra_headers={"X-Request-ID": "private-2"}
+        model=fast_model,
+        prompt=f"{marker} again",
+        max_tokens=5,
+        stream=True,
+        extra_headers={"X-Request-ID": "private-2"},
     ):
         pass
     with pytest.raises(openai.UnprocessableEntityError):  # refused requests leave rows too, without their body
         client.chat.completions.create(
-            model=fast_model, messages=[{"role": "user", "content": marker}], max_tokens=-1,
+            model=fast_model,
+            messages=[{"role": "user", "content": marker}],
+            max_tokens=-1,
             extra_headers={"X-Request-ID": "private-3"},
         )
     completion = client.completions.create(
@@ -167,10 +179,14 @@ def test_graceful_stop_loses_no_row_of_a_200_request_burst(tmp_path, monkeypatch
         async def burst():
             client = live.async_openai(timeout=120)
             ids = [f"burst-{i}" for i in range(200)]
-            await asyncio.gather(*(
-                client.completions.create(model=fast_model, prompt=f"n{i}", max_tokens=2, extra_headers={"X-Request-ID": rid})
-                for i, rid in enumerate(ids)
-            ))
+            await asyncio.gather(
+                *(
+                    client.completions.create(
+                        model=fast_model, prompt=f"n{i}", max_tokens=2, extra_headers={"X-Request-ID": rid}
+                    )
+                    for i, rid in enumerate(ids)
+                )
+            )
             await client.close()
             return ids
 
@@ -189,6 +205,7 @@ def test_live_feed_streams_new_rows_to_an_admin(server, fast_model):
     received: list[dict] = []
 
     with connect(url, additional_headers={"Authorization": f"Bearer {server.daemon.admin_token}"}) as ws:
+
         def read():
             received.append(json.loads(ws.recv(timeout=60)))
 
@@ -220,8 +237,11 @@ def test_the_daemon_prunes_old_rows_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_MANAGER_HOME", str(home))
     settings = settings_with(audit={"retention_days": 7})
     path = settings.audit_path()
-    fill(path, [record(request_id=f"old-{i}", timestamp=ago(days=8 + i)) for i in range(30)]
-         + [record(request_id=f"new-{i}", timestamp=ago(days=6)) for i in range(5)])
+    fill(
+        path,
+        [record(request_id=f"old-{i}", timestamp=ago(days=8 + i)) for i in range(30)]
+        + [record(request_id=f"new-{i}", timestamp=ago(days=6)) for i in range(5)],
+    )
     engine = RecordingEngine(EngineConfig())
     with LiveServer(create_app(settings, engine=engine)):
         assert wait_until(lambda: len(rows(path)) == 5)

@@ -47,10 +47,15 @@ def test_metrics_move_by_the_right_amounts(server, fast_model):
         ).usage
         for i in range(3)
     ]
-    chunks = list(client.chat.completions.create(
-        model=fast_model, messages=[{"role": "user", "content": "s"}], max_tokens=4, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=fast_model,
+            messages=[{"role": "user", "content": "s"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usages.append([c.usage for c in chunks if c.usage][-1])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope/none", messages=[{"role": "user", "content": "x"}])
@@ -91,8 +96,12 @@ def traced(capfire, tmp_path, monkeypatch):
 
 def _recorded(capfire) -> str:
     """Every span's name, attributes and event attributes, as one text to search."""
-    return repr([(s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
-                 for s in capfire.exporter.exported_spans])
+    return repr(
+        [
+            (s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
+            for s in capfire.exporter.exported_spans
+        ]
+    )
 
 
 @pytest.mark.usefixtures("traced")
@@ -124,7 +133,8 @@ def test_generation_and_load_spans_from_real_requests(capfire, fast_model):
 
 def _ended(capfire, name: str):
     return [
-        s for s in capfire.exporter.exported_spans
+        s
+        for s in capfire.exporter.exported_spans
         if s.name == name and (s.attributes or {}).get("logfire.span_type") != "pending_span"
     ]
 

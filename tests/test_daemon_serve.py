@@ -173,7 +173,7 @@ def test_a_preload_model_that_cannot_load_stops_the_daemon(daemons, tmp_path):
 
 
 def test_bad_config_file_is_one_line_and_exit_2(isolated_home):
-    (isolated_home / "config.toml").write_text("[timeouts]\nchat = \"abc\"\n")
+    (isolated_home / "config.toml").write_text('[timeouts]\nchat = "abc"\n')
     result = subprocess.run([MLX_MANAGER, "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -31,8 +31,13 @@ LONG = 2000  # tokens: far more than any deadline here lets the slow model produ
 
 
 def chat_body(model: str, max_tokens: int = LONG, **extra) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "tell me everything"}],
-            "max_tokens": max_tokens, "temperature": 0, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "tell me everything"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def make_server(model: str, settings: Settings | None = None) -> LiveServer:

@@ -29,8 +29,13 @@ from mlx_manager.settings import config_path, load_settings, write_config_text
 from tests.daemon_server import LiveServer, RecordingEngine, assert_problem, wait_until
 
 ALICE, BOB = new_key(), new_key()
-DATA = ("/admin/ui/api/state", "/admin/ui/api/series", "/admin/ui/api/recent", "/admin/ui/api/settings",
-        "/admin/ui/api/session")
+DATA = (
+    "/admin/ui/api/state",
+    "/admin/ui/api/series",
+    "/admin/ui/api/recent",
+    "/admin/ui/api/settings",
+    "/admin/ui/api/session",
+)
 
 
 @pytest.fixture
@@ -69,9 +74,10 @@ def test_the_page_and_its_files_come_from_the_package_with_a_strict_policy(serve
         assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
         # Everything the page loads is one of the package's files: nothing from the internet.
         loaded = re.findall(r'(?:src|href)="([^"]+)"', page.text)
-        assert loaded and all(url.startswith("/admin/ui/static/") or url in ("#live", "#charts", "#state",
-                                                                               "#settings", "#main", "data:,")
-                              for url in loaded), loaded
+        assert loaded and all(
+            url.startswith("/admin/ui/static/") or url in ("#live", "#charts", "#state", "#settings", "#main", "data:,")
+            for url in loaded
+        ), loaded
         for url in loaded:
             if url.startswith("/admin/"):
                 # The page names each file's version: the browser keeps it and does not ask again.
@@ -133,25 +139,37 @@ def test_a_state_changing_call_needs_the_csrf_token(server):
         for headers in ({}, {"X-CSRF-Token": "not-the-token"}):
             body = assert_problem(client.post("/admin/ui/api/logout", headers=headers), 403, "forbidden")
             assert "CSRF" in body["detail"]
-            assert_problem(client.post("/admin/ui/api/models/unload", json={"model": "m"}, headers=headers),
-                           403, "forbidden")
+            assert_problem(
+                client.post("/admin/ui/api/models/unload", json={"model": "m"}, headers=headers), 403, "forbidden"
+            )
         assert client.get("/admin/ui/api/state").status_code == 200  # still signed in
-        assert_problem(client.post("/admin/ui/api/models/unload", json={"model": "m"}, headers={"X-CSRF-Token": csrf}),
-                       404, "model_not_loaded")
+        assert_problem(
+            client.post("/admin/ui/api/models/unload", json={"model": "m"}, headers={"X-CSRF-Token": csrf}),
+            404,
+            "model_not_loaded",
+        )
         # Another site's page cannot call it even with the token (it could not read it anyway).
         foreign = {"X-CSRF-Token": csrf, "Origin": "http://127.0.0.1:9"}
         assert_problem(client.post("/admin/ui/api/logout", headers=foreign), 403, "forbidden")
         assert client.post("/admin/ui/api/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
         assert_problem(client.get("/admin/ui/api/state"), 401, "unauthorized")
     with server.http() as http:
-        assert_problem(http.post("/admin/ui/api/login", json={"key": ALICE}, headers={"Origin": "http://evil.example"}),
-                       403, "forbidden")
+        assert_problem(
+            http.post("/admin/ui/api/login", json={"key": ALICE}, headers={"Origin": "http://evil.example"}),
+            403,
+            "forbidden",
+        )
 
 
 def test_a_key_session_cannot_change_settings(server):
     with signed_in(server) as (client, csrf):
-        body = assert_problem(client.post("/admin/ui/api/settings", json={"key": "timeouts.chat", "value": "30"},
-                                          headers={"X-CSRF-Token": csrf}), 403, "forbidden")
+        body = assert_problem(
+            client.post(
+                "/admin/ui/api/settings", json={"key": "timeouts.chat", "value": "30"}, headers={"X-CSRF-Token": csrf}
+            ),
+            403,
+            "forbidden",
+        )
         assert "mlx-manager dashboard" in body["detail"]
     assert server.daemon.settings.timeouts.chat != 30
 
@@ -160,27 +178,49 @@ def test_settings_refusals_read_as_the_cli_says_them(server):
     config = config_path()
     before = config.read_bytes()
     with signed_in(server, server.daemon.admin_token) as (client, csrf):
-        for key, value in (("timeouts.chat", "soon"), ("timeouts.chat", "0"), ("timeout.chat", "5"),
-                           ("log.level", "loud"), ("models.max_loaded", "1.5")):
+        for key, value in (
+            ("timeouts.chat", "soon"),
+            ("timeouts.chat", "0"),
+            ("timeout.chat", "5"),
+            ("log.level", "loud"),
+            ("models.max_loaded", "1.5"),
+        ):
             cli = CliRunner().invoke(cli_app, ["config", "set", key, value])
             assert cli.exit_code == 2, cli.stdout
             said = cli.stderr.strip().removeprefix("Error: ")
-            body = assert_problem(client.post("/admin/ui/api/settings", json={"key": key, "value": value},
-                                              headers={"X-CSRF-Token": csrf}), 422, "validation_error")
+            body = assert_problem(
+                client.post(
+                    "/admin/ui/api/settings", json={"key": key, "value": value}, headers={"X-CSRF-Token": csrf}
+                ),
+                422,
+                "validation_error",
+            )
             assert said.startswith(body["detail"]), (said, body["detail"])  # the CLI may add a hint after it
-        body = assert_problem(client.post("/admin/ui/api/settings", json={"key": "server.port", "value": "9"},
-                                          headers={"X-CSRF-Token": csrf}), 422, "validation_error")
+        body = assert_problem(
+            client.post(
+                "/admin/ui/api/settings", json={"key": "server.port", "value": "9"}, headers={"X-CSRF-Token": csrf}
+            ),
+            422,
+            "validation_error",
+        )
         assert "restart" in body["detail"]
-        assert_problem(client.post("/admin/ui/api/settings", json={"key": "auth.keys", "value": "[]"},
-                                   headers={"X-CSRF-Token": csrf}), 422, "validation_error")
+        assert_problem(
+            client.post(
+                "/admin/ui/api/settings", json={"key": "auth.keys", "value": "[]"}, headers={"X-CSRF-Token": csrf}
+            ),
+            422,
+            "validation_error",
+        )
         assert config.read_bytes() == before
 
-        answer = client.post("/admin/ui/api/settings", json={"key": "timeouts.embeddings", "value": "2m"},
-                             headers={"X-CSRF-Token": csrf})
+        answer = client.post(
+            "/admin/ui/api/settings", json={"key": "timeouts.embeddings", "value": "2m"}, headers={"X-CSRF-Token": csrf}
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json()["value"] == 120 and answer.json()["applied"] is False  # 120 is its default
-        answer = client.post("/admin/ui/api/settings", json={"key": "timeouts.embeddings", "value": "3m"},
-                             headers={"X-CSRF-Token": csrf})
+        answer = client.post(
+            "/admin/ui/api/settings", json={"key": "timeouts.embeddings", "value": "3m"}, headers={"X-CSRF-Token": csrf}
+        )
         assert answer.json()["applied"] is True and server.daemon.timeout_for("embeddings") == 180
         item = next(i for i in answer.json()["settings"] if i["key"] == "timeouts.embeddings")
         assert item["origin"] == "file" and item["value"] == item["running"] == 180
@@ -204,8 +244,9 @@ def test_sign_in_attempts_are_limited_per_address(server):
 def test_a_login_link_is_made_for_the_admin_token_and_works_once(server):
     with server.http() as http:
         assert_problem(http.post("/admin/ui/login-link"), 401, "unauthorized")
-        assert_problem(http.post("/admin/ui/login-link", headers={"Authorization": f"Bearer {ALICE}"}),
-                       401, "unauthorized")
+        assert_problem(
+            http.post("/admin/ui/login-link", headers={"Authorization": f"Bearer {ALICE}"}), 401, "unauthorized"
+        )
     result = CliRunner().invoke(cli_app, ["dashboard", "--json"])
     assert result.exit_code == 0, result.stderr
     answer = json.loads(result.stdout)
@@ -248,8 +289,10 @@ def received(ws, request_id: str) -> dict:
 
 
 def test_the_feed_takes_a_session_from_its_own_origin_only(server):
-    with signed_in(server) as (client, _), feed(server, Cookie=f"mlxm_session={client.cookies['mlxm_session']}",
-                                                  Origin=server.url) as ws:
+    with (
+        signed_in(server) as (client, _),
+        feed(server, Cookie=f"mlxm_session={client.cookies['mlxm_session']}", Origin=server.url) as ws,
+    ):
         cookie = f"mlxm_session={client.cookies['mlxm_session']}"
         client.get("/v1/models", headers={"Authorization": f"Bearer {ALICE}", "X-Request-ID": "feed-by-cookie"})
         assert received(ws, "feed-by-cookie")

@@ -391,8 +391,10 @@ def test_offline_every_file_from_the_daemon_and_the_policy_enforced(daemon, brow
     page = context.new_page()
     page.set_default_timeout(DOM_WAIT_MS)
     violations: list[str] = []
-    page.on("console", lambda message: violations.append(message.text) if "Content Security Policy" in message.text
-            else None)
+    page.on(
+        "console",
+        lambda message: violations.append(message.text) if "Content Security Policy" in message.text else None,
+    )
     loaded: list[str] = []
     page.on("requestfinished", lambda request: loaded.append(request.url))
     chat(daemon)

@@ -26,14 +26,19 @@ def requests(count: int, *, minutes: float = 55) -> list:
     rows = []
     for i in range(count):
         status = ("success", "success", "success", "error", "timeout", "cancelled")[i % 6]
-        rows.append(record(
-            timestamp=ago(seconds=minutes * 60 * (i + 0.5) / count),
-            model=MODELS[i % 2], api_key=KEYS[i % 3], status=status,
-            duration_ms=10.0 + (i * 37) % 500 + (i % 7) / 8,
-            time_to_first_token_ms=None if i % 5 == 0 else 1.0 + (i * 13) % 90,
-            prompt_tokens=5 + i % 11, completion_tokens=0 if status != "success" else 1 + i % 23,
-            error_type={"error": "model_not_found" if i % 12 != 9 else None, "timeout": "timeout"}.get(status),
-        ))
+        rows.append(
+            record(
+                timestamp=ago(seconds=minutes * 60 * (i + 0.5) / count),
+                model=MODELS[i % 2],
+                api_key=KEYS[i % 3],
+                status=status,
+                duration_ms=10.0 + (i * 37) % 500 + (i % 7) / 8,
+                time_to_first_token_ms=None if i % 5 == 0 else 1.0 + (i * 13) % 90,
+                prompt_tokens=5 + i % 11,
+                completion_tokens=0 if status != "success" else 1 + i % 23,
+                error_type={"error": "model_not_found" if i % 12 != 9 else None, "timeout": "timeout"}.get(status),
+            )
+        )
     return rows
 
 
@@ -71,14 +76,26 @@ def test_the_window_says_what_audit_stats_says(audit_path):
         (total,) = compute_stats(conn, AuditFilter(since=since, until=until, endpoint="/v1/chat/completions"))
         per_model = compute_stats(conn, same, by="model")
         per_key = compute_stats(conn, same, by="key")
-        ttfts = [row[0] for row in conn.execute(
-            "SELECT time_to_first_token_ms FROM audit_logs WHERE timestamp >= ? AND timestamp < ?"
-            " AND time_to_first_token_ms IS NOT NULL AND endpoint LIKE '/v1/%'",
-            (format_timestamp(since), format_timestamp(until)))]
+        ttfts = [
+            row[0]
+            for row in conn.execute(
+                "SELECT time_to_first_token_ms FROM audit_logs WHERE timestamp >= ? AND timestamp < ?"
+                " AND time_to_first_token_ms IS NOT NULL AND endpoint LIKE '/v1/%'",
+                (format_timestamp(since), format_timestamp(until)),
+            )
+        ]
     assert ttfts
 
-    fields = ("requests", "errors", "timeouts", "cancelled", "p50_duration_ms", "p95_duration_ms", "prompt_tokens",
-              "completion_tokens")
+    fields = (
+        "requests",
+        "errors",
+        "timeouts",
+        "cancelled",
+        "p50_duration_ms",
+        "p95_duration_ms",
+        "prompt_tokens",
+        "completion_tokens",
+    )
     for name in fields:
         assert figures["total"][name] == total[name], name
     assert figures["total"]["tokens_per_second"] == pytest.approx(total["tokens_per_second"])

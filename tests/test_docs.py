@@ -11,8 +11,11 @@ from mlx_manager import docs
 
 
 def test_generated_files_are_up_to_date():
-    stale = [str(path.relative_to(docs.ROOT)) for path, text in docs.generated_files().items()
-             if not path.exists() or path.read_text() != text]
+    stale = [
+        str(path.relative_to(docs.ROOT))
+        for path, text in docs.generated_files().items()
+        if not path.exists() or path.read_text() != text
+    ]
     assert not stale, f"out of date: {stale}; refresh them with: python -m mlx_manager.docs"
 
 
@@ -37,7 +40,16 @@ def test_man_page_documents_every_command_and_setting():
         assert f"mlx-manager {' '.join(path)}" in page
     for key, *_ in docs._settings_rows(docs.Settings):
         assert key in page
-    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "CONFIGURATION", "ENVIRONMENT", "FILES", "EXIT STATUS", "EXAMPLES"):
+    for section in (
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "CONFIGURATION",
+        "ENVIRONMENT",
+        "FILES",
+        "EXIT STATUS",
+        "EXAMPLES",
+    ):
         assert f".SH {section}" in page
 
 
@@ -52,8 +64,11 @@ def test_readme_names_every_command():
     from mlx_manager.cli import app
 
     readme = (docs.ROOT / "README.md").read_text()
-    missing = [" ".join(path) for path, _ in docs._commands(typer.main.get_command(app), [])
-               if f"mlx-manager {' '.join(path)}" not in readme]
+    missing = [
+        " ".join(path)
+        for path, _ in docs._commands(typer.main.get_command(app), [])
+        if f"mlx-manager {' '.join(path)}" not in readme
+    ]
     assert not missing, f"README.md does not mention: {missing}"
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from mlx_manager.daemon.app import create_app
 from mlx_manager.engine.config import EngineConfig
-from mlx_manager.engine.errors import ModelLoadFailed
 from mlx_manager.engine.embedding_model import Pooling, _pool, pooling_of
+from mlx_manager.engine.errors import ModelLoadFailed
 from mlx_manager.runtime import admin_token
 from mlx_manager.settings import config_path
 from tests.daemon_server import LiveServer, RecordingEngine, assert_problem, settings_with, wait_until

@@ -95,6 +95,7 @@ def test_greedy_is_deterministic_alone_and_in_a_batch_of_8(engine, fast_model):
         prompts = [f"prompt number {i} says" for i in range(8)]
         alone = [await collect(e.submit(request(fast_model, p, 32))) for p in prompts]
         together = await asyncio.gather(*(collect(e.submit(request(fast_model, p, 32))) for p in prompts))
+
         # Some join while others are already generating (continuous batching).
         async def late(i, p):
             await asyncio.sleep(0.003 * i)
@@ -347,8 +348,10 @@ def test_a_failing_step_fails_only_that_job(engine, fast_model, monkeypatch):
 
     def sampler_for(params):
         if params.seed == 666:
+
             def broken(logprobs):
                 raise ValueError("simulated MLX failure")
+
             return broken
         return real(params)
 

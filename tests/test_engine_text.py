@@ -82,7 +82,9 @@ def test_a_model_in_the_hugging_face_cache_loads_offline(fast_model, tmp_path, m
         engine.start()
         try:
             job = engine.submit(
-                GenerationRequest(model="tiny-org/tiny-llama", prompt="hi", max_tokens=3, sampling=SamplingParams(temperature=0))
+                GenerationRequest(
+                    model="tiny-org/tiny-llama", prompt="hi", max_tokens=3, sampling=SamplingParams(temperature=0)
+                )
             )
             events = [e async for e in job]
             assert events[-1] == Finished("length", events[0].prompt_tokens, 3)

@@ -39,8 +39,12 @@ def test_the_daemons_log_keeps_one_line_per_record(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    daemon = subprocess.Popen([sys.executable, "-m", "mlx_manager.cli", "serve", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mlx_manager.cli", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -77,10 +81,13 @@ def test_logs_prints_control_characters_escaped(isolated_home):
 
 
 def test_audit_tables_and_csv_show_client_text_inert(isolated_home):
-    fill(isolated_home / "audit.db", [
-        record(request_id="r-1", model=FORMULA, endpoint="/v1/chat/completions"),
-        record(request_id="r-2", model=f"{RED}red", endpoint="/v1/x\n" + FORGED, status="error", http_status=404),
-    ])
+    fill(
+        isolated_home / "audit.db",
+        [
+            record(request_id="r-1", model=FORMULA, endpoint="/v1/chat/completions"),
+            record(request_id="r-2", model=f"{RED}red", endpoint="/v1/x\n" + FORGED, status="error", http_status=404),
+        ],
+    )
     for command in (["audit", "tail", "--wide"], ["audit", "query", "--wide"], ["audit", "stats", "--by", "model"]):
         shown = runner.invoke(app, command)
         assert shown.exit_code == 0, shown.stderr

@@ -68,8 +68,9 @@ def test_the_api_survives_fuzzing(server, fast_model, capsys):
     seen: Counter[str] = Counter()
     statuses: Counter[int] = Counter()
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     # Random model names only reach "unknown model": three cases in four name the real one, so that
     # generation runs; one in ten goes without the key. (Hypothesis favours 0: it means the usual.)
     @given(case=cases, odd_model=st.integers(0, 3), without_key=st.integers(0, 9))

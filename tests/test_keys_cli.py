@@ -83,7 +83,7 @@ def test_add_keeps_the_rest_of_the_config_file():
     added_key("a")
     added_key("b")
     text = config_path().read_text()
-    assert text.startswith("# mine\n[timeouts]\nchat = 300  # five minutes\n\n[[auth.keys]]\nname = \"a\"\n")
+    assert text.startswith('# mine\n[timeouts]\nchat = 300  # five minutes\n\n[[auth.keys]]\nname = "a"\n')
     assert keys("revoke", "a").exit_code == 0
     assert keys("revoke", "b").exit_code == 0
     # The rest is untouched; the last revoke leaves the API closed (auth.required), not open.
@@ -110,7 +110,10 @@ def test_list_shows_names_and_dates_never_keys(tmp_path, monkeypatch):
     assert lines[4].split() == ["MLX_MANAGER_API_KEY", "-", "environment"]
     rows = json.loads(keys("list", "--json").stdout)
     assert [(r["name"], r["source"]) for r in rows] == [
-        ("laptop", "config"), ("ci", "config"), ("keys_file:1", str(keys_file)), ("MLX_MANAGER_API_KEY", "environment")
+        ("laptop", "config"),
+        ("ci", "config"),
+        ("keys_file:1", str(keys_file)),
+        ("MLX_MANAGER_API_KEY", "environment"),
     ]
     for output in (table.stdout, json.dumps(rows)):
         assert not any(s in output or key_digest(s) in output for s in [*secrets, "team-key-0123456789"])
@@ -145,8 +148,14 @@ def test_config_never_prints_a_key():
     secret = added_key("laptop")
     digest = key_digest(secret)
     outputs = []
-    for args in (["list"], ["list", "--json"], ["list", "--show-origin"], ["list", "--json", "--show-origin"],
-                 ["get", "auth.keys"], ["get", "auth.keys", "--json"]):
+    for args in (
+        ["list"],
+        ["list", "--json"],
+        ["list", "--show-origin"],
+        ["list", "--json", "--show-origin"],
+        ["get", "auth.keys"],
+        ["get", "auth.keys", "--json"],
+    ):
         result = runner.invoke(app, ["config", *args])
         assert result.exit_code == 0, result.stderr
         outputs.append(result.stdout)
@@ -189,5 +198,7 @@ def test_the_supervisor_passes_insecure_no_auth_to_the_daemon():
     args, _ = parse_args(command[3:])
     assert args.insecure_no_auth and args.host == "0.0.0.0"
     assert serve_command(args.host, args.port, args.model, args.insecure_no_auth)[-3:] == [
-        "--port", "8080", "--insecure-no-auth"
+        "--port",
+        "8080",
+        "--insecure-no-auth",
     ]

@@ -169,9 +169,21 @@ def test_the_watchdog_restarts_a_frozen_daemon(clean_up):
     port = free_port()
     # The supervisor run directly, with a short hang timeout (settings will carry these for `start`).
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "mlx_manager.supervisor", "--port", str(port),
-         "--health-interval", "0.5", "--hang-timeout", "3"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_manager.supervisor",
+            "--port",
+            str(port),
+            "--health-interval",
+            "0.5",
+            "--hang-timeout",
+            "3",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     clean_up.add(supervisor.pid)
     state = wait_until(lambda: (s := read_state()) and s.get("ready") and s, timeout=60)
@@ -179,6 +191,7 @@ def test_the_watchdog_restarts_a_frozen_daemon(clean_up):
     clean_up.add(frozen)
     os.kill(frozen, signal.SIGSTOP)  # alive, but answers nothing: a wedged daemon
     try:
+
         def restarted():
             code, body = status_json()
             return body if code == 0 and body["daemon_pid"] != frozen else None
@@ -204,8 +217,12 @@ def test_stop_lets_an_in_flight_request_finish(clean_up, slow_model, isolated_ho
     result = {}
 
     def ask():
-        body = {"model": slow_model, "messages": [{"role": "user", "content": "tell me everything"}],
-                "max_tokens": 80, "temperature": 0}  # seconds of decoding
+        body = {
+            "model": slow_model,
+            "messages": [{"role": "user", "content": "tell me everything"}],
+            "max_tokens": 80,
+            "temperature": 0,
+        }  # seconds of decoding
         result["response"] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=280)
 
     request = threading.Thread(target=ask)
@@ -342,8 +359,16 @@ def test_start_with_a_model_that_cannot_load_fails_with_the_reason(clean_up, tmp
 def test_start_replaces_a_stale_state_file(clean_up):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    write_state({"state": "running", "supervisor_pid": dead.pid, "daemon_pid": dead.pid,
-                 "daemon_started": 1.0, "url": "http://127.0.0.1:9", "restarts": 7})
+    write_state(
+        {
+            "state": "running",
+            "supervisor_pid": dead.pid,
+            "daemon_pid": dead.pid,
+            "daemon_started": 1.0,
+            "url": "http://127.0.0.1:9",
+            "restarts": 7,
+        }
+    )
     assert cli("status").returncode == 3
     url, daemon, supervisor = start()
     clean_up |= {daemon, supervisor}
@@ -429,7 +454,9 @@ def test_logs_show_the_daemon_log_and_the_supervisor_log(clean_up, isolated_home
 
     follower = children.start(
         [sys.executable, "-m", "mlx_manager.cli", "logs", "--follow", "-n", "0"],
-        ctrl_c=True, stdout=subprocess.PIPE, text=True,
+        ctrl_c=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     seen: list[str] = []
     threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True).start()

@@ -485,9 +485,7 @@ UNITS = {
 }
 
 
-@pytest.mark.parametrize(
-    "choice", [{"type": "any"}, {"type": "tool", "name": "set_units"}], ids=["any", "tool"]
-)
+@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "set_units"}], ids=["any", "tool"])
 def test_tool_choice_any_and_tool_force_a_call(client, models, choice):
     path, _ = models["hermes"]
     first = client.messages.create(model=path, max_tokens=300, messages=question(), tools=[TOOL])
@@ -496,8 +494,12 @@ def test_tool_choice_any_and_tool_force_a_call(client, models, choice):
     # A closed schema and greedy decoding: where the grammar overrules this model, its logits are
     # all alike, and sampling (or an open string) could wander to max_tokens.
     message = client.messages.create(
-        model=path, max_tokens=300, messages=after_tool(first.content), tools=[UNITS], tool_choice=choice,
-        extra_body={"temperature": 0}
+        model=path,
+        max_tokens=300,
+        messages=after_tool(first.content),
+        tools=[UNITS],
+        tool_choice=choice,
+        extra_body={"temperature": 0},
     )
     assert message.stop_reason == "tool_use"
     [call] = blocks(message, "tool_use")
@@ -506,11 +508,19 @@ def test_tool_choice_any_and_tool_force_a_call(client, models, choice):
 
 def test_a_strict_tool_holds_the_call_to_its_schema(client, models):
     path, _ = models["hermes"]
-    only_london = {**TOOL, "strict": True, "input_schema": {
-        "type": "object", "properties": {"city": {"enum": ["London"]}}, "required": ["city"],
-        "additionalProperties": False}}
-    message = client.messages.create(model=path, max_tokens=300, messages=question(), tools=[only_london],
-                                     extra_body={"temperature": 0})
+    only_london = {
+        **TOOL,
+        "strict": True,
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"enum": ["London"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
+    message = client.messages.create(
+        model=path, max_tokens=300, messages=question(), tools=[only_london], extra_body={"temperature": 0}
+    )
     # The model says Paris; the schema allows London only.
     assert [(c.name, c.input) for c in blocks(message, "tool_use")] == [("get_weather", {"city": "London"})]
 
@@ -519,10 +529,16 @@ def test_output_config_format_gives_json_that_follows_the_schema(client, models)
     import jsonschema
 
     path, scripted = models["hermes"]
-    schema = {"type": "object", "properties": {"sky": {"enum": ["sunny", "rain"]}, "temp": {"type": "integer",
-              "minimum": -40, "maximum": 50}}, "required": ["sky", "temp"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"sky": {"enum": ["sunny", "rain"]}, "temp": {"type": "integer", "minimum": -40, "maximum": 50}},
+        "required": ["sky", "temp"],
+        "additionalProperties": False,
+    }
     message = client.messages.create(
-        model=path, max_tokens=300, messages=question(),
+        model=path,
+        max_tokens=300,
+        messages=question(),
         extra_body={"temperature": 0, "output_config": {"format": {"type": "json_schema", "schema": schema}}},
     )
     [text] = blocks(message, "text")

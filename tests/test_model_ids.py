@@ -30,11 +30,13 @@ def audit_rows(live: LiveServer) -> list[dict]:
 @pytest.mark.parametrize("model", ["m" * 1025, "x" * 1_000_000, "bad\nname", "ansi\x1b[31m", "bidi\u202e", ""])
 def test_a_long_or_unprintable_model_id_is_422_and_recorded_nowhere(model, tmp_path):
     with LiveServer(create_app(Settings())) as live, live.http() as http:
-        for path, body in (("/v1/chat/completions", {"model": model, "messages": HELLO}),
-                           ("/v1/completions", {"model": model, "prompt": "hi"}),
-                           ("/v1/embeddings", {"model": model, "input": "hi"}),
-                           ("/v1/messages", {"model": model, "max_tokens": 5, "messages": HELLO}),
-                           ("/v1/responses", {"model": model, "input": "hi"})):
+        for path, body in (
+            ("/v1/chat/completions", {"model": model, "messages": HELLO}),
+            ("/v1/completions", {"model": model, "prompt": "hi"}),
+            ("/v1/embeddings", {"model": model, "input": "hi"}),
+            ("/v1/messages", {"model": model, "max_tokens": 5, "messages": HELLO}),
+            ("/v1/responses", {"model": model, "input": "hi"}),
+        ):
             answer = http.post(path, json=body, headers={"X-Request-ID": "long-" + path.replace("/", "-")})
             if path == "/v1/messages":
                 assert answer.status_code == 422 and answer.json()["error"]["code"] == "validation_error"
@@ -73,15 +75,21 @@ def server(tmp_path_factory, fast_model):
             yield live
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/chat/completions", '{"model": "MODEL", "max_tokens": 2, "messages": [{"role": "user", "content": LONE}]}'),
-    ("/v1/completions", '{"model": "MODEL", "max_tokens": 2, "prompt": LONE}'),
-    ("/v1/completions", '{"model": "MODEL", "max_tokens": 2, "prompt": "ok", "stop": [LONE]}'),
-    ("/v1/embeddings", '{"model": "MODEL", "input": [LONE]}'),
-    ("/v1/messages", '{"model": "MODEL", "max_tokens": 2, "messages": [{"role": "user", "content": LONE}]}'),
-    ("/v1/responses", '{"model": "MODEL", "input": LONE}'),
-    ("/v1/completions", '{"model": "MODEL", "max_tokens": 2, "prompt": "\\udc00 low first"}'),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            '{"model": "MODEL", "max_tokens": 2, "messages": [{"role": "user", "content": LONE}]}',
+        ),
+        ("/v1/completions", '{"model": "MODEL", "max_tokens": 2, "prompt": LONE}'),
+        ("/v1/completions", '{"model": "MODEL", "max_tokens": 2, "prompt": "ok", "stop": [LONE]}'),
+        ("/v1/embeddings", '{"model": "MODEL", "input": [LONE]}'),
+        ("/v1/messages", '{"model": "MODEL", "max_tokens": 2, "messages": [{"role": "user", "content": LONE}]}'),
+        ("/v1/responses", '{"model": "MODEL", "input": LONE}'),
+        ("/v1/completions", '{"model": "MODEL", "max_tokens": 2, "prompt": "\\udc00 low first"}'),
+    ],
+)
 def test_an_unpaired_surrogate_is_a_422_not_a_500(server, fast_model, path, body):
     with server.http() as http:
         text = body.replace("MODEL", fast_model).replace("LONE", LONE)
@@ -118,12 +126,25 @@ def test_every_unknown_model_reads_the_same(tmp_path, fast_model):
     folder does not load by default."""
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(fast_model, elsewhere)
-    probes = [str(elsewhere), str(tmp_path), str(tmp_path / "none"), "/etc", "/proc/1/cwd", "/" + "a" * 300,
-              "~root", "../../../../etc", "org/not-cached", str(elsewhere / "config.json")]
+    probes = [
+        str(elsewhere),
+        str(tmp_path),
+        str(tmp_path / "none"),
+        "/etc",
+        "/proc/1/cwd",
+        "/" + "a" * 300,
+        "~root",
+        "../../../../etc",
+        "org/not-cached",
+        str(elsewhere / "config.json"),
+    ]
     with LiveServer(create_app(Settings())) as live, live.http() as http:
         details = {detail_of(http.post("/v1/completions", json={"model": p, "prompt": "hi"}), p) for p in probes}
-        load = http.post("/admin/models/load", json={"model": str(elsewhere)},
-                         headers={"Authorization": f"Bearer {live.daemon.admin_token}"})
+        load = http.post(
+            "/admin/models/load",
+            json={"model": str(elsewhere)},
+            headers={"Authorization": f"Bearer {live.daemon.admin_token}"},
+        )
         details.add(detail_of(load, str(elsewhere)))
     assert len(details) == 1, details
     assert "models.folders" in details.pop()

@@ -41,23 +41,24 @@ def test_ps_load_and_unload(fast_model, no_template_model):
             "unloaded": no_template_model
         }
         assert server.engine.status().loaded == [fast_model]
-        again = assert_problem(http.post("/admin/models/unload", json={"model": no_template_model}), 404,
-                               "model_not_loaded")
+        again = assert_problem(
+            http.post("/admin/models/unload", json={"model": no_template_model}), 404, "model_not_loaded"
+        )
         assert again["detail"] == f"model {no_template_model!r} is not loaded"
         assert_problem(http.post("/admin/models/load", json={"model": "org/not-here"}), 404, "model_not_found")
         assert_problem(http.post("/admin/models/load", json={"model": fast_model, "extra": 1}), 422, "validation_error")
 
 
 def test_unload_is_refused_while_a_stream_runs_and_forced_it_ends_the_stream(fast_model):
-    chat = {"model": fast_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000,
-            "stream": True}
+    chat = {"model": fast_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000, "stream": True}
     with serving(fast_model) as server, server.http() as streaming, server.http(headers=admin()) as http:
         with streaming.stream("POST", "/v1/chat/completions", json=chat) as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data:"))  # generating
             busy = assert_problem(http.post("/admin/models/unload", json={"model": fast_model}), 409, "model_busy")
-            assert busy["detail"] == (f"model {fast_model!r} has 1 job(s) running or waiting; "
-                                      "force the unload to end them")
+            assert busy["detail"] == (
+                f"model {fast_model!r} has 1 job(s) running or waiting; force the unload to end them"
+            )
             forced = http.post("/admin/models/unload", json={"model": fast_model, "force": True})
             assert forced.status_code == 200, forced.text
             rest = list(lines)
@@ -84,16 +85,18 @@ def call(app, client: str, method: str, path: str, token: str | None = None, **k
 
 def test_model_admin_takes_the_admin_token_here_and_an_api_key_from_anywhere():
     key = new_key()
-    app = create_app(settings_with(auth={"keys": [{"name": "laptop", "sha256": key_digest(key),
-                                                   "created": datetime.now(UTC)}]}))
+    app = create_app(
+        settings_with(auth={"keys": [{"name": "laptop", "sha256": key_digest(key), "created": datetime.now(UTC)}]})
+    )
     here, remote = "127.0.0.1", "192.0.2.10"
     assert call(app, here, "GET", "/admin/models", admin_token()).status_code == 200
     assert call(app, here, "GET", "/admin/models", key).status_code == 200
     assert call(app, remote, "GET", "/admin/models", key).status_code == 200
     refused = call(app, remote, "GET", "/admin/models", admin_token())
     assert_problem(refused, 403, "forbidden")
-    assert refused.json()["detail"] == ("admin endpoints answer only clients on this machine "
-                                        "(or, with an API key, from anywhere)")
+    assert refused.json()["detail"] == (
+        "admin endpoints answer only clients on this machine (or, with an API key, from anywhere)"
+    )
     assert_problem(call(app, remote, "POST", "/admin/models/pull", json={"model": "org/x"}), 403, "forbidden")
     assert_problem(call(app, here, "GET", "/admin/models"), 401, "unauthorized")
     assert_problem(call(app, here, "GET", "/admin/models", "mlxm-wrong"), 401, "unauthorized")
@@ -112,7 +115,9 @@ def test_pull_stream_reports_a_failure_as_an_error_event():
         assert lines[0] == "event: error"
         document = json.loads(lines[1].removeprefix("data: "))
         assert (document["type"], document["status"], document["reason"]) == (
-            "urn:mlx-manager:problem:pull_failed", 502, "offline"
+            "urn:mlx-manager:problem:pull_failed",
+            502,
+            "offline",
         )
         assert document["detail"] == "HF_HUB_OFFLINE is set, so nothing can be downloaded"
         assert document["hint"] == "Unset it to pull." and document["request_id"] == response.headers["x-request-id"]

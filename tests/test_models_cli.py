@@ -91,10 +91,15 @@ def test_list_shows_the_cache_and_the_configured_folders(hf_cache, tmp_path, fas
         (str(embedder), "embedding", "f32", False, "folder"),
         (str(plain), "text", "f32", True, "folder"),
     ]
-    assert [r["size_bytes"] for r in rows] == [size_of(fast_model), size_of(quantized), size_of(embedder),
-                                               size_of(plain)]
-    assert rows[0]["commit"] == COMMIT_A and rows[0]["path"] == str(hf_cache / "models--org--chat" / "snapshots"
-                                                                      / COMMIT_A)
+    assert [r["size_bytes"] for r in rows] == [
+        size_of(fast_model),
+        size_of(quantized),
+        size_of(embedder),
+        size_of(plain),
+    ]
+    assert rows[0]["commit"] == COMMIT_A and rows[0]["path"] == str(
+        hf_cache / "models--org--chat" / "snapshots" / COMMIT_A
+    )
     assert all(r["last_used"] is None for r in rows)
 
     table = models("list").stdout.splitlines()
@@ -152,11 +157,18 @@ def test_rm_clears_what_an_interrupted_pull_left(hf_cache):
 @pytest.mark.parametrize(
     ("model", "code", "message"),
     [
-        ("org/none", 1,
-         "Error: org/none is not in the Hugging Face cache ({cache}). `mlx-manager models list` shows what is."),
+        (
+            "org/none",
+            1,
+            "Error: org/none is not in the Hugging Face cache ({cache}). `mlx-manager models list` shows what is.",
+        ),
         ("org/chat@v9", 1, "Error: org/chat has no cached revision 'v9'. `mlx-manager models list` shows what is."),
-        ("./a-folder", 2, "Error: './a-folder' is not a Hugging Face repo id. "
-                          "Give it as ORG/NAME or ORG/NAME@REVISION, e.g. mlx-community/Qwen3-0.6B-4bit."),
+        (
+            "./a-folder",
+            2,
+            "Error: './a-folder' is not a Hugging Face repo id. "
+            "Give it as ORG/NAME or ORG/NAME@REVISION, e.g. mlx-community/Qwen3-0.6B-4bit.",
+        ),
     ],
 )
 def test_rm_refusals(hf_cache, fast_model, model, code, message):
@@ -173,7 +185,8 @@ def test_daemon_commands_without_a_daemon(command):
     assert done.stderr == "Error: no daemon is running. Start one with `mlx-manager start`.\n"
     as_json = models(*command, "--json")
     assert as_json.exit_code == 1 and json.loads(as_json.stderr) == {
-        "error": "no daemon is running.", "hint": "Start one with `mlx-manager start`."
+        "error": "no daemon is running.",
+        "hint": "Start one with `mlx-manager start`.",
     }
 
 

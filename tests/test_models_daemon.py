@@ -34,8 +34,7 @@ def models(*args: str):
 
 
 def mlx_manager(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -43,8 +42,12 @@ def daemon(tmp_path, monkeypatch, fast_model):
     """The stand-in hub serving org/tiny (main, and tag v1), and a daemon started against it."""
     hub = StandInHub()
     hub.add_commit("org/tiny", model_files(fast_model), refs=("main", "v1"))
-    for name, value in {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
-                        "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    for name, value in {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with socket.socket() as sock:
@@ -68,8 +71,10 @@ def daemon(tmp_path, monkeypatch, fast_model):
 def pull_through(url: str, model: str) -> list[dict]:
     """POST /admin/models/pull and read the stream to its end: the events."""
     headers = {"Authorization": f"Bearer {admin_token()}"}
-    with httpx.Client(timeout=300) as http, http.stream("POST", f"{url}/admin/models/pull", headers=headers,
-                                                        json={"model": model}) as response:
+    with (
+        httpx.Client(timeout=300) as http,
+        http.stream("POST", f"{url}/admin/models/pull", headers=headers, json={"model": model}) as response,
+    ):
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines), lines
@@ -91,8 +96,9 @@ def test_a_model_pulled_through_the_daemon_is_served_listed_and_removed(daemon):
     assert (ps.exit_code, ps.stdout) == (0, "No model is loaded.\n")
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    answer = client.chat.completions.create(model="org/tiny", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=8)
+    answer = client.chat.completions.create(
+        model="org/tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
     assert answer.model == "org/tiny" and answer.choices[0].message.content
     assert answer.usage.completion_tokens > 0
 
@@ -118,12 +124,15 @@ def test_a_model_pulled_through_the_daemon_is_served_listed_and_removed(daemon):
 
     refused = models("rm", "org/tiny", "--yes")
     assert refused.exit_code == 1
-    assert refused.stderr == ("Error: the running daemon has org/tiny loaded. Unload it first "
-                              "(`mlx-manager models unload org/tiny`), or pass --force to do both.\n")
+    assert refused.stderr == (
+        "Error: the running daemon has org/tiny loaded. Unload it first "
+        "(`mlx-manager models unload org/tiny`), or pass --force to do both.\n"
+    )
     removed = models("rm", "org/tiny", "--yes", "--force")
     assert removed.exit_code == 0, removed.output
     assert removed.stdout.startswith("Deleted org/tiny (") and removed.stdout.endswith(
-        "freed; unloaded it from the daemon first)\n")
+        "freed; unloaded it from the daemon first)\n"
+    )
     assert models("ps").stdout == "No model is loaded.\n"
     assert models("list").stdout.startswith("No models here yet.")
     gone = client.chat.completions.create
@@ -139,8 +148,9 @@ def test_a_pinned_revision_is_served_under_its_id(daemon):
     assert loaded.exit_code == 0, loaded.output
     assert json.loads(loaded.stdout)["path"] == events[-1]["path"]
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    answer = client.chat.completions.create(model="org/tiny@v1", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=4)
+    answer = client.chat.completions.create(
+        model="org/tiny@v1", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
     assert answer.choices[0].message.content
 
 

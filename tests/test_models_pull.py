@@ -28,14 +28,21 @@ NOT_NEEDED = {"README.md", ".gitattributes", "pytorch_model.bin"}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def hub_env(hub: StandInHub, hf_home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+    return {
+        **env,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        **extra,
+    }
 
 
 def events_of(stdout: str) -> list[dict]:
@@ -104,8 +111,14 @@ def test_pull_reports_progress_as_json_and_fetches_only_what_a_model_needs(hub, 
     weights_size = (Path(fast_model) / "model.safetensors").stat().st_size
     assert weights[-1]["file_bytes"] == weights[-1]["file_size"] == weights_size
     assert result == {
-        "event": "done", "model": REPO, "commit": commit, "path": str(snapshot(hf_home, REPO, commit)), "kind": "chat",
-        "quantization": "f32", "size_bytes": plan["total_bytes"], "downloaded_bytes": plan["total_bytes"],
+        "event": "done",
+        "model": REPO,
+        "commit": commit,
+        "path": str(snapshot(hf_home, REPO, commit)),
+        "kind": "chat",
+        "quantization": "f32",
+        "size_bytes": plan["total_bytes"],
+        "downloaded_bytes": plan["total_bytes"],
         "seconds": result["seconds"],
     }
     # The files arrived whole, in huggingface_hub's cache layout, and nothing else was fetched.
@@ -134,8 +147,9 @@ def test_pull_prints_plain_lines_when_not_on_a_terminal(hub, hf_home, fast_model
     commit = hub.repos[REPO].refs["main"]
     files = sorted(Path(fast_model).iterdir())
     total = format_bytes(sum(f.stat().st_size for f in files))
-    assert done.stderr.startswith(f"Pulling {REPO} at main (commit {commit[:12]}): {len(files)} of {len(files)} files, "
-                                  f"{total}\n")
+    assert done.stderr.startswith(
+        f"Pulling {REPO} at main (commit {commit[:12]}): {len(files)} of {len(files)} files, {total}\n"
+    )
     weights = format_bytes((Path(fast_model) / "model.safetensors").stat().st_size)
     assert f"\n  model.safetensors ({weights})\n" in done.stderr and "Checking that the model loads..." in done.stderr
     assert "\x1b[" not in done.stderr  # no bars, no colours
@@ -163,8 +177,13 @@ def test_a_pull_stopped_with_ctrl_c_goes_on_where_it_stopped(hub, hf_home, fast_
     release = threading.Event()
     hub.cuts["model.safetensors"] = Cut(after=300_000, hold=release)
     env = hub_env(hub, hf_home)
-    process = subprocess.Popen([sys.executable, "-m", "mlx_manager.cli", "models", "pull", REPO],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_manager.cli", "models", "pull", REPO],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         blobs = hf_home / "hub" / "models--org--tiny" / "blobs"
 
@@ -180,8 +199,10 @@ def test_a_pull_stopped_with_ctrl_c_goes_on_where_it_stopped(hub, hf_home, fast_
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1] == (f"Error: interrupted; what arrived so far stays in the cache. "
-                             f"Run `mlx-manager models pull {REPO}` again to go on from there.")
+    assert err.strip().splitlines()[-1] == (
+        f"Error: interrupted; what arrived so far stays in the cache. "
+        f"Run `mlx-manager models pull {REPO}` again to go on from there."
+    )
     assert partial_size() == 300_000
 
     hub.requests.clear()
@@ -224,12 +245,15 @@ def test_a_revision_pins_the_files_of_that_commit(hub, hf_home, fast_model, tmp_
     listed = run_cli("models", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [(m["id"], m["commit"]) for m in json.loads(listed.stdout)] == [
-        (f"org/pinned@{new_commit}", new_commit), ("org/pinned@v1", old_commit)
+        (f"org/pinned@{new_commit}", new_commit),
+        ("org/pinned@v1", old_commit),
     ]
     # The engine finds each pinned revision in the cache under that id.
     resolved = run_cli_python(
         "from mlx_manager.engine.pool import resolve; import sys; "
-        "print(resolve(sys.argv[1])); print(resolve(sys.argv[2]))", "org/pinned@v1", f"org/pinned@{new_commit}",
+        "print(resolve(sys.argv[1])); print(resolve(sys.argv[2]))",
+        "org/pinned@v1",
+        f"org/pinned@{new_commit}",
     )
     assert resolved.splitlines() == [str(folder), done["path"]]
 
@@ -265,12 +289,15 @@ def test_a_model_mlx_lm_cannot_load_is_refused_after_the_check(hub, hf_home, fas
     commit = hub.repos["org/odd"].refs["main"]
     assert error["error"].startswith("org/odd downloaded, but it cannot be loaded: ValueError: ")
     assert "no-such-architecture" in error["error"]
-    assert error["hint"] == (f"It stays in the cache ({snapshot(hf_home, 'org/odd', commit)}); "
-                             "`mlx-manager models rm org/odd` removes it.")
+    assert error["hint"] == (
+        f"It stays in the cache ({snapshot(hf_home, 'org/odd', commit)}); `mlx-manager models rm org/odd` removes it."
+    )
 
 
-NOT_FOUND = ("org/missing was not found on {url}. Check the id; a private repo also needs HF_TOKEN set to a token "
-             "that may read it.")
+NOT_FOUND = (
+    "org/missing was not found on {url}. Check the id; a private repo also needs HF_TOKEN set to a token "
+    "that may read it."
+)
 
 
 @pytest.mark.parametrize(
@@ -278,15 +305,26 @@ NOT_FOUND = ("org/missing was not found on {url}. Check the id; a private repo a
     [
         ("org/missing", {}, NOT_FOUND),
         ("org/missing", {"HF_TOKEN": "hf_good", "token": "hf_good"}, NOT_FOUND),  # with a token: 404, not 401
-        ("org/gated", {}, "org/gated is gated: its conditions must be accepted before it can be downloaded. "
-                          "Accept them at {url}/org/gated and set HF_TOKEN to a token of that account."),
-        (REPO, {"HF_TOKEN": "hf_wrong", "token": "hf_good"},
-         "{url} refused the token (HF_TOKEN or the saved login): it is invalid or expired. "
-         "Set HF_TOKEN to a valid token, or unset it for public models."),
+        (
+            "org/gated",
+            {},
+            "org/gated is gated: its conditions must be accepted before it can be downloaded. "
+            "Accept them at {url}/org/gated and set HF_TOKEN to a token of that account.",
+        ),
+        (
+            REPO,
+            {"HF_TOKEN": "hf_wrong", "token": "hf_good"},
+            "{url} refused the token (HF_TOKEN or the saved login): it is invalid or expired. "
+            "Set HF_TOKEN to a valid token, or unset it for public models.",
+        ),
         (f"{REPO}@v9", {}, "org/tiny has no revision 'v9'. Give a branch, a tag or a commit hash that exists."),
         (REPO, {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set, so nothing can be downloaded. Unset it to pull."),
-        ("not-a-repo-id", {}, "'not-a-repo-id' is not a Hugging Face repo id. Give it as ORG/NAME or "
-                              "ORG/NAME@REVISION, e.g. mlx-community/Qwen3-0.6B-4bit."),
+        (
+            "not-a-repo-id",
+            {},
+            "'not-a-repo-id' is not a Hugging Face repo id. Give it as ORG/NAME or "
+            "ORG/NAME@REVISION, e.g. mlx-community/Qwen3-0.6B-4bit.",
+        ),
     ],
 )
 def test_hub_refusals_are_one_line_each(hub, hf_home, fast_model, model, setup, message):

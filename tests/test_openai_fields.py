@@ -144,7 +144,12 @@ def test_completions_logprobs_in_the_legacy_shape_agree_with_mlx_lm(client, fast
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
     streamed_tokens: list[str] = []
     for chunk in client.completions.create(
-        model=fast_model, prompt=PROMPT_IDS, max_tokens=6, temperature=0, logprobs=2, logit_bias={EOS: -100},
+        model=fast_model,
+        prompt=PROMPT_IDS,
+        max_tokens=6,
+        temperature=0,
+        logprobs=2,
+        logit_bias={EOS: -100},
         stream=True,
     ):
         if chunk.choices and chunk.choices[0].logprobs:
@@ -229,7 +234,12 @@ def test_repetition_penalty_follows_mlx_lm(client, fast_model, reference):
         return mx.array(values)
 
     done = client.completions.create(
-        model=fast_model, prompt=PROMPT_IDS, max_tokens=10, temperature=0, logprobs=0, logit_bias={EOS: -100},
+        model=fast_model,
+        prompt=PROMPT_IDS,
+        max_tokens=10,
+        temperature=0,
+        logprobs=0,
+        logit_bias={EOS: -100},
         extra_body={"repetition_penalty": 1.3},  # mlx-lm's, not OpenAI's
     )
     expected = greedy_steps(model, PROMPT_IDS, 10, 1, repetition)
@@ -276,7 +286,12 @@ def test_n_streams_each_choice_with_its_index(client, fast_model):
     finishes: dict[int, str] = {}
     usage = None
     for chunk in client.chat.completions.create(
-        model=fast_model, messages=HELLO, max_tokens=10, temperature=0, n=2, stream=True,
+        model=fast_model,
+        messages=HELLO,
+        max_tokens=10,
+        temperature=0,
+        n=2,
+        stream=True,
         stream_options={"include_usage": True},
     ):
         usage = chunk.usage or usage
@@ -409,8 +424,15 @@ def test_each_refused_field_is_a_400_naming_it(server, fast_model, name, endpoin
 def test_values_that_change_nothing_pass(client, fast_model):
     client.completions.create(model=fast_model, prompt="hi", max_tokens=2, best_of=1, echo=False, suffix="")
     client.chat.completions.create(
-        model=fast_model, messages=HELLO, max_tokens=2, store=False, modalities=["text"], service_tier="auto",
-        user="someone", metadata={"k": "v"}, prompt_cache_key="k",
+        model=fast_model,
+        messages=HELLO,
+        max_tokens=2,
+        store=False,
+        modalities=["text"],
+        service_tier="auto",
+        user="someone",
+        metadata={"k": "v"},
+        prompt_cache_key="k",
     )
 
 

@@ -50,7 +50,9 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [MLX_MANAGER, "serve", "--host", "0.0.0.0", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def wait_ready(self) -> None:
@@ -96,8 +98,11 @@ def test_a_network_daemon_with_a_key_and_every_file_it_keeps(tmp_path, monkeypat
     assert httpx.get(daemon.url + "/v1/models").status_code == 401
     assert httpx.get(daemon.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     files = {
-        "config.toml": home / "config.toml", "admin.token": admin_token_file(), "daemon.json": home / "daemon.json",
-        "audit.db": home / "audit.db", "daemon.log": home / "logs" / "daemon.log",
+        "config.toml": home / "config.toml",
+        "admin.token": admin_token_file(),
+        "daemon.json": home / "daemon.json",
+        "audit.db": home / "audit.db",
+        "daemon.log": home / "logs" / "daemon.log",
     }
     assert {name: mode(path) for name, path in files.items()} == {name: 0o600 for name in files}
     assert mode(home) == 0o700 and mode(home / "logs") == 0o700

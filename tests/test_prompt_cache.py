@@ -186,7 +186,11 @@ def test_usage_and_the_audit_row_report_cached_tokens(fast_model):
         assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
         chunks = list(
             client.chat.completions.create(
-                model=fast_model, messages=messages, max_tokens=4, temperature=0, stream=True,
+                model=fast_model,
+                messages=messages,
+                max_tokens=4,
+                temperature=0,
+                stream=True,
                 stream_options={"include_usage": True},
             )
         )

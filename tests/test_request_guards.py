@@ -24,14 +24,24 @@ KEY = new_key()
 
 
 def keyed(**sections: dict) -> dict:
-    return {"auth": {"keys": [{"name": "team", "sha256": key_digest(KEY), "created": datetime.now(UTC)}],
-                     **sections.pop("auth", {})}, **sections}
+    return {
+        "auth": {
+            "keys": [{"name": "team", "sha256": key_digest(KEY), "created": datetime.now(UTC)}],
+            **sections.pop("auth", {}),
+        },
+        **sections,
+    }
 
 
 def browser(host: str, origin: str | None = None) -> dict[str, str]:
     """What a browser sends with a page's fetch() or form: the page's host and origin."""
-    headers = {"Host": host, "User-Agent": "Mozilla/5.0 (Macintosh) Safari/605.1.15", "Accept": "*/*",
-               "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin"}
+    headers = {
+        "Host": host,
+        "User-Agent": "Mozilla/5.0 (Macintosh) Safari/605.1.15",
+        "Accept": "*/*",
+        "Sec-Fetch-Mode": "cors",
+        "Sec-Fetch-Site": "same-origin",
+    }
     if origin is not None:
         headers["Origin"] = origin
     return headers
@@ -50,10 +60,14 @@ def open_daemon(tmp_path_factory):
 
 
 REQUESTS = [
-    ("GET", "/health", None), ("GET", "/ready", None), ("GET", "/metrics", None), ("GET", "/v1/models", None),
+    ("GET", "/health", None),
+    ("GET", "/ready", None),
+    ("GET", "/metrics", None),
+    ("GET", "/v1/models", None),
     ("POST", "/v1/chat/completions", {"model": "org/none", "messages": [{"role": "user", "content": "hi"}]}),
     ("POST", "/v1/completions", {"model": "/etc", "prompt": "hi"}),
-    ("POST", "/admin/models/load", {"model": "/tmp"}), ("GET", "/openapi.json", None),
+    ("POST", "/admin/models/load", {"model": "/tmp"}),
+    ("GET", "/openapi.json", None),
 ]
 
 
@@ -66,8 +80,19 @@ def test_a_page_on_a_rebound_domain_gets_421_on_every_route(open_daemon, method,
     assert "evil.example" in problem["detail"] and "server.allowed_hosts" in problem["detail"]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST.", "[::1]:{port}",
-                                  "app.localhost:{port}", "192.0.2.7:{port}", "llm.lan:{port}", "a.box.example"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "LOCALHOST.",
+        "[::1]:{port}",
+        "app.localhost:{port}",
+        "192.0.2.7:{port}",
+        "llm.lan:{port}",
+        "a.box.example",
+    ],
+)
 def test_loopback_names_addresses_and_allowed_hosts_are_served(open_daemon, host):
     headers = browser(host.format(port=open_daemon.port))
     assert httpx.get(open_daemon.url + "/v1/models", headers=headers).status_code == 200
@@ -94,8 +119,7 @@ def test_the_admin_feed_refuses_rebound_hosts_and_foreign_origins(open_daemon):
         sock.sendall(
             f"GET /admin/audit/feed HTTP/1.1\r\nHost: evil.example:{open_daemon.port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: {token['Authorization']}\r\nOrigin: http://evil.example:{open_daemon.port}\r\n\r\n"
-            .encode()
+            f"Authorization: {token['Authorization']}\r\nOrigin: http://evil.example:{open_daemon.port}\r\n\r\n".encode()
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 403 ")
     foreign = f"http://evil.example:{open_daemon.port}"
@@ -113,8 +137,11 @@ def test_the_admin_feed_refuses_rebound_hosts_and_foreign_origins(open_daemon):
 
 
 def test_cors_stays_off_unless_origins_are_configured(open_daemon, tmp_path):
-    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     answer = httpx.options(open_daemon.url + "/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in answer.headers
     plain = httpx.get(open_daemon.url + "/v1/models", headers={"Origin": "https://app.example"})
@@ -122,7 +149,9 @@ def test_cors_stays_off_unless_origins_are_configured(open_daemon, tmp_path):
     with LiveServer(create_app(settings_with(server={"cors_origins": ["https://app.example"]}))) as live:
         answer = httpx.options(live.url + "/v1/chat/completions", headers=preflight)
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
-        other = httpx.options(live.url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        other = httpx.options(
+            live.url + "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"}
+        )
         assert "access-control-allow-origin" not in other.headers
 
 

@@ -319,7 +319,9 @@ class Weather(BaseModel):
 
 def test_text_format_gives_a_parsed_answer(client, models):
     path, _ = models["hermes"]
-    parsed = client.responses.parse(model=path, input=QUESTION, text_format=Weather, max_output_tokens=300, temperature=0)
+    parsed = client.responses.parse(
+        model=path, input=QUESTION, text_format=Weather, max_output_tokens=300, temperature=0
+    )
     assert isinstance(parsed.output_parsed, Weather)
 
 
@@ -327,8 +329,12 @@ UNITS = {
     "type": "function",
     "name": "set_units",
     "description": "Choose the units of the answer.",
-    "parameters": {"type": "object", "properties": {"system": {"enum": ["metric", "imperial"]}},
-                   "required": ["system"], "additionalProperties": False},
+    "parameters": {
+        "type": "object",
+        "properties": {"system": {"enum": ["metric", "imperial"]}},
+        "required": ["system"],
+        "additionalProperties": False,
+    },
     "strict": True,
 }
 
@@ -341,7 +347,11 @@ def test_tool_choice_required_and_named_force_a_call(client, models, choice):
     # A closed schema and greedy decoding: where the grammar overrules this model, its logits
     # are all alike, and an open string could take its answer in and run to the limit.
     again = client.responses.create(
-        model=path, input=results_for(first), previous_response_id=first.id, tools=[UNITS], tool_choice=choice,
+        model=path,
+        input=results_for(first),
+        previous_response_id=first.id,
+        tools=[UNITS],
+        tool_choice=choice,
         temperature=0,
     )
     [(name, arguments)] = calls_of(again)
@@ -350,9 +360,16 @@ def test_tool_choice_required_and_named_force_a_call(client, models, choice):
 
 def test_a_strict_function_holds_the_call_to_its_schema(client, models):
     path, _ = models["hermes"]
-    only_london = {**TOOL, "strict": True, "parameters": {
-        "type": "object", "properties": {"city": {"enum": ["London"]}}, "required": ["city"],
-        "additionalProperties": False}}
+    only_london = {
+        **TOOL,
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["London"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
     response = client.responses.create(model=path, input=QUESTION, tools=[only_london], temperature=0)
     # The model says Paris; the schema allows London only.
     assert calls_of(response) == [("get_weather", {"city": "London"})]

@@ -30,8 +30,11 @@ from tests.test_daemon_audit import row_for
 from tests.test_daemon_timeouts import sse_events
 
 HELLO = [{"role": "user", "content": "hello there"}]
-TOOL = {"name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
-        "input_schema": WEATHER_TOOL["function"]["parameters"]}
+TOOL = {
+    "name": "get_weather",
+    "description": WEATHER_TOOL["function"]["description"],
+    "input_schema": WEATHER_TOOL["function"]["parameters"],
+}
 GREEDY = {"temperature": 0}
 
 
@@ -45,8 +48,9 @@ def upstream(tmp_path_factory, fast_model, slow_model, hermes_tool_model):
 
 
 @contextlib.contextmanager
-def router(tmp_path, backends: list[dict], routes: list[dict], groups: list[dict] | None = None,
-           **sections: Any) -> Iterator[LiveServer]:
+def router(
+    tmp_path, backends: list[dict], routes: list[dict], groups: list[dict] | None = None, **sections: Any
+) -> Iterator[LiveServer]:
     """A daemon that routes: its own engine (nothing preloaded), its own audit log."""
     routing = {"backends": backends, "routes": routes, "groups": groups or [], **sections.pop("routing", {})}
     settings = settings_with(routing=routing, audit={"path": str(tmp_path / "router-audit.db")}, **sections)
@@ -97,18 +101,29 @@ def test_a_route_sends_matching_models_upstream_and_the_rest_stays_local(tmp_pat
         answer = routed.parse()
         assert answer.model == "remote-fast"  # the client's name for it, not the upstream's
         assert answer.id == f"chatcmpl-{routed.headers['x-request-id']}"  # our request id
-        assert answer.choices[0].message.content == direct.choices[0].message.content == \
-            local.parse().choices[0].message.content
-        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == \
-            (direct.usage.prompt_tokens, direct.usage.completion_tokens)
+        assert (
+            answer.choices[0].message.content
+            == direct.choices[0].message.content
+            == local.parse().choices[0].message.content
+        )
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (
+            direct.usage.prompt_tokens,
+            direct.usage.completion_tokens,
+        )
         assert front.engine.jobs and all(job.request.model == fast_model for job in front.engine.jobs)
         assert len(front.engine.jobs) == 1  # the routed request never reached the local engine
 
         row = row_for(front, routed.headers["x-request-id"])
-        assert (row["backend"], row["backend_type"], row["model"], row["status"]) == ("up", "openai", "remote-fast",
-                                                                                        "success")
-        assert (row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) == \
-            (direct.usage.prompt_tokens, direct.usage.completion_tokens)
+        assert (row["backend"], row["backend_type"], row["model"], row["status"]) == (
+            "up",
+            "openai",
+            "remote-fast",
+            "success",
+        )
+        assert (row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) == (
+            direct.usage.prompt_tokens,
+            direct.usage.completion_tokens,
+        )
         assert (row["prompt_tokens"], row["completion_tokens"]) == (row["upstream_prompt_tokens"], 12)
         local_row = row_for(front, local.headers["x-request-id"])
         assert (local_row["backend"], local_row["backend_type"]) == ("local", "local")
@@ -136,8 +151,9 @@ def test_chat_streamed_through_an_anthropic_backend_keeps_every_token_and_the_us
     routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
     with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
         text, _, _, usage = chat_stream(front.openai(), model="claude-x", messages=HELLO, max_tokens=40, **GREEDY)
-        with anthropic_client(upstream).messages.stream(model=fast_model, max_tokens=40, messages=HELLO,
-                                                        extra_body=GREEDY) as direct:
+        with anthropic_client(upstream).messages.stream(
+            model=fast_model, max_tokens=40, messages=HELLO, extra_body=GREEDY
+        ) as direct:
             expected = "".join(direct.text_stream)
             message = direct.get_final_message()
         assert text == expected and text
@@ -152,8 +168,9 @@ def test_chat_streamed_through_an_anthropic_backend_keeps_every_token_and_the_us
 
 def test_messages_streamed_through_an_openai_backend_keep_every_token_and_the_usage(tmp_path, upstream, fast_model):
     with router(tmp_path, [openai_backend(upstream)], [{"model": "gpt-*", "to": f"up:{fast_model}"}]) as front:
-        with anthropic_client(front).messages.stream(model="gpt-x", max_tokens=40, messages=HELLO,
-                                                     extra_body=GREEDY) as stream:
+        with anthropic_client(front).messages.stream(
+            model="gpt-x", max_tokens=40, messages=HELLO, extra_body=GREEDY
+        ) as stream:
             text = "".join(stream.text_stream)
             message = stream.get_final_message()
             response = stream.response
@@ -164,8 +181,7 @@ def test_messages_streamed_through_an_openai_backend_keep_every_token_and_the_us
         assert message.usage.output_tokens == usage.completion_tokens == 40
         assert message.usage.input_tokens + message.usage.cache_read_input_tokens == usage.prompt_tokens
 
-        whole = anthropic_client(front).messages.create(model="gpt-x", max_tokens=40, messages=HELLO,
-                                                         extra_body=GREEDY)
+        whole = anthropic_client(front).messages.create(model="gpt-x", max_tokens=40, messages=HELLO, extra_body=GREEDY)
         assert whole.content[0].text == direct
 
 
@@ -174,26 +190,33 @@ def test_tool_calls_cross_from_chat_to_an_anthropic_backend_and_back(tmp_path, u
     with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
         client = front.openai()
         question = [{"role": "user", "content": QUESTION}]
-        first = client.chat.completions.create(model="claude-tools", messages=question, tools=[WEATHER_TOOL],
-                                               max_tokens=300)
+        first = client.chat.completions.create(
+            model="claude-tools", messages=question, tools=[WEATHER_TOOL], max_tokens=300
+        )
         choice = first.choices[0]
         assert choice.finish_reason == "tool_calls"
-        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
-            [(c.name, c.arguments) for c in HERMES_TOOL.calls]
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            (c.name, c.arguments) for c in HERMES_TOOL.calls
+        ]
         assert choice.message.reasoning_content == HERMES_TOOL.thinking
 
         # Streamed, the call arrives as OpenAI streams one: id and name, then the arguments.
-        _, reasoning, deltas, _ = chat_stream(client, model="claude-tools", messages=question, tools=[WEATHER_TOOL],
-                                              max_tokens=300)
+        _, reasoning, deltas, _ = chat_stream(
+            client, model="claude-tools", messages=question, tools=[WEATHER_TOOL], max_tokens=300
+        )
         assert reasoning == HERMES_TOOL.thinking
         assert deltas[0].id and deltas[0].function.name == "get_weather"
         assert json.loads("".join(d.function.arguments or "" for d in deltas)) == HERMES_TOOL.calls[0].arguments
 
         call = choice.message.tool_calls[0]
-        history = [*question, choice.message.model_dump(exclude_none=True),
-                   {"role": "tool", "tool_call_id": call.id, "content": WEATHER_RESULT}]
-        final = client.chat.completions.create(model="claude-tools", messages=history, tools=[WEATHER_TOOL],
-                                               max_tokens=300)
+        history = [
+            *question,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": WEATHER_RESULT},
+        ]
+        final = client.chat.completions.create(
+            model="claude-tools", messages=history, tools=[WEATHER_TOOL], max_tokens=300
+        )
         assert final.choices[0].message.content == HERMES_TOOL.answer
         assert final.choices[0].finish_reason == "stop"
 
@@ -221,8 +244,9 @@ def test_a_field_the_backends_dialect_cannot_say_is_a_400_that_names_it(tmp_path
     routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
     with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
         with front.http() as http:
-            response = http.post("/v1/chat/completions",
-                                 json={"model": "claude-x", "messages": HELLO, "max_tokens": 4, "seed": 7})
+            response = http.post(
+                "/v1/chat/completions", json={"model": "claude-x", "messages": HELLO, "max_tokens": 4, "seed": 7}
+            )
             completion = http.post("/v1/completions", json={"model": "claude-x", "prompt": "x", "max_tokens": 4})
     body = response.json()
     assert response.status_code == 400 and body["error"]["param"] == "seed" and body["backend"] == "claude"
@@ -230,15 +254,16 @@ def test_a_field_the_backends_dialect_cannot_say_is_a_400_that_names_it(tmp_path
     assert completion.status_code == 400 and completion.json()["error"]["param"] == "prompt"
 
 
-
 def test_several_choices_of_a_routed_model_are_a_400_that_names_n(tmp_path, upstream, fast_model):
     with router(tmp_path, [openai_backend(upstream)], [{"model": "remote", "to": f"up:{fast_model}"}]) as front:
         with front.http() as http:
-            response = http.post("/v1/chat/completions",
-                                 json={"model": "remote", "messages": HELLO, "max_tokens": 2, "n": 2})
+            response = http.post(
+                "/v1/chat/completions", json={"model": "remote", "messages": HELLO, "max_tokens": 2, "n": 2}
+            )
     body = response.json()
     assert response.status_code == 400 and body["error"]["code"] == "not_supported"
     assert body["error"]["param"] == "n" and body["backend"] == "up"
+
 
 # -- fallback --------------------------------------------------------------------------------
 
@@ -251,8 +276,10 @@ def test_a_local_model_that_cannot_load_falls_back_upstream(tmp_path, upstream, 
     with router(tmp_path, [openai_backend(upstream)], routes) as front:
         for stream in (False, True):
             with front.http() as http:
-                response = http.post("/v1/chat/completions", json={
-                    "model": "team-model", "messages": HELLO, "max_tokens": 5, "stream": stream})
+                response = http.post(
+                    "/v1/chat/completions",
+                    json={"model": "team-model", "messages": HELLO, "max_tokens": 5, "stream": stream},
+                )
             assert response.status_code == 200, response.text
             assert response.headers["x-mlx-manager-backend"] == "up"
             row = row_for(front, response.headers["x-request-id"])
@@ -269,8 +296,7 @@ def test_an_upstream_429_falls_back_and_the_backend_cools_down(tmp_path, fast_mo
         (tmp_path / "limited-home").mkdir()
         limited_settings = settings_with(server={"rate_limit": 1})
         engine = RecordingEngine(EngineConfig(preload=[fast_model], allow_any_path=True))
-        with LiveServer(create_app(limited_settings, engine=engine)) as limited, \
-                serving(fast_model) as spare:
+        with LiveServer(create_app(limited_settings, engine=engine)) as limited, serving(fast_model) as spare:
             assert wait_until(lambda: fast_model in engine.status().loaded, timeout=60)
             backends = [openai_backend(limited, "limited"), openai_backend(spare, "spare")]
             routes = [{"model": "m", "to": f"limited:{fast_model}", "fallback": [f"spare:{fast_model}"]}]
@@ -286,8 +312,6 @@ def test_an_upstream_429_falls_back_and_the_backend_cools_down(tmp_path, fast_mo
                 assert 'mlx_manager_backend_up{backend="limited",backend_type="openai"} 0.0' in metrics
 
 
-
-
 def test_an_upstream_503_without_a_fallback_keeps_its_status_and_with_one_falls_back(tmp_path, upstream, fast_model):
     """The 503 is real: a daemon that is shutting down (draining) answers every request with it."""
     stopping_settings = settings_with(audit={"path": str(tmp_path / "stopping-audit.db")})
@@ -295,8 +319,10 @@ def test_an_upstream_503_without_a_fallback_keeps_its_status_and_with_one_falls_
     with stopping:
         stopping.daemon.draining = True
         backends = [openai_backend(stopping, "stopping"), openai_backend(upstream)]
-        routes = [{"model": "only", "to": f"stopping:{fast_model}"},
-                  {"model": "m", "to": f"stopping:{fast_model}", "fallback": [f"up:{fast_model}"]}]
+        routes = [
+            {"model": "only", "to": f"stopping:{fast_model}"},
+            {"model": "m", "to": f"stopping:{fast_model}", "fallback": [f"up:{fast_model}"]},
+        ]
         with router(tmp_path, backends, routes) as front, front.http() as http:
             alone = http.post("/v1/chat/completions", json={"model": "only", "messages": HELLO, "max_tokens": 3})
             body = alone.json()
@@ -311,7 +337,6 @@ def test_an_upstream_503_without_a_fallback_keeps_its_status_and_with_one_falls_
             assert 'mlx_manager_backend_failures_total{backend="stopping",error="upstream_unavailable"} 1.0' in metrics
             assert 'mlx_manager_backend_up{backend="stopping",backend_type="openai"} 0.0' in metrics
         assert stopping.engine.jobs == []
-
 
 
 def test_a_backend_that_was_down_is_back_after_its_cooldown_and_a_health_check(tmp_path, fast_model):
@@ -354,8 +379,11 @@ def test_api_keys_and_rate_limits_apply_before_routing(tmp_path, upstream, fast_
 
 
 def test_an_unreachable_backend_with_no_fallback_is_a_problem_with_our_request_id(tmp_path, fast_model):
-    with router(tmp_path, [{"name": "gone", "type": "openai", "base_url": "http://127.0.0.1:9/v1"}],
-                [{"model": "far", "to": "gone"}]) as front:
+    with router(
+        tmp_path,
+        [{"name": "gone", "type": "openai", "base_url": "http://127.0.0.1:9/v1"}],
+        [{"model": "far", "to": "gone"}],
+    ) as front:
         with front.http() as http:
             first = http.post("/v1/chat/completions", json={"model": "far", "messages": HELLO})
             second = http.post("/v1/chat/completions", json={"model": "far", "messages": HELLO})
@@ -386,11 +414,13 @@ def upstream_idle(upstream: LiveServer) -> bool:
 
 
 def test_a_timeout_cancels_the_upstream_request(tmp_path, upstream, slow_model):
-    with router(tmp_path, [openai_backend(upstream)], [{"model": "slow", "to": f"up:{slow_model}"}],
-                timeouts={"chat": 1}) as front:
+    with router(
+        tmp_path, [openai_backend(upstream)], [{"model": "slow", "to": f"up:{slow_model}"}], timeouts={"chat": 1}
+    ) as front:
         with front.http() as http:
-            response = http.post("/v1/chat/completions", json={
-                "model": "slow", "messages": HELLO, "max_tokens": 5000, "stream": True})
+            response = http.post(
+                "/v1/chat/completions", json={"model": "slow", "messages": HELLO, "max_tokens": 5000, "stream": True}
+            )
             request_id = response.headers["x-request-id"]
     if response.status_code == 200:  # the deadline came after the first token: the stream's error event
         name, data = sse_events(response)[-1]
@@ -405,8 +435,14 @@ def test_a_timeout_cancels_the_upstream_request(tmp_path, upstream, slow_model):
 
 def test_a_client_that_goes_away_cancels_the_upstream_request(tmp_path, upstream, slow_model):
     with router(tmp_path, [openai_backend(upstream)], [{"model": "slow", "to": f"up:{slow_model}"}]) as front:
-        with front.http() as http, http.stream("POST", "/v1/chat/completions", json={
-                "model": "slow", "messages": HELLO, "max_tokens": 5000, "stream": True}) as response:
+        with (
+            front.http() as http,
+            http.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={"model": "slow", "messages": HELLO, "max_tokens": 5000, "stream": True},
+            ) as response,
+        ):
             request_id = response.headers["x-request-id"]
             next(response.iter_lines())  # the stream has begun; then the client leaves
         job = upstream.engine.job(request_id)
@@ -419,8 +455,11 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(tmp_path, upstream
 
         def leave_early() -> None:
             with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=front.url, timeout=0.5) as http:
-                http.post("/v1/chat/completions", json={"model": "slow", "messages": HELLO, "max_tokens": 5000},
-                          headers={"x-request-id": "leaves-early"})
+                http.post(
+                    "/v1/chat/completions",
+                    json={"model": "slow", "messages": HELLO, "max_tokens": 5000},
+                    headers={"x-request-id": "leaves-early"},
+                )
             stop.set()
 
         threading.Thread(target=leave_early).start()

@@ -50,8 +50,9 @@ class Process:
         self.output = home / "output.log"
         with self.output.open("wb") as output:
             environment = {**os.environ, "MLX_MANAGER_HOME": str(home), **(env or {})}
-            self.process = subprocess.Popen([*args, "--port", str(self.port)], stdout=output, stderr=output,
-                                            env=environment)
+            self.process = subprocess.Popen(
+                [*args, "--port", str(self.port)], stdout=output, stderr=output, env=environment
+            )
 
     def wait_ready(self, path: str, timeout: float = 120) -> None:
         def ready() -> bool:
@@ -89,8 +90,9 @@ def processes() -> Iterator[list[Process]]:
 
 def daemon(tmp_path: Path, name: str, model: str, *settings: str, env: dict[str, str] | None = None) -> Process:
     """`mlx-manager serve --model MODEL` in its own home, with `section.key=value` settings as variables."""
-    variables = {f"MLX_MANAGER_{key.split('=')[0].replace('.', '__').upper()}": key.split("=", 1)[1]
-                 for key in settings}
+    variables = {
+        f"MLX_MANAGER_{key.split('=')[0].replace('.', '__').upper()}": key.split("=", 1)[1] for key in settings
+    }
     return Process([MLX_MANAGER, "serve", "--model", model], tmp_path / name, {**variables, **(env or {})})
 
 
@@ -165,8 +167,11 @@ def test_a_group_of_two_daemons_shares_load_and_survives_one_being_killed(tmp_pa
             assert all(o.error["error"]["code"] == "upstream_error" for o in streaming_on_d1 if o.error)
             assert all(o.done and o.error is None for o in burst if o.backend != "d1")
             metrics = front.http().get("/metrics").text
-            failed_over = [line for line in metrics.splitlines() if line.startswith(
-                'mlx_manager_backend_failures_total{backend="d1"')]
+            failed_over = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith('mlx_manager_backend_failures_total{backend="d1"')
+            ]
             assert failed_over, metrics  # in-flight requests that had sent nothing moved to d2
 
             # Later requests go to the survivor (d1 cools down; its health checks fail).
@@ -189,11 +194,14 @@ def test_mlx_lm_server_is_an_openai_backend_for_chat_and_messages(tmp_path, fast
         routes = [{"model": "lm", "to": f"mlxlm:{fast_model}"}]
         with router(tmp_path, [openai_backend(foreign, "mlxlm")], routes) as front:
             text, _, _, usage = chat_stream(front.openai(), model="lm", messages=HELLO, max_tokens=24, **GREEDY)
-            expected, _, _, direct_usage = chat_stream(direct_client, model=fast_model, messages=HELLO, max_tokens=24,
-                                                       **GREEDY)
+            expected, _, _, direct_usage = chat_stream(
+                direct_client, model=fast_model, messages=HELLO, max_tokens=24, **GREEDY
+            )
             assert text == expected and text
-            assert (usage.prompt_tokens, usage.completion_tokens) == \
-                (direct_usage.prompt_tokens, direct_usage.completion_tokens)
+            assert (usage.prompt_tokens, usage.completion_tokens) == (
+                direct_usage.prompt_tokens,
+                direct_usage.completion_tokens,
+            )
 
             client = anthropic.Anthropic(base_url=front.url, api_key="unused", max_retries=0)
             with client.messages.stream(model="lm", max_tokens=24, messages=HELLO, extra_body=GREEDY) as stream:
@@ -258,10 +266,10 @@ def test_a_backend_key_given_by_reference_is_used_and_never_written_logged_or_tr
         config = tmp_path / "router" / "config.toml"
         config.parent.mkdir()
         config.write_text(
-            "[log]\nlevel = \"debug\"\n\n[telemetry]\notlp_endpoint = \"" + collector_url + "\"\n\n"
-            "[[routing.backends]]\nname = \"up\"\ntype = \"openai\"\nbase_url = \"" + upstream.url + "/v1\"\n"
-            "api_key = \"env:UPSTREAM_KEY\"\n\n"
-            "[[routing.routes]]\nmodel = \"remote\"\nto = \"up:" + fast_model + "\"\n"
+            '[log]\nlevel = "debug"\n\n[telemetry]\notlp_endpoint = "' + collector_url + '"\n\n'
+            '[[routing.backends]]\nname = "up"\ntype = "openai"\nbase_url = "' + upstream.url + '/v1"\n'
+            'api_key = "env:UPSTREAM_KEY"\n\n'
+            '[[routing.routes]]\nmodel = "remote"\nto = "up:' + fast_model + '"\n'
         )
         front = Process([MLX_MANAGER, "serve"], tmp_path / "router", {"UPSTREAM_KEY": key})
         started.append(front)
@@ -271,9 +279,13 @@ def test_a_backend_key_given_by_reference_is_used_and_never_written_logged_or_tr
         assert answer.headers["x-mlx-manager-backend"] == "up"  # the upstream took our key
         assert answer.parse().usage.completion_tokens == 4
         list(client.chat.completions.create(model="remote", messages=HELLO, max_tokens=4, stream=True))
-        listed = subprocess.run([MLX_MANAGER, "config", "get", "routing.backends", "--json"], capture_output=True,
-                                text=True, env={**os.environ, "MLX_MANAGER_HOME": str(tmp_path / "router"),
-                                                "UPSTREAM_KEY": key}, check=True)
+        listed = subprocess.run(
+            [MLX_MANAGER, "config", "get", "routing.backends", "--json"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MLX_MANAGER_HOME": str(tmp_path / "router"), "UPSTREAM_KEY": key},
+            check=True,
+        )
         assert json.loads(listed.stdout)["value"][0]["api_key"] == "env:UPSTREAM_KEY"
         front.stop()  # flushes its spans and its audit rows
 

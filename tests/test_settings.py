@@ -70,8 +70,14 @@ def test_bad_timeouts_never_pass(text):
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("2GiB", 2 * 1024**3), ("512 MiB", 512 * 1024**2), ("1.5GB", 1_500_000_000), ("750M", 750_000_000), ("0", 0),
-     ("4096", 4096)],
+    [
+        ("2GiB", 2 * 1024**3),
+        ("512 MiB", 512 * 1024**2),
+        ("1.5GB", 1_500_000_000),
+        ("750M", 750_000_000),
+        ("0", 0),
+        ("4096", 4096),
+    ],
 )
 def test_sizes_for_bytes_keys(text, size):
     assert parse_value("cache.max_bytes", text) == size

@@ -48,8 +48,12 @@ def test_fifty_schemas_give_valid_json_whole_and_streamed(server, fast_model):
     async def one(client, index, name, schema, prompt, temperature):
         slug = "".join(c if c.isalnum() else "_" for c in name)
         request = dict(
-            model=fast_model, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS,
-            temperature=temperature, seed=index, response_format=response_format(slug, schema),
+            model=fast_model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            temperature=temperature,
+            seed=index,
+            response_format=response_format(slug, schema),
         )
         if index % 2:  # every other one streamed
             text, finish = "", None
@@ -77,8 +81,12 @@ def test_eight_schemas_and_four_free_requests_decode_together(server, fast_model
     names = list(SCHEMAS)[:8]
 
     async def one(client, name):
-        request = dict(model=fast_model, messages=[{"role": "user", "content": f"about {name}"}], max_tokens=MAX_TOKENS,
-                       temperature=0)
+        request = dict(
+            model=fast_model,
+            messages=[{"role": "user", "content": f"about {name}"}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
         if name is not None:
             request["response_format"] = response_format("s" + str(names.index(name)), SCHEMAS[name])
         choice = (await client.chat.completions.create(**request)).choices[0]
@@ -105,8 +113,11 @@ def test_eight_schemas_and_four_free_requests_decode_together(server, fast_model
 def test_json_object_mode_and_completions(server, fast_model):
     client = server.openai()
     chat = client.chat.completions.create(
-        model=fast_model, messages=[{"role": "user", "content": "json please"}], max_tokens=MAX_TOKENS,
-        response_format={"type": "json_object"}, temperature=0,
+        model=fast_model,
+        messages=[{"role": "user", "content": "json please"}],
+        max_tokens=MAX_TOKENS,
+        response_format={"type": "json_object"},
+        temperature=0,
     )
     # A random model may write any object; it may run to max_tokens before closing it.
     text, finish = chat.choices[0].message.content, chat.choices[0].finish_reason
@@ -115,17 +126,27 @@ def test_json_object_mode_and_completions(server, fast_model):
     else:
         assert finish == "length" and text.startswith("{")
     completion = client.completions.create(
-        model=fast_model, prompt="The answer:", max_tokens=MAX_TOKENS, temperature=0,
+        model=fast_model,
+        prompt="The answer:",
+        max_tokens=MAX_TOKENS,
+        temperature=0,
         extra_body={"response_format": response_format("age", SCHEMAS["object"])},
     )
     jsonschema.validate(json.loads(completion.choices[0].text), SCHEMAS["object"])
 
 
 def test_max_tokens_cutting_the_json_short_says_length(server, fast_model):
-    choice = server.openai().chat.completions.create(
-        model=fast_model, messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0,
-        response_format=response_format("nested", SCHEMAS["nested"]),
-    ).choices[0]
+    choice = (
+        server.openai()
+        .chat.completions.create(
+            model=fast_model,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=3,
+            temperature=0,
+            response_format=response_format("nested", SCHEMAS["nested"]),
+        )
+        .choices[0]
+    )
     assert choice.finish_reason == "length"
     with pytest.raises(json.JSONDecodeError):
         json.loads(choice.message.content)
@@ -139,7 +160,10 @@ class Pet(BaseModel):
 
 def test_the_openai_sdk_parse_helper_gets_a_parsed_model(server, fast_model):
     completion = server.openai().chat.completions.parse(
-        model=fast_model, messages=[{"role": "user", "content": "describe a pet"}], response_format=Pet, temperature=0,
+        model=fast_model,
+        messages=[{"role": "user", "content": "describe a pet"}],
+        response_format=Pet,
+        temperature=0,
         max_tokens=MAX_TOKENS,
     )
     pet = completion.choices[0].message.parsed
@@ -149,8 +173,14 @@ def test_the_openai_sdk_parse_helper_gets_a_parsed_model(server, fast_model):
 def test_langchain_with_structured_output(server, fast_model):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=fast_model, base_url=server.url + "/v1", api_key="unused", temperature=0, max_retries=0,
-                     max_tokens=MAX_TOKENS)
+    llm = ChatOpenAI(
+        model=fast_model,
+        base_url=server.url + "/v1",
+        api_key="unused",
+        temperature=0,
+        max_retries=0,
+        max_tokens=MAX_TOKENS,
+    )
     pet = llm.with_structured_output(Pet, method="json_schema").invoke("describe a pet")
     assert isinstance(pet, Pet)
 
@@ -158,10 +188,14 @@ def test_langchain_with_structured_output(server, fast_model):
 @pytest.mark.parametrize(
     ("response_format", "named"),
     [
-        ({"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}},
-         "'uniqueItems'"),
-        ({"type": "json_schema", "json_schema": {"name": "f", "schema": {"type": "string", "format": "idn-email"}}},
-         "idn-email"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}},
+            "'uniqueItems'",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "f", "schema": {"type": "string", "format": "idn-email"}}},
+            "idn-email",
+        ),
         ({"type": "yaml"}, "'yaml'"),
         ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "name"),
     ],
@@ -181,7 +215,9 @@ def test_response_format_with_tools_the_model_may_call_is_refused(server, fast_m
 
     with pytest.raises(openai.BadRequestError) as caught:
         server.openai().chat.completions.create(
-            model=fast_model, messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL],
+            model=fast_model,
+            messages=[{"role": "user", "content": "x"}],
+            tools=[WEATHER_TOOL],
             response_format={"type": "json_object"},
         )
     assert caught.value.body["param"] == "response_format"
@@ -192,9 +228,19 @@ def test_the_audit_row_says_a_constraint_was_used_and_never_the_schema(server, f
 
     marker = "unicorn_field_73"
     raw = server.openai().chat.completions.with_raw_response.create(
-        model=fast_model, messages=[{"role": "user", "content": "x"}], max_tokens=MAX_TOKENS, temperature=0,
-        response_format=response_format("marked", {"type": "object", "properties": {marker: {"type": "boolean"}},
-                                                   "required": [marker], "additionalProperties": False}),
+        model=fast_model,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        response_format=response_format(
+            "marked",
+            {
+                "type": "object",
+                "properties": {marker: {"type": "boolean"}},
+                "required": [marker],
+                "additionalProperties": False,
+            },
+        ),
     )
     row = row_for(server, raw.headers["x-request-id"])
     assert row["constrained"] == 1

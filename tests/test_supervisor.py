@@ -19,7 +19,14 @@ import pytest
 from mlx_manager.supervisor.logfile import follow, tail
 from mlx_manager.supervisor.policy import RestartPolicy
 from mlx_manager.supervisor.state import (
-    Lock, lock_holder, read_state, same_process, state_file, supervisor_log, supervisor_running, write_state,
+    Lock,
+    lock_holder,
+    read_state,
+    same_process,
+    state_file,
+    supervisor_log,
+    supervisor_running,
+    write_state,
 )
 from tests.daemon_server import wait_until
 from tests.processes import reading_at_end
@@ -40,7 +47,9 @@ print('child up', flush=True)
 while True:
     time.sleep(0.1)
 """
-IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+IGNORE_TERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+)
 
 
 def supervise(*options: str, child: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -133,8 +142,14 @@ def test_state_file_is_replaced_whole_and_private():
 
 def test_lock_excludes_a_second_holder_and_dies_with_its_process():
     holder = subprocess.Popen(
-        [sys.executable, "-c", "from mlx_manager.supervisor.state import Lock; import time; Lock().acquire(); print('held', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from mlx_manager.supervisor.state import Lock; import time; Lock().acquire();"
+            " print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -188,15 +203,20 @@ def test_restarts_wait_longer_each_time(reap, tmp_path):
     assert len(times) == 5
     # The supervisor says which delay it chose, and the next start really came no sooner.
     # (Starting a process takes longer on a busy machine: the gaps have no upper bound here.)
-    said = [line.split("restarting the daemon in ")[1] for line in log_text().splitlines()
-            if "restarting the daemon in" in line]
+    said = [
+        line.split("restarting the daemon in ")[1]
+        for line in log_text().splitlines()
+        if "restarting the daemon in" in line
+    ]
     assert said == ["0.3 s", "0.6 s", "1.2 s", "2.4 s"]
     for gap, delay in zip(gaps, (0.3, 0.6, 1.2, 2.4), strict=False):
         assert delay <= gap, gaps
 
 
 def test_without_retry_a_daemon_that_never_got_ready_is_not_restarted(reap):
-    supervisor = supervise("--no-retry-before-ready", child="print('Error: bad things', flush=True); raise SystemExit(2)")
+    supervisor = supervise(
+        "--no-retry-before-ready", child="print('Error: bad things', flush=True); raise SystemExit(2)"
+    )
     reap(supervisor)
     assert supervisor.wait(60) == 1
     state = read_state()
@@ -282,10 +302,20 @@ def test_a_daemon_orphaned_by_a_killed_supervisor_is_stopped_by_the_next_one(rea
 def test_stale_state_from_a_dead_supervisor_reads_as_not_running():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    write_state({"state": "running", "supervisor_pid": dead.pid, "daemon_pid": dead.pid, "daemon_started": 1.0,
-                 "url": "http://127.0.0.1:9", "restarts": 0})
+    write_state(
+        {
+            "state": "running",
+            "supervisor_pid": dead.pid,
+            "daemon_pid": dead.pid,
+            "daemon_started": 1.0,
+            "url": "http://127.0.0.1:9",
+            "restarts": 0,
+        }
+    )
     Path(os.environ["MLX_MANAGER_HOME"], "supervisor.lock").write_text(f"{dead.pid}\n")
-    status = subprocess.run([sys.executable, "-m", "mlx_manager.cli", "status", "--json"], capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "mlx_manager.cli", "status", "--json"], capture_output=True, text=True
+    )
     assert status.returncode == 3
     body = json.loads(status.stdout)
     assert body["running"] is False and body["stale"] is True

@@ -31,7 +31,9 @@ MARKUP = ("<tool_call>", "</tool_call>", "<tool", "_call>", "<think>", "</think>
 
 
 @pytest.fixture(scope="module")
-def models(hermes_tool_model, hermes_parallel_model, hermes_split_tags_model, mistral_tool_model, mistral_parallel_model):
+def models(
+    hermes_tool_model, hermes_parallel_model, hermes_split_tags_model, mistral_tool_model, mistral_parallel_model
+):
     return {
         "hermes": (hermes_tool_model, HERMES_TOOL),
         "hermes_parallel": (hermes_parallel_model, HERMES_PARALLEL),
@@ -238,8 +240,14 @@ def test_a_forced_call_is_always_made(client, models, name, choice, stream):
     # The Hermes model thinks first (its script): its thinking stays free, the call comes after.
     # The other has no thinking in its script: with thinking on, the grammar's choice between
     # opening a think section and calling would be a tie of the model's logits.
-    request = dict(model=path, messages=scripted.messages(after_tool=True), tools=[UNITS_TOOL], tool_choice=choice,
-                   temperature=0, max_tokens=120)
+    request = dict(
+        model=path,
+        messages=scripted.messages(after_tool=True),
+        tools=[UNITS_TOOL],
+        tool_choice=choice,
+        temperature=0,
+        max_tokens=120,
+    )
     if not scripted.answer_thinking:
         request["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
     if stream:
@@ -381,7 +389,9 @@ def test_a_strict_tool_in_auto_mode_holds_the_call_to_its_schema(client, models)
     only_london["function"]["strict"] = True
     only_london["function"]["parameters"]["properties"]["city"] = {"enum": ["London"]}
     only_london["function"]["parameters"]["additionalProperties"] = False  # as OpenAI's strict mode requires
-    response = client.chat.completions.create(model=path, messages=scripted.messages(), tools=[only_london], temperature=0)
+    response = client.chat.completions.create(
+        model=path, messages=scripted.messages(), tools=[only_london], temperature=0
+    )
     # The model says Paris; the schema allows London only. Its thinking stays free.
     assert calls_of(response.choices[0].message) == [("get_weather", {"city": "London"})]
     assert response.choices[0].message.reasoning_content == scripted.thinking

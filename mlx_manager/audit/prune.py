@@ -23,7 +23,9 @@ def count_older(store: AuditStore, before: datetime) -> int:
         return count_rows(conn, AuditFilter(until=before))
 
 
-def prune_older(store: AuditStore, before: datetime, *, batch_size: int = PRUNE_BATCH, pause: float = PRUNE_PAUSE_S) -> int:
+def prune_older(
+    store: AuditStore, before: datetime, *, batch_size: int = PRUNE_BATCH, pause: float = PRUNE_PAUSE_S
+) -> int:
     """Delete every row with a timestamp before `before`; return how many were deleted."""
     deleted = 0
     while True:

@@ -94,8 +94,10 @@ class AuditReader:
         # One read transaction: every bucket from the same snapshot of the log.
         async with self._reading(transaction=True) as conn:
             params = [value for start in starts for value in bounds(start, window.step)]
-            marks = {at: (count, last_id) for at, count, last_id in await conn.execute_fetchall(
-                fingerprints_sql(len(starts)), params)}
+            marks = {
+                at: (count, last_id)
+                for at, count, last_id in await conn.execute_fetchall(fingerprints_sql(len(starts)), params)
+            }
             for at, start in enumerate(starts):
                 bucket = known.get(start)
                 if bucket is None or bucket.fingerprint != marks[at]:

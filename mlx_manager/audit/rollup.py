@@ -63,9 +63,19 @@ def requests_partials(conn: Connection, filters: AuditFilter, group: str | None)
         # the column itself lets SQLite walk its whole (column, timestamp) index instead.
         sql += f" GROUP BY +{group}"
     partials: dict[Any, Partial] = {}
-    for value, requests, ttft_count, ttft, prompt, completion, producing, errors, timeouts, cancelled, durations in (
-        conn.execute(sql, condition.params)
-    ):
+    for (
+        value,
+        requests,
+        ttft_count,
+        ttft,
+        prompt,
+        completion,
+        producing,
+        errors,
+        timeouts,
+        cancelled,
+        durations,
+    ) in conn.execute(sql, condition.params):
         if not requests:
             continue  # the plain aggregate over no rows
         part = partials.setdefault(value, Partial())
@@ -78,8 +88,9 @@ def requests_partials(conn: Connection, filters: AuditFilter, group: str | None)
     return partials
 
 
-def rollup_partials(conn: Connection, first_day: str, end_day: str, filters: AuditFilter, group: str | None,
-                    into: dict[Any, Partial]) -> None:
+def rollup_partials(
+    conn: Connection, first_day: str, end_day: str, filters: AuditFilter, group: str | None, into: dict[Any, Partial]
+) -> None:
     """Add the rollup of days [first_day, end_day) to `into`, per value of `group`; `filters`' time is ignored."""
     exact, values = matches(filters, tuple(name for name in DIMENSIONS if name != "backend"))
     clauses = ["day >= ?", "day < ?", *exact]
@@ -107,11 +118,15 @@ def rolled_up_days(conn: Connection, since: datetime | None, until: datetime | N
     """The days, oldest first, that lie wholly in [since, until) and have a rollup."""
     first = day_of(since) if since else ""
     end = day_of(until + timedelta(days=1)) if until else "~"
-    days = [d for (d,) in conn.execute(
-        f"SELECT DISTINCT day FROM {ROLLUP_TABLE} WHERE day >= ? AND day < ? ORDER BY day", (first, end)
-    )]
+    days = [
+        d
+        for (d,) in conn.execute(
+            f"SELECT DISTINCT day FROM {ROLLUP_TABLE} WHERE day >= ? AND day < ? ORDER BY day", (first, end)
+        )
+    ]
     return [
-        day for day in days
+        day
+        for day in days
         if (since is None or start_of(day) >= since) and (until is None or start_of(next_day(day)) <= until)
     ]
 
@@ -126,9 +141,9 @@ def refresh_step(conn: Connection, today: str, checked: set[str]) -> bool:
     `checked` is counted once (then added to it) and rebuilt if its requests changed behind the
     rollup's back; rollups of days that no longer have any request are dropped.
     """
-    rolled = {day: requests for day, requests in conn.execute(
-        f"SELECT day, sum(requests) FROM {ROLLUP_TABLE} GROUP BY day"
-    )}
+    rolled = {
+        day: requests for day, requests in conn.execute(f"SELECT day, sum(requests) FROM {ROLLUP_TABLE} GROUP BY day")
+    }
     seen: set[str] = set()
     for day in _days_with_requests(conn, before=today):
         seen.add(day)
@@ -195,8 +210,9 @@ def _count_day(conn: Connection, day: str) -> int:
     return conn.execute(f"SELECT count(*) FROM {TABLE}{condition.sql}", condition.params).fetchone()[0]
 
 
-def _add_sums(part: Partial, ttft_count: int, ttft: float | None, prompt: int, completion: int,
-              producing: float | None) -> None:
+def _add_sums(
+    part: Partial, ttft_count: int, ttft: float | None, prompt: int, completion: int, producing: float | None
+) -> None:
     part.ttft_count += ttft_count
     if ttft is not None:
         part.ttft_ms.append(ttft)
@@ -219,4 +235,3 @@ def _unpack(blob: bytes) -> array[int]:
     if sys.byteorder == "big":
         values.byteswap()
     return values
-

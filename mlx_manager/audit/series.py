@@ -131,20 +131,39 @@ def fold_bucket(start: int, fingerprint: tuple[int, int], rows: Iterable[Sequenc
     bucket = Bucket(start, fingerprint)
     whole = Group()
     for row in rows:
-        (model, key, error_type, requests, errors, timeouts, cancelled, prompt, completion, producing, durations,
-         ttfts) = row
+        (
+            model,
+            key,
+            error_type,
+            requests,
+            errors,
+            timeouts,
+            cancelled,
+            prompt,
+            completion,
+            producing,
+            durations,
+            ttfts,
+        ) = row
         part = Group(
-            requests=requests, errors=errors, timeouts=timeouts, cancelled=cancelled, prompt_tokens=prompt,
-            completion_tokens=completion, producing_ms=producing or 0.0,
+            requests=requests,
+            errors=errors,
+            timeouts=timeouts,
+            cancelled=cancelled,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            producing_ms=producing or 0.0,
             durations=[np.fromstring(durations, dtype=np.int64, sep=",")],
             ttfts=[np.fromstring(ttfts, dtype=np.int64, sep=",")] if ttfts else [],
         )
         bucket.groups.setdefault((model, key), Group()).add(part)
         whole.add(part)
         # A failure's kind is its error type; one without a type is named by its status.
-        kinds = [(error_type, errors + timeouts + cancelled)] if error_type else [
-            ("error", errors), ("timeout", timeouts), ("cancelled", cancelled)
-        ]
+        kinds = (
+            [(error_type, errors + timeouts + cancelled)]
+            if error_type
+            else [("error", errors), ("timeout", timeouts), ("cancelled", cancelled)]
+        )
         for kind, count in kinds:
             if count:
                 bucket.failures[kind] = bucket.failures.get(kind, 0) + count
@@ -208,7 +227,12 @@ def summarize(window: Window, buckets: Sequence[Bucket], now: float) -> dict[str
 
 
 SERIES = (
-    "requests_per_second", "tokens_per_second", "ttft_p50_ms", "ttft_p95_ms", "duration_p50_ms", "duration_p95_ms"
+    "requests_per_second",
+    "tokens_per_second",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "duration_p50_ms",
+    "duration_p95_ms",
 )
 
 

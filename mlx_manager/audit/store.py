@@ -16,7 +16,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mlx_manager.audit.errors import AuditError, AuditLogBusy, AuditLogCorrupt, AuditLogMissing, AuditLogUnavailable
@@ -137,7 +137,7 @@ class AuditStore:
                     conn.execute(statement)
                 conn.execute(
                     "INSERT INTO audit_migrations (name, applied_at) VALUES (?, ?)",
-                    (migration.name, format_timestamp(datetime.now(timezone.utc))),
+                    (migration.name, format_timestamp(datetime.now(UTC))),
                 )
                 applied_now.append(migration.name)
         return applied_now

@@ -119,8 +119,12 @@ def tail(
 ) -> None:
     """Show the most recent requests (newest last); --follow keeps printing new ones."""
     if follow and json_output:
-        fail("--json prints one document and --follow never ends.", "Use --follow --jsonl: one JSON object per line.",
-             code=EXIT_USAGE, json_output=True)
+        fail(
+            "--json prints one document and --follow never ends.",
+            "Use --follow --jsonl: one JSON object per line.",
+            code=EXIT_USAGE,
+            json_output=True,
+        )
     printer = _RowPrinter(_format(json_output=json_output, jsonl=jsonl), wide=wide)
     path = _audit_path(printer.machine)
     store = _open(path, printer.machine, waiting=follow)
@@ -202,8 +206,17 @@ def query(
 ) -> None:
     """Find requests by model, status, endpoint, backend, API key name, request id and time."""
     output = _format(json_output=json_output, jsonl=jsonl, csv_output=csv_output)
-    filters = _filters(output != "table", model=model, status=status, endpoint=endpoint, backend=backend,
-                       api_key=key, request_id=request_id, since=since, until=until)
+    filters = _filters(
+        output != "table",
+        model=model,
+        status=status,
+        endpoint=endpoint,
+        backend=backend,
+        api_key=key,
+        request_id=request_id,
+        since=since,
+        until=until,
+    )
     # The columns the user filtered by stay in the table, however narrow the terminal.
     keep = {name for name in ("model", "status", "endpoint", "backend", "api_key") if getattr(filters, name)}
     printer = _RowPrinter(output, wide=wide, keep=keep)
@@ -253,8 +266,9 @@ def stats(
     json_output: Annotated[bool, typer.Option("--json", help="Print the lines as one JSON array.")] = False,
 ) -> None:
     """Summarise requests: count, error and timeout rates, p50/p95 duration, time to first token, tokens/s."""
-    filters = _filters(json_output, model=model, endpoint=endpoint, backend=backend, api_key=key,
-                       since=since, until=until)
+    filters = _filters(
+        json_output, model=model, endpoint=endpoint, backend=backend, api_key=key, since=since, until=until
+    )
     path = _audit_path(json_output)
     store = _open(path, json_output)
     if store is None:
@@ -418,8 +432,12 @@ def _check_backend(conn: Any, backend: str | None, json_output: bool) -> None:
     names = backend_names(conn)
     if backend not in names:
         types = ", ".join(repr(t) for t in BACKENDS)
-        fail(f"Invalid value for '--backend': {backend!r} is not one of {types}, nor a backend in the audit log"
-             f" ({', '.join(names) or 'none'}).", code=EXIT_USAGE, json_output=json_output)
+        fail(
+            f"Invalid value for '--backend': {backend!r} is not one of {types}, nor a backend in the audit log"
+            f" ({', '.join(names) or 'none'}).",
+            code=EXIT_USAGE,
+            json_output=json_output,
+        )
 
 
 def _filters(json_output: bool, **values: Any) -> AuditFilter:
@@ -482,4 +500,3 @@ def _utc(value: datetime) -> str:
 
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-

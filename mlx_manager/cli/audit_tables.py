@@ -121,8 +121,9 @@ def fit(
     )
 
 
-def print_table(console: Console, layout: Layout, rows: Sequence[dict[str, Any]], *, header: bool = True,
-                caption: str | None = None) -> None:
+def print_table(
+    console: Console, layout: Layout, rows: Sequence[dict[str, Any]], *, header: bool = True, caption: str | None = None
+) -> None:
     """Print rows in this layout; a table wider than the terminal (--wide) is not cut or folded."""
     console.print(layout.render(rows, header=header), soft_wrap=True, highlight=False, end="")
     if caption:
@@ -154,7 +155,7 @@ def shorten(value: Cell, width: int, where: Literal["end", "middle"] | None) -> 
     if where == "middle":
         head = (width - 1) // 2
         tail = width - 1 - head
-        return text[:head] + "…" + text[len(text) - tail:]
+        return text[:head] + "…" + text[len(text) - tail :]
     return text[: width - 1] + "…"
 
 
@@ -190,8 +191,15 @@ def _flag(value: int) -> str:
 
 
 _RENDER: dict[str, Callable[[Any], Cell]] = {
-    "time": _time, "status": _status, "ms": _ms, "count": _count, "flag": _flag, "code": _plain, "id": _plain,
-    "model": _plain, "text": _plain,
+    "time": _time,
+    "status": _status,
+    "ms": _ms,
+    "count": _count,
+    "flag": _flag,
+    "code": _plain,
+    "id": _plain,
+    "model": _plain,
+    "text": _plain,
 }
 
 
@@ -201,8 +209,12 @@ def _dash_for_none(render: Callable[[Any], Cell]) -> Callable[[Any], Cell]:
 
 def _row_column(name: str, spec: Column) -> TableColumn:
     column = TableColumn(
-        key=name, header=spec.header, render=_dash_for_none(_RENDER[spec.kind]), justify=spec.justify,
-        priority=spec.priority, width=spec.width,
+        key=name,
+        header=spec.header,
+        render=_dash_for_none(_RENDER[spec.kind]),
+        justify=spec.justify,
+        priority=spec.priority,
+        width=spec.width,
     )
     if spec.kind == "id":
         return replace(column, shorten="end", short_width=SHORT_ID)
@@ -231,8 +243,16 @@ def stats_columns(by: str | None) -> tuple[TableColumn, ...]:
     """The stats table's columns; grouped by `by`, its column comes first and always stays."""
     group = []
     if by:
-        group = [TableColumn(by, by, _dash_for_none(_plain), priority=0,
-                             shorten="middle" if by == "model" else None, short_width=SHORT_MODEL)]
+        group = [
+            TableColumn(
+                by,
+                by,
+                _dash_for_none(_plain),
+                priority=0,
+                shorten="middle" if by == "model" else None,
+                short_width=SHORT_MODEL,
+            )
+        ]
     measures = [
         TableColumn("requests", "requests", _count, "right", priority=1),
         TableColumn("errors", "errors", str, "right", priority=2),
@@ -243,8 +263,16 @@ def stats_columns(by: str | None) -> tuple[TableColumn, ...]:
         TableColumn("mean_ttft_ms", "mean TTFT ms", _number, "right", priority=7),
         TableColumn("cancelled", "cancelled", str, "right", priority=8),
     ]
-    order = ["requests", "errors", "timeouts", "cancelled", "p50_duration_ms", "p95_duration_ms", "mean_ttft_ms",
-             "tokens_per_second"]
+    order = [
+        "requests",
+        "errors",
+        "timeouts",
+        "cancelled",
+        "p50_duration_ms",
+        "p95_duration_ms",
+        "mean_ttft_ms",
+        "tokens_per_second",
+    ]
     return (*group, *sorted(measures, key=lambda c: order.index(c.key)))
 
 

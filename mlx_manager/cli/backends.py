@@ -37,8 +37,9 @@ SETTING = "routing.backends"
 
 NameArgument = Annotated[
     str,
-    typer.Argument(help="Name of the backend, used by routes, groups and the audit log, e.g. mac2 or cloud.",
-                   show_default=False),
+    typer.Argument(
+        help="Name of the backend, used by routes, groups and the audit log, e.g. mac2 or cloud.", show_default=False
+    ),
 ]
 
 
@@ -69,8 +70,10 @@ def list_(json_output: JsonOption = False) -> None:
         print_json(data)
         return
     if not routing.backends:
-        say("No backends: every request is served here. Add one with "
-            "`mlx-manager backends add NAME --type openai --url URL`.")
+        say(
+            "No backends: every request is served here. Add one with "
+            "`mlx-manager backends add NAME --type openai --url URL`."
+        )
         return
     from rich.table import Table
 
@@ -86,8 +89,10 @@ def list_(json_output: JsonOption = False) -> None:
         fallback = f" (then {', '.join(route.fallback)})" if route.fallback else ""
         say(f"route {route.model} -> {route.to}{fallback}")
     if not routing.routes:
-        say("No routes yet: requests go to a backend once a route names it, e.g. "
-            "`mlx-manager config set routing.routes '[{\"model\": \"gpt-*\", \"to\": \"NAME\"}]'`.")
+        say(
+            "No routes yet: requests go to a backend once a route names it, e.g. "
+            '`mlx-manager config set routing.routes \'[{"model": "gpt-*", "to": "NAME"}]\'`.'
+        )
 
 
 @app.command(
@@ -101,15 +106,28 @@ def add(
     name: NameArgument,
     kind: Annotated[
         Literal["openai", "anthropic"],
-        typer.Option("--type", help="openai: any OpenAI-compatible server (mlx-manager, mlx_lm.server, vLLM, OpenAI);"
-                     " anthropic: Anthropic's Messages API."),
+        typer.Option(
+            "--type",
+            help="openai: any OpenAI-compatible server (mlx-manager, mlx_lm.server, vLLM, OpenAI);"
+            " anthropic: Anthropic's Messages API.",
+        ),
     ],
-    url: Annotated[str, typer.Option("--url", help="Its base URL, as its SDK takes it: http://host:10242/v1, "
-                                     "https://api.anthropic.com.", show_default=False)],
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url",
+            help="Its base URL, as its SDK takes it: http://host:10242/v1, https://api.anthropic.com.",
+            show_default=False,
+        ),
+    ],
     api_key: Annotated[
         str | None,
-        typer.Option("--api-key", metavar="REF", help="Its API key by reference: env:NAME (a variable of the daemon's"
-                     " environment) or the path of a file holding it. Never the key itself."),
+        typer.Option(
+            "--api-key",
+            metavar="REF",
+            help="Its API key by reference: env:NAME (a variable of the daemon's"
+            " environment) or the path of a file holding it. Never the key itself.",
+        ),
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -119,9 +137,12 @@ def add(
         settings, document = _read(json_output)
         routing = settings.routing
         if name in {b.name for b in routing.backends} | {g.name for g in routing.groups}:
-            fail(f"a backend or group named {name} already exists.",
-                 f"Remove it first (`mlx-manager backends remove {name}`) or choose another name.",
-                 code=EXIT_ERROR, json_output=json_output)
+            fail(
+                f"a backend or group named {name} already exists.",
+                f"Remove it first (`mlx-manager backends remove {name}`) or choose another name.",
+                code=EXIT_ERROR,
+                json_output=json_output,
+            )
         _append(document, entry)
         _save(document, json_output, refused_code=EXIT_USAGE)
     if json_output:
@@ -137,12 +158,20 @@ def remove(name: NameArgument, json_output: JsonOption = False) -> None:
         settings, document = _read(json_output)
         users = _users(settings, name)
         if users:
-            fail(f"backend {name} is still used by {', '.join(users)}.",
-                 "Change those first (`mlx-manager config edit`).", code=EXIT_ERROR, json_output=json_output)
+            fail(
+                f"backend {name} is still used by {', '.join(users)}.",
+                "Change those first (`mlx-manager config edit`).",
+                code=EXIT_ERROR,
+                json_output=json_output,
+            )
         if not _drop(document, name):
             names = ", ".join(b.name for b in settings.routing.backends) or "none"
-            fail(f"no backend named {name} (backends: {names}).", "`mlx-manager backends list` shows them.",
-                 code=EXIT_ERROR, json_output=json_output)
+            fail(
+                f"no backend named {name} (backends: {names}).",
+                "`mlx-manager backends list` shows them.",
+                code=EXIT_ERROR,
+                json_output=json_output,
+            )
         _save(document, json_output, refused_code=EXIT_ERROR)
     if json_output:
         print_json({"removed": name})
@@ -171,8 +200,10 @@ def check(
         for result in results:
             if result["ok"]:
                 models = ", ".join(result["models"][:8]) + (" ..." if len(result["models"]) > 8 else "")
-                say(f"{result['name']}: ok in {result['latency_ms']:.0f} ms, {len(result['models'])} model(s)"
-                    + (f": {models}" if models else ""))
+                say(
+                    f"{result['name']}: ok in {result['latency_ms']:.0f} ms, {len(result['models'])} model(s)"
+                    + (f": {models}" if models else "")
+                )
             else:
                 say(f"{result['name']}: FAILED, {result['error']}")
     if any(not result["ok"] for result in results):
@@ -194,8 +225,13 @@ async def _check_all(entries: list[Any], routing: Any) -> list[dict[str, Any]]:
             return {**row, "ok": False, "latency_ms": None, "models": [], "error": error.problem}
         async with make_client(entry, key, routing) as client:
             health = await check_backend(client, entry.type)
-        return {**row, "ok": health.ok, "latency_ms": health.latency_ms, "models": list(health.models),
-                "error": health.error}
+        return {
+            **row,
+            "ok": health.ok,
+            "latency_ms": health.latency_ms,
+            "models": list(health.models),
+            "error": health.error,
+        }
 
     return list(await asyncio.gather(*(one(entry) for entry in entries)))
 

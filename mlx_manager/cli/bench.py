@@ -3,7 +3,7 @@
 # Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
 # command's annotations at each start, and a string annotation costs a compile and an eval.
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -45,23 +45,38 @@ def _default_url() -> str:
 
 
 def bench(
-    url: Annotated[Optional[str], typer.Option(help="Server to measure (default: the running daemon).")] = None,
+    url: Annotated[str | None, typer.Option(help="Server to measure (default: the running daemon).")] = None,
     model: Annotated[
-        Optional[str],
-        typer.Option(help="Model id to request (default: the first one /v1/models lists).", autocompletion=complete_model),
+        str | None,
+        typer.Option(
+            help="Model id to request (default: the first one /v1/models lists).", autocompletion=complete_model
+        ),
     ] = None,
     concurrency: Annotated[str, typer.Option(help="Concurrent clients per level, comma-separated.")] = "1,4,8",
     requests: Annotated[int, typer.Option(min=1, max=100000, help="Requests per level.")] = 16,
     max_tokens: Annotated[int, typer.Option(min=1, max=100000, help="max_tokens of every request.")] = 128,
     prompt_tokens: Annotated[int, typer.Option(min=1, max=100000, help="Approximate prompt length in words.")] = 64,
-    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream responses (needed for time to first token).")] = True,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Stream responses (needed for time to first token).")
+    ] = True,
     turns: Annotated[
         int,
-        typer.Option(min=1, max=1000, help="Turns per conversation: more than 1 resends the growing history, as chat clients do; --requests then counts conversations."),
+        typer.Option(
+            min=1,
+            max=1000,
+            help="Turns per conversation: more than 1 resends the growing history, as chat clients do;"
+            " --requests then counts conversations.",
+        ),
     ] = 1,
-    system_tokens: Annotated[int, typer.Option(min=0, max=100000, help="Approximate length in words of each conversation's system prompt.")] = 0,
-    vs: Annotated[Optional[str], typer.Option("--vs", help="A second server to compare against, interleaved level by level.")] = None,
-    vs_model: Annotated[Optional[str], typer.Option(help="Model id on the --vs server (default: same as --model).")] = None,
+    system_tokens: Annotated[
+        int, typer.Option(min=0, max=100000, help="Approximate length in words of each conversation's system prompt.")
+    ] = 0,
+    vs: Annotated[
+        str | None, typer.Option("--vs", help="A second server to compare against, interleaved level by level.")
+    ] = None,
+    vs_model: Annotated[
+        str | None, typer.Option(help="Model id on the --vs server (default: same as --model).")
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Measure tokens/s, time to first token and latency of an OpenAI-compatible server.
@@ -113,7 +128,18 @@ def _render(reports, urls) -> None:
 
     conversation = reports[0][0].ttft_first_turn_p50 is not None
     table = Table(title="mlx-manager bench", title_justify="left")
-    names = ["server", "clients", "requests", "errors", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms", "tok/s per req"]
+    names = [
+        "server",
+        "clients",
+        "requests",
+        "errors",
+        "tok/s",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "latency p50 ms",
+        "latency p95 ms",
+        "tok/s per req",
+    ]
     if conversation:
         names += ["TTFT p50 turn 1", "TTFT p50 later"]
     for name in names:
@@ -124,8 +150,18 @@ def _render(reports, urls) -> None:
             errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "0"
             per = "-" if r.tokens_per_second_per_request is None else f"{r.tokens_per_second_per_request:.1f}"
             name = f"{label} {r.url}" if len(rows) > 1 else r.url
-            cells = [name, str(r.concurrency), str(r.requests), errors, f"{r.tokens_per_second:.1f}",
-                     ms(r.ttft_p50), ms(r.ttft_p95), ms(r.latency_p50), ms(r.latency_p95), per]
+            cells = [
+                name,
+                str(r.concurrency),
+                str(r.requests),
+                errors,
+                f"{r.tokens_per_second:.1f}",
+                ms(r.ttft_p50),
+                ms(r.ttft_p95),
+                ms(r.latency_p50),
+                ms(r.latency_p95),
+                per,
+            ]
             if conversation:
                 cells += [ms(r.ttft_first_turn_p50), ms(r.ttft_later_turns_p50)]
             table.add_row(*cells)
@@ -135,8 +171,18 @@ def _render(reports, urls) -> None:
             def x(name: str, q: dict[str, float | None] = q) -> str:
                 return "-" if q[name] is None else f"{q[name]:.2f}x"
 
-            cells = ["A/B", str(rows[0].concurrency), "", "", x("tokens_per_second"), x("ttft_p50"), x("ttft_p95"),
-                     x("latency_p50"), x("latency_p95"), x("tokens_per_second_per_request")]
+            cells = [
+                "A/B",
+                str(rows[0].concurrency),
+                "",
+                "",
+                x("tokens_per_second"),
+                x("ttft_p50"),
+                x("ttft_p95"),
+                x("latency_p50"),
+                x("latency_p95"),
+                x("tokens_per_second_per_request"),
+            ]
             if conversation:
                 cells += [x("ttft_first_turn_p50"), x("ttft_later_turns_p50")]
             table.add_row(*cells, style="bold")

@@ -55,8 +55,10 @@ def stats(json_output: JsonOption = False) -> None:
     if not report["enabled"]:
         say("The prompt cache is off (cache.max_bytes or cache.max_entries is 0).")
     disk = "on" if report["disk"] else "off"
-    say(f"Limits per model: {format_bytes(report['max_bytes'])}, {report['max_entries']} entries. Disk tier: {disk}, "
-        f"{report['disk_entries']} entries ({format_bytes(report['disk_bytes'])}) in all.")
+    say(
+        f"Limits per model: {format_bytes(report['max_bytes'])}, {report['max_entries']} entries. Disk tier: {disk}, "
+        f"{report['disk_entries']} entries ({format_bytes(report['disk_bytes'])}) in all."
+    )
     if not report["models"]:
         say("No model is loaded.")
         return
@@ -67,8 +69,16 @@ def stats(json_output: JsonOption = False) -> None:
         table.add_column(column, justify="left" if column == "MODEL" else "right", no_wrap=column != "MODEL")
     for m in report["models"]:
         rate = "-" if m["hit_rate"] is None else f"{100 * m['hit_rate']:.0f}%"
-        table.add_row(m["model"], str(m["entries"]), format_bytes(m["bytes"]), str(m["hits"]), str(m["misses"]), rate,
-                      f"{m['cached_tokens']:,}", f"{m['disk_entries']} ({format_bytes(m['disk_bytes'])})")
+        table.add_row(
+            m["model"],
+            str(m["entries"]),
+            format_bytes(m["bytes"]),
+            str(m["hits"]),
+            str(m["misses"]),
+            rate,
+            f"{m['cached_tokens']:,}",
+            f"{m['disk_entries']} ({format_bytes(m['disk_bytes'])})",
+        )
     console.print(table)
 
 

@@ -13,7 +13,7 @@ def _cached_repo_ids() -> list[str]:
         entries = os.listdir(hf_cache_dir())
     except OSError:
         return []
-    return sorted(e[len("models--"):].replace("--", "/", 1) for e in entries if e.startswith("models--"))
+    return sorted(e[len("models--") :].replace("--", "/", 1) for e in entries if e.startswith("models--"))
 
 
 def complete_cached_model(incomplete: str) -> list[str]:

@@ -109,8 +109,11 @@ def _hidden(value: Any) -> str:
 def _refuse_secret(key: str, action: str) -> None:
     """API keys are made and revoked by `mlx-manager keys` only: `config` never takes one in plain text."""
     if key_infos().get(key) is not None and key_infos()[key].secret:
-        fail(f"{key} cannot be {action} with `mlx-manager config`.",
-             "Use `mlx-manager keys add NAME` or `mlx-manager keys revoke NAME`.", code=EXIT_USAGE)
+        fail(
+            f"{key} cannot be {action} with `mlx-manager config`.",
+            "Use `mlx-manager keys add NAME` or `mlx-manager keys revoke NAME`.",
+            code=EXIT_USAGE,
+        )
 
 
 def _shown(value: Any, key: str | None = None) -> str:
@@ -217,8 +220,12 @@ def get(key: KeyArgument, json_output: JsonOption = False) -> None:
     value = values[info.base]
     if info.entry is not None:  # one entry of a map key, `models.aliases.NAME`
         if info.entry not in value:
-            fail(f"{info.base} has no entry {info.entry!r}.", f"`mlx-manager config get {info.base}` shows them all.",
-                 code=EXIT_ERROR, json_output=json_output)
+            fail(
+                f"{info.base} has no entry {info.entry!r}.",
+                f"`mlx-manager config get {info.base}` shows them all.",
+                code=EXIT_ERROR,
+                json_output=json_output,
+            )
         value = value[info.entry]
     if json_output:
         print_json({"key": key, "value": value, "origin": origins[info.base]})
@@ -372,7 +379,7 @@ def list_(
     console.print(table)
 
 
-@app.command(epilog="Examples:\n\n  mlx-manager config path\n\n  cat \"$(mlx-manager config path)\"")
+@app.command(epilog='Examples:\n\n  mlx-manager config path\n\n  cat "$(mlx-manager config path)"')
 def path() -> None:
     """Print where the config file lives (it may not exist until the first `config set`)."""
     say(str(config_path()))

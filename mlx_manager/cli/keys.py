@@ -82,14 +82,18 @@ def _reload_json() -> dict[str, Any]:
     from mlx_manager.cli.daemon_client import request_reload
 
     outcome = request_reload()
-    return {"running": outcome.running, "url": outcome.url, "applied": KEYS_SETTING in outcome.applied,
-            "error": outcome.error}
+    return {
+        "running": outcome.running,
+        "url": outcome.url,
+        "applied": KEYS_SETTING in outcome.applied,
+        "error": outcome.error,
+    }
 
 
 @app.command(
     epilog=(
         "Examples:\n\n  mlx-manager keys add laptop\n\n  mlx-manager keys add ci --json | jq -r .key\n\n"
-        "  curl -H \"Authorization: Bearer $KEY\" http://127.0.0.1:10242/v1/models"
+        '  curl -H "Authorization: Bearer $KEY" http://127.0.0.1:10242/v1/models'
     )
 )
 def add(name: NameArgument, json_output: JsonOption = False) -> None:
@@ -98,14 +102,20 @@ def add(name: NameArgument, json_output: JsonOption = False) -> None:
     from mlx_manager.settings import KEY_NAME
 
     if not re.fullmatch(KEY_NAME, name):
-        fail(f"{name!r} is not a valid key name; use up to 64 letters, digits, '.', '_' or '-'.",
-             code=EXIT_USAGE, json_output=json_output)
+        fail(
+            f"{name!r} is not a valid key name; use up to 64 letters, digits, '.', '_' or '-'.",
+            code=EXIT_USAGE,
+            json_output=json_output,
+        )
     with changing_config(json_output):
         settings, document = _read(json_output)
         if any(key.name == name for key in settings.auth.keys):
-            fail(f"a key named {name} already exists.",
-                 f"Revoke it first (`mlx-manager keys revoke {name}`) or choose another name.",
-                 code=EXIT_ERROR, json_output=json_output)
+            fail(
+                f"a key named {name} already exists.",
+                f"Revoke it first (`mlx-manager keys revoke {name}`) or choose another name.",
+                code=EXIT_ERROR,
+                json_output=json_output,
+            )
         key, created = new_key(), now_utc()
         add_key_entry(document, name, key_digest(key), created)
         _save(document, json_output)
@@ -133,8 +143,10 @@ def list_(json_output: JsonOption = False) -> None:
         print_json(rows)
         return
     if not rows:
-        say("No API keys: /v1 answers anyone who can reach the daemon (only this machine, by default). "
-             "Add one with `mlx-manager keys add NAME`.")
+        say(
+            "No API keys: /v1 answers anyone who can reach the daemon (only this machine, by default). "
+            "Add one with `mlx-manager keys add NAME`."
+        )
         return
     from rich.table import Table
 
@@ -172,8 +184,12 @@ def revoke(name: NameArgument, json_output: JsonOption = False) -> None:
         settings, document = _read(json_output)
         if not remove_key_entry(document, name):
             names = ", ".join(k.name for k in settings.auth.keys) or "none"
-            fail(f"no key named {name} (keys: {names}).", "`mlx-manager keys list` shows them.",
-                 code=EXIT_ERROR, json_output=json_output)
+            fail(
+                f"no key named {name} (keys: {names}).",
+                "`mlx-manager keys list` shows them.",
+                code=EXIT_ERROR,
+                json_output=json_output,
+            )
         last = len(settings.auth.keys) == 1
         # Revoking must never open the API: with the last key gone, keys stay required unless the
         # file already says otherwise (an explicit auth.required = false).
@@ -186,9 +202,13 @@ def revoke(name: NameArgument, json_output: JsonOption = False) -> None:
         return
     _reload(f"Revoked key {name}")
     if closed:
-        warn("no key is left, so /v1 refuses every request until one is added (auth.required = true is now "
-             "in the config file). `mlx-manager config set auth.required false` serves loopback clients "
-             "without a key again.")
+        warn(
+            "no key is left, so /v1 refuses every request until one is added (auth.required = true is now "
+            "in the config file). `mlx-manager config set auth.required false` serves loopback clients "
+            "without a key again."
+        )
     elif last:
-        warn("no key is left and auth.required is false: a daemon on this machine's loopback serves /v1 to "
-             "anyone here; one on a network address refuses /v1 until a key is added.")
+        warn(
+            "no key is left and auth.required is false: a daemon on this machine's loopback serves /v1 to "
+            "anyone here; one on a network address refuses /v1 until a key is added."
+        )

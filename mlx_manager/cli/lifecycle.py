@@ -115,8 +115,11 @@ def _start(flags: dict[str, Any], wait: float) -> None:
     try:
         running = start_supervised(flags, _options(), wait)
     except KeyboardInterrupt:
-        fail("stopped waiting; the daemon may still be starting in the background.",
-             "See `mlx-manager status`, or `mlx-manager stop` it.", code=130)
+        fail(
+            "stopped waiting; the daemon may still be starting in the background.",
+            "See `mlx-manager status`, or `mlx-manager stop` it.",
+            code=130,
+        )
     except StartFailed as failure:
         if failure.log_lines:
             err_console.print("Last lines of the log:")
@@ -155,8 +158,10 @@ def _report_started(running: "Running") -> None:
     if not running.already:
         say(f"Started: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
     elif running.adopted:
-        say(f"Already running: {where} ({daemon}); its supervisor was gone, so a new one (pid "
-            f"{running.supervisor_pid}) took it over: it is restarted if it crashes or hangs.")
+        say(
+            f"Already running: {where} ({daemon}); its supervisor was gone, so a new one (pid "
+            f"{running.supervisor_pid}) took it over: it is restarted if it crashes or hangs."
+        )
     elif running.supervised:
         say(f"Already running: {where} ({daemon}, supervisor pid {running.supervisor_pid}).")
     else:
@@ -324,8 +329,10 @@ def _cache_line(figures: dict[str, Any]) -> str | None:
     if not hits and not misses and not size:
         return None
     rate = f"{100 * hits / (hits + misses):.0f}% of prompts hit" if hits + misses else "no prompt yet"
-    return (f"{(size or 0) / 1024**2:.0f} MiB; {rate}; "
-            f"{figures.get('prompt_cache_cached_tokens', 0)} prompt tokens not computed again")
+    return (
+        f"{(size or 0) / 1024**2:.0f} MiB; {rate}; "
+        f"{figures.get('prompt_cache_cached_tokens', 0)} prompt tokens not computed again"
+    )
 
 
 def _exit_line(last_exit: dict[str, Any]) -> str:

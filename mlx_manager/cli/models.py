@@ -58,10 +58,8 @@ ModelArgument = Annotated[
 YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
 
 
-
 def _hub_failure(error: HubError, json_output: bool) -> NoReturn:
-    fail(f"{error.message}.", error.hint, code=EXIT_USAGE if error.kind == "invalid_id" else 1,
-         json_output=json_output)
+    fail(f"{error.message}.", error.hint, code=EXIT_USAGE if error.kind == "invalid_id" else 1, json_output=json_output)
 
 
 def _daemon_failure(error: DaemonError, json_output: bool) -> NoReturn:
@@ -104,9 +102,12 @@ def pull(model: RepoArgument, json_output: JsonOption = False) -> None:
         _hub_failure(error, json_output)
     except KeyboardInterrupt:
         display.close()
-        fail("interrupted; what arrived so far stays in the cache.",
-             f"Run `mlx-manager models pull {model}` again to go on from there.",
-             code=EXIT_INTERRUPTED, json_output=json_output)
+        fail(
+            "interrupted; what arrived so far stays in the cache.",
+            f"Run `mlx-manager models pull {model}` again to go on from there.",
+            code=EXIT_INTERRUPTED,
+            json_output=json_output,
+        )
     display.close()
     _warn_if_not_allowed(result.model)
     if json_output:
@@ -124,8 +125,10 @@ def _warn_if_not_allowed(model_id: str) -> None:
     except SettingsError:
         return
     if allowed and model_id not in allowed:
-        warn(f"models.allowed does not list {model_id}, so the daemon will refuse it; "
-             f"add it with `mlx-manager config set models.allowed '{', '.join([*allowed, model_id])}'`.")
+        warn(
+            f"models.allowed does not list {model_id}, so the daemon will refuse it; "
+            f"add it with `mlx-manager config set models.allowed '{', '.join([*allowed, model_id])}'`."
+        )
 
 
 # -- list ---------------------------------------------------------------------------------------------
@@ -159,9 +162,15 @@ def list_(json_output: JsonOption = False) -> None:
     allowed = settings.models.allowed
     rows: list[dict[str, Any]] = [
         {
-            "id": m.id, "kind": m.kind, "size_bytes": m.size_bytes, "quantization": m.quantization,
-            "allowed": not allowed or m.id in allowed, "last_used": _iso(used.get(m.id)), "source": m.source,
-            "path": str(m.path), "commit": m.commit,
+            "id": m.id,
+            "kind": m.kind,
+            "size_bytes": m.size_bytes,
+            "quantization": m.quantization,
+            "allowed": not allowed or m.id in allowed,
+            "last_used": _iso(used.get(m.id)),
+            "source": m.source,
+            "path": str(m.path),
+            "commit": m.commit,
         }
         for m in models
     ]
@@ -176,12 +185,24 @@ def list_(json_output: JsonOption = False) -> None:
     from mlx_manager.hub.pull import format_bytes
 
     table = Table(box=None, pad_edge=False)
-    for column, justify in (("ID", "left"), ("KIND", "left"), ("SIZE", "right"), ("QUANT", "left"),
-                            ("ALLOWED", "left"), ("LAST USED", "left")):
+    for column, justify in (
+        ("ID", "left"),
+        ("KIND", "left"),
+        ("SIZE", "right"),
+        ("QUANT", "left"),
+        ("ALLOWED", "left"),
+        ("LAST USED", "left"),
+    ):
         table.add_column(column, no_wrap=column != "ID", justify=justify)  # type: ignore[arg-type]
     for row in rows:
-        table.add_row(row["id"], row["kind"], format_bytes(row["size_bytes"]), row["quantization"] or "-",
-                      "yes" if row["allowed"] else "no", _ago(used.get(row["id"])))
+        table.add_row(
+            row["id"],
+            row["kind"],
+            format_bytes(row["size_bytes"]),
+            row["quantization"] or "-",
+            "yes" if row["allowed"] else "no",
+            _ago(used.get(row["id"])),
+        )
     console.print(table, markup=False, highlight=False)
 
 
@@ -233,13 +254,29 @@ def ps(json_output: JsonOption = False) -> None:
     from mlx_manager.hub.pull import format_bytes
 
     table = Table(box=None, pad_edge=False)
-    for column, justify in (("ID", "left"), ("KIND", "left"), ("MEMORY", "right"), ("CACHE", "right"),
-                            ("ACTIVE", "right"), ("QUEUED", "right"), ("IDLE", "right"), ("UNTIL", "left")):
+    for column, justify in (
+        ("ID", "left"),
+        ("KIND", "left"),
+        ("MEMORY", "right"),
+        ("CACHE", "right"),
+        ("ACTIVE", "right"),
+        ("QUEUED", "right"),
+        ("IDLE", "right"),
+        ("UNTIL", "left"),
+    ):
         table.add_column(column, no_wrap=column != "ID", justify=justify)  # type: ignore[arg-type]
     for model in models:
         cache = format_bytes(model["prompt_cache_bytes"]) if model["kind"] == "generate" else "-"
-        table.add_row(model["id"], model["kind"], format_bytes(model["memory_bytes"]), cache, str(model["active_jobs"]),
-                      str(model["queued_jobs"]), _span(model["idle_seconds"]), _until(model))
+        table.add_row(
+            model["id"],
+            model["kind"],
+            format_bytes(model["memory_bytes"]),
+            cache,
+            str(model["active_jobs"]),
+            str(model["queued_jobs"]),
+            _span(model["idle_seconds"]),
+            _until(model),
+        )
     console.print(table, markup=False, highlight=False)
 
 
@@ -326,9 +363,11 @@ def rm(
         _hub_failure(error, json_output)
     loaded = _loaded_from([target.folder] if target.whole_repo else list(target.snapshots), json_output)
     if loaded and not force:
-        fail(f"the running daemon has {', '.join(loaded)} loaded.",
-             f"Unload it first (`mlx-manager models unload {loaded[0]}`), or pass --force to do both.",
-             json_output=json_output)
+        fail(
+            f"the running daemon has {', '.join(loaded)} loaded.",
+            f"Unload it first (`mlx-manager models unload {loaded[0]}`), or pass --force to do both.",
+            json_output=json_output,
+        )
     what = target.repo_id if target.whole_repo else f"{target.repo_id} ({len(target.commits)} revision(s))"
     if not yes and not typer.confirm(f"Delete {what}, {format_bytes(target.size_bytes)}, from {target.folder}?"):
         fail("nothing deleted.", json_output=json_output)
@@ -345,8 +384,9 @@ def rm(
     except OSError as error:
         fail(f"could not delete {target.folder}: {error.strerror or error}.", json_output=json_output)
     if json_output:
-        print_json({"deleted": model, "commits": list(target.commits), "freed_bytes": target.size_bytes,
-                    "unloaded": loaded})
+        print_json(
+            {"deleted": model, "commits": list(target.commits), "freed_bytes": target.size_bytes, "unloaded": loaded}
+        )
         return
     unloaded = "; unloaded it from the daemon first" if loaded else ""
     say(f"Deleted {what} ({format_bytes(target.size_bytes)} freed{unloaded})")

@@ -35,7 +35,6 @@ class JsonDisplay(PullDisplay):
         print_json(event)
 
 
-
 def _plan_line(event: Event) -> str:
     fetch = [f for f in event["files"] if not f["cached"]]
     line = f"Pulling {event['model']} at {event['revision']} (commit {event['commit'][:12]}): "
@@ -67,10 +66,13 @@ class PlainDisplay(PullDisplay):
         self._last = time.monotonic()
         size = event["file_size"] or 1
         eta = event["eta_seconds"]
-        say(f"  {event['name']}: {100 * event['file_bytes'] / size:.0f}% of {format_bytes(size)}, "
-             f"{format_bytes(event['bytes_per_second'])}/s, "
-             f"{format_bytes(event['bytes'])} of {format_bytes(event['total_bytes'])} in all"
-             + (f", {_duration(eta)} left" if eta is not None else ""), err=True)
+        say(
+            f"  {event['name']}: {100 * event['file_bytes'] / size:.0f}% of {format_bytes(size)}, "
+            f"{format_bytes(event['bytes_per_second'])}/s, "
+            f"{format_bytes(event['bytes'])} of {format_bytes(event['total_bytes'])} in all"
+            + (f", {_duration(eta)} left" if eta is not None else ""),
+            err=True,
+        )
 
     def on_check(self, event: Event) -> None:
         say("Checking that the model loads...", err=True)
@@ -90,8 +92,13 @@ class RichDisplay(PullDisplay):
         )
 
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=err_console, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
         )
         self.tasks: dict[str, Any] = {}
         self.overall: Any = None
@@ -100,8 +107,7 @@ class RichDisplay(PullDisplay):
         say(_plan_line(event), err=True)
         if event["total_bytes"]:
             self.progress.start()
-            self.overall = self.progress.add_task("total", total=event["total_bytes"],
-                                                  completed=event["present_bytes"])
+            self.overall = self.progress.add_task("total", total=event["total_bytes"], completed=event["present_bytes"])
 
     def on_file(self, event: Event) -> None:
         self.tasks[event["name"]] = self.progress.add_task(

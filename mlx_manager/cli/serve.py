@@ -3,7 +3,7 @@
 # Annotations stay objects here, without `from __future__ import annotations`: Typer reads every
 # command's annotations at each start, and a string annotation costs a compile and an eval.
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,16 +27,18 @@ InsecureOption = Annotated[
 
 
 ModelOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
-        "--model", help="Preload this model (a local folder or a cached Hugging Face id).", autocompletion=complete_model
+        "--model",
+        help="Preload this model (a local folder or a cached Hugging Face id).",
+        autocompletion=complete_model,
     ),
 ]
 
 
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default from settings: 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on (default from settings: 10242).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default from settings: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default from settings: 10242).")] = None,
     model: ModelOption = None,
     insecure_no_auth: InsecureOption = False,
 ) -> None:

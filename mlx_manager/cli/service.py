@@ -76,8 +76,11 @@ def _check_bind(host: str | None, insecure_no_auth: bool) -> None:
             settings = load_settings({"server.host": host})
             keyring = load_keyring(settings)
         except SettingsError as exc:
-            fail(f"the settings cannot be read: {exc}.", "Fix them (mlx-manager config ...); nothing was installed.",
-                 code=EXIT_USAGE)
+            fail(
+                f"the settings cannot be read: {exc}.",
+                "Fix them (mlx-manager config ...); nothing was installed.",
+                code=EXIT_USAGE,
+            )
     refusal = unsafe_bind(settings.server.host, keyring, insecure_no_auth)
     if refusal is not None:
         hint = f"({', '.join(hidden)} in this shell: not passed to the service.)" if hidden else None
@@ -141,8 +144,10 @@ def install(
         return
     problem = _run(commands)
     if problem:
-        warn(f"the file is written, but the service could not be started ({problem}). Run: "
-             + "; ".join(" ".join(c) for c in commands))
+        warn(
+            f"the file is written, but the service could not be started ({problem}). Run: "
+            + "; ".join(" ".join(c) for c in commands)
+        )
         return
     say("Enabled and started; it starts again at every login and after a failure.")
 

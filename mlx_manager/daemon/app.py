@@ -112,8 +112,11 @@ def create_app(
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.server.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"],
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
         )
     return app
 
@@ -162,8 +165,9 @@ def daemon_metrics(daemon: DaemonState) -> Metrics:
 
     def observe_backend(outcome: RequestOutcome) -> None:
         if outcome.backend is not None and outcome.status is not None:
-            figures.observe_backend(outcome.backend, outcome.backend_type, outcome.status, outcome.prompt_tokens,
-                                    outcome.completion_tokens)
+            figures.observe_backend(
+                outcome.backend, outcome.backend_type, outcome.status, outcome.prompt_tokens, outcome.completion_tokens
+            )
 
     daemon.outcome_sinks.append(observe)
     daemon.outcome_sinks.append(observe_backend)

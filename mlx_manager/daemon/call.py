@@ -108,8 +108,12 @@ class TokenCountCall(EngineCall):
 
     def __init__(self, daemon: DaemonState, request: Request, endpoint: str, job_request: GenerationRequest) -> None:
         if not daemon.router.is_local(job_request.model):
-            raise Problem("not_supported", f"model {job_request.model!r} is routed to another backend, whose prompt"
-                          " tokens this server cannot count", param="model")
+            raise Problem(
+                "not_supported",
+                f"model {job_request.model!r} is routed to another backend, whose prompt"
+                " tokens this server cannot count",
+                param="model",
+            )
         self.engine = daemon.engine
         self.job_request = job_request
         span = token_count_span(job_request.model, endpoint, job_request.request_id)

@@ -68,8 +68,12 @@ class ConnectionGuard:
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY_SECONDS:
             self._warned_at = now
-            log.warning("%d connections open, all busy (server.max_connections=%d): new ones get 503 "
-                        "(/health and /ready still answer)", len(self.open) - 1, self.max_connections)
+            log.warning(
+                "%d connections open, all busy (server.max_connections=%d): new ones get 503 "
+                "(/health and /ready still answer)",
+                len(self.open) - 1,
+                self.max_connections,
+            )
         return False
 
     def forget(self, connection: BoundedH11Protocol) -> None:

@@ -128,8 +128,9 @@ class GenerationCall(EngineCall):
         else:
             if not daemon.router.is_local(first.model):  # one request upstream per request, not several
                 backend = daemon.router.first_choice(first.model).name
-                raise not_translatable(backend, "n" if n > 1 else "prompt",
-                                       "several choices or prompts are made by the local engine only")
+                raise not_translatable(
+                    backend, "n" if n > 1 else "prompt", "several choices or prompts are made by the local engine only"
+                )
             try:
                 for each in requests:  # Overloaded / EngineStopped: at once
                     self.jobs += daemon.engine.submit_choices(each, n)

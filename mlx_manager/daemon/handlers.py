@@ -77,8 +77,11 @@ def problem_from_routing(exc: RoutingError) -> Problem:
     """A routed request's failure: our detail, and what the upstream said as extension members."""
     extra: dict[str, Any] = {
         name: value
-        for name, value in (("backend", exc.backend), ("upstream_status", exc.upstream_status),
-                            ("upstream_type", exc.upstream_type))
+        for name, value in (
+            ("backend", exc.backend),
+            ("upstream_status", exc.upstream_status),
+            ("upstream_type", exc.upstream_type),
+        )
         if value is not None
     }
     headers = retry_after(exc.retry_after) if exc.retry_after is not None else None

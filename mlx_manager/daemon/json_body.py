@@ -20,8 +20,9 @@ from starlette.responses import Response
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Every escape in a JSON text, in order: a whole pair, a surrogate alone, any other escape.
-_ESCAPES = re.compile(r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[dD][89a-fA-F][0-9a-fA-F]{2}|.)",
-                      re.DOTALL)
+_ESCAPES = re.compile(
+    r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[dD][89a-fA-F][0-9a-fA-F]{2}|.)", re.DOTALL
+)
 
 
 def loads(body: bytes) -> Any:
@@ -37,8 +38,9 @@ def loads(body: bytes) -> Any:
         for match in _ESCAPES.finditer(text):
             escape = match.group()
             if len(escape) == 6 and escape[1] == "u" and 0xD800 <= int(escape[2:], 16) <= 0xDFFF:
-                raise json.JSONDecodeError(f"{escape} is half of a UTF-16 surrogate pair, without its other half",
-                                           text, match.start())
+                raise json.JSONDecodeError(
+                    f"{escape} is half of a UTF-16 surrogate pair, without its other half", text, match.start()
+                )
     return value
 
 

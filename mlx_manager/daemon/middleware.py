@@ -30,8 +30,13 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 _PROBES = ("/health", "/ready")
 # They show model paths and traffic: while the API needs a key, so do they (auth.open_endpoints,
 # auth.probe_clients open them); the admin token opens them to the supervisor and the CLI.
-_EXTRAS = {"/ready": "/ready", "/metrics": "/metrics", "/docs": "/docs", "/docs/oauth2-redirect": "/docs",
-           "/openapi.json": "/openapi.json"}
+_EXTRAS = {
+    "/ready": "/ready",
+    "/metrics": "/metrics",
+    "/docs": "/docs",
+    "/docs/oauth2-redirect": "/docs",
+    "/openapi.json": "/openapi.json",
+}
 _SCRAPED = ("/ready", "/metrics")
 POLICY_VIOLATION = 1008
 # Paths whose outcome is worth a record (the audit log): the API and the admin endpoints.

@@ -72,8 +72,12 @@ KINDS: dict[str, Kind] = {
 
 # Starlette's own HTTPExceptions carry only a status: name them by it.
 _KIND_BY_STATUS = {
-    401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-    415: "unsupported_media_type", 429: "rate_limited",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
 }
 
 

@@ -88,8 +88,10 @@ def run_daemon(
     write_daemon_file(settings.server.host, bound_port, url)
     log.info("mlx-manager %s serving the OpenAI API on %s (pid %d)", __version__, url, os.getpid())
     if on_network and not keyring:
-        log.warning("listening on %s with no API key (--insecure-no-auth): anyone who can reach it may use it",
-                    settings.server.host)
+        log.warning(
+            "listening on %s with no API key (--insecure-no-auth): anyone who can reach it may use it",
+            settings.server.host,
+        )
     try:
         server.run(sockets=[sock])
     finally:

@@ -34,8 +34,11 @@ def _printable_model_id(value: str) -> str:
 
 ModelId = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_MODEL_ID,
-          description="A Hugging Face repo id (org/name[@revision]) or a model folder's path."),
+    Field(
+        min_length=1,
+        max_length=MAX_MODEL_ID,
+        description="A Hugging Face repo id (org/name[@revision]) or a model folder's path.",
+    ),
     AfterValidator(_printable_model_id),
 ]
 
@@ -273,9 +276,12 @@ MAX_PROMPTS = 2048
 
 class CompletionRequest(GenerationFields):
     # A string, a list of token ids, or a list of either: several prompts, each with n choices.
-    prompt: str | list[TokenId] | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | Annotated[
-        list[list[TokenId]], Field(max_length=MAX_PROMPTS)
-    ]
+    prompt: (
+        str
+        | list[TokenId]
+        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
+        | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)]
+    )
     logprobs: int | None = Field(None, ge=0, le=20)
 
     def prompts(self) -> list[str | list[int]]:

@@ -34,8 +34,12 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     # The rest of the open-file limit is for models, the audit log, the logs and connections over the limit.
     limit = min(server.max_connections, max(16, open_file_limit() // 2))
     if limit < server.max_connections:
-        log.warning("server.max_connections is %d but the open-file limit is %d: at most %d connections",
-                    server.max_connections, open_file_limit(), limit)
+        log.warning(
+            "server.max_connections is %d but the open-file limit is %d: at most %d connections",
+            server.max_connections,
+            open_file_limit(),
+            limit,
+        )
     guard = ConnectionGuard(limit, server.idle_timeout, server.read_timeout)
     return uvicorn.Config(
         app,

@@ -143,8 +143,9 @@ class SharedPrefill:
     to its last token; then each choice joins the batch with a copy of that cache and the last
     token as its prompt, so only that token is computed per choice."""
 
-    def __init__(self, entry: LoadedModel, slots: list[Slot], cache: list[Any] | None, held: list[int],
-                 rest: list[int]) -> None:
+    def __init__(
+        self, entry: LoadedModel, slots: list[Slot], cache: list[Any] | None, held: list[int], rest: list[int]
+    ) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.entry = entry

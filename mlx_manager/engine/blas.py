@@ -87,4 +87,3 @@ def _select(choice: str) -> str | None:
             return path
     log.info("no optimised BLAS found (e.g. Debian's libopenblas0); MLX uses its bundled reference BLAS")
     return None
-

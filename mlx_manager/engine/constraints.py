@@ -235,7 +235,10 @@ def tool_call_spec(
 
 
 def free_calls_spec(
-    calls: Sequence[tuple[str, str, Mapping[str, Any]]], *, trigger: str, special_tokens: Mapping[str, int] | None = None
+    calls: Sequence[tuple[str, str, Mapping[str, Any]]],
+    *,
+    trigger: str,
+    special_tokens: Mapping[str, int] | None = None,
 ) -> GrammarSpec:
     """Free text in which every tool call must be well formed (strict tools, tool_choice "auto").
 

@@ -131,7 +131,7 @@ class EmbeddingModel:
         if not truncate:
             raise InvalidRequest(
                 f"input {index} has {len(ids)} tokens; this model takes at most {self.max_tokens}"
-                " (send \"truncate\": true to cut longer inputs to the limit)"
+                ' (send "truncate": true to cut longer inputs to the limit)'
             )
         # Keep the final special token (e.g. [SEP]) when the tokenizer added one.
         last = ids[-1]

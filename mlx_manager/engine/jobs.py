@@ -194,6 +194,7 @@ class Reply(Generic[T]):
 
     def settle(self, result: T | None = None, error: BaseException | None = None) -> None:
         """From the inference thread: the result, or the error to raise in the waiting coroutine."""
+
         def deliver(future: asyncio.Future[T]) -> None:
             if error is not None:
                 future.set_exception(error)

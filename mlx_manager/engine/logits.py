@@ -128,9 +128,7 @@ def penalty_processors(penalties: Penalties, vocab_size: int, prompt: Sequence[i
     """The processors a job's penalties need (none for the defaults)."""
     processors: list[Any] = []
     if penalties.frequency or penalties.presence or penalties.logit_bias:
-        processors.append(
-            PenaltyProcessor(vocab_size, penalties.frequency, penalties.presence, penalties.logit_bias)
-        )
+        processors.append(PenaltyProcessor(vocab_size, penalties.frequency, penalties.presence, penalties.logit_bias))
     if penalties.repetition is not None and penalties.repetition != 1.0:
         processors.append(RepetitionPenalty(penalties.repetition, prompt))
     return processors

@@ -245,14 +245,27 @@ class ModelPool:
             listener(model_id, seconds)
         if embedding:
             return LoadedModel(
-                model_id, path, model, tokenizer, model.max_tokens, seconds, vocab_size=model.vocab_size, kind="embed",
+                model_id,
+                path,
+                model,
+                tokenizer,
+                model.max_tokens,
+                seconds,
+                vocab_size=model.vocab_size,
+                kind="embed",
                 memory_bytes=memory,
             )
         context = config.get("max_position_embeddings")
         vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         return LoadedModel(
-            model_id, path, model, tokenizer, context if isinstance(context, int) else None, seconds,
-            vocab_size=vocab if isinstance(vocab, int) else None, memory_bytes=memory,
+            model_id,
+            path,
+            model,
+            tokenizer,
+            context if isinstance(context, int) else None,
+            seconds,
+            vocab_size=vocab if isinstance(vocab, int) else None,
+            memory_bytes=memory,
         )
 
     def _make_room(self) -> None:

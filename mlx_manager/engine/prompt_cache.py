@@ -24,7 +24,6 @@ from mlx_manager.engine.prompt_cache_disk import DiskTier
 from mlx_manager.engine.types import CacheStatus
 
 
-
 @dataclass
 class _Entry:
     cache: list[Any]
@@ -47,8 +46,13 @@ class PromptCache:
     def status(self) -> CacheStatus:
         disk = self.disk
         return CacheStatus(
-            self.hits, self.misses, self.cached_tokens, len(self._lru), self.bytes,
-            disk_entries=len(disk) if disk else 0, disk_bytes=disk.bytes if disk else 0,
+            self.hits,
+            self.misses,
+            self.cached_tokens,
+            len(self._lru),
+            self.bytes,
+            disk_entries=len(disk) if disk else 0,
+            disk_bytes=disk.bytes if disk else 0,
         )
 
     @property

@@ -56,7 +56,9 @@ class DiskTier:
             try:
                 meta = json.loads(index.read_text())
                 tokens = tuple(int(t) for t in meta["tokens"])
-                entry = DiskEntry(index.stem, data_file.stat().st_size, bool(meta["trimmable"]), data_file.stat().st_mtime)
+                entry = DiskEntry(
+                    index.stem, data_file.stat().st_size, bool(meta["trimmable"]), data_file.stat().st_mtime
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("prompt cache: %s is unreadable; deleted", index.name)
                 self._delete_files(index.stem)

@@ -11,10 +11,9 @@ thinking section free: only the answer after it is constrained.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
-
-import json
 
 from mlx_manager.engine.constraints import (
     GrammarSpec,

@@ -69,7 +69,7 @@ def has_weights(path: Path) -> bool:
 
 
 def kind_of(path: Path, config: dict[str, Any]) -> str:
-    """"embedding", "chat" (a generative model with a chat template) or "text" (completions only)."""
+    """ "embedding", "chat" (a generative model with a chat template) or "text" (completions only)."""
     from mlx_manager.engine.embedding_model import is_embedding_model  # no MLX: a look at the files
 
     if is_embedding_model(path, config):
@@ -87,7 +87,7 @@ _DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
 
 def quantization_of(config: dict[str, Any]) -> str | None:
-    """"4-bit" for an MLX-quantized model, the quantization method of another, else its dtype."""
+    """ "4-bit" for an MLX-quantized model, the quantization method of another, else its dtype."""
     mlx = config.get("quantization")
     if isinstance(mlx, dict) and mlx.get("bits"):
         return f"{mlx['bits']}-bit"
@@ -194,8 +194,11 @@ def find_cached(model_ref: str) -> CachedRepo:
     repo_id, revision = parse_model_ref(model_ref)
     folder = repo_folder(repo_id)
     if not folder.is_dir():
-        raise HubError("not_in_cache", f"{repo_id} is not in the Hugging Face cache ({hf_cache_dir()})",
-                       "`mlx-manager models list` shows what is.")
+        raise HubError(
+            "not_in_cache",
+            f"{repo_id} is not in the Hugging Face cache ({hf_cache_dir()})",
+            "`mlx-manager models list` shows what is.",
+        )
     from huggingface_hub import scan_cache_dir
 
     repos = scan_cache_dir(hf_cache_dir()).repos
@@ -204,15 +207,22 @@ def find_cached(model_ref: str) -> CachedRepo:
     if revision is not None:
         revisions = [r for r in revisions if revision in r.refs or r.commit_hash == revision]
         if not revisions:
-            raise HubError("not_in_cache", f"{repo_id} has no cached revision {revision!r}",
-                           "`mlx-manager models list` shows what is.")
+            raise HubError(
+                "not_in_cache",
+                f"{repo_id} has no cached revision {revision!r}",
+                "`mlx-manager models list` shows what is.",
+            )
     whole = revision is None or (repo is not None and len(revisions) == len(repo.revisions))
     size = repo.size_on_disk if whole and repo is not None else sum(r.size_on_disk for r in revisions)
     if whole:  # partial downloads count too: they go with the folder
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
     return CachedRepo(
-        repo_id, folder, tuple(r.commit_hash for r in revisions), tuple(Path(r.snapshot_path) for r in revisions),
-        whole, size,
+        repo_id,
+        folder,
+        tuple(r.commit_hash for r in revisions),
+        tuple(Path(r.snapshot_path) for r in revisions),
+        whole,
+        size,
     )
 
 

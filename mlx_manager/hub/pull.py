@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mlx_manager.files import private_lock
 from mlx_manager.hub.cache import (
     DEFAULT_REVISION,
     hf_cache_dir,
@@ -49,7 +50,6 @@ from mlx_manager.hub.cache import (
     served_id,
 )
 from mlx_manager.hub.errors import HubError
-from mlx_manager.files import private_lock
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -111,9 +111,14 @@ class Plan:
 
     def event(self) -> Event:
         return {
-            "event": "plan", "model": self.repo_id, "revision": self.revision, "commit": self.commit,
+            "event": "plan",
+            "model": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
             "files": [{"name": f.name, "size": f.size, "cached": f.cached} for f in self.files],
-            "total_bytes": self.total_bytes, "present_bytes": self.present_bytes, "free_bytes": self.free_bytes,
+            "total_bytes": self.total_bytes,
+            "present_bytes": self.present_bytes,
+            "free_bytes": self.free_bytes,
             "cache": str(self.storage),
         }
 
@@ -173,14 +178,21 @@ def make_plan(model_ref: str) -> Plan:
 
 def _check_mlx_files(repo_id: str, names: list[str]) -> None:
     """A repo without config.json and model*.safetensors is not something mlx-lm can load: say what it holds."""
-    missing = [what for what, ok in (
-        ("config.json", "config.json" in names),
-        ("model*.safetensors weights", any(fnmatch.fnmatch(n, WEIGHTS) for n in names)),
-    ) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("config.json", "config.json" in names),
+            ("model*.safetensors weights", any(fnmatch.fnmatch(n, WEIGHTS) for n in names)),
+        )
+        if not ok
+    ]
     if not missing:
         return
-    found = [label for pattern, label in _FOREIGN_FORMATS
-             if any(fnmatch.fnmatch(n, pattern) and not fnmatch.fnmatch(n, WEIGHTS) for n in names)]
+    found = [
+        label
+        for pattern, label in _FOREIGN_FORMATS
+        if any(fnmatch.fnmatch(n, pattern) and not fnmatch.fnmatch(n, WEIGHTS) for n in names)
+    ]
     if not names:
         holds = "; it is empty"
     else:
@@ -211,24 +223,38 @@ def hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str | None)
     if isinstance(exc, OfflineModeIsEnabled):
         return HubError("offline", "HF_HUB_OFFLINE is set, so nothing can be downloaded", "Unset it to pull.")
     if isinstance(exc, RevisionNotFoundError):
-        return HubError("revision_not_found", f"{repo_id} has no revision {revision!r}",
-                        "Give a branch, a tag or a commit hash that exists.")
+        return HubError(
+            "revision_not_found",
+            f"{repo_id} has no revision {revision!r}",
+            "Give a branch, a tag or a commit hash that exists.",
+        )
     if isinstance(exc, GatedRepoError):
-        return HubError("gated", f"{repo_id} is gated: its conditions must be accepted before it can be downloaded",
-                        f"Accept them at {hub}/{repo_id} and set HF_TOKEN to a token of that account.")
+        return HubError(
+            "gated",
+            f"{repo_id} is gated: its conditions must be accepted before it can be downloaded",
+            f"Accept them at {hub}/{repo_id} and set HF_TOKEN to a token of that account.",
+        )
     if isinstance(exc, RepositoryNotFoundError):
-        return HubError("not_found", f"{repo_id} was not found on {hub}",
-                        "Check the id; a private repo also needs HF_TOKEN set to a token that may read it.")
+        return HubError(
+            "not_found",
+            f"{repo_id} was not found on {hub}",
+            "Check the id; a private repo also needs HF_TOKEN set to a token that may read it.",
+        )
     if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
-        return HubError("unauthorized",
-                        f"{hub} refused the token (HF_TOKEN or the saved login): it is invalid or expired",
-                        "Set HF_TOKEN to a valid token, or unset it for public models.")
+        return HubError(
+            "unauthorized",
+            f"{hub} refused the token (HF_TOKEN or the saved login): it is invalid or expired",
+            "Set HF_TOKEN to a valid token, or unset it for public models.",
+        )
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "an error"
         return HubError("hub_error", f"{hub} answered {status} for {repo_id}", "Try again later.")
     if isinstance(exc, (httpx.TransportError, httpx2.TransportError, ConnectionError, TimeoutError)):
-        return HubError("unreachable", f"cannot reach the Hugging Face hub at {hub} ({type(exc).__name__}: {exc})",
-                        "Check the network (and HF_ENDPOINT, if set); an interrupted pull resumes when run again.")
+        return HubError(
+            "unreachable",
+            f"cannot reach the Hugging Face hub at {hub} ({type(exc).__name__}: {exc})",
+            "Check the network (and HF_ENDPOINT, if set); an interrupted pull resumes when run again.",
+        )
     return HubError("hub_error", f"downloading {repo_id} failed: {type(exc).__name__}: {exc}")
 
 
@@ -272,11 +298,18 @@ class Tracker:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         speed = max(self.done - self._start_done, 0) / elapsed
         left = max(self.plan.total_bytes - self.done, 0)
-        self.on_event({
-            "event": "progress", "name": name, "file_bytes": self.file_bytes.get(name, 0), "file_size": size,
-            "bytes": self.done, "total_bytes": self.plan.total_bytes, "bytes_per_second": round(speed),
-            "eta_seconds": round(left / speed, 1) if speed > 0 else None,
-        })
+        self.on_event(
+            {
+                "event": "progress",
+                "name": name,
+                "file_bytes": self.file_bytes.get(name, 0),
+                "file_size": size,
+                "bytes": self.done,
+                "total_bytes": self.plan.total_bytes,
+                "bytes_per_second": round(speed),
+                "eta_seconds": round(left / speed, 1) if speed > 0 else None,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -304,8 +337,9 @@ def download(plan: Plan, on_event: OnEvent, cancel: threading.Event | None = Non
                 tracker.report(remote.name, remote.size)
                 on_event({"event": "file_done", "name": remote.name, "size": remote.size})
             # The blob is in place: huggingface_hub links it into this commit's snapshot, no download.
-            hf_hub_download(plan.repo_id, remote.name, revision=plan.commit, cache_dir=cache_dir,
-                            endpoint=plan.endpoint)
+            hf_hub_download(
+                plan.repo_id, remote.name, revision=plan.commit, cache_dir=cache_dir, endpoint=plan.endpoint
+            )
     except HubError:
         raise
     except Exception as exc:
@@ -315,14 +349,28 @@ def download(plan: Plan, on_event: OnEvent, cancel: threading.Event | None = Non
     on_event({"event": "check", "path": str(plan.snapshot)})
     kind = check_loadable(plan.snapshot, plan.repo_id)
     refs = (plan.revision,) if plan.revision != plan.commit else ()
-    result = PullResult(served_id(plan.repo_id, refs, plan.commit), plan.commit, plan.snapshot, kind,
-                        tracker.done - plan.present_bytes, time.monotonic() - started)
+    result = PullResult(
+        served_id(plan.repo_id, refs, plan.commit),
+        plan.commit,
+        plan.snapshot,
+        kind,
+        tracker.done - plan.present_bytes,
+        time.monotonic() - started,
+    )
     config = read_config(plan.snapshot) or {}
-    on_event({
-        "event": "done", "model": result.model, "commit": result.commit, "path": str(result.path), "kind": kind,
-        "quantization": quantization_of(config), "size_bytes": sum(f.size for f in plan.files),
-        "downloaded_bytes": result.downloaded_bytes, "seconds": round(result.seconds, 3),
-    })
+    on_event(
+        {
+            "event": "done",
+            "model": result.model,
+            "commit": result.commit,
+            "path": str(result.path),
+            "kind": kind,
+            "quantization": quantization_of(config),
+            "size_bytes": sum(f.size for f in plan.files),
+            "downloaded_bytes": result.downloaded_bytes,
+            "seconds": round(result.seconds, 3),
+        }
+    )
     return result
 
 
@@ -351,8 +399,11 @@ def _fetch_blob(plan: Plan, remote: RemoteFile, tracker: Tracker) -> None:
         _stream_into(sink, metadata.location, size, headers, lambda n: tracker.advance(remote.name, remote.size, n))
     if not _matches(partial, metadata.etag):
         partial.unlink(missing_ok=True)
-        raise HubError("corrupt", f"{remote.name} arrived damaged (its checksum does not match the hub's)",
-                       "Run the same command again to download it afresh.")
+        raise HubError(
+            "corrupt",
+            f"{remote.name} arrived damaged (its checksum does not match the hub's)",
+            "Run the same command again to download it afresh.",
+        )
     os.replace(partial, blob)
 
 
@@ -373,8 +424,11 @@ def _stream_into(sink: BinaryIO, url: str, size: int, headers: dict[str, str], a
             try:
                 with client.stream("GET", url, headers=asked) as got:
                     if got.status_code not in (200, 206):
-                        raise HubError("hub_error", f"{_host(url)} answered {got.status_code} for {name}",
-                                       "Try again later; the pull goes on from where it stopped.")
+                        raise HubError(
+                            "hub_error",
+                            f"{_host(url)} answered {got.status_code} for {name}",
+                            "Try again later; the pull goes on from where it stopped.",
+                        )
                     if have and got.status_code == 200:  # the range was ignored: the whole file is coming
                         sink.seek(0)
                         sink.truncate()
@@ -389,8 +443,11 @@ def _stream_into(sink: BinaryIO, url: str, size: int, headers: dict[str, str], a
                     raise
                 time.sleep(0.5 * failures)
     if sink.tell() != size:
-        raise HubError("corrupt", f"{name} arrived with {sink.tell()} bytes instead of {size}",
-                       "Run the same command again to download it afresh.")
+        raise HubError(
+            "corrupt",
+            f"{name} arrived with {sink.tell()} bytes instead of {size}",
+            "Run the same command again to download it afresh.",
+        )
 
 
 @contextlib.contextmanager
@@ -402,8 +459,11 @@ def _pull_lock(plan: Plan, etag: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0.5)
     except Timeout:
-        raise HubError("busy", f"another pull is downloading {plan.repo_id} right now",
-                       "Wait for it to finish; it leaves the model in the same cache.") from None
+        raise HubError(
+            "busy",
+            f"another pull is downloading {plan.repo_id} right now",
+            "Wait for it to finish; it leaves the model in the same cache.",
+        ) from None
     try:
         yield
     finally:
@@ -438,8 +498,13 @@ def check_loadable(path: Path, repo_id: str) -> str:
     its kind, or HubError("not_mlx") saying why it cannot be loaded."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     try:
-        done = subprocess.run([sys.executable, "-m", "mlx_manager.engine.check", str(path)], capture_output=True,
-                              text=True, timeout=CHECK_TIMEOUT, env=env)
+        done = subprocess.run(
+            [sys.executable, "-m", "mlx_manager.engine.check", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=CHECK_TIMEOUT,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         raise HubError("not_mlx", f"checking that {repo_id} loads took over {CHECK_TIMEOUT:.0f}s") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

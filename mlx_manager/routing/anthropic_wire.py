@@ -28,11 +28,23 @@ from mlx_manager.routing.wire import StreamDecoder, json_schema_of, refuse_unhan
 
 PATH = "/v1/messages"
 VERSION = "2023-06-01"  # the anthropic-version header every request carries
-HANDLED = frozenset({
-    "model", "messages", "max_tokens", "stop", "sampling", "request_id", "tools", "parallel_tool_calls",
-    "template_kwargs", "reasoning_effort", "constraint", "tool_choice",
-    "max_tokens_is_default",  # the default max_tokens is sent as it is: the backend cuts it to its context
-})
+HANDLED = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "stop",
+        "sampling",
+        "request_id",
+        "tools",
+        "parallel_tool_calls",
+        "template_kwargs",
+        "reasoning_effort",
+        "constraint",
+        "tool_choice",
+        "max_tokens_is_default",  # the default max_tokens is sent as it is: the backend cuts it to its context
+    }
+)
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 _STOP: dict[str, FinishReason] = {"max_tokens": "length", "tool_use": "tool_calls"}
 
@@ -208,8 +220,10 @@ class EventDecoder(StreamDecoder):
             # signature_delta and citations_delta have no engine event: Claude's signature stays upstream
         elif kind == "content_block_stop" and self._call is not None:
             call, self._call = self._call, None
-            self._piece(out, ToolCall(index=self.calls, id=call["id"], name=call["name"],
-                                      arguments="".join(call["json"]) or "{}"))
+            self._piece(
+                out,
+                ToolCall(index=self.calls, id=call["id"], name=call["name"], arguments="".join(call["json"]) or "{}"),
+            )
             self.calls += 1
         elif kind == "message_delta":
             self.stop_reason = data["delta"].get("stop_reason")
@@ -238,11 +252,14 @@ class EventDecoder(StreamDecoder):
             raise self.early_end()
         self.upstream_usage = (self.prompt_tokens, self.output_tokens)
         out: list[Event] = []
-        self._piece(out, Finished(
-            finish_reason=_STOP.get(self.stop_reason, "stop"),
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.output_tokens,
-            stop_sequence=self.stop_sequence if self.stop_reason == "stop_sequence" else None,
-            cached_tokens=self.cached,
-        ))
+        self._piece(
+            out,
+            Finished(
+                finish_reason=_STOP.get(self.stop_reason, "stop"),
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.output_tokens,
+                stop_sequence=self.stop_sequence if self.stop_reason == "stop_sequence" else None,
+                cached_tokens=self.cached,
+            ),
+        )
         return out

@@ -48,10 +48,17 @@ def make_client(entry: BackendEntry, key: str, settings: RoutingSettings) -> htt
     return httpx.AsyncClient(
         base_url=entry.base_url,
         headers=auth_headers(entry.type, key),
-        timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
-                              write=settings.read_timeout, pool=settings.connect_timeout),
-        limits=httpx.Limits(max_connections=settings.max_connections,
-                            max_keepalive_connections=settings.max_connections, keepalive_expiry=KEEPALIVE_EXPIRY),
+        timeout=httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.read_timeout,
+            write=settings.read_timeout,
+            pool=settings.connect_timeout,
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        ),
         follow_redirects=False,
         trust_env=False,  # a proxy from the environment is not ours to send keys through
     )
@@ -136,15 +143,22 @@ class Backend:
 
     def same_as(self, entry: BackendEntry, key: str, settings: RoutingSettings) -> bool:
         """Whether a reload leaves this backend as it is (same entry, key and client settings)."""
-        return (self.entry == entry and self._key == key and self._client_settings == _client_settings(settings))
+        return self.entry == entry and self._key == key and self._client_settings == _client_settings(settings)
 
     _key: str = field(default="", repr=False)  # kept to tell a changed key on reload; never shown
     _client_settings: tuple[Any, ...] = field(default=(), repr=False)
 
 
 def upstream(entry: BackendEntry, key: str, settings: RoutingSettings) -> Backend:
-    return Backend(entry.name, entry.type, entry, make_client(entry, key, settings), settings.cooldown,
-                   _key=key, _client_settings=_client_settings(settings))
+    return Backend(
+        entry.name,
+        entry.type,
+        entry,
+        make_client(entry, key, settings),
+        settings.cooldown,
+        _key=key,
+        _client_settings=_client_settings(settings),
+    )
 
 
 def _client_settings(settings: RoutingSettings) -> tuple[Any, ...]:

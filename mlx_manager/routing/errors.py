@@ -41,5 +41,6 @@ class RoutingError(Exception):
 
 def not_translatable(backend: str, param: str, detail: str) -> RoutingError:
     """A request field the backend's dialect has no way to say: a 400 that names it."""
-    return RoutingError("not_supported", f"{param}: {detail} (the model is routed to backend {backend!r})",
-                        backend=backend, param=param)
+    return RoutingError(
+        "not_supported", f"{param}: {detail} (the model is routed to backend {backend!r})", backend=backend, param=param
+    )

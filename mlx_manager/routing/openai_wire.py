@@ -24,16 +24,33 @@ from mlx_manager.routing.errors import not_translatable
 from mlx_manager.routing.sse import ServerEvent
 from mlx_manager.routing.wire import StreamDecoder, json_schema_of, refuse_unhandled, stream_error
 
-HANDLED = frozenset({
-    "model", "prompt", "messages", "max_tokens", "stop", "sampling", "request_id", "tools", "parallel_tool_calls",
-    "template_kwargs", "reasoning_effort", "constraint", "tool_choice",
-    "max_tokens_is_default",  # the default max_tokens is sent as it is: the backend cuts it to its context
-})
+HANDLED = frozenset(
+    {
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "stop",
+        "sampling",
+        "request_id",
+        "tools",
+        "parallel_tool_calls",
+        "template_kwargs",
+        "reasoning_effort",
+        "constraint",
+        "tool_choice",
+        "max_tokens_is_default",  # the default max_tokens is sent as it is: the backend cuts it to its context
+    }
+)
 # What a message may hold on the wire. The thinking of earlier turns (`reasoning_content`) stays
 # here: the Chat Completions API has no field to send it back in.
 _MESSAGE_FIELDS = ("role", "content", "name", "tool_call_id")
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
-                                    "function_call": "tool_calls"}
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
 
 
 def request_body(request: GenerationRequest, model: str, backend: str) -> tuple[str, dict[str, Any]]:
@@ -166,8 +183,12 @@ class ChunkDecoder(StreamDecoder):
                 self._end_call(out)
             function = call.get("function") or {}
             if self._call is None:
-                self._call = {"index": index, "id": call.get("id") or "", "name": function.get("name") or "",
-                              "arguments": []}
+                self._call = {
+                    "index": index,
+                    "id": call.get("id") or "",
+                    "name": function.get("name") or "",
+                    "arguments": [],
+                }
             self._call["id"] = self._call["id"] or call.get("id") or ""
             self._call["name"] = self._call["name"] or function.get("name") or ""
             if function.get("arguments"):
@@ -178,8 +199,10 @@ class ChunkDecoder(StreamDecoder):
         if call is None:
             return
         arguments = "".join(call["arguments"]) or "{}"
-        self._piece(out, ToolCall(index=self.calls, id=call["id"] or f"call_{self.calls}", name=call["name"],
-                                  arguments=arguments))
+        self._piece(
+            out,
+            ToolCall(index=self.calls, id=call["id"] or f"call_{self.calls}", name=call["name"], arguments=arguments),
+        )
         self.calls += 1
 
     def _finished(self) -> list[Event]:

@@ -95,8 +95,12 @@ def error_kind(error: BaseException) -> str:
 class Router:
     """The backends, groups and routes of the settings, and the local engine's `submit`."""
 
-    def __init__(self, settings: Settings, submit_local: Callable[[GenerationRequest], LocalJob],
-                 local_load: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        submit_local: Callable[[GenerationRequest], LocalJob],
+        local_load: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.submit_local = submit_local
         self.local_load = local_load  # the engine's waiting + running jobs, for groups with local in them
         self.local = Backend(LOCAL_BACKEND, "local")
@@ -302,8 +306,12 @@ class RoutedJob:
     def _failed(self, error: BaseException) -> None:
         kind = error_kind(error)
         self.failures.append((self.backend.name, kind))
-        log.warning("request %s: backend %s failed before its first byte (%s); trying the next one if any",
-                    self.request.request_id, self.backend.name, kind)
+        log.warning(
+            "request %s: backend %s failed before its first byte (%s); trying the next one if any",
+            self.request.request_id,
+            self.backend.name,
+            kind,
+        )
         for listener in self.router.failure_listeners:
             try:
                 listener(self.backend.name, kind)

@@ -99,8 +99,9 @@ class UpstreamJob:
             async with backend.client.stream("POST", self.path, json=self.body, headers=headers) as response:
                 if response.status_code >= 400:
                     body = await _bounded(response)
-                    raise status_error(backend.name, response.status_code, body, response.headers.get("retry-after"),
-                                       self.model)
+                    raise status_error(
+                        backend.name, response.status_code, body, response.headers.get("retry-after"), self.model
+                    )
                 finished = False
                 async for event in server_events(response.aiter_lines()):
                     events = self.decoder.decode(event)
@@ -129,8 +130,13 @@ class UpstreamJob:
             self._fail(RoutingError("upstream_error", detail, backend=backend.name, retryable=True), held)
         except Exception:  # a bug of ours: the caller must not wait forever
             log.exception("request to backend %s failed (request_id=%s)", backend.name, self.request.request_id)
-            self._push([RoutingError("upstream_error", f"the request to backend {backend.name!r} failed",
-                                     backend=backend.name)])
+            self._push(
+                [
+                    RoutingError(
+                        "upstream_error", f"the request to backend {backend.name!r} failed", backend=backend.name
+                    )
+                ]
+            )
 
     def _deliver(self, events: list[Event], held: list[Event | BaseException]) -> bool:
         """Hand events on (or hold them until the answer is whole); True once Finished came."""

@@ -43,23 +43,35 @@ def status_error(backend: str, status: int, body: bytes, retry_after: str | None
     said = f"backend {backend!r} answered {status}"
     extra: dict[str, Any] = {"backend": backend, "upstream_status": status, "upstream_type": error_type}
     if status == 429:
-        return RoutingError("upstream_rate_limited", f"{said} (rate limited)", retryable=True, retry_after=seconds,
-                            **extra)
+        return RoutingError(
+            "upstream_rate_limited", f"{said} (rate limited)", retryable=True, retry_after=seconds, **extra
+        )
     if status in (503, 529):
-        return RoutingError("upstream_unavailable", f"{said} (unavailable)", retryable=True, retry_after=seconds,
-                            **extra)
+        return RoutingError(
+            "upstream_unavailable", f"{said} (unavailable)", retryable=True, retry_after=seconds, **extra
+        )
     if status in (408, 504):
         return RoutingError("upstream_timeout", f"{said} (timed out)", retryable=True, **extra)
     if status >= 500:
         return RoutingError("upstream_error", f"{said} (server error)", retryable=True, **extra)
     if status in (401, 403):
-        return RoutingError("upstream_error", f"{said}: it refused our credentials (check its api_key)", retryable=True,
-                            **extra)
+        return RoutingError(
+            "upstream_error", f"{said}: it refused our credentials (check its api_key)", retryable=True, **extra
+        )
     if status == 404:
-        return RoutingError("upstream_rejected", f"{said}: it has no model {model!r} (or its base_url is wrong)",
-                            status=404, retryable=True, **extra)
-    return RoutingError("upstream_rejected", f"{said}: it refused the request as translated for it",
-                        status=status if status in (400, 413, 422) else 400, **extra)
+        return RoutingError(
+            "upstream_rejected",
+            f"{said}: it has no model {model!r} (or its base_url is wrong)",
+            status=404,
+            retryable=True,
+            **extra,
+        )
+    return RoutingError(
+        "upstream_rejected",
+        f"{said}: it refused the request as translated for it",
+        status=status if status in (400, 413, 422) else 400,
+        **extra,
+    )
 
 
 def stream_error(backend: str, document: Any) -> RoutingError:
@@ -70,7 +82,10 @@ def stream_error(backend: str, document: Any) -> RoutingError:
     return RoutingError(
         "upstream_unavailable" if overloaded else "upstream_error",
         f"backend {backend!r} sent an error event ({error_type or 'no type'})",
-        backend=backend, retryable=True, upstream_status=status, upstream_type=error_type,
+        backend=backend,
+        retryable=True,
+        upstream_status=status,
+        upstream_type=error_type,
     )
 
 
@@ -120,5 +135,9 @@ class StreamDecoder:
         raise NotImplementedError
 
     def early_end(self) -> RoutingError:
-        return RoutingError("upstream_error", f"backend {self.backend!r} ended its stream before the answer's end",
-                            backend=self.backend, retryable=True)
+        return RoutingError(
+            "upstream_error",
+            f"backend {self.backend!r} ended its stream before the answer's end",
+            backend=self.backend,
+            retryable=True,
+        )

@@ -168,8 +168,15 @@ def entry_info(key: str) -> KeyInfo | None:
     if parent is None or parent.kind != "map" or not entry:
         return None
     return KeyInfo(
-        key=key, section=section, name=name, description=f"entry {entry!r} of {parent.key}", default=None,
-        kind="str", secret=parent.secret, restart=parent.restart, entry=entry,
+        key=key,
+        section=section,
+        name=name,
+        description=f"entry {entry!r} of {parent.key}",
+        default=None,
+        kind="str",
+        secret=parent.secret,
+        restart=parent.restart,
+        entry=entry,
     )
 
 

@@ -45,8 +45,22 @@ def parse_duration(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(allow_inf_nan=False)]
 Seconds = Annotated[Duration, Field(ge=1, le=86400)]
 
-_UNIT_BYTES = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-               "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_UNIT_BYTES = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
 
 
@@ -80,12 +94,12 @@ class Section(BaseModel):
 
 class ServerSettings(Section):
     host: str = Field(
-        "127.0.0.1", min_length=1, description="Address the daemon listens on (loopback unless told otherwise).",
+        "127.0.0.1",
+        min_length=1,
+        description="Address the daemon listens on (loopback unless told otherwise).",
         json_schema_extra=RESTART,
     )
-    port: int = Field(
-        10242, ge=1, le=65535, description="TCP port the daemon listens on.", json_schema_extra=RESTART
-    )
+    port: int = Field(10242, ge=1, le=65535, description="TCP port the daemon listens on.", json_schema_extra=RESTART)
     drain_timeout: Duration = Field(
         30.0, ge=0, le=3600, description="Seconds in-flight requests may finish after a stop is asked for."
     )
@@ -95,14 +109,14 @@ class ServerSettings(Section):
     queue_limit: int = Field(
         64, ge=1, le=100000, description="Most jobs waiting for the inference thread before new ones are refused."
     )
-    max_batch_size: int = Field(
-        32, ge=1, le=1024, description="Most sequences decoded together in one batch."
-    )
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most sequences decoded together in one batch.")
     max_messages: int = Field(
         256, ge=1, le=100000, description="Most messages in one chat request; more is refused with 422."
     )
     rate_limit: int = Field(
-        0, ge=0, le=1_000_000,
+        0,
+        ge=0,
+        le=1_000_000,
         description="Requests per minute one client may make to /v1 (by API key, else by address); 0 turns it off.",
     )
     blas: str = Field(
@@ -116,21 +130,32 @@ class ServerSettings(Section):
     )
 
     prefill_chunk: int = Field(
-        512, ge=16, le=65536,
+        512,
+        ge=16,
+        le=65536,
         description="Prompt tokens read per step; running streams decode between chunks,"
         " and a cancelled prompt stops within one.",
     )
     max_connections: int = Field(
-        1000, ge=16, le=1_000_000, json_schema_extra=RESTART,
+        1000,
+        ge=16,
+        le=1_000_000,
+        json_schema_extra=RESTART,
         description="Most client connections open at once (at most half the open-file limit): past it the one idle"
         " longest is closed for a new one; with none idle, new ones get 503 (/health and /ready still answer).",
     )
     idle_timeout: Duration = Field(
-        5, ge=0.5, le=3600, json_schema_extra=RESTART,
+        5,
+        ge=0.5,
+        le=3600,
+        json_schema_extra=RESTART,
         description="Seconds a connection may stay open without sending a request before it is closed.",
     )
     read_timeout: Duration = Field(
-        30, ge=1, le=3600, json_schema_extra=RESTART,
+        30,
+        ge=1,
+        le=3600,
+        json_schema_extra=RESTART,
         description="Seconds a client has to send a whole request, headers and body (from connecting or from its"
         " last answer); a slower one (slowloris) is closed.",
     )
@@ -141,17 +166,20 @@ class ServerSettings(Section):
         " subdomains; '*' turns the check off.",
     )
     cors_origins: list[str] = Field(
-        default_factory=list, json_schema_extra=RESTART,
+        default_factory=list,
+        json_schema_extra=RESTART,
         description="Web origins (https://app.example.com) whose pages may call the API from a browser (CORS);"
         " empty: none.",
     )
     trusted_proxies: list[str] = Field(
-        default_factory=list, json_schema_extra=RESTART,
+        default_factory=list,
+        json_schema_extra=RESTART,
         description="Addresses or networks of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are"
         " believed (client address for the rate limit and the logs); empty: those headers are ignored.",
     )
     docs: bool = Field(
-        False, json_schema_extra=RESTART,
+        False,
+        json_schema_extra=RESTART,
         description="Serve interactive API docs at /docs (Swagger UI, which the browser loads from a CDN).",
     )
 
@@ -260,7 +288,9 @@ class ModelSettings(Section):
 
 class CacheSettings(Section):
     max_bytes: Size = Field(
-        default_factory=default_cache_bytes, ge=0, le=1024**4,
+        default_factory=default_cache_bytes,
+        ge=0,
+        le=1024**4,
         description="Memory each loaded model's prompt cache may hold (e.g. 2GiB); 0 turns the prompt cache off."
         " Default: an eighth of this machine's memory, at most 8 GiB.",
         json_schema_extra={"default_shown": "1/8 of memory, <= 8GiB"},
@@ -273,7 +303,10 @@ class CacheSettings(Section):
         json_schema_extra=RESTART,
     )
     disk_max_bytes: Size = Field(
-        10 * 1024**3, ge=0, le=1024**5, description="Most disk the prompt cache's files may take (e.g. 20GiB).",
+        10 * 1024**3,
+        ge=0,
+        le=1024**5,
+        description="Most disk the prompt cache's files may take (e.g. 20GiB).",
         json_schema_extra=RESTART,
     )
 
@@ -301,7 +334,8 @@ class TelemetrySettings(Section):
     )
     console: bool = Field(False, description="Also print spans to the console.", json_schema_extra=RESTART)
     otlp_endpoint: str = Field(
-        "", description="Send traces to this OTLP endpoint instead of (or as well as) Logfire.",
+        "",
+        description="Send traces to this OTLP endpoint instead of (or as well as) Logfire.",
         json_schema_extra=RESTART,
     )
 
@@ -377,14 +411,20 @@ class SupervisorSettings(Section):
         5, ge=0.1, le=3600, description="Seconds between the supervisor's /health probes.", json_schema_extra=RESTART
     )
     hang_timeout: Duration = Field(
-        60, ge=1, le=86400, json_schema_extra=RESTART,
+        60,
+        ge=1,
+        le=86400,
+        json_schema_extra=RESTART,
         description="Seconds without a /health answer before the supervisor kills and restarts the daemon.",
     )
     start_timeout: Duration = Field(
         120, ge=1, le=86400, description="Seconds a new daemon has to become ready.", json_schema_extra=RESTART
     )
     stop_timeout: Duration = Field(
-        60, ge=1, le=86400, json_schema_extra=RESTART,
+        60,
+        ge=1,
+        le=86400,
+        json_schema_extra=RESTART,
         description="Seconds the supervisor (and `stop`) wait for a graceful stop before the daemon is killed;"
         " never less than server.drain_timeout + 30 s, so requests the drain ends still get their answer and row.",
     )
@@ -485,12 +525,16 @@ class RoutingSettings(Section):
     )
     connect_timeout: Duration = Field(5, ge=0.1, le=600, description="Seconds to connect to a backend.")
     read_timeout: Duration = Field(
-        120, ge=1, le=86400,
+        120,
+        ge=1,
+        le=86400,
         description="Seconds a backend may send nothing (before its first token, or between two) before the"
         " attempt fails.",
     )
     cooldown: Duration = Field(
-        30, ge=1, le=86400,
+        30,
+        ge=1,
+        le=86400,
         description="Seconds a backend that failed is skipped; then a health check puts it back.",
     )
     max_connections: int = Field(

@@ -52,7 +52,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--crash-limit", type=int, default=defaults.crash_limit)
     parser.add_argument("--crash-window", type=float, default=defaults.crash_window)
     parser.add_argument(
-        "--no-retry-before-ready", dest="retry_before_ready", action="store_false",
+        "--no-retry-before-ready",
+        dest="retry_before_ready",
+        action="store_false",
         help="give up at once when the daemon exits before it was ever ready",
     )
     return parser.parse_args(argv), command
@@ -91,10 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         retry_before_ready=args.retry_before_ready,
     )
     configure_logging()
-    flags = {"host": args.host, "port": args.port, "model": args.model, "insecure_no_auth": args.insecure_no_auth or None}
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "model": args.model,
+        "insecure_no_auth": args.insecure_no_auth or None,
+    }
     command = command or serve_command(
         # This interpreter, so the daemon runs the same install as the supervisor.
-        args.host, args.port, args.model, args.insecure_no_auth, program=[sys.executable, "-m", "mlx_manager.cli"]
+        args.host,
+        args.port,
+        args.model,
+        args.insecure_no_auth,
+        program=[sys.executable, "-m", "mlx_manager.cli"],
     )
     return Supervisor(command, options, flags).run()
 

@@ -124,7 +124,11 @@ def _launch(flags: dict[str, Any], options: SupervisorOptions, wait: float) -> R
         # A new session, no terminal, output to the log: it outlives this command and the login.
         supervisor = subprocess.Popen(
             supervisor_command(flags, options),
-            stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
         )
     finally:
         os.close(fd)
@@ -214,10 +218,17 @@ def _clear_dead_state(state: dict[str, Any], reason: str | None = None) -> str |
     note = f"it had given up: {state.get('reason')}" if state.get("state") == GIVEN_UP else None
     with lock_if_free() as free:
         if free:
-            write_state({
-                **state, "state": STOPPED, "given_up": False, "daemon_pid": None, "url": None,
-                "ready": False, "reason": reason or "stopped on request",
-            })
+            write_state(
+                {
+                    **state,
+                    "state": STOPPED,
+                    "given_up": False,
+                    "daemon_pid": None,
+                    "url": None,
+                    "ready": False,
+                    "reason": reason or "stopped on request",
+                }
+            )
     return note
 
 

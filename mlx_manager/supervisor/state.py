@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 # What the supervisor is doing, as written in the state file's "state".
 STARTING, RUNNING, RESTARTING, STOPPING, STOPPED, GIVEN_UP = (
-    "starting", "running", "restarting", "stopping", "stopped", "given_up"
+    "starting",
+    "running",
+    "restarting",
+    "stopping",
+    "stopped",
+    "given_up",
 )
 
 
@@ -43,7 +48,7 @@ def supervisor_log() -> Path:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def read_state() -> dict[str, Any] | None:

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_manager.supervisor import probe
 from mlx_manager.runtime import read_daemon_info
+from mlx_manager.supervisor import probe
 from mlx_manager.supervisor.state import GIVEN_UP, STOPPED, lock_holder, read_state, same_process
 
 PROBE_TIMEOUT = 5.0  # generous: a busy machine may be slow to answer, and that is not "unhealthy"

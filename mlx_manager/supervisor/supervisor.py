@@ -189,8 +189,12 @@ class Supervisor:
         self._reader.start()
         log.info("daemon started (pid %d)", child.pid)
         self._set(
-            state=STARTING, daemon_pid=child.pid, daemon_started=process_started(child.pid),
-            daemon_started_at=now_iso(), ready=False, next_restart_at=None,
+            state=STARTING,
+            daemon_pid=child.pid,
+            daemon_started=process_started(child.pid),
+            daemon_started_at=now_iso(),
+            ready=False,
+            next_restart_at=None,
         )
         return child
 

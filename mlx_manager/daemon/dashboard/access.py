@@ -143,7 +143,12 @@ def check_login_rate(request: Request) -> None:
 
 def set_session_cookie(response: Response, request: Request, session_id: str) -> None:
     response.set_cookie(
-        COOKIE, session_id, max_age=SESSION_SECONDS, path=COOKIE_PATH, httponly=True, samesite="strict",
+        COOKIE,
+        session_id,
+        max_age=SESSION_SECONDS,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
         secure=request.url.scheme == "https",
     )
 

@@ -40,20 +40,22 @@ def settings_view(running: Settings, flags: dict[str, Any]) -> dict[str, Any]:
     now, runs = flatten(configured), flatten(running)
     keys = []
     for key, info in key_infos().items():
-        keys.append({
-            "key": key,
-            "value": _hidden(now[key]) if info.secret else now[key],
-            "running": _hidden(runs[key]) if info.secret else runs[key],
-            "origin": origins.get(key, "unknown"),
-            "env_var": info.env_var,
-            "description": info.description,
-            "expected": info.expected(),
-            "kind": info.kind,
-            "choices": list(info.choices),
-            "restart": info.restart,
-            "secret": info.secret,
-            "editable": not (info.restart or info.secret),
-        })
+        keys.append(
+            {
+                "key": key,
+                "value": _hidden(now[key]) if info.secret else now[key],
+                "running": _hidden(runs[key]) if info.secret else runs[key],
+                "origin": origins.get(key, "unknown"),
+                "env_var": info.env_var,
+                "description": info.description,
+                "expected": info.expected(),
+                "kind": info.kind,
+                "choices": list(info.choices),
+                "restart": info.restart,
+                "secret": info.secret,
+                "editable": not (info.restart or info.secret),
+            }
+        )
     return {"path": str(config_path()), "error": error, "keys": keys}
 
 

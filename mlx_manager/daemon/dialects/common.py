@@ -13,7 +13,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 from pydantic_core import PydanticCustomError
 
-
 NOT_SUPPORTED = "not_supported"  # the pydantic error type of a refusal
 # The tag of the union member that refuses what a dialect defines but this server cannot take
 # (an image block, a server tool...): dropped from the location a refusal names.

@@ -54,9 +54,15 @@ async def cache_stats(daemon: Daemon) -> CacheReport:
         asked = c.hits + c.misses
         models.append(
             ModelCache(
-                model=m.model_id, entries=c.entries, bytes=c.bytes, hits=c.hits, misses=c.misses,
-                cached_tokens=c.cached_tokens, hit_rate=c.hits / asked if asked else None,
-                disk_entries=c.disk_entries, disk_bytes=c.disk_bytes,
+                model=m.model_id,
+                entries=c.entries,
+                bytes=c.bytes,
+                hits=c.hits,
+                misses=c.misses,
+                cached_tokens=c.cached_tokens,
+                hit_rate=c.hits / asked if asked else None,
+                disk_entries=c.disk_entries,
+                disk_bytes=c.disk_bytes,
             )
         )
     return CacheReport(

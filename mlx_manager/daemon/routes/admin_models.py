@@ -75,10 +75,17 @@ def loaded_model(status: ModelStatus) -> LoadedModel:
     busy = status.active_jobs or status.queued_jobs
     expires = None if busy or status.keep_alive <= 0 else max(status.keep_alive - status.idle_seconds, 0.0)
     return LoadedModel(
-        id=status.model_id, path=status.path, kind=status.kind, memory_bytes=status.memory_bytes,
-        active_jobs=status.active_jobs, queued_jobs=status.queued_jobs, idle_seconds=round(status.idle_seconds, 3),
-        keep_alive_seconds=status.keep_alive, expires_in_seconds=None if expires is None else round(expires, 3),
-        prompt_cache_bytes=status.cache.bytes, prompt_cache_entries=status.cache.entries,
+        id=status.model_id,
+        path=status.path,
+        kind=status.kind,
+        memory_bytes=status.memory_bytes,
+        active_jobs=status.active_jobs,
+        queued_jobs=status.queued_jobs,
+        idle_seconds=round(status.idle_seconds, 3),
+        keep_alive_seconds=status.keep_alive,
+        expires_in_seconds=None if expires is None else round(expires, 3),
+        prompt_cache_bytes=status.cache.bytes,
+        prompt_cache_entries=status.cache.entries,
     )
 
 
@@ -87,8 +94,10 @@ async def loaded_models(daemon: Daemon) -> ModelsStatus:
     """The models the engine has loaded, least recently used first: memory, jobs, keep-alive."""
     status = daemon.engine.status()
     return ModelsStatus(
-        models=[loaded_model(m) for m in status.models], loading=status.loading,
-        queue_depth=status.queue_depth, active_jobs=status.active_jobs,
+        models=[loaded_model(m) for m in status.models],
+        loading=status.loading,
+        queue_depth=status.queue_depth,
+        active_jobs=status.active_jobs,
     )
 
 
@@ -115,9 +124,13 @@ _PULL_STATUS = {"not_found": 404, "revision_not_found": 404, "not_mlx": 422, "di
     "/admin/models/pull",
     response_class=EventStream,
     status_code=200,  # EventStream's constructor takes no status for FastAPI to read it from
-    responses={200: {"description": "The pull's events (see `mlx-manager models pull --json`), then the end of "
-                     "the stream; a failure is an `error` event with a problem document.",
-                     "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}},
+    responses={
+        200: {
+            "description": "The pull's events (see `mlx-manager models pull --json`), then the end of "
+            "the stream; a failure is an `error` event with a problem document.",
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        }
+    },
 )
 async def pull(body: ModelRequest, daemon: Daemon, outcome: Outcome) -> EventStream:
     """Download a model from the Hugging Face hub into this machine's cache, streaming progress."""
@@ -164,8 +177,9 @@ async def pull(body: ModelRequest, daemon: Daemon, outcome: Outcome) -> EventStr
                     continue
                 if value is not None:
                     outcome.fail("pull_failed")
-                    yield sse_error(_problem(value).document(instance="/admin/models/pull",
-                                                             request_id=outcome.request_id))
+                    yield sse_error(
+                        _problem(value).document(instance="/admin/models/pull", request_id=outcome.request_id)
+                    )
                 return
         finally:
             cancel.set()  # the client left (or the pull ended): a running download stops at its next chunk

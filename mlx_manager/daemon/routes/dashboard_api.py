@@ -48,36 +48,45 @@ async def state(request: Request, daemon: Daemon, _session: SignedIn) -> Respons
     for model in status.models:
         cache = model.cache
         asked = cache.hits + cache.misses
-        models.append({
-            **loaded_model(model).model_dump(),
-            "cache": {
-                "hits": cache.hits, "misses": cache.misses, "hit_rate": cache.hits / asked if asked else None,
-                "cached_tokens": cache.cached_tokens, "entries": cache.entries, "bytes": cache.bytes,
-                "disk_entries": cache.disk_entries, "disk_bytes": cache.disk_bytes,
-            },
-        })
+        models.append(
+            {
+                **loaded_model(model).model_dump(),
+                "cache": {
+                    "hits": cache.hits,
+                    "misses": cache.misses,
+                    "hit_rate": cache.hits / asked if asked else None,
+                    "cached_tokens": cache.cached_tokens,
+                    "entries": cache.entries,
+                    "bytes": cache.bytes,
+                    "disk_entries": cache.disk_entries,
+                    "disk_bytes": cache.disk_bytes,
+                },
+            }
+        )
     body, _ = request.app.state.metrics.render()
     audit = daemon.audit
-    return _answer({
-        "version": __version__,
-        "pid": os.getpid(),
-        "uptime_seconds": round(time.time() - daemon.started_at),
-        **_supervision(),
-        "blas": status.blas or "bundled",
-        "draining": daemon.draining,
-        "in_flight": daemon.in_flight,
-        "queue_depth": status.queue_depth,
-        "active_jobs": status.active_jobs,
-        "loading": status.loading or (daemon.preloading[0] if daemon.preloading else None),
-        "keep_alive_seconds": daemon.settings.models.keep_alive,
-        "models": models,
-        "audit": {
-            "backlog": audit.backlog if audit else None,
-            "written": audit.written if audit else None,
-            "dropped": audit.dropped if audit else None,
-        },
-        "since_start": scrape_summary(body.decode()),
-    })
+    return _answer(
+        {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - daemon.started_at),
+            **_supervision(),
+            "blas": status.blas or "bundled",
+            "draining": daemon.draining,
+            "in_flight": daemon.in_flight,
+            "queue_depth": status.queue_depth,
+            "active_jobs": status.active_jobs,
+            "loading": status.loading or (daemon.preloading[0] if daemon.preloading else None),
+            "keep_alive_seconds": daemon.settings.models.keep_alive,
+            "models": models,
+            "audit": {
+                "backlog": audit.backlog if audit else None,
+                "written": audit.written if audit else None,
+                "dropped": audit.dropped if audit else None,
+            },
+            "since_start": scrape_summary(body.decode()),
+        }
+    )
 
 
 def _supervision() -> dict[str, Any]:
@@ -128,13 +137,15 @@ async def change_setting(body: SettingChange, daemon: Daemon, _session: AdminCha
     result = reload_settings(daemon)  # what `config set` asks a running daemon for, made here directly
     view = await asyncio.to_thread(settings_view, daemon.settings, daemon.flag_overrides)
     origin = next(item["origin"] for item in view["keys"] if item["key"] == body.key)
-    return _answer({
-        "key": body.key,
-        "value": typed,
-        "applied": body.key in result.applied,
-        "note": override_note(body.key, origin),
-        "settings": view["keys"],
-    })
+    return _answer(
+        {
+            "key": body.key,
+            "value": typed,
+            "applied": body.key in result.applied,
+            "note": override_note(body.key, origin),
+            "settings": view["keys"],
+        }
+    )
 
 
 @router.post("/admin/ui/api/models/unload")

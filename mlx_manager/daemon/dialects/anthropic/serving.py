@@ -76,8 +76,9 @@ def constraint(body: PromptFields) -> GrammarSpec | None:
     try:
         return json_schema_spec(body.output_config.format.schema_)
     except ConstraintError as exc:
-        raise Problem("invalid_request", str(exc).replace("response_format", "output_config.format"),
-                      param="output_config.format") from None
+        raise Problem(
+            "invalid_request", str(exc).replace("response_format", "output_config.format"), param="output_config.format"
+        ) from None
 
 
 def tool_choice(body: PromptFields) -> str | dict[str, Any] | None:
