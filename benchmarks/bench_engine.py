@@ -82,7 +82,7 @@ def main() -> int:
 
     folder = build_model(tempfile.mkdtemp(prefix="mlx-bench-") + "/model", args.size)
     model, tokenizer = load(str(folder))
-    engine = Engine(EngineConfig(max_batch_size=32))
+    engine = Engine(EngineConfig(max_batch_size=32, allow_any_path=True))
     engine.start()
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.load(str(folder)))

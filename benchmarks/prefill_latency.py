@@ -139,7 +139,7 @@ async def main(args: argparse.Namespace) -> None:
 
     folder = build_model(Path(tempfile.mkdtemp(prefix="prefill-bench-")) / args.size, args.size)
     model = str(folder)
-    engine = Engine(EngineConfig(prefill_chunk=args.chunk, cache_max_bytes=0, max_batch_size=32))
+    engine = Engine(EngineConfig(prefill_chunk=args.chunk, cache_max_bytes=0, max_batch_size=32, allow_any_path=True))
     engine.start()
     try:
         await engine.load(model)

@@ -67,3 +67,18 @@ def test_the_setting_takes_auto_bundled_or_an_existing_file(tmp_path):
     assert load_settings({"server.blas": "bundled"}).server.blas == "bundled"
     with pytest.raises(SettingsError, match="server.blas"):
         load_settings({"server.blas": str(tmp_path / "no-such-lib.so")})
+
+
+def test_the_daemon_imports_no_mlx_before_the_engine_chooses_the_blas():
+    # MLX binds its matrix products when mlx.core is first imported: imported earlier than
+    # Engine.__init__'s blas.use(), it keeps its bundled reference BLAS (5x slower prompts here).
+    # So nothing the daemon imports at module level may import MLX (or mlx-lm, which imports it).
+    code = (
+        "import json, sys\n"
+        "import mlx_manager.daemon.run, mlx_manager.daemon.app\n"
+        "import mlx_manager.engine.engine, mlx_manager.engine.worker, mlx_manager.engine.batch\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -17,11 +17,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
-
-import mlx.core as mx
+from typing import TYPE_CHECKING, Any, cast
 
 from mlx_manager.engine.types import Penalties, TokenLogprob, TopLogprob
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+# mlx.core is imported inside each function, never here: the engine's modules are imported before
+# engine/blas.py loads the optimised BLAS, and MLX bound to its bundled one first would keep it.
 
 # OpenAI's stand-in for a token the model cannot produce (a grammar masked it): JSON has no -inf.
 IMPOSSIBLE = -9999.0
@@ -35,6 +39,8 @@ class PenaltyProcessor:
     """
 
     def __init__(self, vocab_size: int, frequency: float, presence: float, bias: Mapping[int, float]) -> None:
+        import mlx.core as mx
+
         self.vocab_size = vocab_size
         self.frequency = frequency
         self.presence = presence
@@ -52,6 +58,8 @@ class PenaltyProcessor:
         return bool(self.frequency or self.presence)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        import mlx.core as mx
+
         if self._fresh:
             self._fresh = False
         elif self.counting:
@@ -65,6 +73,8 @@ class PenaltyProcessor:
         return logits + adjustment.astype(logits.dtype)
 
     def _adjustment(self) -> mx.array | None:
+        import mlx.core as mx
+
         parts = []
         if self.frequency:
             parts.append(-self.frequency * self._counts)
@@ -81,6 +91,8 @@ class PenaltyProcessor:
 
     def resume(self, generated: Sequence[int]) -> None:
         """Counts from `generated`, for a sequence that goes on elsewhere; the next call takes nothing in."""
+        import mlx.core as mx
+
         counts = [0.0] * self.vocab_size
         for token in generated:
             if 0 <= token < self.vocab_size:
@@ -96,6 +108,7 @@ class RepetitionPenalty:
     and on how much of the prompt came from the prompt cache."""
 
     def __init__(self, penalty: float, prompt: Sequence[int], context_size: int = 20) -> None:
+        import mlx.core as mx
         from mlx_lm.sample_utils import make_repetition_penalty
 
         self.penalty = penalty
@@ -106,6 +119,8 @@ class RepetitionPenalty:
         self._fresh = True
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        import mlx.core as mx
+
         if self._fresh:
             self._fresh = False
         else:
@@ -113,12 +128,16 @@ class RepetitionPenalty:
         return self._apply(self._window, logits)
 
     def resume(self, generated: Sequence[int]) -> None:
+        import mlx.core as mx
+
         window = [*self._prompt, *generated][-self.context_size :]
         self._window = mx.array(window, dtype=mx.int32)
         self._fresh = True
 
 
 def _fit(row: mx.array, width: int) -> mx.array:
+    import mlx.core as mx
+
     if row.shape[0] >= width:
         return row[:width]
     return mx.concatenate([row, mx.zeros((width - row.shape[0],), dtype=row.dtype)])
@@ -194,6 +213,8 @@ def _value(logprob: float) -> float:
 
 def token_logprob(logprobs: mx.array, token: int, top: int, texts: TokenTexts) -> TokenLogprob:
     """The sampled token's log probability and the `top` most likely tokens at its step."""
+    import mlx.core as mx
+
     row = logprobs.reshape(-1).astype(mx.float32)
     chosen = float(cast(float, row[token].item()))
     best: tuple[TopLogprob, ...] = ()
