@@ -59,7 +59,8 @@ class Serve:
         def ready() -> bool:
             assert self.process.poll() is None, self.process.communicate()
             try:
-                return httpx.get(self.url + "/ready", timeout=2).status_code == 200
+                # /health, not /ready: with an API key set, /ready needs one too.
+                return httpx.get(self.url + "/health", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
 

@@ -430,10 +430,12 @@ def test_audit_rows_name_the_endpoint_and_model(server, client, models):
     assert (row["endpoint"], row["model"], row["status"]) == (RESPONSES, path, "success")
     assert (row["prompt_tokens"], row["completion_tokens"]) == (created.usage.input_tokens, created.usage.output_tokens)
     assert row_for(server, "responses-audit-2")["endpoint"] == f"{RESPONSES}/{created.id}"
-    # Metrics count by route: one label for every retrieved response, none per id.
+    # Metrics count by route: one label for every retrieved response, none per id. (A request is
+    # counted once its response has ended, which may be just after the client has it.)
+    label = 'endpoint="/v1/responses/{response_id}"'
     with server.http() as http:
-        scraped = http.get("/metrics").text
-    assert 'endpoint="/v1/responses/{response_id}"' in scraped and created.id not in scraped
+        assert wait_until(lambda: label in http.get("/metrics").text, timeout=30)
+        assert created.id not in http.get("/metrics").text
 
 
 def test_stored_responses_belong_to_the_key_that_made_them(tmp_path_factory, models):

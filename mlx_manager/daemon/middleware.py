@@ -68,6 +68,11 @@ def request_id_from(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def _route_of(scope: Scope) -> str | None:
+    """The matched route's template (/v1/responses/{response_id}); None before routing or for no route."""
+    return getattr(scope.get("route"), "path_format", None)
+
+
 class DaemonMiddleware:
     def __init__(self, app: ASGIApp, daemon: DaemonState) -> None:
         self.app = app
@@ -100,6 +105,7 @@ class DaemonMiddleware:
                     headers.append((b"x-mlx-manager-backend", outcome.backend.encode()))
                 message = {**message, "headers": [*headers, request_id_header]}
             elif recorded and not message.get("more_body", False):
+                outcome.route = _route_of(scope)  # the outcome may be emitted now: its route first
                 await daemon.acknowledge(outcome, status)  # the last byte waits for its audit row (audit.durability)
             await send(message)
 
@@ -125,7 +131,7 @@ class DaemonMiddleware:
                 problem = Problem("internal_error", detail)
                 await problem.response(instance=path, request_id=request_id)(scope, receive, send_with_id)
         finally:
-            outcome.route = getattr(scope.get("route"), "path_format", None)
+            outcome.route = outcome.route or _route_of(scope)
             if counted:
                 daemon.request_ended()
             if recorded:
