@@ -140,9 +140,10 @@ def man_page() -> str:
         _esc(_plain(group.help)),
         ".PP",
         _esc(
-            "The daemon answers the OpenAI HTTP API (chat completions, completions, models; streaming included) "
-            "and reports every error as an RFC 9457 problem document. Every API request leaves one metadata row "
-            "in a SQLite audit log, never the prompt or completion text."
+            "The daemon answers the OpenAI HTTP API (chat completions, completions, embeddings, models and "
+            "Responses; streaming included), Anthropic's Messages API, and can route models to other servers. "
+            "Every error is an RFC 9457 problem document. Every API request leaves one metadata row in a SQLite "
+            "audit log, never the prompt or completion text."
         ),
         ".SH COMMANDS",
     ]
@@ -170,7 +171,10 @@ def man_page() -> str:
         _esc("Overrides one setting, e.g. MLX_MANAGER_TIMEOUTS__CHAT=900."),
         ".TP",
         "\\fBHF_HUB_OFFLINE\\fR",
-        _esc("Set to 1 to never reach the Hugging Face hub; models then load from folders or the local cache."),
+        _esc(
+            "Set to 1 and `models pull` refuses to reach the Hugging Face hub. Serving never reaches it either "
+            "way: models load only from folders and the local cache."
+        ),
         ".TP",
         "\\fBHF_HOME\\fR, \\fBHF_HUB_CACHE\\fR",
         _esc(

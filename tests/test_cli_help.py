@@ -59,3 +59,15 @@ def test_config_keys_and_audit_statuses_complete():
     keys = complete("mlx-manager config set timeouts.")
     assert {"timeouts.chat", "timeouts.completions", "timeouts.embeddings"} <= set(keys)
     assert complete("mlx-manager audit query --status ") == ["success", "error", "timeout", "cancelled"]
+
+
+def test_flags_show_no_value_placeholder_in_help():
+    # As a person reads it in a terminal (rich help): `--follow -f  Keep printing...`, not
+    # `--follow -f <bool>`, which reads as if the flag took a value. Options with a value keep theirs.
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    shown = subprocess.run([MLX_MANAGER, "audit", "tail", "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    follow = next(line for line in shown.stdout.splitlines() if "--follow" in line and "Keep printing" in line)
+    assert "<bool>" not in shown.stdout and "bool" not in follow.split("Keep printing")[0]
+    limit = next(line for line in shown.stdout.splitlines() if "--limit" in line)
+    assert "<int range>" in limit

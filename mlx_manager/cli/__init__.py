@@ -12,7 +12,22 @@ from typing import Annotated
 import typer
 
 from mlx_manager import __version__
-from mlx_manager.cli import audit, backends, bench, cache, config, dashboard, keys, lifecycle, models, serve, service
+from mlx_manager.cli import (
+    audit,
+    backends,
+    bench,
+    cache,
+    config,
+    dashboard,
+    flags,
+    keys,
+    lifecycle,
+    models,
+    serve,
+    service,
+)
+
+flags.install()
 
 app = typer.Typer(
     name="mlx-manager",
