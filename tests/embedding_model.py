@@ -25,6 +25,13 @@ REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 
 def minilm_folder(cache: Path) -> Path:
     """The unpacked model folder under `cache`, downloading and unpacking it the first time."""
+    from filelock import FileLock
+
+    with FileLock(cache / ".lock"):  # the test workers (pytest-xdist) share this cache: one fills it
+        return _minilm_folder(cache)
+
+
+def _minilm_folder(cache: Path) -> Path:
     folder = cache / "all-MiniLM-L6-v2"
     if (folder / "model.safetensors").exists():
         return folder

@@ -73,7 +73,11 @@ def test_a_missing_key_is_401_with_www_authenticate(server, fast_model):
     assert (row["status"], row["error_type"], row["http_status"]) == ("error", "unauthorized", 401)
 
 
-@pytest.mark.parametrize("key", ["wrong-" + "x" * 40, ALICE[:-1], ALICE + "x", BOB.upper()])
+@pytest.mark.parametrize(
+    "key",
+    ["wrong-" + "x" * 40, ALICE[:-1], ALICE + "x", BOB.upper()],
+    ids=["unknown", "one-character-short", "one-character-long", "upper-case"],  # keys are random: stable ids
+)
 def test_a_wrong_key_is_an_authentication_error(server, fast_model, key):
     with pytest.raises(openai.AuthenticationError) as caught:
         server.openai(api_key=key).chat.completions.create(
