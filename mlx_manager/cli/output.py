@@ -11,8 +11,21 @@ from rich.console import Console
 
 # What we print is data (paths, keys, model names, values), never rich markup: "[x]" and ":x:"
 # print as written, and nothing is coloured by guesswork.
-console = Console(markup=False, emoji=False, highlight=False)
-err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
+class _Console(Console):
+    """A rich console that reads the terminal's width ($COLUMNS) each time it prints.
+
+    Rich fixes the width when a console is made if $COLUMNS is set then; ours are made once, at import,
+    and must follow the terminal (and a test's $COLUMNS) afterwards."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._width = None
+
+
+console = _Console(markup=False, emoji=False, highlight=False)
+err_console = _Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 # Every command spells its machine-output switch the same way; bind it to `json_output`.
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of the human form.")]
