@@ -112,8 +112,21 @@ def test_invalid_values_are_422_with_field_errors(server, fields, param):
     body = error.response.json()
     assert error.response.headers["content-type"] == "application/problem+json"
     assert body["request_id"] == error.response.headers["x-request-id"]
-    assert body["errors"] and body["errors"][0]["loc"][0] == "body"
-    assert all("input" not in e for e in body["errors"])  # never echo the request back
+    assert body["detail"].startswith(param) and body["error"]["message"] == body["detail"]
+    assert "errors" not in body  # one wrong field is said whole by detail and param
+    assert list(body)[0] == "error"  # what clients that print the whole body show first
+
+
+def test_several_wrong_fields_are_all_listed_without_their_values(server):
+    secret = "a prompt that must not come back"
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        server.openai().chat.completions.create(
+            model="m", messages=[{"role": "wizard", "content": secret}], temperature=3, n=0
+        )
+    body = caught.value.response.json()
+    assert body["detail"].endswith("(and 2 more)")
+    assert sorted(".".join(map(str, e["loc"][1:])) for e in body["errors"]) == ["messages.0.role", "n", "temperature"]
+    assert secret not in caught.value.response.text  # never echo the request back
 
 
 def test_unknown_fields_are_ignored(server):

@@ -99,12 +99,58 @@ def problem_response(request: Request, problem: Problem):
     return problem.response(instance=request.url.path, request_id=outcome.request_id)
 
 
-def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pydantic's errors without `input` (it may hold a whole prompt) or `ctx` internals, and
-    without the "Value error, " pydantic puts before a validator's own message."""
-    return [
-        {"loc": list(e.get("loc", ())), "msg": _message(e.get("msg", "")), "type": e.get("type", "")} for e in errors
+def _field_errors(errors: list[dict[str, Any]], body: Any) -> list[dict[str, Any]]:
+    """Pydantic's errors as a client can act on them: without `input` (it may hold a whole prompt)
+    or `ctx` internals, without the "Value error, " pydantic puts before a validator's own message,
+    and with one error per wrong field where pydantic tried several types (`stop` as a string, then
+    as a list): the union's tags leave the location, and "should be a valid list" goes when the
+    value failed as what it is (a string too long)."""
+    fields = [
+        {"loc": _located(list(e.get("loc", ())), body), "msg": _message(e.get("msg", "")), "type": e.get("type", "")}
+        for e in errors
     ]
+    kept: list[dict[str, Any]] = []
+    for field in fields:
+        if _is_type_mismatch(field) and any(_explains(other, field) for other in fields if other is not field):
+            continue
+        same = next((k for k in kept if k["loc"] == field["loc"] and _is_type_mismatch(k)), None)
+        if same is not None and _is_type_mismatch(field):  # every type tried failed: say them all
+            same["msg"] += " or " + field["msg"].removeprefix("Input should be ")
+            continue
+        kept.append(field)
+    return kept
+
+
+def _located(loc: list[Any], body: Any) -> list[Any]:
+    """`loc` with the parts that are not in the request taken out (pydantic's union tags such as
+    `constrained-str`), keeping a missing field's name at the end."""
+    if not loc or loc[0] != "body":
+        return loc
+    out: list[Any] = ["body"]
+    current = body
+    for i, part in enumerate(loc[1:], start=1):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            current = current[part]
+        elif isinstance(current, dict) and i == len(loc) - 1:
+            current = None  # a missing field
+        else:
+            continue
+        out.append(part)
+    return out
+
+
+def _is_type_mismatch(field: dict[str, Any]) -> bool:
+    return str(field["type"]).endswith("_type")
+
+
+def _explains(other: dict[str, Any], mismatch: dict[str, Any]) -> bool:
+    """Whether `other` says what is wrong with the same value better than a type mismatch does."""
+    loc, deeper = mismatch["loc"], other["loc"]
+    if deeper[: len(loc)] != loc:
+        return False
+    return len(deeper) > len(loc) or not _is_type_mismatch(other)
 
 
 def _message(msg: str) -> str:
@@ -125,7 +171,7 @@ def problem_from_validation(exc: RequestValidationError) -> Problem:
         reason = (errors[0].get("ctx") or {}).get("error", "invalid JSON")
         position = errors[0]["loc"][1] if len(errors[0].get("loc", ())) > 1 else "?"
         return Problem("invalid_json", f"the request body is not valid JSON: {reason} (at character {position})")
-    fields = _field_errors(errors)
+    fields = _field_errors(errors, exc.body)
     refused = [f for f in fields if f["type"] == NOT_SUPPORTED]
     if refused:  # a valid request for something this server does not do: 400, not 422
         where = _dotted([part for part in refused[0]["loc"] if part != UNSUPPORTED])
@@ -134,7 +180,8 @@ def problem_from_validation(exc: RequestValidationError) -> Problem:
     where = _dotted(first["loc"])
     more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
     detail = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
-    return Problem("validation_error", detail, param=where or None, errors=fields)
+    # One wrong field is said whole by `detail` and `param`; the list is for requests with several.
+    return Problem("validation_error", detail, param=where or None, **({"errors": fields} if len(fields) > 1 else {}))
 
 
 V1_ENDPOINTS = "chat/completions, completions, embeddings, models, messages and responses"

@@ -115,7 +115,15 @@ class Problem(Exception):
         """The problem as sent for the route `instance` (the request's path): its `error` member,
         and on Anthropic's routes its `type`, are those that route's clients read."""
         anthropic = speaks_anthropic(instance)
+        # `error` comes first: clients that print the whole body (the openai SDK 1.x, LiteLLM) then
+        # show the one-sentence message first, as they do for OpenAI's own errors.
         return {
+            "error": {
+                "message": self.detail,
+                "type": anthropic_type(self.status) if anthropic else KINDS[self.kind].openai_type,
+                "param": self.param,
+                "code": self.kind,
+            },
             "type": "error" if anthropic else TYPE_BASE + self.kind,
             "title": self.title,
             "status": self.status,
@@ -123,12 +131,6 @@ class Problem(Exception):
             "instance": instance,
             "request_id": request_id,
             **self.extra,
-            "error": {
-                "message": self.detail,
-                "type": anthropic_type(self.status) if anthropic else KINDS[self.kind].openai_type,
-                "param": self.param,
-                "code": self.kind,
-            },
         }
 
     def response(self, *, instance: str, request_id: str) -> JSONResponse:
