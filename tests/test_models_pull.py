@@ -173,12 +173,13 @@ def test_a_connection_dropped_mid_file_resumes_where_it_stopped(hub, hf_home, fa
     assert sha256(snapshot(hf_home, REPO, commit) / "model.safetensors") == sha256(weights_of(fast_model))
 
 
-def test_a_pull_stopped_with_ctrl_c_goes_on_where_it_stopped(hub, hf_home, fast_model):
+def test_a_pull_stopped_with_ctrl_c_goes_on_where_it_stopped(hub, hf_home, fast_model, children):
     release = threading.Event()
     hub.cuts["model.safetensors"] = Cut(after=300_000, hold=release)
     env = hub_env(hub, hf_home)
-    process = subprocess.Popen(
+    process = children.start(
         [sys.executable, "-m", "mlx_manager.cli", "models", "pull", REPO],
+        ctrl_c=True,  # Ctrl-C reaches it even when the suite runs in the background (SIGINT ignored)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
