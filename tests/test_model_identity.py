@@ -8,18 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
-import psutil
 from typer.testing import CliRunner
 
 from mlx_manager.cli import app
-from mlx_manager.runtime import read_daemon_info
-from mlx_manager.supervisor.state import lock_holder
+from mlx_manager.settings import load_settings
 from tests.daemon_server import LiveServer, assert_problem, serving, settings_with, wait_until
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -103,10 +97,6 @@ def test_a_hugging_face_id_and_its_snapshot_folder_are_one_model(fast_model, tmp
 # -- models.default ------------------------------------------------------------------------------------
 
 
-def mlx_manager(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 BODIES = {
     "/v1/chat/completions": {"messages": HELLO, "max_tokens": 2},
     "/v1/completions": {"prompt": "hi", "max_tokens": 2},
@@ -115,61 +105,52 @@ BODIES = {
 }
 
 
+def cli(*args: str) -> str:
+    done = CliRunner().invoke(app, list(args))
+    assert done.exit_code == 0, done.output
+    return done.stdout
+
+
 def test_a_request_without_a_model_gets_the_default_or_the_one_loaded(fast_model, slow_model, minilm_model):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    assert mlx_manager("config", "set", "models.allow_any_path", "true").returncode == 0  # the tests' tmp folders
-    started = mlx_manager("start", "--port", str(port), "--model", fast_model)
-    try:
-        assert started.returncode == 0, started.stderr
-        with httpx.Client(base_url=url, timeout=120) as http:
-            # One model loaded: it serves what names none (as mlx_lm.server does), in every dialect.
-            for path, body in BODIES.items():
-                answer = http.post(path, json=body)
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["model"] == fast_model
-            # ... but it is no embedding model: the problem says what to do.
-            problem = assert_problem(http.post("/v1/embeddings", json={"input": "hi"}), 400, "invalid_request")
-            assert problem["error"]["param"] == "model"
-            assert "model is required" in problem["detail"] and "no model is loaded" in problem["detail"]
-            assert "mlx-manager config set models.default MODEL" in problem["detail"]
-
-            assert mlx_manager("models", "load", slow_model).returncode == 0
-            problem = assert_problem(
-                http.post("/v1/chat/completions", json=BODIES["/v1/chat/completions"]), 400, "invalid_request"
-            )
-            assert "2 models are loaded" in problem["detail"]
-
-            done = mlx_manager("config", "set", "models.default", slow_model)
-            assert done.returncode == 0 and "applied it" in done.stdout, done.stdout + done.stderr
-            for path, body in BODIES.items():
-                answer = http.post(path, json=body, headers={"X-Request-ID": f"default-{path.rsplit('/', 1)[-1]}"})
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["model"] == slow_model
-            # A model named in the request wins over the default.
-            answer = http.post("/v1/completions", json={"model": fast_model, **BODIES["/v1/completions"]})
+    cli("config", "set", "models.allow_any_path", "true")  # the tests' models live in temporary folders
+    with serving(fast_model, settings=load_settings()) as live, live.http(timeout=120) as http:
+        admin = {"Authorization": f"Bearer {live.daemon.admin_token}"}
+        # One model loaded: it serves what names none (as mlx_lm.server does), in every dialect.
+        for path, body in BODIES.items():
+            answer = http.post(path, json=body)
+            assert answer.status_code == 200, answer.text
             assert answer.json()["model"] == fast_model
-            # models.default may be an alias, and an embedding request gets it too.
-            assert mlx_manager("config", "set", "models.aliases.embed", minilm_model).returncode == 0
-            assert mlx_manager("config", "set", "models.default", "embed").returncode == 0
-            answer = http.post("/v1/embeddings", json={"input": "hi"})
-            assert answer.status_code == 200 and answer.json()["model"] == "embed", answer.text
+        # ... but it is no embedding model: the problem says what to do.
+        problem = assert_problem(http.post("/v1/embeddings", json={"input": "hi"}), 400, "invalid_request")
+        assert problem["error"]["param"] == "model"
+        assert "model is required" in problem["detail"] and "no model is loaded" in problem["detail"]
+        assert "mlx-manager config set models.default MODEL" in problem["detail"]
 
-        listed = mlx_manager("config", "list")
-        assert "models.default" in listed.stdout and "embed" in listed.stdout
+        assert http.post("/admin/models/load", json={"model": slow_model}, headers=admin).status_code == 200
+        answer = http.post("/v1/chat/completions", json=BODIES["/v1/chat/completions"])
+        assert "2 models are loaded" in assert_problem(answer, 400, "invalid_request")["detail"]
 
-        def rows() -> list[dict]:
-            query = mlx_manager("audit", "query", "--model", slow_model, "--json")
-            return [r for r in json.loads(query.stdout or "[]") if r["request_id"].startswith("default-")]
+        # models.default applies live (no restart).
+        cli("config", "set", "models.default", slow_model)
+        assert http.post("/admin/reload", headers=admin).json()["applied"] == ["models.default"]
+        for path, body in BODIES.items():
+            answer = http.post(path, json=body, headers={"X-Request-ID": f"default-{path.rsplit('/', 1)[-1]}"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == slow_model
+        # A model named in the request wins over the default.
+        answer = http.post("/v1/completions", json={"model": fast_model, **BODIES["/v1/completions"]})
+        assert answer.json()["model"] == fast_model
+        # models.default may be an alias; an embedding request gets it too.
+        cli("config", "set", "models.aliases.embed", minilm_model)
+        cli("config", "set", "models.default", "embed")
+        assert http.post("/admin/reload", headers=admin).json()["applied"] == ["models.aliases", "models.default"]
+        answer = http.post("/v1/embeddings", json={"input": "hi"})
+        assert answer.status_code == 200 and answer.json()["model"] == "embed", answer.text
 
-        assert len(wait_until(lambda: len(rows()) == 4 and rows(), timeout=60)) == 4
-    finally:
-        pids = {p for p in (lock_holder(), (read_daemon_info() or {}).get("pid")) if p}
-        mlx_manager("stop", "--timeout", "10")
-        for pid in pids:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+    assert "models.default" in cli("config", "list")
+
+    def rows() -> list[dict]:
+        found = json.loads(cli("audit", "query", "--model", slow_model, "--json"))
+        return [r for r in found if r["request_id"].startswith("default-")]
+
+    assert len(wait_until(lambda: len(rows()) == 4 and rows(), timeout=60)) == 4
