@@ -420,6 +420,24 @@ def test_relative_model_folders_are_stored_absolute(tmp_path, monkeypatch):
     assert json.loads(run("get", "models.folders", "--json").stdout)["value"] == [str(tmp_path.resolve() / "models")]
 
 
+def test_the_default_model_and_alias_folders_are_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "models" / "mid").mkdir(parents=True)
+    (tmp_path / "fast").mkdir()
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path.resolve() / "models" / "mid")
+    done = run("set", "models.default", "./models/mid")
+    assert done.exit_code == 0 and f"./models/mid is stored as {absolute}" in done.stdout, done.output
+    assert json.loads(run("get", "models.default", "--json").stdout)["value"] == absolute
+    done = run("set", "models.aliases.mid", "models/mid")
+    assert done.exit_code == 0 and f"models/mid is stored as {absolute}" in done.stdout, done.output
+    assert json.loads(run("get", "models.aliases.mid", "--json").stdout)["value"] == absolute
+    # A bare name may be an alias: it stays as written, even with a folder of that name here.
+    assert run("set", "models.default", "fast").exit_code == 0
+    assert json.loads(run("get", "models.default", "--json").stdout)["value"] == "fast"
+    assert run("set", "models.aliases.qwen", "mlx-community/Qwen3-4B-4bit").exit_code == 0
+    assert json.loads(run("get", "models.aliases.qwen", "--json").stdout)["value"] == "mlx-community/Qwen3-4B-4bit"
+
+
 def test_unset_of_the_last_key_leaves_no_empty_table():
     assert run("set", "timeouts.chat", "20m").exit_code == 0
     assert run("set", "server.port", "9000").exit_code == 0

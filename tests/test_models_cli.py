@@ -108,6 +108,23 @@ def test_list_shows_the_cache_and_the_configured_folders(hf_cache, tmp_path, fas
     assert table[2].split()[-3:] == ["4-bit", "no", "never"]
 
 
+def test_list_finds_the_last_use_under_an_alias(hf_cache, tmp_path, fast_model, isolated_home):
+    """The audit log names a model by its alias in models.aliases (daemon/model_names.py)."""
+    from tests.audit_rows import ago, fill, record
+
+    cache_model(hf_cache, "org/chat", fast_model, COMMIT_A)
+    folders = tmp_path / "models"
+    plain = variant(fast_model, folders / "plain")
+    config_path().write_text(f'[models]\nfolders = ["{folders}"]\naliases = {{ chat = "org/chat", p = "{plain}" }}\n')
+    fill(
+        isolated_home / "audit.db",
+        [record(model="chat", timestamp=ago(hours=3)), record(model="p", timestamp=ago(days=2))],
+    )
+    rows = {r["id"]: r["last_used"] for r in json.loads(models("list", "--json").stdout)}
+    assert set(rows) == {"org/chat", str(plain)} and all(rows.values()), rows
+    assert rows["org/chat"] > rows[str(plain)]
+
+
 def test_list_with_nothing_here_says_how_to_get_a_model(hf_cache):
     listed = models("list")
     assert listed.exit_code == 0

@@ -285,24 +285,27 @@ def set_(
 
 # Settings naming model folders: a relative path is resolved where `config set` runs, so that the
 # daemon (started from anywhere) finds the same folder and every place names the model the same way.
-MODEL_PATH_KEYS = ("models.preload", "models.allowed", "models.folders")
+MODEL_PATH_KEYS = ("models.preload", "models.allowed", "models.folders", "models.default")
 
 
 def _absolute_paths(key: str, value: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """`value` with each relative folder made absolute (for MODEL_PATH_KEYS), and what was changed.
-    An entry is a folder when it starts with ., .. or ~, or names a folder that exists here (else it
-    stays as written: a Hugging Face id such as mlx-community/Qwen3-4B-4bit)."""
+    """`value` with each relative folder made absolute (for MODEL_PATH_KEYS and the entries of
+    models.aliases), and what was changed. An entry is a folder when it starts with ., .. or ~, or
+    names a folder that exists here (else it stays as written: a Hugging Face id such as
+    mlx-community/Qwen3-4B-4bit, or an alias)."""
+    if key.startswith("models.aliases.") or (key in MODEL_PATH_KEYS and isinstance(value, str)):
+        # one model, which may be an alias: a bare name is a folder here only when written ./name
+        absolute = _absolute(value) if isinstance(value, str) and "/" in value else value
+        return absolute, [(value, absolute)] if absolute != value else []
     if key not in MODEL_PATH_KEYS or not isinstance(value, list):
         return value, []
-    changed = []
-    result = []
-    for entry in value:
-        looks_like_path = isinstance(entry, str) and (entry.startswith((".", "~")) or Path(entry).exists())
-        absolute = str(Path(entry).expanduser().resolve()) if looks_like_path else entry
-        if absolute != entry:
-            changed.append((entry, absolute))
-        result.append(absolute)
-    return result, changed
+    result = [_absolute(entry) if isinstance(entry, str) else entry for entry in value]
+    return result, [(given, made) for given, made in zip(value, result, strict=True) if given != made]
+
+
+def _absolute(entry: str) -> str:
+    looks_like_path = entry.startswith((".", "~")) or (entry != "" and Path(entry).exists())
+    return str(Path(entry).expanduser().resolve()) if looks_like_path else entry
 
 
 @app.command(epilog="Examples:\n\n  mlx-manager config unset timeouts.chat")

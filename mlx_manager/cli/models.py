@@ -158,7 +158,10 @@ def list_(json_output: JsonOption = False) -> None:
         models = local_models(settings.models.folders)
     except (HubError, OSError) as error:
         fail(f"cannot read the model cache: {error}.", json_output=json_output)
-    used = last_used_by_model(settings.audit_path(), [m.id for m in models])
+    # The audit log names a model by its alias in models.aliases when it has one (daemon/model_names.py).
+    names = {m.id: [m.id, *_aliases_of(m.id, settings.models.aliases)] for m in models}
+    by_name = last_used_by_model(settings.audit_path(), [n for group in names.values() for n in group])
+    used = {i: max(by_name[n] for n in group if n in by_name) for i, group in names.items() if by_name.keys() & group}
     allowed = settings.models.allowed
     rows: list[dict[str, Any]] = [
         {
@@ -204,6 +207,15 @@ def list_(json_output: JsonOption = False) -> None:
             _ago(used.get(row["id"])),
         )
     console.print(table, markup=False, highlight=False)
+
+
+def _aliases_of(model_id: str, aliases: dict[str, str]) -> list[str]:
+    """The aliases of models.aliases that stand for this model (by its id, or its folder's path)."""
+
+    def folder(target: str) -> str | None:
+        return str(Path(target).expanduser().resolve()) if target.startswith(("/", "~", ".")) else None
+
+    return [alias for alias, target in aliases.items() if model_id in (target, folder(target))]
 
 
 def _iso(moment: datetime | None) -> str | None:

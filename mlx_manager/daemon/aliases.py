@@ -4,8 +4,8 @@ an alias: one of `models.aliases` (name -> model), or by default its folder or r
 (`mlx-community/Qwen3-0.6B-4bit` -> `Qwen3-0.6B-4bit`) for each model the daemon is configured
 with (`models.allowed`, `models.preload`, `serve --model`), when no other such model has that name.
 
-Routes turn an alias into its model id before the engine sees it; the response, the audit row and
-the metrics keep the name the client sent.
+Routes turn an alias into its model id before the engine sees it; the response keeps the name the
+client sent, the audit row and the metrics the model's one name (model_names.py).
 """
 
 from __future__ import annotations

@@ -135,10 +135,11 @@ def make_router(daemon: DaemonState) -> Router:
 def daemon_metrics(daemon: DaemonState) -> Metrics:
     """Prometheus figures: live gauges read at scrape time, counters fed by each request's outcome."""
     engine = daemon.engine
-    loaded_ids: set[str] = set()  # every id a model was loaded under: a model id a client sent is a label only then
+    loaded_ids: set[str] = set()  # the id of every model loaded: a model a client named is a label only then
 
-    def known_model(model_id: str) -> bool:
-        return model_id in loaded_ids or model_id in daemon.settings.models.allowed
+    def known_model(label: str) -> bool:  # a request's label: a model's id or its alias (model_names.py)
+        models = daemon.settings.models
+        return label in loaded_ids or label in models.allowed or label in models.aliases
 
     figures = Metrics(
         queue_depth=lambda: engine.status().queue_depth,

@@ -45,7 +45,13 @@ class RequestField:
 
 
 FIELDS: tuple[RequestField, ...] = (
-    RequestField("model", BOTH, "supported", "a folder path, a Hugging Face id, or an alias (`models.aliases`)"),
+    RequestField(
+        "model",
+        BOTH,
+        "supported",
+        "a folder path, a Hugging Face id, or an alias (`models.aliases`); when left out: `models.default`,"
+        " else the one loaded model",
+    ),
     RequestField("messages", CHAT, "supported", "text content; a `name` only for templates that write it"),
     RequestField("prompt", COMPLETIONS, "supported", "a string, token ids, or a list of either (batched)"),
     RequestField("max_tokens", BOTH, "supported", "prompt + max_tokens over the context is a 400"),

@@ -155,7 +155,7 @@ LogitBias = Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], F
 class GenerationFields(OpenAIRequest):
     """Fields chat and completions share."""
 
-    model: ModelId
+    model: ModelId | None = None  # none: models.default, or the one loaded model
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
@@ -298,7 +298,7 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 
 
 class EmbeddingsRequest(Lenient):
-    model: ModelId
+    model: ModelId | None = None  # none: models.default, or the one loaded model
     # A string, a list of strings, a list of token ids (one input) or a list of token id lists.
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"

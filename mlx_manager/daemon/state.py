@@ -14,10 +14,13 @@ from fastapi import Depends, Request
 from mlx_manager.auth import KeyRing
 from mlx_manager.daemon.aliases import Aliases, aliases_for
 from mlx_manager.daemon.dialects.responses.store import ResponseStore
+from mlx_manager.daemon.model_names import ModelName, ModelNames
 from mlx_manager.daemon.outcome import RequestOutcome
+from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.engine import Engine
+from mlx_manager.engine.pool import ModelAccess
 from mlx_manager.routing.router import Router
 from mlx_manager.settings import Settings
 
@@ -64,17 +67,44 @@ class DaemonState:
     # Responses kept for GET /v1/responses/{id} and previous_response_id: in memory only.
     responses: ResponseStore = field(default_factory=ResponseStore)
     _idle: asyncio.Event | None = None
-    _aliases: tuple[Settings, Aliases] | None = None  # made once per settings object
+    _names: tuple[Settings, ModelNames] | None = None  # made once per settings object
+
+    def model_names(self) -> ModelNames:
+        """The names of models under the current settings: aliases and identities (model_names.py)."""
+        if self._names is None or self._names[0] is not self.settings:
+            settings = self.settings
+            aliases = aliases_for(settings, self.extra_preload)
+            access = ModelAccess.of(self.engine.config)  # where the engine may load from
+            self._names = (settings, ModelNames(aliases, dict(settings.models.aliases), access))
+        return self._names[1]
 
     def aliases(self) -> Aliases:
         """The model aliases of the current settings (see aliases.py)."""
-        if self._aliases is None or self._aliases[0] is not self.settings:
-            self._aliases = (self.settings, aliases_for(self.settings, self.extra_preload))
-        return self._aliases[1]
+        return self.model_names().aliases
 
     def model_id(self, name: str) -> str:
         """The model id a request's `model` names: an alias resolved, anything else as it is."""
         return self.aliases().resolve(name)
+
+    def model(self, requested: str | None, kind: str = "generate") -> ModelName:
+        """The model a request names; with none named, `models.default`, else the one loaded model
+        of this kind ("generate" or "embed"), as mlx_lm.server does. A 400 problem when there is
+        no such one."""
+        names = self.model_names()
+        if requested is not None:
+            return names.of(requested)
+        if self.settings.models.default:
+            return names.of(self.settings.models.default)
+        loaded = [m.model_id for m in self.engine.status().models if m.kind == kind]
+        if len(loaded) == 1:
+            return names.of(loaded[0])
+        which = "no model is loaded" if not loaded else f"{len(loaded)} models are loaded"
+        raise Problem(
+            "invalid_request",
+            f"model is required: the request names none, models.default is not set and {which}; name a"
+            " model, or set a default with `mlx-manager config set models.default MODEL`",
+            param="model",
+        )
 
     def engine_config(self) -> EngineConfig:
         """The engine's limits from the current settings, with `serve --model` preloaded too."""

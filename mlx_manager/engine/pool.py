@@ -20,6 +20,7 @@ from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import CacheStatus, ModelStatus
+from mlx_manager.hub.cache import model_identity
 
 log = logging.getLogger("mlx_manager.engine")
 
@@ -29,7 +30,7 @@ BUSY_RETRY_AFTER = 5.0
 
 @dataclass
 class LoadedModel:
-    model_id: str  # the id it was first loaded under
+    model_id: str  # its one id, whatever spelling loaded it (hub.cache.model_identity)
     path: Path
     model: Any
     tokenizer: Any
@@ -113,7 +114,7 @@ def resolve(model_id: str, access: ModelAccess | None = None) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+            return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True)).resolve()
         except (LocalEntryNotFoundError, ValueError, OSError):
             pass
     raise ModelNotFound(unknown_model(model_id))
@@ -200,7 +201,7 @@ class ModelPool:
         entry = self._models.get(path)
         if entry is None:
             self._make_room()
-            entry = self._read(model_id, path)
+            entry = self._read(model_identity(path), path)
             self._models[path] = entry
             self._on_change()
         self._models.move_to_end(path)

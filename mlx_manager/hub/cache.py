@@ -157,6 +157,28 @@ def served_id(repo_id: str, refs: tuple[str, ...], commit: str) -> str:
     return f"{repo_id}@{refs[0] if refs else commit}"
 
 
+def model_identity(path: Path) -> str:
+    """The one id of the model in this folder (already resolved): a snapshot of a cached repo is
+    its served id (`org/name`, `org/name@REF` or `org/name@COMMIT`, as `models list` shows it),
+    any other folder its path. Every spelling of a model (a relative path, a symlink, an alias,
+    the repo id or its snapshot folder) comes to this one id."""
+    snapshots, repo = path.parent, path.parent.parent
+    if snapshots.name != "snapshots" or not repo.name.startswith("models--"):
+        return str(path)
+    repo_id = repo.name.removeprefix("models--").replace("--", "/")
+    if not _REPO_ID.fullmatch(repo_id):
+        return str(path)
+    refs_folder = repo / "refs"
+    refs = []
+    try:
+        for ref in refs_folder.rglob("*"):
+            if ref.is_file() and ref.read_text().strip() == path.name:
+                refs.append(ref.relative_to(refs_folder).as_posix())
+    except OSError:
+        pass
+    return served_id(repo_id, tuple(sorted(refs)), path.name)
+
+
 def _folder_models(folders: list[str]) -> list[LocalModel]:
     found = []
     for folder in folders:

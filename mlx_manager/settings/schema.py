@@ -275,6 +275,12 @@ class ModelSettings(Section):
             " preloaded model also gets its folder or repo name as one when that name is unique."
         ),
     )
+    default: str = Field(
+        "",
+        max_length=1024,
+        description="The model a request that names none gets (a folder path, a Hugging Face id or an alias);"
+        " empty: the one loaded model, when only one is (of the kind the endpoint serves).",
+    )
     default_max_tokens: int = Field(
         512,
         ge=1,

@@ -104,15 +104,17 @@ async def loaded_models(daemon: Daemon) -> ModelsStatus:
 @router.post("/admin/models/load", response_model=LoadedModel)
 async def load(body: ModelRequest, daemon: Daemon, outcome: Outcome) -> LoadedModel:
     """Load a model now (a loaded one is marked as just used). Errors as for a request naming it."""
-    outcome.model = body.model
-    return loaded_model(await daemon.engine.load(daemon.model_id(body.model)))
+    name = daemon.model(body.model)
+    outcome.model = name.label
+    return loaded_model(await daemon.engine.load(name.target))
 
 
 @router.post("/admin/models/unload", response_model=Unloaded)
 async def unload(body: UnloadRequest, daemon: Daemon, outcome: Outcome) -> Unloaded:
     """Unload a model now. 404 if it is not loaded; 409 while it has jobs, unless `force`."""
-    outcome.model = body.model
-    await daemon.engine.unload(daemon.model_id(body.model), force=body.force)
+    name = daemon.model(body.model)
+    outcome.model = name.label
+    await daemon.engine.unload(name.target, force=body.force)
     return Unloaded(unloaded=body.model)
 
 

@@ -144,7 +144,8 @@ def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any]:
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Any:
     """Chat completion (`n` choices), whole or streamed (`stream: true`) as server-sent events."""
-    outcome.model, outcome.stream = body.model, body.stream
+    name = daemon.model(body.model)
+    outcome.model, outcome.stream = name.label, body.stream
     settings = daemon.settings  # read once: a reload mid-request does not change this one's limits
     refuse_unsupported("chat", body)
     check_messages(len(body.messages), settings)
@@ -161,7 +162,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     requested = body.requested_max_tokens()
     job_request = GenerationRequest(
-        model=daemon.model_id(body.model),
+        model=name.target,
         messages=body.engine_messages(),
         max_tokens=max_tokens_for(requested, settings, param),
         max_tokens_is_default=requested is None,
@@ -178,5 +179,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
         tool_choice=_tool_choice(body),
     )
     call = GenerationCall(daemon, request, "chat", job_request, n=body.choices())
-    fmt = ChatFormat(outcome.request_id, body.model, body.include_usage(), int(time.time()), bool(body.logprobs))
+    fmt = ChatFormat(outcome.request_id, name.sent, body.include_usage(), int(time.time()), bool(body.logprobs))
     return await respond(call, fmt, body.stream)

@@ -103,7 +103,8 @@ def usage_of(finished: Finished) -> Usage:
 async def completions(body: CompletionRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Any:
     """Text completion of one or more prompts (text or token ids), `n` choices each, whole or
     streamed; choice `i * n + j` is prompt i's j-th."""
-    outcome.model, outcome.stream = body.model, body.stream
+    name = daemon.model(body.model)
+    outcome.model, outcome.stream = name.label, body.stream
     settings = daemon.settings
     refuse_unsupported("completions", body)
     prompts = body.prompts()
@@ -112,7 +113,7 @@ async def completions(body: CompletionRequest, request: Request, daemon: Daemon,
     constraint = constraint_of(body)
     job_requests = [
         GenerationRequest(
-            model=daemon.model_id(body.model),
+            model=name.target,
             prompt=prompt,
             max_tokens=max_tokens_for(requested, settings),
             max_tokens_is_default=requested is None,
@@ -127,6 +128,6 @@ async def completions(body: CompletionRequest, request: Request, daemon: Daemon,
     ]
     call = GenerationCall(daemon, request, "completions", job_requests, n=body.choices())
     fmt = CompletionFormat(
-        outcome.request_id, body.model, body.include_usage(), int(time.time()), body.logprobs is not None
+        outcome.request_id, name.sent, body.include_usage(), int(time.time()), body.logprobs is not None
     )
     return await respond(call, fmt, body.stream)

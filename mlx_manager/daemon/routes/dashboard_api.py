@@ -150,6 +150,7 @@ async def change_setting(body: SettingChange, daemon: Daemon, _session: AdminCha
 
 @router.post("/admin/ui/api/models/unload")
 async def unload(body: UnloadRequest, request: Request, daemon: Daemon, _session: Changing) -> Response:
-    request.scope["mlx_manager.outcome"].model = body.model
-    await daemon.engine.unload(body.model, force=body.force)
+    name = daemon.model(body.model)
+    request.scope["mlx_manager.outcome"].model = name.label
+    await daemon.engine.unload(name.target, force=body.force)
     return _answer({"unloaded": body.model})

@@ -21,9 +21,10 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["embeddings"])
 async def embeddings(body: EmbeddingsRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Response:
     """Embed one or more inputs (texts or token id lists). Inputs over the model's limit are a 400,
     unless `truncate` (an extension) is true."""
-    outcome.model = body.model
+    name = daemon.model(body.model, "embed")
+    body.model, outcome.model = name.sent, name.label  # the answer names the model as the request did
     job_request = EmbeddingRequest(
-        model=daemon.model_id(body.model),
+        model=name.target,
         inputs=body.inputs(),
         dimensions=body.dimensions,
         truncate=body.truncate,

@@ -19,18 +19,20 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["messages"])
 @router.post("/v1/messages", response_model=Message)
 async def messages(body: MessagesRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Any:
     """A message from the model, whole or streamed (`stream: true`) as Anthropic's events."""
-    outcome.model, outcome.stream = body.model, body.stream
+    name = daemon.model(body.model)
+    body.model, outcome.model, outcome.stream = name.sent, name.label, body.stream
     job_request = serving.generation_request(body, outcome.request_id, daemon.settings)
-    job_request.model = daemon.model_id(body.model)
+    job_request.model = name.target
     call = GenerationCall(daemon, request, "messages", job_request)
-    fmt = serving.MessageFormat(f"msg_{outcome.request_id}", body.model, serving.shows_thinking(body))
+    fmt = serving.MessageFormat(f"msg_{outcome.request_id}", name.sent, serving.shows_thinking(body))
     return await answer(call, body.stream, fmt.complete, fmt.stream())
 
 
 @router.post("/v1/messages/count_tokens", response_model=TokenCount)
 async def count_tokens(body: CountTokensRequest, request: Request, daemon: Daemon, outcome: Outcome) -> TokenCount:
     """How many tokens the prompt (system, messages and tools) is for the model, without generating."""
-    outcome.model = body.model
+    name = daemon.model(body.model)
+    body.model, outcome.model = name.sent, name.label
     job_request = serving.prompt_request(body, outcome.request_id, daemon.settings)
-    job_request.model = daemon.model_id(body.model)
+    job_request.model = name.target
     return TokenCount(input_tokens=await TokenCountCall(daemon, request, "messages", job_request).count())

@@ -12,15 +12,23 @@ router = APIRouter(tags=["models"])
 
 
 def listed(daemon: DaemonState) -> list[Model]:
-    """Each alias (with the model it stands for as `root`), then each loaded or allowed model
-    that has no alias, by its id."""
+    """Each alias (with the id of the model it stands for as `root`), then each loaded or allowed
+    model that has no alias, by its id: one entry per model, however the settings spell it."""
     created = daemon.started_at
-    aliases = daemon.aliases()
-    models = [Model(id=alias, created=created, root=target) for alias, target in aliases.targets.items()]
-    aliased = set(aliases.targets.values())
-    known = daemon.engine.known_models()
-    models += [Model(id=model_id, created=created) for model_id in known if model_id not in aliased]
+    names = daemon.model_names()
+    models, aliased = [], set()
+    for alias in names.aliases.targets:
+        root = names.of(alias).identity
+        models.append(Model(id=alias, created=created, root=root))
+        aliased.add(root)
+    models += [Model(id=model_id, created=created) for model_id in known_ids(daemon) if model_id not in aliased]
     return models
+
+
+def known_ids(daemon: DaemonState) -> list[str]:
+    """The ids of the loaded and the allowed models, each once."""
+    names = daemon.model_names()
+    return list(dict.fromkeys(names.identity(model_id) or model_id for model_id in daemon.engine.known_models()))
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -33,9 +41,9 @@ async def list_models(daemon: Daemon) -> ModelList:
 @router.get("/v1/models/{model_id:path}", response_model=Model)
 async def get_model(model_id: str, daemon: Daemon) -> Model:
     """One model, by alias or id, if it is aliased, loaded or allowed."""
-    target = daemon.model_id(model_id)
-    if target != model_id:
-        return Model(id=model_id, created=daemon.started_at, root=target)
-    if model_id not in daemon.engine.known_models():
+    name = daemon.model_names().of(model_id)
+    if name.target != model_id:
+        return Model(id=model_id, created=daemon.started_at, root=name.identity)
+    if name.identity not in known_ids(daemon):
         raise Problem("model_not_found", f"model {model_id!r} is neither loaded nor on models.allowed", param="model")
     return Model(id=model_id, created=daemon.started_at)

@@ -21,14 +21,15 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["responses"])
 async def create_response(body: ResponsesRequest, request: Request, daemon: Daemon, outcome: Outcome) -> Any:
     """A response from the model, whole or streamed (`stream: true`) as typed events; kept in
     memory for `previous_response_id` and retrieval unless `store` is false."""
-    outcome.model, outcome.stream = body.model, body.stream
+    name = daemon.model(body.model)
+    body.model, outcome.model, outcome.stream = name.sent, name.label, body.stream
     store, owner = daemon.responses, outcome.api_key
     parent = None
     if body.previous_response_id is not None:
         parent = stored(daemon, body.previous_response_id, owner, param="previous_response_id")
     history = parent.conversation() if parent is not None else []
     job_request, turns = serving.generation_request(body, history, outcome.request_id, daemon.settings)
-    job_request.model = daemon.model_id(body.model)
+    job_request.model = name.target
 
     def keep(response: ResponseObject, conversation: list[dict[str, Any]]) -> None:
         store.put(StoredResponse(response, conversation, owner, parent))

@@ -295,7 +295,7 @@ class Metadata(Strict):
 class PromptFields(Strict):
     """What makes the prompt: shared by /v1/messages and /v1/messages/count_tokens."""
 
-    model: ModelId
+    model: ModelId | None = None  # none: models.default, or the one loaded model
     messages: list[MessageParam] = Field(min_length=1)
     system: SystemContent | None = None
     tools: list[Tool] | None = Field(None, max_length=512)

@@ -172,7 +172,7 @@ def prompt_request(body: PromptFields, request_id: str, settings: Settings) -> G
             param="output_config.format",
         )
     return GenerationRequest(
-        model=body.model,
+        model=body.model or "",  # the route puts the model it names here
         messages=engine_messages(body),
         request_id=request_id,
         tools=tools,

@@ -326,7 +326,7 @@ class StreamOptions(Strict):
 
 
 class ResponsesRequest(Strict):
-    model: ModelId
+    model: ModelId | None = None  # none: models.default, or the one loaded model
     input: Input = Field(min_length=1)
     instructions: str | None = None
     tools: list[ToolParam] | None = Field(None, max_length=512)

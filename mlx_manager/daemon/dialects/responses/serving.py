@@ -177,7 +177,7 @@ def generation_request(
     check_messages(len(messages), settings)
     defaults = SamplingParams()
     request = GenerationRequest(
-        model=body.model,
+        model=body.model or "",  # the route puts the model it names here
         messages=messages,
         max_tokens=max_tokens_for(body.max_output_tokens, settings, "max_output_tokens"),
         max_tokens_is_default=body.max_output_tokens is None,
