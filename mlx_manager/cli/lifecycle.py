@@ -201,7 +201,8 @@ def _stop_wait() -> float:
 
 def stop(timeout: TimeoutOption = None, force: ForceOption = False) -> None:
     """Stop the daemon: running requests may finish (server.drain_timeout), those still running then
-    get the `draining` problem, every audit row is written, and it exits; killed after the timeout.
+    get the `draining` problem, a model load in progress is abandoned, every audit row is written,
+    and it exits; killed after the timeout. Says how the daemon ended (a crash is not a clean stop).
 
     When nothing runs, says so and exits 0.
     """
