@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import EngineStopped, ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
@@ -291,7 +291,7 @@ class ModelPool:
 
         step: list[Any] = []
         size = 0
-        for _, array in tree_flatten(model.parameters()):
+        for _, array in cast(list[tuple[str, Any]], tree_flatten(model.parameters())):
             step.append(array)
             size += array.nbytes
             if size >= LOAD_STEP_BYTES:
