@@ -201,7 +201,8 @@ def _stop_wait() -> float:
 
 def stop(timeout: TimeoutOption = None, force: ForceOption = False) -> None:
     """Stop the daemon: running requests may finish (server.drain_timeout), those still running then
-    get the `draining` problem, every audit row is written, and it exits; killed after the timeout.
+    get the `draining` problem, a model load in progress is abandoned, every audit row is written,
+    and it exits; killed after the timeout. Says how the daemon ended (a crash is not a clean stop).
 
     When nothing runs, says so and exits 0.
     """
@@ -220,10 +221,25 @@ def stop(timeout: TimeoutOption = None, force: ForceOption = False) -> None:
     )
     if force:
         say(f"Killed ({pids}).")
-    elif stopped.graceful:
-        say(f"Stopped ({pids}) in {stopped.seconds:.1f} s; running requests were allowed to finish.")
-    else:
+    elif not stopped.graceful:
         say(f"Stopped ({pids}): it did not finish within {timeout:g} s, so it was killed.")
+    else:
+        say(f"Stopped ({pids}) in {stopped.seconds:.1f} s{_how_it_ended(stopped.daemon_exit)}")
+
+
+def _how_it_ended(daemon_exit: dict[str, Any] | None) -> str:
+    """The rest of `stop`'s sentence: what the daemon's exit says of the requests it had."""
+    from mlx_manager.daemon.run import STOP_NOTE
+
+    if daemon_exit is None:  # not our child (no supervisor, or adopted): its exit status is unknown
+        return "."
+    if daemon_exit.get("code") != 0:
+        reason = str(daemon_exit.get("reason"))
+        reason = f"was {reason}" if reason.startswith("killed by") else reason
+        return f", but the daemon {reason}: requests it was running may have been cut off. See `mlx-manager logs`."
+    said = (daemon_exit.get("last_output") or "").strip()
+    note = f" Note: {said.removeprefix(STOP_NOTE)}" if said.startswith(STOP_NOTE) else ""
+    return f"; running requests were allowed to finish.{note}"
 
 
 def restart(

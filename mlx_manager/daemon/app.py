@@ -203,5 +203,10 @@ async def watch_preload(daemon: DaemonState) -> None:
 
 
 async def stop_engine(daemon: DaemonState) -> None:
-    """Stop the engine off the event loop: `Engine.stop` joins the inference thread."""
-    await asyncio.to_thread(daemon.engine.stop, ENGINE_STOP_TIMEOUT)
+    """Stop the engine off the event loop (`Engine.stop` waits for the inference thread), and
+    keep what the stop saw: a load abandoned, or a thread that did not come back in time."""
+    report = await asyncio.to_thread(daemon.engine.stop, ENGINE_STOP_TIMEOUT)
+    if report != daemon.engine_stop:  # the drain's stop, then the lifespan's: said once
+        for note in report.notes():
+            log.warning("stopping: %s", note)
+    daemon.engine_stop = report

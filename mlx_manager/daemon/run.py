@@ -1,8 +1,10 @@
 """`run_daemon`: the daemon process — settings, logging, socket, daemon.json, uvicorn, graceful stop.
 
 A stop (SIGTERM, Ctrl-C) drains: new requests get 503 draining, in-flight ones may finish for
-up to server.drain_timeout, then the engine stops (ending any left with an error) and the
-process exits 0. A second Ctrl-C stops at once. (The signal handling itself is in server.py.)
+up to server.drain_timeout, then the engine stops (ending any left with an error, abandoning a
+model load) and the process exits 0. A second Ctrl-C stops at once. (The signal handling itself
+is in server.py.) What an operator should know about the stop (a load abandoned) is the last
+line on stderr, after STOP_NOTE, where the supervisor keeps it for `mlx-manager stop` to show.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import json
 import logging
 import os
 import socket
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlx_manager import __version__
 from mlx_manager.files import write_atomic
 from mlx_manager.runtime import daemon_file, ensure_home, read_daemon_info
 
+if TYPE_CHECKING:
+    from mlx_manager.daemon.state import DaemonState
+
 log = logging.getLogger("mlx_manager.daemon")
 
 DEFAULT_HOST = "127.0.0.1"
 EXIT_ERROR, EXIT_USAGE = 1, 2
+STOP_NOTE = "Stopped, but: "
 
 
 class StartupError(Exception):
@@ -97,9 +105,28 @@ def run_daemon(
     finally:
         remove_daemon_file()
         sock.close()
+    last_words(app.state.daemon)
     if app.state.daemon.fatal_error:
         raise StartupError(app.state.daemon.fatal_error, "Check the model (--model or models.preload).")
     log.info("stopped")
+
+
+def last_words(daemon: DaemonState) -> None:
+    """Say what the engine's stop saw, as the last line on stderr. When the inference thread did
+    not come back (a step MLX cannot interrupt), exit now: Python's own exit would end that thread
+    in the middle of MLX and abort the process (engine/inference_thread.py says why)."""
+    report = daemon.engine_stop
+    if report is None:
+        return
+    notes = report.notes()
+    if notes:
+        print(STOP_NOTE + "; ".join(notes) + ".", file=sys.stderr, flush=True)
+    if not report.finished:
+        if daemon.fatal_error:
+            print(f"Error: {daemon.fatal_error}", file=sys.stderr, flush=True)
+        log.info("stopped")
+        logging.shutdown()
+        os._exit(EXIT_ERROR if daemon.fatal_error else 0)
 
 
 def _missing_folder(model: str) -> bool:

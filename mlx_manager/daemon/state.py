@@ -19,9 +19,7 @@ from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.engine.config import EngineConfig
-from mlx_manager.engine.engine import Engine
-from mlx_manager.engine.pool import ModelAccess
-from mlx_manager.routing.router import Router
+literalfrom mlx_manager.routing.router import Router
 from mlx_manager.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,6 +54,7 @@ class DaemonState:
     # Set when the daemon cannot do what it was started for (a preload model failed to load);
     # `serve` then stops and exits non-zero with this message. `on_fatal` asks the server to stop.
     fatal_error: str | None = None
+    engine_stop: StopReport | None = None  # how the engine's stop went (stop_engine), for `serve`'s last words
     audit: AuditWriter | None = None  # set by the lifespan once the audit log is open
     on_fatal: Callable[[], None] | None = None
     # Called with every finished request's outcome. The audit writer plugs in here

@@ -8,9 +8,11 @@ event loop never blocks on MLX.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mlx_manager.engine.commands import (
     Cancel,
@@ -26,9 +28,30 @@ from mlx_manager.engine.commands import (
 )
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.engine.errors import EngineStopped
+from mlx_manager.engine.inference_thread import run_on_inference_thread
 from mlx_manager.engine.jobs import Admission, EmbeddingJob, Job, Reply
 from mlx_manager.engine.types import EmbeddingRequest, EngineStatus, GenerationRequest, ModelStatus
 from mlx_manager.engine.worker import Worker
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """What `Engine.stop` saw: whether the inference thread came back within the timeout, the
+    model whose load it abandoned to stop, and what it was still busy with if it did not."""
+
+    finished: bool = True
+    abandoned_load: str | None = None
+    still_loading: str | None = None
+
+    def notes(self) -> list[str]:
+        """What an operator should hear about this stop, in words; nothing for a plain one."""
+        notes = []
+        if self.abandoned_load is not None:
+            notes.append(f"the load of model {self.abandoned_load!r} was abandoned")
+        if not self.finished:
+            busy = f"loading model {self.still_loading!r}" if self.still_loading else "busy"
+            notes.append(f"the inference thread was still {busy}, so the process exited without waiting for it")
+        return notes
 
 
 class Engine:
@@ -38,7 +61,7 @@ class Engine:
         self.config = config or EngineConfig()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._admission = Admission(self.config.queue_limit)
-        self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None  # set when the worker's loop has returned
         self._blas: str | None = None
         # Called on the inference thread with (model id, seconds) after each model load.
         self.model_load_listeners: list[Callable[[str, float], None]] = []
@@ -46,22 +69,32 @@ class Engine:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._done is not None:
             return
         from mlx_manager.engine import blas
 
         self._blas = blas.use(self.config.blas)  # before MLX's first matrix product
-        self._thread = threading.Thread(target=self._worker.run, name="mlx-inference", daemon=True)
-        self._thread.start()
+        self._done = run_on_inference_thread(self._worker.run)
+        _started.add(self)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Fail every job with EngineStopped, unload the models and join the inference thread."""
+    def stop(self, timeout: float = 10.0) -> StopReport:
+        """Fail every job with EngineStopped, abandon a model load at its next step, unload the
+        models, and wait up to `timeout` seconds for the inference thread to be done."""
         self._admission.closed = True
-        if self._thread is None:
-            return
-        self._commands.put(Stop())
-        self._thread.join(timeout)
-        self._thread = None
+        done = self._done
+        if done is None:
+            return StopReport()
+        if not self._worker.stopping.is_set():
+            self._worker.stopping.set()
+            self._commands.put(Stop())
+        finished = done.wait(timeout)
+        if finished:
+            _started.discard(self)
+        pool = self._worker.pool
+        return StopReport(finished, pool.abandoned, None if finished else self._worker.snapshot.loading)
+
+    def _running(self) -> bool:
+        return self._done is not None and not self._admission.closed
 
     def reconfigure(self, config: EngineConfig) -> None:
         """Apply new limits and allow-list; loaded models over the new limits are unloaded when idle."""
@@ -115,7 +148,7 @@ class Engine:
     async def count_tokens(self, request: GenerationRequest) -> int:
         """How many tokens `request`'s prompt is (its messages through the chat template, with
         its tools), without generating. Raises what submitting it would (ModelNotFound...)."""
-        if self._thread is None:
+        if not self._running():
             raise EngineStopped("the engine is not running")
         reply: Reply[int] = Reply(asyncio.get_running_loop())
         self._commands.put(CountTokens(request, reply))
@@ -123,7 +156,7 @@ class Engine:
 
     async def clear_cache(self) -> int:
         """Forget every loaded model's prompt cache (its disk tier too); how many entries went."""
-        if self._thread is None:
+        if not self._running():
             raise EngineStopped("the engine is not running")
         reply: Reply[int] = Reply(asyncio.get_running_loop())
         self._commands.put(ClearCache(reply))
@@ -134,7 +167,7 @@ class Engine:
 
     def _reserve_place(self, count: int = 1) -> None:
         """Count `count` more waiting jobs, or raise EngineStopped / Overloaded."""
-        if self._thread is None:
+        if self._done is None:
             raise EngineStopped("the engine is not running")
         self._admission.reserve(count)
 
@@ -146,7 +179,7 @@ class Engine:
             queue_depth=self._admission.waiting,
             active_jobs=self._admission.active,
             loading=snapshot.loading,
-            running=self._thread is not None and not self._admission.closed,
+            running=self._running(),
             blas=self._blas,
             models=snapshot.models,
         )
@@ -156,3 +189,14 @@ class Engine:
         seen = dict.fromkeys(m.model_id for m in self._worker.snapshot.models)
         seen.update(dict.fromkeys(self.config.allowed))
         return list(seen)
+
+
+# Engines started and not yet stopped: those still running when Python exits are stopped first,
+# while their threads may still take the GIL (see inference_thread.py for what happens otherwise).
+_started: set[Engine] = set()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    for engine in list(_started):
+        engine.stop()

@@ -9,15 +9,16 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mlx_manager.engine.config import EngineConfig
-from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
+from mlx_manager.engine.errors import EngineStopped, ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import CacheStatus, ModelStatus
 from mlx_manager.hub.cache import model_identity
@@ -26,6 +27,8 @@ log = logging.getLogger("mlx_manager.engine")
 
 # Retry-After of a load refused because every loaded model is busy (models.max_loaded).
 BUSY_RETRY_AFTER = 5.0
+# A model's weights are read this many bytes at a time; a stop abandons the load between two reads.
+LOAD_STEP_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -122,7 +125,8 @@ def resolve(model_id: str, access: ModelAccess | None = None) -> Path:
 
 class ModelPool:
     """The loaded models, least recently used first. `on_change` is called when a load starts
-    or ends and when a model goes, so the worker can publish a fresh status."""
+    or ends and when a model goes, so the worker can publish a fresh status. Once `stopping` is
+    set, a load in progress is abandoned at its next step (EngineStopped), and so is any new one."""
 
     def __init__(
         self,
@@ -131,8 +135,11 @@ class ModelPool:
         keep_alive: float,
         load_listeners: list[Callable[[str, float], None]],
         on_change: Callable[[], None] = lambda: None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.load_listeners = load_listeners
+        self.stopping = stopping or threading.Event()
+        self.abandoned: str | None = None  # the model whose load a stop abandoned
         self.access = access
         self.max_loaded = max_loaded
         self.keep_alive = keep_alive
@@ -222,17 +229,20 @@ class ModelPool:
         embedding = is_embedding_model(path, config)
         self.loading = model_id
         self._on_change()
+        log.info("loading %s model %s from %s", "embedding" if embedding else "text", model_id, path)
         before = mx.get_active_memory()
         try:
             with model_load_span(model_id) as span:
                 model: Any
+                self._check_stopping(model_id)
                 if embedding:
                     model = EmbeddingModel(path, config)
                     tokenizer = model.tokenizer
                 else:
                     from mlx_lm import load
 
-                    model, tokenizer = load(str(path))[:2]
+                    model, tokenizer = load(str(path), lazy=True)[:2]
+                    self._read_weights(model_id, model)
                 span.memory_bytes = mx.get_active_memory()
         except (ModelLoadFailed, FileNotFoundError, ValueError, KeyError, OSError, TypeError) as exc:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
@@ -268,6 +278,29 @@ class ModelPool:
             vocab_size=vocab if isinstance(vocab, int) else None,
             memory_bytes=memory,
         )
+
+    def _check_stopping(self, model_id: str) -> None:
+        if self.stopping.is_set():
+            self.abandoned = model_id
+            raise EngineStopped(f"the engine stopped while model {model_id!r} was loading")
+
+    def _read_weights(self, model_id: str, model: Any) -> None:
+        """Read a lazily loaded model's weights into memory LOAD_STEP_BYTES at a time (what
+        `mlx_lm.load` does in one go), so that a stop need not wait for the whole model."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        step: list[Any] = []
+        size = 0
+        for _, array in cast(list[tuple[str, Any]], tree_flatten(model.parameters())):
+            step.append(array)
+            size += array.nbytes
+            if size >= LOAD_STEP_BYTES:
+                self._check_stopping(model_id)
+                mx.eval(step)
+                step, size = [], 0
+        self._check_stopping(model_id)
+        mx.eval(step)
 
     def _make_room(self) -> None:
         """Unload the least recently used idle models until one more fits under max_loaded; when

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -77,8 +78,14 @@ class Worker:
     ) -> None:
         self.config = config
         self.commands = commands
+        self.stopping = threading.Event()  # set by Engine.stop: a model load in progress is abandoned
         self.pool = ModelPool(
-            ModelAccess.of(config), config.max_loaded, config.keep_alive, load_listeners, on_change=self._publish
+            ModelAccess.of(config),
+            config.max_loaded,
+            config.keep_alive,
+            load_listeners,
+            on_change=self._publish,
+            stopping=self.stopping,
         )
         self.batches: dict[Path, ModelBatch] = {}
         self.pending: deque[Job] = deque()  # waiting for a batch slot

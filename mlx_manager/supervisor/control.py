@@ -169,6 +169,9 @@ class Stopped:
     supervisor_pid: int | None = None
     daemon_pid: int | None = None
     note: str | None = None  # e.g. the previous supervisor had given up
+    # How the daemon ended, as its supervisor saw it ({"reason", "code", "last_output"...}); None
+    # when that is not known (a daemon running on its own is not our child).
+    daemon_exit: dict[str, Any] | None = None
 
 
 def stop(timeout: float, force: bool = False) -> Stopped:
@@ -195,6 +198,7 @@ def stop(timeout: float, force: bool = False) -> Stopped:
         _clear_dead_state(read_state() or {}, reason="killed on request (stop --force)")
         return Stopped(True, False, time.monotonic() - began, supervisor, daemon)
 
+    earlier_exit = state.get("last_exit")
     _send(supervisor, signal.SIGTERM)  # the supervisor passes it on and waits for the drain
     graceful = _wait_for(lambda: not supervisor_running(), timeout)
     if not graceful:
@@ -207,7 +211,9 @@ def stop(timeout: float, force: bool = False) -> Stopped:
                 _kill(pid)
             _wait_for(lambda: not supervisor_running(), 5.0)
             _clear_dead_state(read_state() or {}, reason="killed on request (stop timed out)")
-    return Stopped(True, graceful, time.monotonic() - began, supervisor, daemon)
+    last_exit = (read_state() or {}).get("last_exit")
+    daemon_exit = last_exit if daemon and last_exit != earlier_exit else None
+    return Stopped(True, graceful, time.monotonic() - began, supervisor, daemon, daemon_exit=daemon_exit)
 
 
 def _clear_dead_state(state: dict[str, Any], reason: str | None = None) -> str | None:
