@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_manager.engine.config import EngineConfig
-from mlx_manager.engine.errors import ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
+from mlx_manager.engine.errors import ExtraNotInstalled, ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import CacheStatus, ModelStatus
 
@@ -233,6 +233,8 @@ class ModelPool:
 
                     model, tokenizer = load(str(path))[:2]
                 span.memory_bytes = mx.get_active_memory()
+        except ExtraNotInstalled as exc:
+            raise ExtraNotInstalled(f"could not load {model_id!r}: {exc}", exc.extra) from None
         except (ModelLoadFailed, FileNotFoundError, ValueError, KeyError, OSError, TypeError) as exc:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
         finally:
