@@ -66,12 +66,12 @@ def main() -> int:
         for choice in order:
             result = measure(choice, folder, args.prompt_tokens)
             figures[choice].append(result["tokens_per_s"])
-            row.append(f"{choice} ({result['blas']}): {result['tokens_per_s']:.0f} tok/s")
+            row.append(f"{Path(choice).name} ({Path(result['blas']).name}): {result['tokens_per_s']:.0f} tok/s")
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"round {round_no + 1} [{time.strftime('%H:%M:%S')}, load {load}]: " + "; ".join(row), flush=True)
     print("median prompt tokens/s:")
     for choice, values in figures.items():
-        print(f"  {choice}: {statistics.median(values):.0f}")
+        print(f"  {Path(choice).name}: {statistics.median(values):.0f}")
     return 0
 
 

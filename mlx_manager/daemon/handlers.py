@@ -63,8 +63,10 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
     if isinstance(exc, EngineStopped):
         return Problem("draining", str(exc), headers=retry_after(5))
     if isinstance(exc, ExtraNotInstalled):  # a retry fails the same way until the extra is installed
-        members = {"extra": exc.extra, "install": exc.install}
-        return Problem("extra_not_installed", str(exc), headers={"x-should-retry": "false"}, param="model", **members)
+        headers = {"x-should-retry": "false"}
+        problem = Problem("extra_not_installed", str(exc), headers=headers, param="model")
+        problem.extra.update(extra=exc.extra, install=exc.install)  # extension members
+        return problem
     for cls, kind in _ENGINE_KINDS:
         if isinstance(exc, cls):
             param = {"wrong_model_kind": "model", "tools_not_supported": "tools"}.get(kind)
