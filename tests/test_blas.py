@@ -36,10 +36,20 @@ def probe(choice: str) -> dict:
 
 
 def test_auto_finds_an_optimised_blas_and_mlx_uses_it():
-    # The project's dependencies bring one (opencv-python vendors OpenBLAS); a system one comes first.
     result = probe("auto")
     assert result["path"] and any(word in result["path"].lower() for word in ("blas", "mkl"))
     assert result["mapped"] and result["error"] < 1e-3
+
+
+def test_a_base_install_gets_the_system_openblas_first():
+    # The base install brings no BLAS (opencv-python's vendored OpenBLAS comes with the `embeddings`
+    # extra, which the tests have): the README's Linux set-up installs the system's OpenBLAS
+    # (Debian's libopenblas0, as .ci/run does), and auto picks it before anything in site-packages.
+    assert ctypes.util.find_library("openblas"), "no system OpenBLAS: `apt-get install libopenblas0` (see the README)"
+    system = blas.candidates()[0]
+    assert "openblas" in system and not system.startswith(sys.prefix) and blas.works(system)
+    result = probe("auto")
+    assert result["path"] == system and result["mapped"] and result["error"] < 1e-3
 
 
 def test_bundled_keeps_mlx_own_blas():

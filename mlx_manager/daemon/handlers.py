@@ -23,6 +23,7 @@ from mlx_manager.engine.errors import (
     ContextLengthExceeded,
     EngineError,
     EngineStopped,
+    ExtraNotInstalled,
     GenerationFailed,
     InvalidRequest,
     ModelBusy,
@@ -61,6 +62,11 @@ def problem_from_engine(exc: EngineError, *, model: str | None = None) -> Proble
         return Problem("overloaded", str(exc), headers=retry_after(exc.retry_after))
     if isinstance(exc, EngineStopped):
         return Problem("draining", str(exc), headers=retry_after(5))
+    if isinstance(exc, ExtraNotInstalled):  # a retry fails the same way until the extra is installed
+        headers = {"x-should-retry": "false"}
+        problem = Problem("extra_not_installed", str(exc), headers=headers, param="model")
+        problem.extra.update(extra=exc.extra, install=exc.install)  # extension members
+        return problem
     for cls, kind in _ENGINE_KINDS:
         if isinstance(exc, cls):
             param = {"wrong_model_kind": "model", "tools_not_supported": "tools"}.get(kind)

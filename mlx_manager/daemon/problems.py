@@ -55,6 +55,9 @@ KINDS: dict[str, Kind] = {
     "pull_failed": Kind(502, "The pull from the Hugging Face hub failed", "server_error"),
     "model_load_failed": Kind(500, "The model could not be loaded", "server_error"),
     "generation_failed": Kind(500, "Generation failed", "server_error"),
+    # An optional part of mlx-manager (an extra) the request needs is not installed: the problem
+    # names it (`extra`) and the command that adds it (`install`).
+    "extra_not_installed": Kind(501, "An optional part of mlx-manager is not installed", "server_error"),
     "overloaded": Kind(503, "Server overloaded", "server_error"),
     "draining": Kind(503, "Server shutting down", "server_error"),
     "not_ready": Kind(503, "Not ready", "server_error"),

@@ -7,6 +7,13 @@ time of a prompt's prefill and of an embedding batch. MLX calls the standard CBL
 dynamic linker before the bundled one: MLX's calls then go to it. This must happen before MLX
 runs its first matrix product (the wheel binds its symbols lazily, on first call).
 
+Where it comes from: the system's OpenBLAS (Debian/Ubuntu `libopenblas0`, Fedora `openblas`),
+which the README tells Linux users to install, is found first; MKL or an OpenBLAS vendored into a
+wheel (opencv-python's, which the `embeddings` extra brings) are used when there is no system one.
+PyPI has no lean wheel of a CBLAS this can load: scipy-openblas32 prefixes its symbols
+(`scipy_cblas_sgemm`), and the unprefixed OpenBLAS wheels (cmeel-openblas, ngsolve-openblas) need
+the system's libgfortran, i.e. the same apt-get as libopenblas0.
+
 A candidate is used only after a small `cblas_sgemm` through ctypes gives the right answer with
 32-bit integer arguments (the interface MLX was built for), so a library with another interface
 (64-bit integers, prefixed names) is never loaded globally.
@@ -18,6 +25,7 @@ import ctypes
 import ctypes.util
 import glob
 import logging
+import os
 import site
 import sys
 from pathlib import Path
@@ -32,16 +40,43 @@ def candidates() -> list[str]:
     """Optimised BLAS libraries on this machine, best first: the system's, then pip-installed ones."""
     found: list[str] = []
     for name in ("openblas", "mkl_rt", "blis"):
-        path = ctypes.util.find_library(name)
+        path = _system_library(name)
         if path:
             found.append(path)
     folders = [Path(p) for p in site.getsitepackages() + [site.getusersitepackages()]]
     folders.append(Path(sys.prefix) / "lib")
     for folder in folders:
         found += sorted(glob.glob(str(folder / "libmkl_rt.so*")))
-        # Copies vendored into wheels by auditwheel (e.g. opencv-python's).
+        # Copies vendored into wheels by auditwheel (e.g. opencv-python's, from the `embeddings` extra).
         found += sorted(glob.glob(str(folder / "*.libs" / "libopenblas*.so*")))
     return list(dict.fromkeys(found))
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _system_library(name: str) -> str | None:
+    """The file of the system's library `name` that exports cblas_sgemm (find_library gives only a
+    soname, e.g. libopenblas.so.0; the file, symlinks resolved, is what the process maps)."""
+    soname = ctypes.util.find_library(name)
+    if not soname:
+        return None
+    try:
+        symbol = ctypes.cast(ctypes.CDLL(soname).cblas_sgemm, ctypes.c_void_p)
+    except (OSError, AttributeError):
+        return None
+    dladdr = ctypes.CDLL(None).dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not dladdr(symbol, ctypes.byref(info)) or not info.dli_fname:
+        return soname
+    return os.path.realpath(info.dli_fname.decode())
 
 
 def works(path: str) -> bool:
@@ -85,5 +120,8 @@ def _select(choice: str) -> str | None:
     for path in candidates():
         if works(path):
             return path
-    log.info("no optimised BLAS found (e.g. Debian's libopenblas0); MLX uses its bundled reference BLAS")
+    log.warning(
+        "no optimised BLAS found: MLX uses its bundled reference BLAS (prompts about 5x slower);"
+        " install the system's OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0; Fedora: dnf install openblas)"
+    )
     return None

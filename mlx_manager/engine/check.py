@@ -16,12 +16,11 @@ from pathlib import Path
 
 def check(path: Path) -> str:
     """The model's kind; raises what mlx-lm or mlx-embeddings raise when they cannot load it."""
-    from mlx_manager.engine.embedding_model import is_embedding_model, pooling_of
+    from mlx_manager.engine.embedding_model import embeddings_loader, is_embedding_model, pooling_of
 
     config = json.loads((path / "config.json").read_text())
     if is_embedding_model(path, config):
-        from mlx_embeddings.utils import load as load_embedding_model
-
+        load_embedding_model = embeddings_loader()  # the `embeddings` extra, or an error naming it
         pooling_of(path)
         load_embedding_model(str(path), lazy=True)
         return "embedding"

@@ -1,5 +1,9 @@
 """An embedding model on the inference thread: load with mlx-embeddings, tokenize, run, pool.
 
+mlx-embeddings is the `embeddings` extra (`pip install 'mlx-manager[embeddings]'`): it brings
+mlx-vlm and mlx-audio, most of a full install's size, so the base install leaves it out and a
+request for an embedding model without it is the `extra_not_installed` problem naming the extra.
+
 Pooling follows the model's sentence-transformers files when it has them (`modules.json`,
 `1_Pooling/config.json`, `sentence_bert_config.json`): mean, CLS, max or last-token pooling, then
 L2 normalisation if the model has a Normalize module — what sentence-transformers itself does.
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_manager.engine.errors import InvalidRequest, ModelLoadFailed
+from mlx_manager.engine.errors import ExtraNotInstalled, InvalidRequest, ModelLoadFailed
 
 # Encoder-only architectures: they cannot generate, whatever files come with them.
 ENCODER_TYPES = {"bert", "xlm-roberta", "xlm_roberta", "modernbert"}
@@ -22,6 +26,19 @@ ENCODER_TYPES = {"bert", "xlm-roberta", "xlm_roberta", "modernbert"}
 def is_embedding_model(path: Path, config: dict) -> bool:
     """A sentence-transformers folder, or an encoder-only architecture."""
     return (path / "modules.json").exists() or config.get("model_type") in ENCODER_TYPES
+
+
+def embeddings_loader() -> Any:
+    """mlx-embeddings' `load`; raises ExtraNotInstalled when the `embeddings` extra is missing."""
+    try:
+        from mlx_embeddings.utils import load
+    except ImportError as exc:  # mlx-embeddings, or one of the packages it imports, is missing
+        message = (
+            "embedding models need mlx-manager's `embeddings` extra, which is not installed here"
+            f" ({exc}): install it with pip install 'mlx-manager[embeddings]' and restart the daemon"
+        )
+        raise ExtraNotInstalled(message, "embeddings") from None
+    return load
 
 
 @dataclass(frozen=True)
@@ -81,11 +98,7 @@ class EmbeddingModel:
     """One loaded embedding model: its tokenizer, its limits, and a batched forward pass."""
 
     def __init__(self, path: Path, config: dict) -> None:
-        try:
-            from mlx_embeddings.utils import load
-        except ImportError as exc:  # mlx-embeddings or one of its imports is missing
-            raise ModelLoadFailed(f"embedding models need mlx-embeddings, which failed to import: {exc}") from None
-        self.model, wrapper = load(str(path))
+        self.model, wrapper = embeddings_loader()(str(path))
         self.tokenizer = getattr(wrapper, "_tokenizer", wrapper)
         self.pooling = pooling_of(path)
         st_config = _read_object(path / "sentence_bert_config.json")

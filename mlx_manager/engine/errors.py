@@ -19,6 +19,16 @@ class ModelLoadFailed(EngineError):
     """The model exists but could not be loaded (bad weights, unsupported architecture...)."""
 
 
+class ExtraNotInstalled(ModelLoadFailed):
+    """The model needs an optional part of mlx-manager (an extra, e.g. `embeddings`) that is not
+    installed; `install` is the command that adds it."""
+
+    def __init__(self, message: str, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.install = f"pip install 'mlx-manager[{extra}]'"
+
+
 class ChatTemplateMissing(EngineError):
     """A chat request for a model whose tokenizer has no chat template."""
 

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from mlx_manager.engine.config import EngineConfig
-from mlx_manager.engine.errors import EngineStopped, ModelLoadFailed, ModelNotAllowed, ModelNotFound, Overloaded
+from mlx_manager.engine.errors import (
+    EngineStopped,
+    ExtraNotInstalled,
+    ModelLoadFailed,
+    ModelNotAllowed,
+    ModelNotFound,
+    Overloaded,
+)
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import CacheStatus, ModelStatus
 from mlx_manager.hub.cache import model_identity
@@ -244,6 +251,8 @@ class ModelPool:
                     model, tokenizer = load(str(path), lazy=True)[:2]
                     self._read_weights(model_id, model)
                 span.memory_bytes = mx.get_active_memory()
+        except ExtraNotInstalled as exc:
+            raise ExtraNotInstalled(f"could not load {model_id!r}: {exc}", exc.extra) from None
         except (ModelLoadFailed, FileNotFoundError, ValueError, KeyError, OSError, TypeError) as exc:
             raise ModelLoadFailed(f"could not load {model_id!r}: {exc}") from None
         finally:
