@@ -187,7 +187,8 @@ def problem_from_validation(exc: RequestValidationError) -> Problem:
     more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
     detail = f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
     # One wrong field is said whole by `detail` and `param`; the list is for requests with several.
-    return Problem("validation_error", detail, param=where or None, **({"errors": fields} if len(fields) > 1 else {}))
+    extra: dict[str, Any] = {"errors": fields} if len(fields) > 1 else {}
+    return Problem("validation_error", detail, param=where or None, **extra)
 
 
 V1_ENDPOINTS = "chat/completions, completions, embeddings, models, messages and responses"

@@ -19,7 +19,9 @@ from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
 from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.engine.config import EngineConfig
-literalfrom mlx_manager.routing.router import Router
+from mlx_manager.engine.engine import Engine, StopReport
+from mlx_manager.engine.pool import ModelAccess
+from mlx_manager.routing.router import Router
 from mlx_manager.settings import Settings
 
 if TYPE_CHECKING:
