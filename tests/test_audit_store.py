@@ -182,6 +182,7 @@ def test_a_database_from_before_api_key_names_upgrades_in_place_and_keeps_its_ro
             "0004_audit_rollup",
             "0005_audit_logs_generation_facts",
             "0006_audit_logs_backend",
+            "0007_audit_minutes",
         ]
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
         with store.read() as conn:

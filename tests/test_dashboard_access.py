@@ -3,7 +3,9 @@ cookies, the audit rows its calls leave. (The browser's view is test_dashboard_b
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import re
 import sqlite3
@@ -69,8 +71,14 @@ def test_the_page_and_its_files_come_from_the_package_with_a_strict_policy(serve
     with server.http() as http:
         page = http.get("/admin")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        # The page's policy is the strict one, plus the digest of the one inline style it has.
+        policy = page.headers["content-security-policy"]
+        (style_digest,) = re.findall(r"style-src 'self' ('sha256-[A-Za-z0-9+/]+=*');", policy)
+        assert policy == CONTENT_SECURITY_POLICY.replace("style-src 'self';", f"style-src 'self' {style_digest};")
+        (style,) = re.findall(r"<style>(.*?)</style>", page.text, re.DOTALL)
+        assert style_digest == f"'sha256-{base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()}'"
         assert "script-src 'self';" in CONTENT_SECURITY_POLICY and "'unsafe-inline'" not in CONTENT_SECURITY_POLICY
+        assert "<script>" not in page.text and " style=" not in page.text
         assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
         # Everything the page loads is one of the package's files: nothing from the internet.
         loaded = re.findall(r'(?:src|href)="([^"]+)"', page.text)
@@ -85,6 +93,9 @@ def test_the_page_and_its_files_come_from_the_package_with_a_strict_policy(serve
                 assert answer.status_code == 200 and "?v=" in url, url
                 assert answer.headers["cache-control"] == "max-age=31536000, immutable", url
                 assert http.get(url.split("?")[0]).headers["cache-control"] == "no-cache", url
+                # A module names its neighbours' version too: none of them is asked for again.
+                for name in re.findall(r'from "\./([^"]+)"', answer.text):
+                    assert name.endswith(f".js?{url.split('?')[1]}"), (url, name)
         modules = {path.name for path in (STATIC / "js").glob("*.js")}
         for path in (STATIC / "js").glob("*.js"):
             for name in re.findall(r'from "\./([^"]+)"', path.read_text()):

@@ -1,21 +1,25 @@
 """The dashboard's figures over time, read from a real audit database with the daemon's reader
 (aiosqlite): the same numbers as `audit stats` for the same window, exact percentiles, and
-buckets read again when (and only when) their rows change."""
+buckets read again when (and only when) their rows change; all of it the same again once the
+writer has rolled the minutes up (audit/minutes.py), and rows written behind its back still counted."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mlx_manager.audit import AuditFilter, AuditStore, compute_stats, prune_older
+from mlx_manager.audit import AuditFilter, AuditStore, AuditWriter, compute_stats, prune_older
 from mlx_manager.audit import reader as reader_module
+from mlx_manager.audit.minutes import refresh_step as roll_up_minutes
 from mlx_manager.audit.reader import AuditReader
 from mlx_manager.audit.record import format_timestamp
 from mlx_manager.audit.series import WINDOWS
 from mlx_manager.audit.stats import nearest_rank
 from tests.audit_rows import ago, fill, record
+from tests.daemon_server import wait_until
 
 MODELS = ("model-a", "model-b")
 KEYS = ("alice", "bob", None)
@@ -63,8 +67,19 @@ def audit_path(isolated_home):
     return isolated_home / "audit.db"
 
 
-def test_the_window_says_what_audit_stats_says(audit_path):
+def roll_up(path) -> int:
+    """What the daemon's writer does between batches: roll up every closed minute; how many there are."""
+    with AuditStore.open(path) as store, store.write() as conn:
+        while roll_up_minutes(conn, datetime.now(UTC)):
+            pass
+        return conn.execute("SELECT count(*) FROM audit_minutes_done").fetchone()[0]
+
+
+@pytest.mark.parametrize("rolled_up", [False, True], ids=["requests", "minutes"])
+def test_the_window_says_what_audit_stats_says(audit_path, rolled_up):
     fill(audit_path, requests(600) + [record(endpoint="/admin/reload", model=None, timestamp=ago(minutes=3))])
+    if rolled_up:
+        assert roll_up(audit_path) >= 50  # the minutes of the last 55 but the newest
     figures = summary(audit_path)
     window = WINDOWS["hour"]
     assert len(figures["time"]) == window.count == 60
@@ -118,9 +133,12 @@ def test_the_window_says_what_audit_stats_says(audit_path):
     assert sum(map(sum, figures["failures"].values())) == total["errors"] + total["timeouts"] + total["cancelled"]
 
 
-def test_a_bucket_is_read_again_only_when_its_rows_change(audit_path, monkeypatch):
+@pytest.mark.parametrize("rolled_up", [False, True], ids=["requests", "minutes"])
+def test_a_bucket_is_read_again_only_when_its_rows_change(audit_path, monkeypatch, rolled_up):
     monkeypatch.setattr(reader_module, "FRESH_SECONDS", 0.0)
     fill(audit_path, requests(120))
+    if rolled_up:
+        assert roll_up(audit_path) >= 50
 
     async def scenario() -> None:
         reader = AuditReader(audit_path)
@@ -158,3 +176,55 @@ def test_the_day_window_and_an_empty_log(audit_path):
     empty = summary(audit_path, "hour")
     assert empty["total"]["requests"] == 0 and empty["by_model"] == [] and empty["failures"] == {}
     assert empty["ttft_p50_ms"] == [None] * 60 and empty["requests_per_second"] == [0.0] * 60
+
+
+def test_the_writer_rolls_up_minutes_and_rows_behind_its_back_still_count(audit_path):
+    fill(audit_path, requests(300))
+    from_requests = summary(audit_path)
+
+    async def run_writer_until_rolled_up() -> bool:
+        writer = AuditWriter(audit_path)
+        await writer.start()
+        try:
+            return await asyncio.to_thread(wait_until, lambda: marked(audit_path) >= 50, 30)
+        finally:
+            await writer.stop()
+
+    assert asyncio.run(run_writer_until_rolled_up())
+    rolled_up = summary(audit_path)
+    for name in ("requests_per_second", "ttft_p50_ms", "ttft_p95_ms", "duration_p50_ms", "duration_p95_ms"):
+        assert rolled_up[name][:-1] == from_requests[name][:-1], name  # the newest bucket's rate is over its seconds
+    assert rolled_up["failures"] == from_requests["failures"]
+    for name in ("requests", "errors", "p50_duration_ms", "p95_duration_ms", "p50_ttft_ms", "p95_ttft_ms"):
+        assert rolled_up["total"][name] == from_requests["total"][name], name
+
+    # The figures come from the minutes: a change there shows (no program makes one, but this one).
+    with sqlite3.connect(audit_path) as raw:
+        raw.execute(
+            "UPDATE audit_minutes SET requests = requests + 1000 WHERE rowid = (SELECT min(rowid) FROM audit_minutes)"
+        )
+    assert summary(audit_path)["total"]["requests"] == from_requests["total"]["requests"] + 1000
+    # A program that does not know the minutes (an older version) adds a request to a rolled-up
+    # minute: its bucket is read from the requests again, with the new one.
+    with sqlite3.connect(audit_path) as raw:
+        raw.execute(
+            "UPDATE audit_minutes SET requests = requests - 1000 WHERE rowid = (SELECT min(rowid) FROM audit_minutes)"
+        )
+        (minute,) = raw.execute("SELECT max(minute) FROM audit_minutes_done").fetchone()
+        raw.execute(
+            "INSERT INTO audit_logs (request_id, timestamp, endpoint, status, duration_ms, model)"
+            " VALUES ('foreign', ?, '/v1/completions', 'success', 77777.0, 'foreign-model')",
+            (minute + ":30.000000Z",),
+        )
+    figures = summary(audit_path)
+    assert figures["total"]["requests"] == from_requests["total"]["requests"] + 1
+    assert "foreign-model" in [item["model"] for item in figures["by_model"]]
+    assert 77777.0 in figures["duration_p95_ms"]
+
+
+FIRST_MINUTE_ROW = "rowid = (SELECT min(rowid) FROM audit_minutes)"
+
+
+def marked(path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT count(*) FROM audit_minutes_done").fetchone()[0]

@@ -22,6 +22,8 @@ from mlx_manager.audit.record import COLUMNS, INSERT_COLUMNS, format_timestamp
 
 TABLE = "audit_logs"
 ROLLUP_TABLE = "audit_rollup"
+MINUTES_TABLE = "audit_minutes"
+MINUTES_DONE_TABLE = "audit_minutes_done"
 
 Order = Literal["newest", "oldest"]
 ORDERS: tuple[str, ...] = ("newest", "oldest")
@@ -150,13 +152,18 @@ def insert_rows(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
 
     One executemany inside the caller's transaction. Under the write lock SQLite gives the rows
     consecutive ids: `last - len(rows) + 1 .. last`. The days the rows fall on lose their
-    rollup (it no longer counts every request of those days).
+    rollup (it no longer counts every request of those days), and their minutes their mark of
+    being rolled up (the writer rolls them up again).
     """
     conn.executemany(_INSERT, rows)
     last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-    days = sorted({row[_TIMESTAMP_AT][:10] for row in rows if isinstance(row[_TIMESTAMP_AT], str)})
+    stamps = [row[_TIMESTAMP_AT] for row in rows if isinstance(row[_TIMESTAMP_AT], str)]
+    days = sorted({stamp[:10] for stamp in stamps})
     if days:
         conn.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE day IN ({', '.join('?' for _ in days)})", days)
+    minutes = sorted({stamp[:16] for stamp in stamps})
+    if minutes:
+        conn.execute(f"DELETE FROM {MINUTES_DONE_TABLE} WHERE minute IN ({', '.join('?' for _ in minutes)})", minutes)
     return last
 
 
@@ -171,4 +178,5 @@ def delete_older_batch(conn: Connection, before: datetime, batch_size: int) -> i
     ).rowcount
     if deleted:
         conn.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE day <= ?", (cutoff[:10],))
+        conn.execute(f"DELETE FROM {MINUTES_DONE_TABLE} WHERE minute <= ?", (cutoff[:16],))
     return deleted

@@ -23,7 +23,8 @@ in `stop()` gives up after `stop_timeout`; all of these are counted in `dropped`
 
 `record` takes the row's values at once (the caller may keep its object, for instance a
 `RequestOutcome` that extends `AuditRecord`). When no row is waiting, the writer also rolls up
-closed days for `audit stats` (see `rollup.py`), one day at a time. Its statements go through a
+closed days for `audit stats` (see `rollup.py`), one day at a time, and the last day's closed
+minutes for the dashboard's charts (see `minutes.py`), an hour at a time. Its statements go through a
 SQLAlchemy engine (`sql_engine`) so telemetry can trace them; the CLI reads with `sqlite3`.
 """
 
@@ -43,6 +44,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
+from mlx_manager.audit import minutes
 from mlx_manager.audit.prune import PRUNE_BATCH
 from mlx_manager.audit.query import delete_older_batch, insert_rows
 from mlx_manager.audit.record import COLUMNS, INSERT_COLUMNS, AuditRecord
@@ -423,7 +425,8 @@ class AuditWriter:
             return delete_older_batch(_Driver(self._conn), before, PRUNE_BATCH)
 
     async def _refresh_rollup(self) -> None:
-        """Roll up (at most) one closed day; look again soon while days are left, else in a while."""
+        """Roll up (at most) an hour of minutes and one closed day; look again soon while some are
+        left, else in a while."""
         assert self._loop is not None
         try:
             more = await self._in_thread(self._rollup_step, datetime.now(UTC).date().isoformat())
@@ -435,8 +438,10 @@ class AuditWriter:
 
     def _rollup_step(self, today: str) -> bool:
         assert self._conn is not None
+        with self._conn.begin():  # the dashboard's minutes first: its charts read them every few seconds
+            minutes_left = minutes.refresh_step(_Driver(self._conn), datetime.now(UTC))
         with self._conn.begin():
-            return refresh_step(_Driver(self._conn), today, self._rollup_checked)
+            return refresh_step(_Driver(self._conn), today, self._rollup_checked) or minutes_left
 
     def _publish(self, rows: Iterable[dict[str, Any]]) -> None:
         feeds = list(self._feeds)

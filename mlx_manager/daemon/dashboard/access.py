@@ -36,7 +36,8 @@ CSRF_HEADER = "x-csrf-token"
 # Sign-in attempts per minute from one client address: enough for a person, too few to guess a key.
 LOGIN_ATTEMPTS_PER_MINUTE = 10
 
-# Everything the page loads comes from here; no inline script or style, no framing, no other host.
+# Everything the page loads comes from here; no inline script or style (but the page's own style
+# sheets, inlined and allowed by their digest: see routes/dashboard.py), no framing, no other host.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"

@@ -13,11 +13,13 @@ with a strict Content-Security-Policy. The page's own calls are not in the OpenA
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -29,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from mlx_manager.audit.reader import AuditReader
 from mlx_manager.auth import is_loopback_address
 from mlx_manager.daemon.dashboard.access import (
+    CONTENT_SECURITY_POLICY,
     COOKIE,
     SECURITY_HEADERS,
     Changing,
@@ -49,6 +52,10 @@ STATIC = Path(__file__).resolve().parent.parent / "dashboard" / "static"
 PAGE = "index.html"
 # The page's references to its files: src="/admin/ui/static/NAME" or href="...", NAME in group 1.
 _REFERENCE = re.compile(r'(?:(?<=src=")|(?<=href="))/admin/ui/static/([^"?#]+)')
+# Its style sheets, inlined when it is served: the first paint waits for no request.
+_STYLESHEET = re.compile(r'<link rel="stylesheet" href="/admin/ui/static/([^"?#]+)">\n?')
+# A module's imports of its neighbours: from "./NAME.js", NAME.js in group 1.
+_IMPORT = re.compile(r'(?<=from "\./)([^"?#]+\.js)(?=")')
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -71,42 +78,63 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(tags=["admin"], lifespan=lifespan)
 
 
+@dataclass(frozen=True)
+class StaticFiles:
+    """Every file the page may load: name -> (content, media type, ETag), and the page's policy.
+
+    A request names a key of `files`, never a path on disk. The files' references to each other
+    (the page's src/href, the modules' imports) carry the release (`?v=`, a digest of every
+    file), so a browser keeps them all between loads and asks for none of them again; the page
+    itself is revalidated. Its style sheets are inlined, allowed by their digest in its policy."""
+
+    files: dict[str, tuple[bytes, str, str]]
+    release: str
+    page_policy: str
+
+
 @cache
-def static_files() -> dict[str, tuple[bytes, str, str]]:
-    """Every file the page may load: name -> (content, media type, ETag). Read once; a request
-    names a key of this table, never a path on disk. The page's own references to the files it
-    loads first carry their version (`?v=`), so a browser keeps those between loads."""
+def static_files() -> StaticFiles:
+    sources = {
+        path.relative_to(STATIC).as_posix(): path.read_bytes()
+        for path in sorted(STATIC.rglob("*"))
+        if path.is_file() and path.suffix in _MEDIA_TYPES
+    }
+    release = hashlib.sha256(b"".join(name.encode() + b"\0" + content for name, content in sources.items()))
+    version = release.hexdigest()[:12]
     files = {}
-    for path in sorted(STATIC.rglob("*")):
-        media_type = _MEDIA_TYPES.get(path.suffix)
-        if path.is_file() and media_type:
-            content = path.read_bytes()
-            files[path.relative_to(STATIC).as_posix()] = (content, media_type, _etag(content))
-    page = _REFERENCE.sub(lambda found: f"{found[0]}?v={_version(files[found[1]][2])}", files[PAGE][0].decode())
-    files[PAGE] = (page.encode(), files[PAGE][1], _etag(page.encode()))
-    return files
+    for name, content in sources.items():
+        if name.endswith(".js"):
+            content = _IMPORT.sub(lambda found: f"{found[1]}?v={version}", content.decode()).encode()
+        files[name] = (content, _MEDIA_TYPES[Path(name).suffix], _etag(content))
+    page = sources[PAGE].decode()
+    style = "".join(sources[found[1]].decode() for found in _STYLESHEET.finditer(page))
+    page = _STYLESHEET.sub("", page).replace("</title>\n", f"</title>\n<style>{style}</style>\n", 1)
+    page = _REFERENCE.sub(lambda found: f"{found[0]}?v={version}", page)
+    files[PAGE] = (page.encode(), _MEDIA_TYPES[".html"], _etag(page.encode()))
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    page_policy = CONTENT_SECURITY_POLICY.replace("style-src 'self';", f"style-src 'self' 'sha256-{digest}';")
+    return StaticFiles(files, version, page_policy)
 
 
 def _etag(content: bytes) -> str:
     return '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
 
 
-def _version(etag: str) -> str:
-    return etag.strip('"')[:12]
-
-
 def _file_response(request: Request, name: str) -> Response:
-    found = static_files().get(name)
+    static = static_files()
+    found = static.files.get(name)
     if found is None:
         raise Problem("not_found", f"no dashboard file {name!r}")
     content, media_type, etag = found
-    if request.query_params.get("v") == _version(etag):
-        # This very version, named by the page: it never changes, so the browser need not ask again.
+    if request.query_params.get("v") == static.release and name != PAGE:
+        # This very release, named by the page: it never changes, so the browser need not ask again.
         cache_control = "max-age=31536000, immutable"
     else:
         # Revalidated on every load (a cheap 304), so a new version's files are never mixed with old ones.
         cache_control = "no-cache"
     headers = {**SECURITY_HEADERS, "ETag": etag, "Cache-Control": cache_control}
+    if name == PAGE:
+        headers["Content-Security-Policy"] = static.page_policy
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(content, media_type=media_type, headers=headers)

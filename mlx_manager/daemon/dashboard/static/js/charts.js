@@ -45,10 +45,29 @@ export function chosenWindow() {
   return document.querySelector('input[name="window"]:checked').value;
 }
 
+let library = null;
+
+// uPlot is loaded when a chart is first drawn (the page only prefetches it): the other pages'
+// first paint never waits for it.
+function chartLibrary() {
+  library ??= new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = document.getElementById("chart-library").href;
+    script.addEventListener("load", () => resolve());
+    script.addEventListener("error", () => {
+      library = null;
+      script.remove();
+      reject(new Error("the chart library did not load"));
+    });
+    document.head.append(script);
+  });
+  return library;
+}
+
 export async function refreshCharts() {
   const state = document.getElementById("charts-state");
   try {
-    const figures = await api(`/admin/ui/api/series?window=${chosenWindow()}`);
+    const [figures] = await Promise.all([api(`/admin/ui/api/series?window=${chosenWindow()}`), chartLibrary()]);
     last = figures;
     draw(figures);
     state.textContent = `Updated ${new Date().toLocaleTimeString()} · ${f.count(figures.total.requests)} API requests in the last ${figures.window}`;
