@@ -49,14 +49,19 @@ def upstream(tmp_path_factory, fast_model, slow_model, hermes_tool_model):
 
 @contextlib.contextmanager
 def router(
-    tmp_path, backends: list[dict], routes: list[dict], groups: list[dict] | None = None, **sections: Any
+    tmp_path,
+    backends: list[dict],
+    routes: list[dict],
+    groups: list[dict] | None = None,
+    engine: EngineConfig | None = None,
+    **sections: Any,
 ) -> Iterator[LiveServer]:
-    """A daemon that routes: its own engine (nothing preloaded), its own audit log."""
+    """A daemon that routes: its own engine (nothing preloaded, unless `engine` says), its own audit log."""
     routing = {"backends": backends, "routes": routes, "groups": groups or [], **sections.pop("routing", {})}
     settings = settings_with(routing=routing, audit={"path": str(tmp_path / "router-audit.db")}, **sections)
     # The tests' models live in temporary folders: requests may load any of them by path.
-    engine = RecordingEngine(EngineConfig(max_loaded=2, allow_any_path=True))
-    with LiveServer(create_app(settings, engine=engine)) as live:
+    config = engine or EngineConfig(max_loaded=2, allow_any_path=True)
+    with LiveServer(create_app(settings, engine=RecordingEngine(config))) as live:
         yield live
 
 
