@@ -149,6 +149,23 @@ def test_the_first_matching_route_wins_and_names_the_upstream_model(tmp_path, up
             assert upstream_row["endpoint"] == "/v1/completions"
 
 
+def test_requests_to_a_backend_reuse_one_kept_alive_connection(tmp_path, upstream, fast_model):
+    """A connection is only kept for the next request once its response was read to the end: one
+    left after the answer's last event is closed, and the next request waits for a new one."""
+    with router(tmp_path, [openai_backend(upstream)], [{"model": "remote", "to": f"up:{fast_model}"}]) as front:
+        backend = front.daemon.router.backends["up"]
+        ports: set[int] = set()
+        for stream in (True, False, True, False):
+            if stream:
+                chat_stream(front.openai(), model="remote", messages=HELLO, max_tokens=3)
+            else:
+                front.openai().chat.completions.create(model="remote", messages=HELLO, max_tokens=3)
+            assert wait_until(lambda: backend.outstanding == 0, timeout=10)  # its end read (or given up)
+            # The upstream's open connections from this router (the test's own clients are not open now).
+            ports |= {c.client[1] for c in upstream.server.server_state.connections if c.client}
+        assert len(ports) == 1, ports
+
+
 # -- translation -----------------------------------------------------------------------------
 
 
