@@ -224,6 +224,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests each way for the overhead")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--group-requests", type=int, default=64)
+    parser.add_argument("--overhead-only", action="store_true", help="only part 1 (for A/B runs of the overhead)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
@@ -239,14 +240,16 @@ def main() -> int:
         for daemon in daemons:
             daemon.wait_ready()
         ok = overhead(router, d1, model, args.requests, args.max_tokens)
-        ok &= spread(router, args.group_requests, args.max_tokens)
-        ok &= killed(router, d1, args.group_requests, args.max_tokens * 4)
+        if not args.overhead_only:
+            ok &= spread(router, args.group_requests, args.max_tokens)
+            ok &= killed(router, d1, args.group_requests, args.max_tokens * 4)
     finally:
         for daemon in daemons:
             daemon.stop()
     print(
         f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing --requests {args.requests} "
         f"--max-tokens {args.max_tokens} --group-requests {args.group_requests}"
+        + (" --overhead-only" if args.overhead_only else "")
     )
     return 0 if ok else 1
 
