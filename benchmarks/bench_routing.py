@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from benchmarks.servers import free_port
 from tests.models import build_model
@@ -140,9 +141,12 @@ def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: 
         stream(d1.url, model, max_tokens), stream(router.url, "one", max_tokens)
     direct: list[Result] = []
     routed: list[Result] = []
+    router_process = psutil.Process(router.process.pid)
+    cpu_before = sum(router_process.cpu_times()[:2])
     for _ in range(requests):
         direct.append(stream(d1.url, model, max_tokens))
         routed.append(stream(router.url, "one", max_tokens))
+    router_cpu_ms = (sum(router_process.cpu_times()[:2]) - cpu_before) / requests * 1000
     if not all(r.done and r.tokens == max_tokens for r in direct + routed):
         raise SystemExit("a request of the overhead run did not complete")
     if {r.backend for r in routed} != {"d1"}:
@@ -165,6 +169,10 @@ def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: 
         f"{'ok  ' if ok_rate else 'FAIL'} tokens/s (median): direct {rate(direct):.0f}, through the router "
         f"{rate(routed):.0f}: {ratio:.3f}x (target >= 0.97x)"
     )
+    # Each routed request ran right after its direct one: their difference shrugs off the load drifting.
+    paired = statistics.median((r.ttft or 0.0) - (d.ttft or 0.0) for d, r in zip(direct, routed, strict=True))
+    print(f"     TTFT paired difference (median of routed - direct, request by request): {paired * 1000:+.1f} ms")
+    print(f"     router CPU (user + system) per routed request: {router_cpu_ms:.1f} ms")
     return ok_ttft and ok_rate
 
 
@@ -224,6 +232,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests each way for the overhead")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--group-requests", type=int, default=64)
+    parser.add_argument("--overhead-only", action="store_true", help="only part 1 (for A/B runs of the overhead)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
@@ -239,14 +248,16 @@ def main() -> int:
         for daemon in daemons:
             daemon.wait_ready()
         ok = overhead(router, d1, model, args.requests, args.max_tokens)
-        ok &= spread(router, args.group_requests, args.max_tokens)
-        ok &= killed(router, d1, args.group_requests, args.max_tokens * 4)
+        if not args.overhead_only:
+            ok &= spread(router, args.group_requests, args.max_tokens)
+            ok &= killed(router, d1, args.group_requests, args.max_tokens * 4)
     finally:
         for daemon in daemons:
             daemon.stop()
     print(
         f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing --requests {args.requests} "
         f"--max-tokens {args.max_tokens} --group-requests {args.group_requests}"
+        + (" --overhead-only" if args.overhead_only else "")
     )
     return 0 if ok else 1
 

@@ -49,14 +49,19 @@ def upstream(tmp_path_factory, fast_model, slow_model, hermes_tool_model):
 
 @contextlib.contextmanager
 def router(
-    tmp_path, backends: list[dict], routes: list[dict], groups: list[dict] | None = None, **sections: Any
+    tmp_path,
+    backends: list[dict],
+    routes: list[dict],
+    groups: list[dict] | None = None,
+    engine: EngineConfig | None = None,
+    **sections: Any,
 ) -> Iterator[LiveServer]:
-    """A daemon that routes: its own engine (nothing preloaded), its own audit log."""
+    """A daemon that routes: its own engine (nothing preloaded, unless `engine` says), its own audit log."""
     routing = {"backends": backends, "routes": routes, "groups": groups or [], **sections.pop("routing", {})}
     settings = settings_with(routing=routing, audit={"path": str(tmp_path / "router-audit.db")}, **sections)
     # The tests' models live in temporary folders: requests may load any of them by path.
-    engine = RecordingEngine(EngineConfig(max_loaded=2, allow_any_path=True))
-    with LiveServer(create_app(settings, engine=engine)) as live:
+    config = engine or EngineConfig(max_loaded=2, allow_any_path=True)
+    with LiveServer(create_app(settings, engine=RecordingEngine(config))) as live:
         yield live
 
 
@@ -142,6 +147,23 @@ def test_the_first_matching_route_wins_and_names_the_upstream_model(tmp_path, up
             upstream_row = row_for(upstream, response.headers["x-request-id"])
             assert upstream_row["model"] == (slow_model if name == "pick-slow" else fast_model)
             assert upstream_row["endpoint"] == "/v1/completions"
+
+
+def test_requests_to_a_backend_reuse_one_kept_alive_connection(tmp_path, upstream, fast_model):
+    """A connection is only kept for the next request once its response was read to the end: one
+    left after the answer's last event is closed, and the next request waits for a new one."""
+    with router(tmp_path, [openai_backend(upstream)], [{"model": "remote", "to": f"up:{fast_model}"}]) as front:
+        backend = front.daemon.router.backends["up"]
+        ports: set[int] = set()
+        for stream in (True, False, True, False):
+            if stream:
+                chat_stream(front.openai(), model="remote", messages=HELLO, max_tokens=3)
+            else:
+                front.openai().chat.completions.create(model="remote", messages=HELLO, max_tokens=3)
+            assert wait_until(lambda: backend.outstanding == 0, timeout=10)  # its end read (or given up)
+            # The upstream's open connections from this router (the test's own clients are not open now).
+            ports |= {c.client[1] for c in upstream.server.server_state.connections if c.client}
+        assert len(ports) == 1, ports
 
 
 # -- translation -----------------------------------------------------------------------------

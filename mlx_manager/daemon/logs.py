@@ -40,5 +40,8 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(logging.INFO)  # uvicorn and libraries: info and up
+    # httpx says each request to an upstream backend: two synchronous writes per request on the
+    # event loop, for what the request's own line says (backend=).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Ours follow log.level, which a reload may change.
     logging.getLogger("mlx_manager").setLevel(settings.log.level.upper())

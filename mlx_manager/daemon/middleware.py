@@ -246,7 +246,7 @@ def _address_in(address: str | None, networks: list[str]) -> bool:
 def _log_outcome(outcome: RequestOutcome) -> None:
     """The access log line: uvicorn's own lacks the request id and the outcome."""
     log.info(
-        "%s %s %s %s %.0fms model=%s tokens=%s+%s request_id=%s%s%s",
+        "%s %s %s %s %.0fms model=%s tokens=%s+%s request_id=%s%s%s%s",
         outcome.method,
         outcome.endpoint,
         outcome.http_status if outcome.http_status is not None else "-",
@@ -258,6 +258,7 @@ def _log_outcome(outcome: RequestOutcome) -> None:
         outcome.request_id,
         f" key={outcome.api_key}" if outcome.api_key else "",
         f" error={outcome.error_type}" if outcome.error_type else "",
+        f" backend={outcome.backend}" if outcome.backend not in (None, "local") else "",
     )
 
 

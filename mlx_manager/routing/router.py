@@ -158,6 +158,12 @@ class Router:
         name = route.targets[0].name
         return self.backend(self.groups[name][0] if name in self.groups else name)
 
+    def backends_of(self, model: str) -> list[Backend]:
+        """Every backend a request for `model` may go to: its route's targets, groups' members included."""
+        route = self.route_for(model)
+        names = [t.name for t in route.targets] if route is not None else [LOCAL_BACKEND]
+        return [self.backend(member) for name in names for member in self.groups.get(name, (name,))]
+
     def candidates(self, model: str) -> Iterator[tuple[Backend, str]]:
         """(backend, model to ask it for) in the order a request tries them. Lazy: a group's
         member is picked when its turn comes, by the load of that moment."""
@@ -296,7 +302,10 @@ class RoutedJob:
                 error = refused
         if error is not None:
             raise error
-        waits = [b.down_until - time.monotonic() for b in self.router.backends.values() if not b.available()]
+        # When the first of this route's own backends is back (another route's tell nothing).
+        waits = [
+            b.down_until - time.monotonic() for b in self.router.backends_of(self.request.model) if not b.available()
+        ]
         raise RoutingError(
             "upstream_unavailable",
             f"no backend can take model {self.request.model!r} now: each is skipped after a failure (routing.cooldown)",

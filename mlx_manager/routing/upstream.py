@@ -11,6 +11,7 @@ job may fail and another backend start over, and nothing was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -21,12 +22,13 @@ from mlx_manager.engine.types import Event, Finished, GenerationRequest, Reasoni
 from mlx_manager.routing import anthropic_wire, openai_wire
 from mlx_manager.routing.backend import Backend
 from mlx_manager.routing.errors import RoutingError
-from mlx_manager.routing.sse import server_events
+from mlx_manager.routing.sse import ServerEvent, server_events
 from mlx_manager.routing.wire import StreamDecoder, status_error
 
 log = logging.getLogger("mlx_manager.routing")
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read for its type; the rest is dropped
+DRAIN_SECONDS = 1.0  # how long the end of a response is waited for after the answer's end
 
 
 class UpstreamJob:
@@ -43,6 +45,7 @@ class UpstreamJob:
         self.model = model
         self.hold = hold
         self.cancelled = False
+        self.finished = False  # the answer is whole (what may follow is the end of the HTTP response)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._events: deque[Event | BaseException] = deque()
@@ -81,8 +84,10 @@ class UpstreamJob:
         return "".join(parts)
 
     def cancel(self) -> None:
-        """Stop: the upstream connection is closed, so the upstream stops generating too."""
-        if not self._task.done():
+        """Stop: the upstream connection is closed, so the upstream stops generating too. Once the
+        answer is whole there is nothing to stop: the end of the response is read, so that the
+        connection goes back to the pool."""
+        if not self._task.done() and not self.finished:
             self.cancelled = True
             self._task.cancel()
 
@@ -102,13 +107,14 @@ class UpstreamJob:
                     raise status_error(
                         backend.name, response.status_code, body, response.headers.get("retry-after"), self.model
                     )
-                finished = False
-                async for event in server_events(response.aiter_lines()):
-                    events = self.decoder.decode(event)
-                    finished = self._deliver(events, held)
-                    if finished:
+                events = server_events(response.aiter_lines())
+                async for event in events:
+                    if self._deliver(self.decoder.decode(event), held):
+                        self.finished = True
                         break
-                if not finished:
+                if self.finished:
+                    await _drain(events)
+                else:
                     self._deliver(self.decoder.end(), held)
             backend.succeeded()
         except RoutingError as exc:
@@ -156,6 +162,16 @@ class UpstreamJob:
         if error.retryable and error.kind != "upstream_rejected":
             self.backend.failed(error.kind, error.retry_after)
         self._push([error])  # held events are dropped: the caller may start over elsewhere
+
+
+async def _drain(events: AsyncIterator[ServerEvent]) -> None:
+    """Read what follows the answer's end: normally only the end of the chunked body, and then the
+    connection is kept for the next request (one left unread is closed, and the next request
+    would wait for a new one). An upstream that sends more, or is slow to end, loses it."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in events:
+                return
 
 
 async def _bounded(response: httpx.Response) -> bytes:

@@ -1,0 +1,223 @@
+"""Fallback when the chosen backend fails before the first byte: an upstream 500 or 502, an upstream
+that takes the request and then says nothing, our own engine's full queue; and the Retry-After of a
+route whose every backend is cooling down.
+
+The fallback upstream is a real daemon. The failing upstream is `FailingUpstream`: a tiny real HTTP
+server on loopback that stands in for an upstream in trouble (a real one cannot be made to answer
+500 or to hang on cue). It answers every request with one status, or reads the request and stalls
+before sending a byte, until the test lets it go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from mlx_manager.engine.config import EngineConfig
+from tests.daemon_server import LiveServer, serving, wait_until
+from tests.test_daemon_audit import row_for
+from tests.test_routing import HELLO, openai_backend, router
+
+
+class FailingUpstream:
+    """A stand-in for a failing upstream: every POST is answered with `status` (with `headers`), or,
+    with `status=None`, read and then left without a byte until `release()`. `requests` counts the
+    POSTs it got, so a test can tell it was really asked."""
+
+    def __init__(self, status: int | None, headers: dict[str, str] | None = None) -> None:
+        self.requests = 0
+        self.released = threading.Event()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                upstream.requests += 1
+                if status is None:
+                    upstream.released.wait(60)  # accepted, read, and then nothing
+                    self.close_connection = True
+                    return
+                # The text an upstream error could carry (the prompt, quoted) is never passed on.
+                body = b'{"error": {"type": "server_error", "message": "failed on: hello there"}}'
+                self.send_response(status)
+                for name, value in {**(headers or {}), "Content-Type": "application/json"}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - health checks: it stays down
+                self.send_error(503)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> FailingUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def failing_backend(stand_in: FailingUpstream, name: str) -> dict:
+    return {"name": name, "type": "openai", "base_url": stand_in.url + "/v1"}
+
+
+@pytest.fixture(scope="module")
+def upstream(fast_model: str) -> Iterator[LiveServer]:
+    """The daemon requests fall back to."""
+    with serving(fast_model) as live:
+        yield live
+
+
+def chat(http: httpx.Client, model: str, **body: Any) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": model, "messages": HELLO, "max_tokens": 3, **body})
+
+
+def failures(front: LiveServer, backend: str) -> list[str]:
+    prefix = f'mlx_manager_backend_failures_total{{backend="{backend}"'
+    return [line for line in front.http().get("/metrics").text.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.parametrize("status", [500, 502])
+def test_an_upstream_5xx_falls_back_and_without_a_fallback_is_a_502_in_our_words(
+    tmp_path, upstream, fast_model, status
+):
+    with FailingUpstream(status) as failing, FailingUpstream(status) as alone:
+        backends = [failing_backend(failing, "failing"), failing_backend(alone, "alone"), openai_backend(upstream)]
+        routes = [
+            {"model": "m", "to": f"failing:{fast_model}", "fallback": [f"up:{fast_model}"]},
+            {"model": "only", "to": "alone"},
+        ]
+        with router(tmp_path, backends, routes) as front, front.http() as http:
+            for stream in (False, True):
+                response = chat(http, "m", stream=stream)
+                assert response.status_code == 200, response.text
+                assert response.headers["x-mlx-manager-backend"] == "up"
+                row = row_for(front, response.headers["x-request-id"])
+                assert (row["backend"], row["status"], row["completion_tokens"]) == ("up", "success", 3)
+            # The first request found it failing; the second did not ask it again (it cools down).
+            assert failing.requests == 1
+            assert failures(front, "failing") == [
+                'mlx_manager_backend_failures_total{backend="failing",error="upstream_error"} 1.0'
+            ]
+
+            refused = chat(http, "only")
+            body = refused.json()
+            assert refused.status_code == 502 and body["error"]["code"] == "upstream_error"
+            assert (body["backend"], body["upstream_status"], body["upstream_type"]) == (
+                "alone",
+                status,
+                "server_error",
+            )
+            assert "hello there" not in refused.text  # the upstream's text, which quoted the prompt, stays out
+
+
+def test_an_upstream_that_stalls_before_its_first_token_falls_back_after_the_read_timeout(
+    tmp_path, upstream, fast_model
+):
+    with FailingUpstream(None) as stalling:
+        backends = [failing_backend(stalling, "stalling"), openai_backend(upstream)]
+        routes = [{"model": "m", "to": f"stalling:{fast_model}", "fallback": [f"up:{fast_model}"]}]
+        with router(tmp_path, backends, routes, routing={"read_timeout": 1}) as front, front.http() as http:
+            with http.stream(
+                "POST", "/v1/chat/completions", json={"model": "m", "messages": HELLO, "max_tokens": 3, "stream": True}
+            ) as response:
+                assert response.status_code == 200
+                assert response.headers["x-mlx-manager-backend"] == "up"
+                lines = list(response.iter_lines())
+            assert "data: [DONE]" in lines
+            assert stalling.requests == 1  # it was asked, and said nothing within routing.read_timeout
+            assert failures(front, "stalling") == [
+                'mlx_manager_backend_failures_total{backend="stalling",error="upstream_timeout"} 1.0'
+            ]
+            row = row_for(front, response.headers["x-request-id"])
+            assert (row["backend"], row["status"]) == ("up", "success")
+
+
+def test_a_full_local_queue_falls_back_upstream(tmp_path, upstream, fast_model, slow_model):
+    """Our own engine refuses a request when server.queue_limit requests already wait: one sequence
+    at a time here, one running and one waiting fill it."""
+    routes = [
+        {"model": "m", "to": f"local:{slow_model}", "fallback": [f"up:{fast_model}"]},
+        {"model": "here", "to": f"local:{slow_model}"},
+    ]
+    engine = EngineConfig(max_loaded=2, allow_any_path=True, queue_limit=1, max_batch_size=1)
+    with router(tmp_path, [openai_backend(upstream)], routes, engine=engine) as front, front.http() as http:
+        stop = threading.Event()
+
+        def occupy() -> None:
+            body = {"model": slow_model, "messages": HELLO, "max_tokens": 5000, "stream": True}
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                httpx.Client(base_url=front.url, timeout=120) as own,
+                own.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                for _ in response.iter_lines():
+                    if stop.is_set():
+                        return
+
+        occupants = [threading.Thread(target=occupy) for _ in range(2)]
+        try:
+            for thread in occupants:
+                thread.start()
+            status = front.engine.status
+            assert wait_until(lambda: status().active_jobs == 1 and status().queue_depth == 1, timeout=120)
+
+            moved = chat(http, "m")
+            assert moved.status_code == 200, moved.text
+            assert moved.headers["x-mlx-manager-backend"] == "up"
+            assert failures(front, "local") == [
+                'mlx_manager_backend_failures_total{backend="local",error="overloaded"} 1.0'
+            ]
+            full = chat(http, "here")  # no fallback: the engine's own answer
+            assert full.status_code == 503 and full.json()["error"]["code"] == "overloaded"
+            assert int(full.headers["retry-after"]) >= 1
+        finally:
+            stop.set()
+            for thread in occupants:
+                thread.join(120)
+        assert wait_until(lambda: front.engine.status().active_jobs == 0, timeout=60)
+
+
+def test_retry_after_of_a_route_whose_backends_all_cool_down_is_that_routes_shortest_wait(tmp_path, fast_model):
+    """`brief` asks for 5 s (its Retry-After); `gone` and `gone2` cool down routing.cooldown (600 s).
+    A request for the route of gone and gone2 is told 600 s, not brief's 5 s."""
+    with FailingUpstream(429, {"Retry-After": "5"}) as brief:
+        backends = [
+            failing_backend(brief, "brief"),
+            {"name": "gone", "type": "openai", "base_url": "http://127.0.0.1:9/v1"},
+            {"name": "gone2", "type": "openai", "base_url": "http://127.0.0.1:9/v1"},
+        ]
+        groups = [{"name": "pair", "members": ["gone2"]}]
+        routes = [{"model": "far", "to": "gone", "fallback": ["pair"]}, {"model": "near", "to": "brief"}]
+        with router(tmp_path, backends, routes, groups, routing={"cooldown": 600}) as front, front.http() as http:
+            assert chat(http, "far").status_code == 502  # both unreachable: now cooling down
+            limited = chat(http, "near")
+            assert limited.status_code == 429 and brief.requests == 1
+            assert 1 <= int(limited.headers["retry-after"]) <= 5
+
+            far = chat(http, "far")
+            assert far.status_code == 503 and far.json()["error"]["code"] == "upstream_unavailable"
+            assert int(far.headers["retry-after"]) > 500  # its own backends' wait, not brief's
+            near = chat(http, "near")
+            assert near.status_code == 503 and 1 <= int(near.headers["retry-after"]) <= 5
