@@ -160,7 +160,7 @@ def test_requests_to_a_backend_reuse_one_kept_alive_connection(tmp_path, upstrea
                 chat_stream(front.openai(), model="remote", messages=HELLO, max_tokens=3)
             else:
                 front.openai().chat.completions.create(model="remote", messages=HELLO, max_tokens=3)
-            assert wait_until(lambda: backend.outstanding == 0, timeout=10)  # its end read (or given up)
+            assert wait_until(lambda: backend.outstanding == 0)  # its end read (or given up)
             # The upstream's open connections from this router (the test's own clients are not open now).
             ports |= {c.client[1] for c in upstream.server.server_state.connections if c.client}
         assert len(ports) == 1, ports
@@ -450,7 +450,7 @@ def test_a_timeout_cancels_the_upstream_request(tmp_path, upstream, slow_model):
     else:  # or before it: the 504 problem
         assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     job = upstream.engine.job(request_id)  # the upstream ran it under our request id
-    assert wait_until(lambda: job.done, timeout=10)  # stopped long before its 5000 tokens
+    assert wait_until(lambda: job.done)  # stopped long before its 5000 tokens
     assert job.completion_tokens < 5000
     assert row_for(upstream, request_id)["status"] == "cancelled"
 
@@ -468,7 +468,7 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(tmp_path, upstream
             request_id = response.headers["x-request-id"]
             next(response.iter_lines())  # the stream has begun; then the client leaves
         job = upstream.engine.job(request_id)
-        assert wait_until(lambda: job.done, timeout=10)
+        assert wait_until(lambda: job.done)
         assert job.cancelled and job.completion_tokens < 5000
         assert row_for(front, request_id)["status"] == "cancelled"
 
@@ -487,5 +487,5 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(tmp_path, upstream
         threading.Thread(target=leave_early).start()
         assert stop.wait(10)
         early = [job for job in upstream.engine.jobs if job.request.request_id == "leaves-early"]
-        assert wait_until(lambda: all(job.done for job in early), timeout=10)
+        assert wait_until(lambda: all(job.done for job in early))
         assert len(early) == 1 and early[0].completion_tokens < 5000
