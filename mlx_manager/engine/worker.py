@@ -283,22 +283,24 @@ class Worker:
         started = time.perf_counter()
         decoding = any(batch.decoding for batch in self.batches.values())
         chunk = self.pacer.chunk(self.config.prefill_chunk, decoding, started)
-        read = sum(self._step(path, batch, chunk) for path, batch in list(self.batches.items()))
+        finish = self.pacer.finish(self.config.prefill_chunk, decoding) if chunk > 0 else 0
+        steps = [self._step(path, batch, chunk, finish) for path, batch in list(self.batches.items())]
+        read = sum(n for n, _ in steps)
         if self.batches or read:
             ended = time.perf_counter()
-            self.pacer.observe(ended - started, decoding, chunk, read, ended)
+            self.pacer.observe(ended - started, decoding, chunk, read, ended, at_once=any(a for _, a in steps))
 
-    def _step(self, path: Path, batch: ModelBatch, chunk: int) -> int:
-        """One step of one batch; returns how many prompt tokens it read."""
+    def _step(self, path: Path, batch: ModelBatch, chunk: int, finish: int) -> tuple[int, bool]:
+        """One step of one batch: how many prompt tokens it read, and whether a prompt's rest was read at once."""
         try:
-            finished, read = batch.step(chunk)
+            finished, read, at_once = batch.step(chunk, finish)
         except Exception as exc:
             self._fail_step(path, batch, exc)
-            return 0
+            return 0, False
         batch.entry.active_jobs -= len(finished)
         if not batch.slots:
             self._release(path, batch)
-        return read
+        return read, at_once
 
     def _fail_step(self, path: Path, batch: ModelBatch, exc: Exception) -> None:
         """An MLX error in a step fails the jobs that had just joined (all of them if none had)."""
