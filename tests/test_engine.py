@@ -299,6 +299,7 @@ def test_a_short_rest_of_a_prompt_is_read_at_once_while_streams_decode():
     pacer.observe(0.010, decoding=True, chunk=0, prompt_tokens=0, now=0.0)  # a decode round: 10 ms
     assert pacer.finish(512, decoding=True) == 0  # no token cost timed yet: nothing at once
     pacer.observe(0.512, decoding=False, chunk=512, prompt_tokens=1024, now=0.1)  # 0.5 ms a token, in bulk
+    assert pacer.finish(512, decoding=True) == int(FINISH * 0.010 / 0.0005)
     for _ in range(5):  # paced steps: 10 ms of fixed cost for one token
         pacer.observe(0.020, decoding=True, chunk=1, prompt_tokens=1, now=0.2)
     assert pacer.chunk(512, decoding=True, now=0.2) == 1

@@ -40,7 +40,7 @@ REMEASURE_SECONDS = 2.0
 WINDOW = 7
 # A prompt's rest is read in one step if that costs at most this many decode rounds (one gap of
 # the running streams grows to about 1 + FINISH rounds, once, instead of many paced steps).
-FINISH = 4.0
+FINISH = 8.0
 BULK_TOKENS = 64  # a step that read at least this many tokens with nobody decoding times a token's cost
 
 
@@ -72,10 +72,11 @@ class PrefillPacer:
     def finish(self, limit: int, decoding: bool) -> int:
         """The longest rest of a prompt to read at once this step (0: none beyond the chunk)."""
         decode = self.decode_seconds
-        if not decoding or decode is None or not self._bulk_costs or not self._step_costs:
+        if not decoding or decode is None or not self._bulk_costs:
             return 0
         per_token = statistics.median(self._bulk_costs)
-        fixed = statistics.median(self._step_costs)  # a paced step's prompt work: mostly its fixed cost
+        # A paced step's prompt work (mostly its fixed cost); before one is timed, the tokens alone.
+        fixed = statistics.median(self._step_costs) if self._step_costs else 0.0
         return max(0, min(limit, int((FINISH * decode - fixed) / per_token)))
 
     def observe(
