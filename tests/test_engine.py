@@ -246,9 +246,9 @@ def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_mo
     steps = []
     real = ModelBatch.step
 
-    def counted(self: ModelBatch, chunk: int, finish: int = 0) -> tuple[list, int, bool]:
+    def counted(self: ModelBatch, chunk: int) -> tuple[list, int]:
         steps.append(chunk)
-        return real(self, chunk, finish)
+        return real(self, chunk)
 
     monkeypatch.setattr(ModelBatch, "step", counted)
 
@@ -287,28 +287,6 @@ def test_the_pacer_sizes_chunks_to_a_share_of_a_decode_round():
     assert pacer.chunk(512, decoding=True, now=0.5) == before
     assert pacer.chunk(2, decoding=True, now=0.5) <= 2
     assert pacer.chunk(512, decoding=True, now=0.5 + REMEASURE_SECONDS + 1) == 0
-
-
-def test_a_short_rest_of_a_prompt_is_read_at_once_while_streams_decode():
-    """Where a paced step's fixed cost is about a decode round, the paced chunk is a token or so;
-    a rest that costs at most FINISH rounds (at the cost per token timed with nobody decoding) is
-    read in one step instead."""
-    from mlx_manager.engine.pacing import FINISH, PrefillPacer
-
-    pacer = PrefillPacer()
-    pacer.observe(0.010, decoding=True, chunk=0, prompt_tokens=0, now=0.0)  # a decode round: 10 ms
-    assert pacer.finish(512, decoding=True) == 0  # no token cost timed yet: nothing at once
-    pacer.observe(0.512, decoding=False, chunk=512, prompt_tokens=1024, now=0.1)  # 0.5 ms a token, in bulk
-    assert pacer.finish(512, decoding=True) == int(FINISH * 0.010 / 0.0005)
-    for _ in range(5):  # paced steps: 10 ms of fixed cost for one token
-        pacer.observe(0.020, decoding=True, chunk=1, prompt_tokens=1, now=0.2)
-    assert pacer.chunk(512, decoding=True, now=0.2) == 1
-    assert pacer.finish(512, decoding=True) == int((FINISH * 0.010 - 0.010) / 0.0005)
-    assert pacer.finish(16, decoding=True) == 16  # never above the setting
-    assert pacer.finish(512, decoding=False) == 0  # nobody decoding: the chunk is the whole setting anyway
-    # A step that read a rest at once is not a paced step: the chunk does not learn from it.
-    pacer.observe(0.2, decoding=True, chunk=1, prompt_tokens=60, now=0.3, at_once=True)
-    assert pacer.chunk(512, decoding=True, now=0.3) == 1
 
 
 def test_queue_limit_refuses_with_overloaded(engine, slow_model):

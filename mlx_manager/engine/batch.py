@@ -190,7 +190,6 @@ class ModelBatch:
         self.solo: Solo | None = None
         self.slots: dict[int, Slot] = {}
         self.fresh: set[int] = set()  # joined, no token yet: the suspects if a step fails
-        self.unread: dict[int, int] = {}  # prompt tokens the generator has still to read, by uid
         self.prefills: list[SharedPrefill] = []  # groups of choices still reading their prompt
         self._solo_uid = -1
         self._waiting_uid = -1  # the keys of slots in a SharedPrefill: -2, -3, ...
@@ -259,7 +258,6 @@ class ModelBatch:
             samplers=[slot.sampler],
             logits_processors=[slot.processors],
         )
-        self.unread[int(uid)] = len(prompt)
         return int(uid)
 
     def _batch(self) -> Any:
@@ -293,7 +291,6 @@ class ModelBatch:
         if slot is None:
             return None
         self.fresh.discard(uid)
-        self.unread.pop(uid, None)
         prefill = next((p for p in self.prefills if slot in p.slots), None)
         if prefill is not None:  # still reading its prompt: not in the generator yet
             prefill.slots.remove(slot)
@@ -311,39 +308,27 @@ class ModelBatch:
                 self.prompt_cache.store(list(held), cache)
         return slot
 
-    def step(self, chunk: int, finish: int = 0) -> tuple[list[Slot], int, bool]:
+    def step(self, chunk: int) -> tuple[list[Slot], int]:
         """One step for every job: a decode step for those generating, up to `chunk` tokens of
-        each prompt being read, or the whole rest of the prompts when none has more than `finish`
-        left. Returns the slots that finished, how many prompt tokens were read, and whether a
-        rest was read at once (more than `chunk` tokens of a prompt)."""
+        each prompt being read. Returns the slots that finished and how many prompt tokens were read."""
         if self.solo is not None:
             slot = self.solo.slot
-            rest = len(self.solo.rest)
-            at_once = not self.solo.decoding and chunk > 0 and chunk < rest <= finish
-            token, read = self.solo.advance(rest if at_once else chunk)
+            token, read = self.solo.advance(chunk)
             if token is None:  # still reading the prompt
-                return [], read, at_once
+                return [], read
             reason = "stop" if token in self.eos else None
             if reason is None and slot.job.completion_tokens + 1 >= slot.max_tokens:
                 reason = "length"
             finished = [slot] if self._deliver(slot, token, reason, self.solo.last_logprobs) else []
             if finished:
                 self.remove(slot.uid, keep_cache=True)
-            return finished, read, at_once
+            return finished, read
         read = self._advance_prefills(chunk)
         if self.generator is None:
-            return [], read, False
-        widest = max(self.unread.values(), default=0)
-        at_once = chunk > 0 and chunk < widest <= finish
-        # 0: a decode-only round (mlx-lm reads no prompt then)
-        self.generator.prefill_step_size = widest if at_once else chunk
+            return [], read
+        self.generator.prefill_step_size = chunk  # 0: a decode-only round (mlx-lm reads no prompt then)
         with self.generator.stats() as stats:
-            progress, responses = self.generator.next()
-        for p in progress:
-            if p.end_of_prompt:
-                self.unread.pop(p.uid, None)
-            elif p.uid in self.unread:
-                self.unread[p.uid] = p.progress[1] - p.progress[0]
+            _, responses = self.generator.next()
         finished = []
         for r in responses:
             found = self.slots.get(r.uid)
@@ -353,11 +338,10 @@ class ModelBatch:
             if r.finish_reason is not None:  # mlx-lm let go of it, and handed its state over
                 self.slots.pop(found.uid, None)
                 self.fresh.discard(found.uid)
-                self.unread.pop(found.uid, None)
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
                 self.remove(found.uid, keep_cache=True)
-        return finished, read + stats.prompt_tokens, at_once
+        return finished, read + stats.prompt_tokens
 
     def _deliver(self, slot: Slot, token: int, reason: str | None, logprobs: Any) -> bool:
         """Send what this token completes; True when the job is over."""
@@ -408,7 +392,7 @@ class ModelBatch:
         failed = [self.slots[uid] for uid in suspects]
         survivors = [slot for uid, slot in self.slots.items() if uid not in suspects]
         self.close()
-        self.generator, self.slots, self.fresh, self.prefills, self.unread = None, {}, set(), [], {}
+        self.generator, self.slots, self.fresh, self.prefills = None, {}, set(), []
         for slot in survivors:
             slot.resume_processors()
             slot.uid = self._insert(slot, list(slot.tokens), None, [])

@@ -13,16 +13,6 @@ The decode round is timed on rounds that read no prompt; while prompts are read 
 one round in every `REMEASURE_SECONDS` reads nothing, to time it again. The chunk follows the
 measured cost per token of recent chunks, so it fits whatever the model, the context length, the
 batch and the machine's load make a token cost.
-
-A short rest of a prompt is read at once (`finish`): a step that reads any prompt pays a fixed
-cost (one more pass through the model) on top of the tokens, which where it is about a decode
-round (small models, and any model whose decode is bound by memory) pins the paced chunk at a
-token or two. A later turn of a conversation, whose prompt is cached but for its last few dozen
-tokens, would then wait dozens of steps for what one step reads: so a prompt whose rest costs at
-most `FINISH` decode rounds is read in one step (running streams see one longer gap, not a
-slower stream). The cost of a token there is the one measured while nobody decoded (chunks of
-`prefill_chunk`, where the fixed cost is shared by many tokens); until such a step has been
-timed, nothing is read at once.
 """
 
 from __future__ import annotations
@@ -38,10 +28,6 @@ REMEASURE_SECONDS = 2.0
 # Estimates are medians of this many recent steps: one step slowed by the machine (another
 # process, a page fault) must not swing the chunk.
 WINDOW = 7
-# A prompt's rest is read in one step if that costs at most this many decode rounds (one gap of
-# the running streams grows to about 1 + FINISH rounds, once, instead of many paced steps).
-FINISH = 8.0
-BULK_TOKENS = 64  # a step that read at least this many tokens with nobody decoding times a token's cost
 
 
 class PrefillPacer:
@@ -50,8 +36,6 @@ class PrefillPacer:
     def __init__(self) -> None:
         self._rounds: deque[float] = deque(maxlen=WINDOW)  # seconds of decode rounds that read no prompt
         self._token_costs: deque[float] = deque(maxlen=WINDOW)  # seconds per prompt token on top of a round
-        self._step_costs: deque[float] = deque(maxlen=WINDOW)  # seconds of paced prompt work on top of a round
-        self._bulk_costs: deque[float] = deque(maxlen=WINDOW)  # seconds per token read with nobody decoding
         self.measured_at = float("-inf")  # when a decode round was last timed alone (perf_counter)
 
     @property
@@ -69,24 +53,9 @@ class PrefillPacer:
             return min(limit, MIN_CHUNK)
         return max(MIN_CHUNK, min(limit, int(SHARE * decode / statistics.median(self._token_costs))))
 
-    def finish(self, limit: int, decoding: bool) -> int:
-        """The longest rest of a prompt to read at once this step (0: none beyond the chunk)."""
-        decode = self.decode_seconds
-        if not decoding or decode is None or not self._bulk_costs:
-            return 0
-        per_token = statistics.median(self._bulk_costs)
-        # A paced step's prompt work (mostly its fixed cost); before one is timed, the tokens alone.
-        fixed = statistics.median(self._step_costs) if self._step_costs else 0.0
-        return max(0, min(limit, int((FINISH * decode - fixed) / per_token)))
-
-    def observe(
-        self, seconds: float, decoding: bool, chunk: int, prompt_tokens: int, now: float, at_once: bool = False
-    ) -> None:
-        """What the step took: `seconds` for its decode round and `prompt_tokens` read at `chunk` a
-        prompt (`at_once`: some prompt's rest was read whole, see `finish`)."""
+    def observe(self, seconds: float, decoding: bool, chunk: int, prompt_tokens: int, now: float) -> None:
+        """What the step took: `seconds` for its decode round and `prompt_tokens` read at `chunk` a prompt."""
         if not decoding:
-            if prompt_tokens >= BULK_TOKENS:
-                self._bulk_costs.append(seconds / prompt_tokens)
             return
         if prompt_tokens == 0:
             self._rounds.append(seconds)
@@ -97,7 +66,4 @@ class PrefillPacer:
             return
         # Per token of the chunk: a fixed cost per step makes small chunks look dear, and the
         # chunk then grows until the step's prompt work fits the share.
-        if at_once:  # not a paced step: it says nothing about the chunk
-            return
         self._token_costs.append(max(seconds - decode, 1e-6) / chunk)
-        self._step_costs.append(max(seconds - decode, 0.0))

@@ -283,24 +283,22 @@ class Worker:
         started = time.perf_counter()
         decoding = any(batch.decoding for batch in self.batches.values())
         chunk = self.pacer.chunk(self.config.prefill_chunk, decoding, started)
-        finish = self.pacer.finish(self.config.prefill_chunk, decoding) if chunk > 0 else 0
-        steps = [self._step(path, batch, chunk, finish) for path, batch in list(self.batches.items())]
-        read = sum(n for n, _ in steps)
+        read = sum(self._step(path, batch, chunk) for path, batch in list(self.batches.items()))
         if self.batches or read:
             ended = time.perf_counter()
-            self.pacer.observe(ended - started, decoding, chunk, read, ended, at_once=any(a for _, a in steps))
+            self.pacer.observe(ended - started, decoding, chunk, read, ended)
 
-    def _step(self, path: Path, batch: ModelBatch, chunk: int, finish: int) -> tuple[int, bool]:
-        """One step of one batch: how many prompt tokens it read, and whether a prompt's rest was read at once."""
+    def _step(self, path: Path, batch: ModelBatch, chunk: int) -> int:
+        """One step of one batch; returns how many prompt tokens it read."""
         try:
-            finished, read, at_once = batch.step(chunk, finish)
+            finished, read = batch.step(chunk)
         except Exception as exc:
             self._fail_step(path, batch, exc)
-            return 0, False
+            return 0
         batch.entry.active_jobs -= len(finished)
         if not batch.slots:
             self._release(path, batch)
-        return read, at_once
+        return read
 
     def _fail_step(self, path: Path, batch: ModelBatch, exc: Exception) -> None:
         """An MLX error in a step fails the jobs that had just joined (all of them if none had)."""
