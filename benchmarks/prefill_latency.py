@@ -43,9 +43,9 @@ STAMPS: dict[str, list[float]] = defaultdict(list)  # request id -> perf_counter
 def _stamp_tokens() -> None:
     deliver = batch_module.ModelBatch._deliver
 
-    def timed(self: Any, slot: Any, token: int, reason: str | None) -> bool:
+    def timed(self: Any, slot: Any, *args: Any) -> bool:
         STAMPS[slot.job.request.request_id].append(time.perf_counter())
-        return deliver(self, slot, token, reason)
+        return deliver(self, slot, *args)
 
     batch_module.ModelBatch._deliver = timed  # type: ignore[method-assign]
 

@@ -238,6 +238,31 @@ def test_a_long_prompt_is_read_between_the_tokens_of_running_streams(engine, fas
     asyncio.run(main())
 
 
+def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_model, monkeypatch):
+    """Nobody decodes while prompts are read, so no pacing: the lone job that starts first and
+    moves into the batch when the second comes is still reading, and is not counted as decoding."""
+    from mlx_manager.engine.batch import ModelBatch
+
+    steps = []
+    real = ModelBatch.step
+
+    def counted(self: ModelBatch, chunk: int) -> tuple[list, int]:
+        steps.append(chunk)
+        return real(self, chunk)
+
+    monkeypatch.setattr(ModelBatch, "step", counted)
+
+    async def main():
+        e = engine(prefill_chunk=512)
+        prompts = [list(range(10, 500)) * 6, list(range(11, 501)) * 6]  # 2,940 tokens each: 6 chunks of 512
+        jobs = [e.submit(GenerationRequest(model=fast_model, prompt=p, max_tokens=1, sampling=GREEDY)) for p in prompts]
+        await asyncio.gather(*(collect(job) for job in jobs))
+
+    asyncio.run(main())
+    assert all(chunk == 512 for chunk in steps), steps
+    assert len(steps) <= 2 * 6 + 2, steps
+
+
 def test_the_pacer_sizes_chunks_to_a_share_of_a_decode_round():
     from mlx_manager.engine.pacing import MIN_CHUNK, REMEASURE_SECONDS, SHARE, PrefillPacer
 

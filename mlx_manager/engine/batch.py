@@ -282,6 +282,8 @@ class ModelBatch:
         slot.resume_processors()
         slot.uid = self._insert(slot, prompt, cache, held)
         self.slots[slot.uid] = slot
+        if solo.last_token is None:  # still reading its prompt: nobody waits for its tokens yet
+            self.fresh.add(slot.uid)
 
     def remove(self, uid: int, *, keep_cache: bool = False) -> Slot | None:
         """Take a job out; with `keep_cache`, its state goes into the prompt cache."""
