@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.servers import Server, start_servers
+from mlx_manager.bench import percentile
 from tests.models import build_model
 
 MODES = ("acknowledged", "batched")
@@ -94,13 +95,8 @@ def fsync_ms(folder: Path, times: int = 20) -> float:
     return statistics.median(spent) * 1000
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:.2f} / {percentile(values, 0.95) * 1000:.2f}"
+    return f"{statistics.median(values) * 1000:.2f} / {(percentile(values, 95) or 0.0) * 1000:.2f}"
 
 
 def main() -> int:

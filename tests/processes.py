@@ -10,6 +10,7 @@ Whatever is still running when the test ends, passed or failed, is killed and wa
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -70,3 +71,10 @@ def reading_at_end(pid: int, path: Path) -> bool:
     size = path.stat().st_size
     opened = open_file(pid, path)
     return opened is not None and getattr(opened, "position", size) >= size
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -22,17 +22,12 @@ import pytest
 from mlx_manager.daemon.app import create_app
 from mlx_manager.supervisor.state import read_state
 from tests.daemon_server import LiveServer, assert_problem, settings_with, wait_until
+from tests.processes import free_port
 
 IDLE_SOCKETS = 3000
 # The watchdog's limit here (the default is 60 s) and how long the attack lasts: longer than it.
 HANG_TIMEOUT = 15
 ATTACK_SECONDS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

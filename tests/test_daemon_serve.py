@@ -17,14 +17,9 @@ import pytest
 
 from mlx_manager.runtime import daemon_file
 from tests.daemon_server import wait_until
+from tests.processes import free_port
 
 MLX_MANAGER = str(Path(sys.executable).with_name("mlx-manager"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Daemon:

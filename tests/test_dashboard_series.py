@@ -186,7 +186,7 @@ def test_the_writer_rolls_up_minutes_and_rows_behind_its_back_still_count(audit_
         writer = AuditWriter(audit_path)
         await writer.start()
         try:
-            return await asyncio.to_thread(wait_until, lambda: marked(audit_path) >= 50, 30)
+            return await asyncio.to_thread(wait_until, lambda: marked(audit_path) >= 50)
         finally:
             await writer.stop()
 

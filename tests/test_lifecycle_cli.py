@@ -20,7 +20,7 @@ import pytest
 from mlx_manager.runtime import read_daemon_info
 from mlx_manager.supervisor.state import lock_holder, read_state, same_process, write_state
 from tests.daemon_server import wait_until as _wait_until
-from tests.processes import reading_at_end
+from tests.processes import free_port, reading_at_end
 
 # Status checks here start a process each: poll gently.
 wait_until = partial(_wait_until, interval=0.1)
@@ -37,12 +37,6 @@ def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 def status_json() -> tuple[int, dict]:
     done = cli("status", "--json")
     return done.returncode, json.loads(done.stdout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def gone(pid: int) -> bool:

@@ -71,7 +71,7 @@ def test_every_spelling_of_a_folder_is_one_model(fast_model, tmp_path, monkeypat
         requests = [line for line in requests if "/completions" in line]  # not /v1/models (no model)
         assert len(requests) == 2 and all('model="tiny"' in line for line in requests), requests  # 2 endpoints
         # The audit log names it by its alias: one group of every request.
-        assert wait_until(lambda: stats_by_model() == {"tiny": 2 * len(spellings)}, timeout=30), stats_by_model()
+        assert wait_until(lambda: stats_by_model() == {"tiny": 2 * len(spellings)}), stats_by_model()
 
 
 def test_a_hugging_face_id_and_its_snapshot_folder_are_one_model(fast_model, tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_a_hugging_face_id_and_its_snapshot_folder_are_one_model(fast_model, tmp
         assert loads_counted(live) == 1.0
         assert [m.id for m in live.openai().models.list().data] == ["org/tiny"]
         # No alias: the audit log names it by its repo id, as `models list` shows it.
-        assert wait_until(lambda: stats_by_model() == {"org/tiny": 6}, timeout=30), stats_by_model()
+        assert wait_until(lambda: stats_by_model() == {"org/tiny": 6}), stats_by_model()
 
 
 # -- models.default ------------------------------------------------------------------------------------

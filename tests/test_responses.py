@@ -434,7 +434,7 @@ def test_audit_rows_name_the_endpoint_and_model(server, client, models):
     # counted once its response has ended, which may be just after the client has it.)
     label = 'endpoint="/v1/responses/{response_id}"'
     with server.http() as http:
-        assert wait_until(lambda: label in http.get("/metrics").text, timeout=30)
+        assert wait_until(lambda: label in http.get("/metrics").text)
         assert created.id not in http.get("/metrics").text
 
 

@@ -5,7 +5,6 @@ supervisor and daemon (tests/slow_load.py only adds time to its loads), the real
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 
 from mlx_manager.supervisor.state import read_state, same_process
 from tests.daemon_server import wait_until
+from tests.processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +53,6 @@ def test_a_process_that_made_two_engines_exits_cleanly(fast_model):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlx_manager.cli", *args], capture_output=True, text=True, timeout=180)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

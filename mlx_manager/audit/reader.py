@@ -103,15 +103,16 @@ class AuditReader:
                 at: (count, last_id)
                 for at, count, last_id in await conn.execute_fetchall(fingerprints_sql(len(starts)), params)
             }
-            stale = [at for at, start in enumerate(starts) if known.get(start, _NONE).fingerprint != marks[at]]
-            rolled_up = await self._rolled_up(conn, [bounds(start, window.step) for start in starts]) if stale else []
+            spans = [bounds(start, window.step) for start in starts]
+            stale = {at for at, start in enumerate(starts) if known.get(start, _NONE).fingerprint != marks[at]}
+            rolled_up = await self._rolled_up(conn, spans) if stale else []
             for at, start in enumerate(starts):
-                bucket = known.get(start)
-                if bucket is None or bucket.fingerprint != marks[at]:
-                    statement = _bucket_statement(start, window, marks[at], rolled_up[at] if rolled_up else None)
+                if at in stale:
+                    statement = _bucket_statement(spans[at], marks[at], rolled_up[at])
                     rows = await conn.execute_fetchall(*statement) if statement else []
-                    bucket = await loop.run_in_executor(self._folding, fold_bucket, start, marks[at], rows)
-                fresh[start] = bucket
+                    fresh[start] = await loop.run_in_executor(self._folding, fold_bucket, start, marks[at], rows)
+                else:
+                    fresh[start] = known[start]
         self._buckets[window.name] = fresh
         return list(fresh.values())
 
@@ -193,13 +194,13 @@ class _YieldingConnection(sqlite3.Connection):
 
 
 def _bucket_statement(
-    start: int, window: Window, fingerprint: tuple[int, int], rolled_up: tuple[int, int] | None
+    span: tuple[str, str], fingerprint: tuple[int, int], rolled_up: tuple[int, int]
 ) -> tuple[str, tuple[str, ...]] | None:
     """A bucket's statement: none for no row; over its minutes when they hold all its rows (the
     writer rolled them up), else over its requests."""
-    first, end = bounds(start, window.step)
     if not fingerprint[0]:
         return None
+    first, end = span
     if rolled_up == fingerprint:
         return MINUTES_BUCKET_SQL, (minute_of(first), minute_of(end))
     return BUCKET_SQL, (first, end)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from mlx_manager.auth import KeyRing
-from mlx_manager.daemon.aliases import Aliases, aliases_for
+from mlx_manager.daemon.aliases import aliases_for
 from mlx_manager.daemon.dialects.responses.store import ResponseStore
 from mlx_manager.daemon.model_names import ModelName, ModelNames
 from mlx_manager.daemon.outcome import RequestOutcome
@@ -78,14 +78,6 @@ class DaemonState:
             access = ModelAccess.of(self.engine.config)  # where the engine may load from
             self._names = (settings, ModelNames(aliases, dict(settings.models.aliases), access))
         return self._names[1]
-
-    def aliases(self) -> Aliases:
-        """The model aliases of the current settings (see aliases.py)."""
-        return self.model_names().aliases
-
-    def model_id(self, name: str) -> str:
-        """The model id a request's `model` names: an alias resolved, anything else as it is."""
-        return self.aliases().resolve(name)
 
     def model(self, requested: str | None, kind: str = "generate") -> ModelName:
         """The model a request names; with none named, `models.default`, else the one loaded model
