@@ -238,17 +238,46 @@ def test_a_long_prompt_is_read_between_the_tokens_of_running_streams(engine, fas
     asyncio.run(main())
 
 
+def test_a_short_prompt_joining_running_streams_is_read_in_one_burst(engine, fast_model):
+    """A conversation's next turn (or any short prompt) joining while a stream decodes is read
+    alone in one step, not paced a token or two a step: its first token comes after about one
+    step of the running stream, which waits that once."""
+
+    async def main():
+        e = engine(prefill_chunk=512)
+        stream = e.submit(request(fast_model, "a running stream", max_tokens=100000))
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        # Let the engine time a decode round alone first (the burst is sized in decode rounds).
+        assert await until(lambda: stream.completion_tokens > 20)
+        prompt = list(range(10, 74))  # 64 new tokens
+        short = e.submit(GenerationRequest(model=fast_model, prompt=prompt, max_tokens=1, sampling=GREEDY))
+        async for event in short:
+            if isinstance(event, Started):
+                break
+        before = stream.completion_tokens
+        await collect(short)
+        during = stream.completion_tokens - before
+        stream.cancel()
+        # Paced, 64 tokens take dozens of steps; in a burst, the stream gets a token or two meanwhile.
+        assert during <= 3, during
+
+    asyncio.run(main())
+
+
 def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_model, monkeypatch):
     """Nobody decodes while prompts are read, so no pacing: the lone job that starts first and
     moves into the batch when the second comes is still reading, and is not counted as decoding."""
     from mlx_manager.engine.batch import ModelBatch
+    from mlx_manager.engine.pacing import Burst
 
     steps = []
     real = ModelBatch.step
 
-    def counted(self: ModelBatch, chunk: int) -> tuple[list, int]:
+    def counted(self: ModelBatch, chunk: int, burst: Burst | None = None) -> tuple[list, int, bool]:
         steps.append(chunk)
-        return real(self, chunk)
+        return real(self, chunk, burst)
 
     monkeypatch.setattr(ModelBatch, "step", counted)
 

@@ -5,7 +5,7 @@ A job's prompt starts from the longest prefix the model's prompt cache has; the 
 prefilled in chunks (a step reads at most the chunk the worker gives it, see `pacing.py`), so a
 long prompt never holds up the other streams for long and a cancelled job stops within one
 chunk. When a job ends, its state goes back into the prompt cache for the next turn of its
-conversation. The choices of one request (`n` > 1) read their prompt once (`SharedPrefill`),
+conversation. The choices of one request (`n` > 1) read their prompt once (`Prefill`),
 then each decodes from a copy of its cache.
 
 Everything here runs on the inference thread.
@@ -14,6 +14,7 @@ Everything here runs on the inference thread.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +22,12 @@ from mlx_manager.engine.errors import GenerationFailed
 from mlx_manager.engine.jobs import Job
 from mlx_manager.engine.logits import token_logprob, token_texts
 from mlx_manager.engine.output import Output
+from mlx_manager.engine.pacing import Burst
 from mlx_manager.engine.pool import LoadedModel
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import Finished, Logprobs
+
+FIRST_READ = 16  # a burst's first read, in tokens; each next one may double
 
 
 @dataclass
@@ -138,13 +142,21 @@ def read_chunk(entry: LoadedModel, cache: list[Any], chunk: list[int]) -> None:
     mx.eval([layer.state for layer in cache])
 
 
-class SharedPrefill:
-    """The choices of one request (`n` > 1): their common prompt read once, a chunk per step, up
-    to its last token; then each choice joins the batch with a copy of that cache and the last
-    token as its prompt, so only that token is computed per choice."""
+class Prefill:
+    """A job joining the batch (or the choices of one request, `n` > 1) reads its prompt here,
+    up to its last token: a burst first (`burst`), then a chunk per step; then each slot joins
+    the generator with a cache (a copy per choice) and the last token as its prompt, so only
+    that token is computed there."""
 
     def __init__(
-        self, entry: LoadedModel, slots: list[Slot], cache: list[Any] | None, held: list[int], rest: list[int]
+        self,
+        entry: LoadedModel,
+        slots: list[Slot],
+        cache: list[Any] | None,
+        held: list[int],
+        rest: list[int],
+        *,
+        bursted: bool = False,
     ) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -153,20 +165,46 @@ class SharedPrefill:
         self.cache = cache if cache is not None else make_prompt_cache(entry.model)
         self.held = list(held)
         self.rest = list(rest)  # at least one token: the last is each choice's own
+        self.bursted = bursted  # had its burst (or needs none: it was read at the full chunk)
+
+    @property
+    def left(self) -> int:
+        return len(self.rest) - 1
 
     def advance(self, chunk: int) -> int:
         """Read up to `chunk` tokens of the prompt (never its last); how many were read."""
-        size = max(0, min(chunk, len(self.rest) - 1))
+        size = max(0, min(chunk, self.left))
         if size:
             part, self.rest = self.rest[:size], self.rest[size:]
             read_chunk(self.entry, self.cache, part)
             self.held += part
         return size
 
+    def burst(self, burst: Burst) -> int:
+        """Read alone for up to `burst.seconds`, in reads that start at FIRST_READ tokens and grow
+        while the next (sized from the last one's time) still fits; how many tokens were read.
+
+        Without a time box (no decode round timed yet), one read of at most `burst.tokens`, and only
+        if that finishes the prompt."""
+        self.bursted = True
+        if burst.seconds is None:
+            return self.advance(burst.tokens) if self.left <= burst.tokens else 0
+        started = time.perf_counter()
+        size, read = min(FIRST_READ, burst.tokens), 0
+        while self.left and size > 0:
+            before = time.perf_counter()
+            done = self.advance(size)
+            read += done
+            now = time.perf_counter()
+            per_token = (now - before) / done
+            room = burst.seconds - (now - started)
+            size = min(2 * size, burst.tokens, int(room / per_token))
+        return read
+
     @property
     def read(self) -> bool:
         """Only the last token is left: each choice may join the batch."""
-        return len(self.rest) <= 1
+        return self.left <= 0
 
     def caches(self) -> list[list[Any] | None]:
         """One cache per choice: the first gets the prefilled one, the others copies (None when
@@ -190,9 +228,9 @@ class ModelBatch:
         self.solo: Solo | None = None
         self.slots: dict[int, Slot] = {}
         self.fresh: set[int] = set()  # joined, no token yet: the suspects if a step fails
-        self.prefills: list[SharedPrefill] = []  # groups of choices still reading their prompt
+        self.prefills: list[Prefill] = []  # groups of choices still reading their prompt
         self._solo_uid = -1
-        self._waiting_uid = -1  # the keys of slots in a SharedPrefill: -2, -3, ...
+        self._waiting_uid = -1  # the keys of slots in a Prefill: -2, -3, ...
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -205,38 +243,46 @@ class ModelBatch:
         return len(self.fresh) < len(self.slots)
 
     def add(self, slot: Slot, tokens: list[int]) -> None:
-        cache, cached = self.prompt_cache.fetch(tokens)
-        slot.cached = cached
         if not self.slots and self.generator is None:
+            cache, cached = self.prompt_cache.fetch(tokens)
+            slot.cached = cached
             slot.uid = self._solo_uid
             self.solo = Solo(self.entry, slot, cache, tokens[:cached], tokens[cached:])
+            self.slots[slot.uid] = slot
+            self.fresh.add(slot.uid)
         else:
-            if self.solo is not None:
-                self._move_solo_to_batch()
-            slot.uid = self._insert(slot, tokens[cached:], cache, tokens[:cached])
-        self.slots[slot.uid] = slot
-        self.fresh.add(slot.uid)
+            self.add_choices([slot], tokens)
 
     def add_choices(self, slots: list[Slot], tokens: list[int]) -> None:
-        """The choices of one request: one prompt (`tokens`), prefilled once for all of them."""
+        """A job joining the batch, or the choices of one request: one prompt (`tokens`), read
+        once for all of them (see `Prefill`)."""
         cache, cached = self.prompt_cache.fetch(tokens)
         if self.solo is not None:
             self._move_solo_to_batch()
+        self._wait(slots, Prefill(self.entry, slots, cache, tokens[:cached], tokens[cached:]))
         for slot in slots:
             slot.cached = cached
+
+    def _wait(self, slots: list[Slot], prefill: Prefill) -> None:
+        for slot in slots:
             self._waiting_uid -= 1
             slot.uid = self._waiting_uid
             self.slots[slot.uid] = slot
             self.fresh.add(slot.uid)
-        prefill = SharedPrefill(self.entry, slots, cache, tokens[:cached], tokens[cached:])
         self.prefills.append(prefill)
 
-    def _advance_prefills(self, chunk: int) -> int:
-        """Up to `chunk` tokens of each group's prompt; a group whose prompt is read joins the
-        batch, one sequence per choice, each with its own copy of the cache. Returns the tokens read."""
+    def _advance_prefills(self, chunk: int, burst: Burst | None) -> tuple[int, bool]:
+        """Read prompts: the shortest that has not had its burst gets it, alone; without one, up
+        to `chunk` tokens of each. A prompt that is read joins the generator, one sequence per
+        choice, each with its own copy of the cache. Returns the tokens read and whether it was a burst."""
+        waiting = [prefill for prefill in self.prefills if not prefill.bursted]
         read = 0
+        if burst is not None and waiting:
+            read = min(waiting, key=lambda prefill: prefill.left).burst(burst)
+        bursted = read > 0
+        if not bursted:
+            read = sum(prefill.advance(chunk) for prefill in self.prefills)
         for prefill in list(self.prefills):
-            read += prefill.advance(chunk)
             if not prefill.read:
                 continue
             self.prefills.remove(prefill)
@@ -247,7 +293,7 @@ class ModelBatch:
                 slot.uid = self._insert(slot, list(prompt), cache, list(held))
                 self.slots[slot.uid] = slot
                 self.fresh.add(slot.uid)
-        return read
+        return read, bursted
 
     def _insert(self, slot: Slot, prompt: list[int], cache: list[Any] | None, held: list[int]) -> int:
         (uid,) = self._batch().insert(
@@ -279,11 +325,12 @@ class ModelBatch:
         slot = self.slots.pop(solo.slot.uid)
         self.fresh.discard(slot.uid)
         prompt, cache, held = solo.hand_over()
+        if solo.last_token is None:  # still reading its prompt (at the full chunk): nobody waits for its tokens yet
+            self._wait([slot], Prefill(self.entry, [slot], cache, held, prompt, bursted=True))
+            return
         slot.resume_processors()
         slot.uid = self._insert(slot, prompt, cache, held)
         self.slots[slot.uid] = slot
-        if solo.last_token is None:  # still reading its prompt: nobody waits for its tokens yet
-            self.fresh.add(slot.uid)
 
     def remove(self, uid: int, *, keep_cache: bool = False) -> Slot | None:
         """Take a job out; with `keep_cache`, its state goes into the prompt cache."""
@@ -308,24 +355,25 @@ class ModelBatch:
                 self.prompt_cache.store(list(held), cache)
         return slot
 
-    def step(self, chunk: int) -> tuple[list[Slot], int]:
-        """One step for every job: a decode step for those generating, up to `chunk` tokens of
-        each prompt being read. Returns the slots that finished and how many prompt tokens were read."""
+    def step(self, chunk: int, burst: Burst | None = None) -> tuple[list[Slot], int, bool]:
+        """One step for every job: a decode step for those generating, and either a joining
+        prompt's burst or up to `chunk` tokens of each prompt being read. Returns the slots that
+        finished, how many prompt tokens were read, and whether that was a burst."""
         if self.solo is not None:
             slot = self.solo.slot
             token, read = self.solo.advance(chunk)
             if token is None:  # still reading the prompt
-                return [], read
+                return [], read, False
             reason = "stop" if token in self.eos else None
             if reason is None and slot.job.completion_tokens + 1 >= slot.max_tokens:
                 reason = "length"
             finished = [slot] if self._deliver(slot, token, reason, self.solo.last_logprobs) else []
             if finished:
                 self.remove(slot.uid, keep_cache=True)
-            return finished, read
-        read = self._advance_prefills(chunk)
+            return finished, read, False
+        read, bursted = self._advance_prefills(chunk, burst)
         if self.generator is None:
-            return [], read
+            return [], read, bursted
         self.generator.prefill_step_size = chunk  # 0: a decode-only round (mlx-lm reads no prompt then)
         with self.generator.stats() as stats:
             _, responses = self.generator.next()
@@ -341,7 +389,7 @@ class ModelBatch:
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
                 self.remove(found.uid, keep_cache=True)
-        return finished, read + stats.prompt_tokens
+        return finished, read + stats.prompt_tokens, bursted
 
     def _deliver(self, slot: Slot, token: int, reason: str | None, logprobs: Any) -> bool:
         """Send what this token completes; True when the job is over."""

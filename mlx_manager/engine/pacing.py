@@ -13,12 +13,21 @@ The decode round is timed on rounds that read no prompt; while prompts are read 
 one round in every `REMEASURE_SECONDS` reads nothing, to time it again. The chunk follows the
 measured cost per token of recent chunks, so it fits whatever the model, the context length, the
 batch and the machine's load make a token cost.
+
+Pacing spreads the running streams' delay over many steps; it does not shrink it, and it
+multiplies the newcomer's wait. So a prompt joining the batch first gets one *burst*: it is read
+alone for up to `BURST_ROUNDS` decode rounds (timed as it goes, in reads that grow while they
+fit), which is all of it for a conversation's next turn (its history is in the prompt cache);
+only what is left after the burst is paced. Each of the running streams waits that once, for a
+bounded time. Bursts go to the shortest prompt first, one a step, so prompts that arrive
+together start one after another instead of all at the end.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
+from dataclasses import dataclass
 
 # A step's prompt work, as a share of one decode round: running streams' inter-token latency
 # grows by at most this much while a prompt is read (the issue's bound is 2x; this leaves room for noise).
@@ -28,6 +37,17 @@ REMEASURE_SECONDS = 2.0
 # Estimates are medians of this many recent steps: one step slowed by the machine (another
 # process, a page fault) must not swing the chunk.
 WINDOW = 7
+# A joining prompt's burst may take this many decode rounds: the one long gap it costs each
+# running stream (mlx_lm.server and llama.cpp read a whole prompt chunk in one go, unbounded).
+BURST_ROUNDS = 32
+
+
+@dataclass(frozen=True)
+class Burst:
+    """How long one prompt may be read alone this step."""
+
+    seconds: float | None  # the time box; None (no decode round timed yet): one read of at most `tokens`
+    tokens: int  # the largest single read
 
 
 class PrefillPacer:
@@ -52,6 +72,13 @@ class PrefillPacer:
         if not self._token_costs:
             return min(limit, MIN_CHUNK)
         return max(MIN_CHUNK, min(limit, int(SHARE * decode / statistics.median(self._token_costs))))
+
+    def burst(self, limit: int, chunk: int) -> Burst | None:
+        """The burst a joining prompt may have this step; None on a round kept to time decoding."""
+        decode = self.decode_seconds
+        if chunk == 0:
+            return None
+        return Burst(None if decode is None else BURST_ROUNDS * decode, limit)
 
     def observe(self, seconds: float, decoding: bool, chunk: int, prompt_tokens: int, now: float) -> None:
         """What the step took: `seconds` for its decode round and `prompt_tokens` read at `chunk` a prompt."""
