@@ -48,12 +48,8 @@ def run_daemon(
     """Run the daemon in the foreground until stopped. Raises StartupError when it cannot start,
     which includes a network address without any API key unless `insecure_no_auth`."""
     from mlx_manager.auth import is_loopback_host, load_keyring, unsafe_bind
-    from mlx_manager.daemon.app import create_app
-    from mlx_manager.daemon.logs import configure_logging
-    from mlx_manager.daemon.server import DrainingServer, server_config
     from mlx_manager.engine.open_files import raise_open_file_limit
     from mlx_manager.settings import SettingsError, load_settings
-    from mlx_manager.telemetry import configure_telemetry, instrument_httpx
 
     flags = {"server.host": host, "server.port": port}
     try:
@@ -80,6 +76,14 @@ def run_daemon(
             "Check the model (--model or models.preload).",
         )
     sock = bind(settings.server.host, settings.server.port)
+    # Only now the heavy imports (FastAPI, telemetry: seconds on a busy machine): a start that
+    # cannot happen (a bad setting, a daemon already there, a port taken) fails fast, and a
+    # supervisor's crash loop is counted in crashes, not imports.
+    from mlx_manager.daemon.app import create_app
+    from mlx_manager.daemon.logs import configure_logging
+    from mlx_manager.daemon.server import DrainingServer, server_config
+    from mlx_manager.telemetry import configure_telemetry, instrument_httpx
+
     configure_logging(settings)
     configure_telemetry(settings)  # once, before the app is built
     instrument_httpx()  # outgoing calls (cloud routing, later) are traced like the rest
