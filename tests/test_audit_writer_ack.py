@@ -63,6 +63,23 @@ def test_committed_returns_once_the_row_is_on_disk_and_rows_queued_by_then_share
         assert inserts == [1, 8]
 
 
+def test_a_row_committed_for_a_waiting_answer_reaches_the_live_feed_with_its_id(db: Path) -> None:
+    async def scenario() -> tuple[dict, int]:
+        writer = AuditWriter(db, flush_interval=3600)
+        await writer.start()
+        async with writer.subscribe() as feed:
+            ticket = writer.record(record(request_id="fed"))
+            assert ticket is not None and await writer.committed(ticket)
+            row = await asyncio.wait_for(anext(feed), 60)
+        await writer.stop()
+        with AuditStore.open(db, create=False) as store, store.read() as conn:
+            (stored_id,) = conn.execute("SELECT id FROM audit_logs WHERE request_id = 'fed'").fetchone()
+        return row, stored_id
+
+    row, stored_id = asyncio.run(scenario())
+    assert row["request_id"] == "fed" and row["id"] == stored_id
+
+
 def test_committed_does_not_wait_for_the_disk_after_stop(db: Path) -> None:
     async def scenario() -> tuple[bool, bool]:
         writer = AuditWriter(db)
