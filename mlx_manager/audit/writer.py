@@ -66,7 +66,7 @@ from mlx_manager.audit import minutes
 from mlx_manager.audit.prune import PRUNE_BATCH
 from mlx_manager.audit.query import delete_older_batch, insert_rows
 from mlx_manager.audit.record import COLUMNS, INSERT_COLUMNS, AuditRecord
-from mlx_manager.audit.rollup import refresh_step
+from mlx_manager.audit.rollup import apply_step, plan_step
 from mlx_manager.audit.store import AuditStore
 
 log = logging.getLogger("mlx_manager.audit")
@@ -601,9 +601,18 @@ class AuditWriter:
             return minutes.refresh_step(_Driver(self._conn), datetime.now(UTC))
 
     def _days_step(self) -> bool:
+        """A closed day's rollup: read in a read transaction (a day of requests can take a second),
+        written in a write transaction of a few milliseconds."""
         assert self._conn is not None
+        raw = self._conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("BEGIN")  # a snapshot: never blocks a commit
+        try:
+            step = plan_step(raw, datetime.now(UTC).date().isoformat(), self._rollup_checked)
+        finally:
+            raw.execute("COMMIT")
         with self._conn.begin():
-            return refresh_step(_Driver(self._conn), datetime.now(UTC).date().isoformat(), self._rollup_checked)
+            return apply_step(_Driver(self._conn), step, self._rollup_checked)
 
     def _checkpoint(self) -> bool:
         """The commits made on the loop never checkpoint (a checkpoint syncs): the WAL is copied back here."""
