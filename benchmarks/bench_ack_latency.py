@@ -1,6 +1,6 @@
 """Benchmark: what `audit.durability = "acknowledged"` adds at the end of a response.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.bench_ack_latency [--clients 8] [--requests 48] [--rounds 4]
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_ack_latency [--clients 8] [--requests 48] [--rounds 4] [--fsync]
 
 Under "acknowledged" (the default) a streamed answer's closing events (the finish_reason chunk and
 `[DONE]`) wait for the commit of its audit row, which it shares with the rows of the requests
@@ -13,6 +13,7 @@ live, so each round rewrites config.toml and POSTs /admin/reload, and rounds alt
 (A = acknowledged, B = batched) so machine noise hits both alike. Each round runs `--requests`
 streamed chat completions, `--clients` at a time. Printed: each round pair's tail p50 / p95 and
 the whole run's, and the added p50 (A - B). Target (issue 24 item 8): added p50 <= 5 ms at 8 clients.
+`--fsync` runs the daemon with `audit.fsync = true` (every commit synced to the disk).
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ async def round_of(client: httpx.AsyncClient, model: str, clients: int, requests
     return tails
 
 
-def set_durability(home: Path, url: str, mode: str) -> None:
-    (home / "config.toml").write_text(f'[audit]\ndurability = "{mode}"\n')
+def write_config(home: Path, mode: str, fsync: bool) -> None:
+    (home / "config.toml").write_text(f'[audit]\ndurability = "{mode}"\nfsync = {str(fsync).lower()}\n')
+
+
+def set_durability(home: Path, url: str, mode: str, fsync: bool) -> None:
+    write_config(home, mode, fsync)
     token = (home / "admin.token").read_text().strip()
     answer = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     answer.raise_for_status()
@@ -105,13 +110,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=48, help="requests per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each mode, interleaved")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--fsync", action="store_true", help="audit.fsync = true: every commit synced to the disk")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mlx-bench-ack-"))
     model = str(build_model(work / "model", "fast"))
     home = work / "home-0"  # the home start_servers gives its first server
     home.mkdir()
-    (home / "config.toml").write_text('[audit]\ndurability = "acknowledged"\n')
+    write_config(home, "acknowledged", args.fsync)
     server = Server("mlx-manager", "ours", {})
     tails: dict[str, list[list[float]]] = {mode: [] for mode in MODES}
 
@@ -121,7 +127,7 @@ def main() -> int:
             await round_of(client, model, args.clients, args.clients, args.max_tokens)  # warm up
             for _ in range(args.rounds):
                 for mode in MODES:
-                    set_durability(home, server.url, mode)
+                    set_durability(home, server.url, mode, args.fsync)
                     tails[mode].append(await round_of(client, model, args.clients, args.requests, args.max_tokens))
 
     with start_servers([server], model, work):
@@ -129,7 +135,7 @@ def main() -> int:
 
     print(
         f"\ntail = last text chunk -> end of stream, ms p50 / p95;"
-        f" {args.clients} clients, {args.requests} requests a round"
+        f" {args.clients} clients, {args.requests} requests a round, audit.fsync = {str(args.fsync).lower()}"
     )
     print("| round | acknowledged | batched | added p50 |")
     print("| --- | --- | --- | --- |")

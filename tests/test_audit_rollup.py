@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mlx_manager.audit import AuditFilter, AuditStore, AuditWriter, compute_stats
-from mlx_manager.audit.rollup import refresh_step, rolled_up_days
+from mlx_manager.audit.query import insert_rows
+from mlx_manager.audit.rollup import apply_step, plan_step, refresh_step, rolled_up_days
 from mlx_manager.audit.stats import kth_smallest
 from tests.audit_rows import fill, record
 from tests.daemon_server import wait_until
@@ -204,6 +205,29 @@ def test_the_writer_rolls_up_closed_days_and_repairs_changes_made_behind_its_bac
     # The next writer checks every rolled-up day once, and rebuilds the two that changed.
     assert asyncio.run(run_writer_until(lambda: same(stats(db, by="model"), from_requests)))
     assert rolled() == days
+
+
+def test_a_day_whose_requests_change_between_the_reads_and_the_writes_is_not_rolled_up_stale(db):
+    """The writer reads a day (`plan_step`) outside the write lock: a request of that day written
+    meanwhile (a long request that ended after midnight) must not be left out of its rollup."""
+    rows = requests_over_days(300, 1.9, seed=5)
+    fill(db, rows)
+    day = closed_days(rows)[0]
+    checked: set[str] = set()
+    with AuditStore.open(db) as store:
+        with store.read() as conn:
+            step = plan_step(conn, TODAY, checked)
+        assert step is not None and step.day == day
+        late = record(request_id="late", timestamp=datetime.fromisoformat(day + "T23:59:59+00:00"))
+        with store.write() as conn:
+            insert_rows(conn, [late.values()])
+        with store.write() as conn:
+            assert apply_step(conn, step, checked)  # not written: look again
+        with store.read() as conn:
+            assert rolled_up_days(conn, None, None) == []
+    expected = stats_from_the_requests(db, by="model")
+    assert roll_up(db) == closed_days([*rows, late])
+    assert_same(stats(db, by="model"), expected)
 
 
 def test_kth_smallest_of_sorted_runs():

@@ -4,12 +4,13 @@ A rollup row sums one UTC day's requests of one (model, endpoint, status, backen
 keeps their durations, sorted, in whole microseconds: the numbers `audit stats` shows come out
 the same as from the requests themselves, exact percentiles included.
 
-It is a cache. The daemon's writer fills it (`refresh_step`, one day at a time, between batches
-of rows); inserting or deleting requests drops the rollup of their days (`query.insert_rows`,
-`query.delete_older_batch`); a reader uses a day's rollup only when it exists and reads the
-requests of every other day. Each time the writer starts it also checks every rolled-up day's
-count once, so a program that changed the table without knowing the rollup (an older version)
-cannot leave wrong numbers behind for long.
+It is a cache. The daemon's writer fills it (one day at a time, between batches of rows: the
+reads of `refresh_step` in a read transaction, `plan_step`, then its writes in a short write
+transaction, `apply_step`, so no commit waits for the reads); inserting or deleting requests
+drops the rollup of their days (`query.insert_rows`, `query.delete_older_batch`); a reader uses
+a day's rollup only when it exists and reads the requests of every other day. Each time the
+writer starts it also checks every rolled-up day's count once, so a program that changed the
+table without knowing the rollup (an older version) cannot leave wrong numbers behind for long.
 """
 
 from __future__ import annotations
@@ -141,6 +142,22 @@ def refresh_step(conn: Connection, today: str, checked: set[str]) -> bool:
     `checked` is counted once (then added to it) and rebuilt if its requests changed behind the
     rollup's back; rollups of days that no longer have any request are dropped.
     """
+    return apply_step(conn, plan_step(conn, today, checked), checked)
+
+
+@dataclass(slots=True)
+class Step:
+    """What one `refresh_step` does, worked out by `plan_step` (reads only) for `apply_step`."""
+
+    drop: list[str] = field(default_factory=list)  # days whose rollup goes
+    day: str = ""  # the day built, from `rows`
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    fingerprint: tuple[int, int] = (0, 0)  # the day's request count and highest id when `rows` were read
+
+
+def plan_step(conn: Connection, today: str, checked: set[str]) -> Step | None:
+    """The reads of `refresh_step` (None: every rollup is up to date). The writer runs them in a
+    read transaction, which never holds the write lock, and `apply_step` in a short write one."""
     rolled = {
         day: requests for day, requests in conn.execute(f"SELECT day, sum(requests) FROM {ROLLUP_TABLE} GROUP BY day")
     }
@@ -152,19 +169,26 @@ def refresh_step(conn: Connection, today: str, checked: set[str]) -> bool:
         if day in rolled and _count_day(conn, day) == rolled[day]:
             checked.add(day)
             continue
-        build_day(conn, day)
-        checked.add(day)
-        return True
+        return Step(day=day, rows=_day_rows(conn, day), fingerprint=_fingerprint(conn, day))
     orphans = [day for day in rolled if day not in seen and day < today]
-    if orphans:
-        conn.executemany(f"DELETE FROM {ROLLUP_TABLE} WHERE day = ?", [(day,) for day in orphans])
+    return Step(drop=orphans) if orphans else None
+
+
+def apply_step(conn: Connection, step: Step | None, checked: set[str]) -> bool:
+    """Write what `plan_step` planned, in the caller's write transaction; False when it planned
+    nothing. A day whose requests changed since they were read is left for the next step."""
+    if step is None:
+        return False
+    if step.drop:
+        conn.executemany(f"DELETE FROM {ROLLUP_TABLE} WHERE day = ?", [(day,) for day in step.drop])
         return True
-    return False
+    if _fingerprint(conn, step.day) == step.fingerprint:
+        _store_day(conn, step.day, step.rows)
+        checked.add(step.day)
+    return True
 
 
-def build_day(conn: Connection, day: str) -> int:
-    """(Re)write the rollup of one day from its requests; return how many rollup rows it has."""
-    conn.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE day = ?", (day,))
+def _day_rows(conn: Connection, day: str) -> list[tuple[Any, ...]]:
     condition = where(AuditFilter(since=start_of(day), until=start_of(next_day(day))))
     dims = ", ".join(DIMENSIONS)
     rows = []
@@ -173,12 +197,26 @@ def build_day(conn: Connection, day: str) -> int:
     ):
         packed = array("q", sorted(map(int, durations.split(","))))
         rows.append((day, *group, requests, ttft_count, ttft, prompt, completion, producing, _pack(packed)))
+    return rows
+
+
+def _store_day(conn: Connection, day: str, rows: list[tuple[Any, ...]]) -> None:
+    dims = ", ".join(DIMENSIONS)
+    conn.execute(f"DELETE FROM {ROLLUP_TABLE} WHERE day = ?", (day,))
     conn.executemany(
         f"INSERT INTO {ROLLUP_TABLE} (day, {dims}, requests, ttft_count, ttft_ms, prompt_tokens, completion_tokens,"
         f" producing_ms, durations) VALUES ({', '.join('?' for _ in range(len(DIMENSIONS) + 8))})",
         rows,
     )
-    return len(rows)
+
+
+def _fingerprint(conn: Connection, day: str) -> tuple[int, int]:
+    """A day's request count and highest id: any insert or delete among its requests changes it."""
+    condition = where(AuditFilter(since=start_of(day), until=start_of(next_day(day))))
+    count, last = conn.execute(
+        f"SELECT count(*), coalesce(max(id), 0) FROM {TABLE}{condition.sql}", condition.params
+    ).fetchone()
+    return count, last
 
 
 # -- days ------------------------------------------------------------------------------------

@@ -3,8 +3,13 @@
 Every connection runs in WAL mode with a busy timeout, so the CLI reads and prunes while the
 daemon writes. Write transactions start with BEGIN IMMEDIATE: they take the write lock up front
 and wait for it (up to the busy timeout) instead of failing with "database is locked" when a
-read transaction later tries to upgrade. `synchronous=FULL` makes a committed batch survive a
-crash or power loss, at the cost of one fsync per batch.
+read transaction later tries to upgrade. With `fsync` (the default) connections run with
+`synchronous=FULL`: a committed transaction survives a crash of the process and of the machine
+(an OS crash or a power loss), at the cost of one fsync per commit. Without it they run with
+`synchronous=NORMAL`, which in WAL mode still keeps every committed transaction across a crash
+of the process (kill -9 included: the commit's WAL frames are in the OS's page cache before
+COMMIT returns) and only an OS crash or a power loss can undo the last ones; the WAL is synced
+at each checkpoint, so the database is never corrupted either way.
 
 Only the standard library's `sqlite3` is used here, so the CLI's read commands start fast; the
 daemon's writer wraps `AuditStore.connect` in a SQLAlchemy engine for tracing (see `writer.py`).
@@ -34,12 +39,13 @@ _SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
 class AuditStore:
     """An open audit database: one connection, with read and write transactions that report typed errors."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
         self.path = path
+        self.fsync = fsync
         self.connection = self.connect()
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True, migrate: bool = True) -> AuditStore:
+    def open(cls, path: Path, *, create: bool = True, migrate: bool = True, fsync: bool = True) -> AuditStore:
         """Open (and with `create`, make) the database and apply pending migrations.
 
         Raises AuditLogMissing when the file does not exist and `create` is false,
@@ -52,7 +58,7 @@ class AuditStore:
             _create_private_file(path)
         elif path.is_dir():
             raise AuditLogUnavailable(path, f"the audit log path {path} is a folder, not a database file")
-        store = cls(path)
+        store = cls(path, fsync=fsync)
         try:
             if migrate:
                 store.migrate()
@@ -78,7 +84,7 @@ class AuditStore:
             try:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
                 conn.execute("PRAGMA cache_size = -32000")  # 32 MB: stats and prune scan a lot
             except BaseException:
                 conn.close()

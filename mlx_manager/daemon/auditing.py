@@ -23,7 +23,7 @@ log = logging.getLogger("mlx_manager.daemon")
 class Auditing:
     def __init__(self, daemon: DaemonState) -> None:
         self.daemon = daemon
-        self.writer = AuditWriter(daemon.settings.audit_path())
+        self.writer = AuditWriter(daemon.settings.audit_path(), fsync=daemon.settings.audit.fsync)
         self._pruner: asyncio.Task | None = None
 
     async def start(self) -> None:

@@ -326,8 +326,17 @@ class AuditSettings(Section):
     durability: Literal["acknowledged", "batched"] = Field(
         "acknowledged",
         description="'acknowledged': an answer's last byte waits for its audit row's commit (requests share"
-        " commits), so a crash loses no row of an answered request. 'batched': nothing waits, and a crash"
-        " loses the rows of the last flush window (up to 100 ms).",
+        " commits), so a crash of the daemon (even kill -9) loses no row of an answered request. 'batched':"
+        " nothing waits, and a crash loses the rows of the last flush window (up to 100 ms).",
+    )
+    fsync: bool = Field(
+        False,
+        description="Sync every audit commit to the disk, so committed rows survive an OS crash or a power loss"
+        " too. Off: a commit reaches the OS, which keeps it across any crash of the daemon (kill -9"
+        " included); an OS crash or a power loss can lose the rows of the last seconds (up to about 30 s on"
+        " Linux). On: each commit waits for an fsync (a few ms, more on a slow disk), which under"
+        " 'acknowledged' is added to the end of every answer.",
+        json_schema_extra=RESTART,
     )
 
 
