@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             answer = loop.run_until_complete(_answer(reader, json.loads(line)))
             answers.write(json.dumps(answer).encode() + b"\n")
             answers.flush()
+    except BrokenPipeError:
+        pass  # the daemon went away mid-read
     finally:
         loop.run_until_complete(reader.close())
         loop.close()
