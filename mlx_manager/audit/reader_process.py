@@ -13,7 +13,9 @@ time to first token by a third (benchmarks/bench_dashboard.py). So the daemon ha
 child, `python -m mlx_manager.audit.reader_process PATH`, at the lowest CPU priority: started on the
 first read, stopped after IDLE_SECONDS without one. It keeps an AuditReader (and its buckets, so a
 refresh reads only the buckets that changed) and answers each request, a JSON line on its stdin,
-with one on its stdout. The daemon's share is a line written and a summary of a few kB parsed.
+with one on its stdout. The daemon's share is a line written and a summary of a few kB parsed: a
+cold read of the day over a million rows costs the daemon's process about 0.01 s of CPU instead
+of 1.2-1.6 s; the child's first start adds about half a second to the first read.
 """
 
 from __future__ import annotations
