@@ -5,12 +5,13 @@
 
 1. Serving while the heaviest dashboard read runs: chat TTFT p50 (streamed, the `bench` test
    model) while a client asks for the last day's figures over the 1M rows back to back, each
-   read cold (this benchmark's daemon drops the reader's bucket cache before every read, so each
-   is the whole day's SQL and folding, as the first read after a start is: over the minutes the
-   daemon's writer rolled up, which the benchmark waits for first), against the same daemon with no dashboard, in
-   alternating rounds (ABBA). Target: p50 at most 5 % higher. `serving-warm`: the same with warm
-   reads (the bucket cache kept: fingerprints and changed buckets) once a second, ten times the
-   page's pace. (Warm reads back to back would measure an HTTP flood, not the reads.)
+   read cold (this benchmark's daemon has its reader process drop its bucket cache before every
+   read, so each is the whole day's SQL and folding, as the first read after a start is: over the
+   minutes the daemon's writer rolled up, which the benchmark waits for first), against the same
+   daemon with no dashboard, in alternating rounds (ABBA). Target: p50 at most 5 % higher.
+   `serving-warm`: the same with warm reads (the bucket cache kept: fingerprints and changed
+   buckets) once a second, ten times the page's pace. (Warm reads back to back would measure an
+   HTTP flood, not the reads.)
 2. That read itself: cold, and warm as the page's refresh normally is (only changed buckets).
 3. First contentful paint of /admin in Chromium, signed in (target: under 300 ms), and the time
    until the live page with its first rows is shown.
@@ -102,10 +103,21 @@ def fill(path: Path, count: int) -> None:
 
 
 def serve_cold(home: str, model: str, port: str) -> None:
-    """The daemon, with its dashboard reader forgetting every bucket before each read: every
-    read of the figures is the whole window's, as the first one after a start is."""
-    from mlx_manager.audit.reader import AuditReader
+    """The daemon, with its dashboard's reader process (see audit/reader_process.py) forgetting
+    every bucket before each read: every read of the figures is the whole window's, as the first
+    one after a start is."""
+    from mlx_manager.audit import reader_process
     from mlx_manager.cli import app
+
+    if os.environ.get("DASHBOARD_BENCH_COLD") == "1":
+        reader_process.PROGRAM = [sys.executable, __file__, "--read-cold"]
+    app(["serve", "--model", model, "--port", port], standalone_mode=True)
+
+
+def read_cold(path: str) -> None:
+    """The dashboard's reader process, reading every window whole each time."""
+    from mlx_manager.audit import reader_process
+    from mlx_manager.audit.reader import AuditReader
 
     warm = AuditReader.series
 
@@ -114,9 +126,8 @@ def serve_cold(home: str, model: str, port: str) -> None:
         self._summaries.clear()
         return await warm(self, window)
 
-    if os.environ.get("DASHBOARD_BENCH_COLD") == "1":
-        AuditReader.series = cold  # type: ignore[method-assign]
-    app(["serve", "--model", model, "--port", port], standalone_mode=True)
+    AuditReader.series = cold  # type: ignore[method-assign]
+    reader_process.main([path])
 
 
 class Daemon:
@@ -383,7 +394,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+    if len(sys.argv) == 3 and sys.argv[1] == "--read-cold":
+        read_cold(sys.argv[2])
+    elif len(sys.argv) == 5 and sys.argv[1] == "--serve":
         os.environ["MLX_MANAGER_HOME"] = sys.argv[2]
         serve_cold(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

@@ -1,7 +1,8 @@
 """The dashboard's figures over time, read from a real audit database with the daemon's reader
 (aiosqlite): the same numbers as `audit stats` for the same window, exact percentiles, and
 buckets read again when (and only when) their rows change; all of it the same again once the
-writer has rolled the minutes up (audit/minutes.py), and rows written behind its back still counted."""
+writer has rolled the minutes up (audit/minutes.py), and rows written behind its back still counted;
+and the same figures again from the daemon's reader process (audit/reader_process.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mlx_manager.audit import AuditFilter, AuditStore, AuditWriter, compute_stats, prune_older
+from mlx_manager.audit import AuditFilter, AuditStore, AuditWriter, compute_stats, prune_older, reader_process
 from mlx_manager.audit import reader as reader_module
+from mlx_manager.audit.errors import AuditLogMissing
 from mlx_manager.audit.minutes import refresh_step as roll_up_minutes
 from mlx_manager.audit.reader import AuditReader
+from mlx_manager.audit.reader_process import ReaderProcess
 from mlx_manager.audit.record import format_timestamp
 from mlx_manager.audit.series import WINDOWS
 from mlx_manager.audit.stats import nearest_rank
@@ -228,3 +231,65 @@ FIRST_MINUTE_ROW = "rowid = (SELECT min(rowid) FROM audit_minutes)"
 def marked(path) -> int:
     with sqlite3.connect(path) as conn:
         return conn.execute("SELECT count(*) FROM audit_minutes_done").fetchone()[0]
+
+
+def test_the_reader_process_answers_what_the_reader_answers(audit_path, monkeypatch):
+    fill(audit_path, requests(300))
+
+    def settled(figures: dict) -> dict:
+        """All but the newest bucket's rates, which are over the seconds it has lasted so far."""
+        rates = ("requests_per_second", "tokens_per_second")
+        return {name: value[:-1] if name in rates else value for name, value in figures.items()}
+
+    async def scenario() -> None:
+        reader, figures = AuditReader(audit_path), ReaderProcess(audit_path)
+        try:
+            for name in ("hour", "day"):
+                for _ in range(3):  # again if a bucket's boundary passed between the two reads
+                    theirs = await reader.series(WINDOWS[name])
+                    mine = await figures.series(WINDOWS[name])
+                    if mine["time"] == theirs["time"]:
+                        break
+                assert settled(mine) == settled(theirs)
+                assert mine["total"]["requests"] == 300
+
+            # A caller that goes away does not leave its answer to the next one.
+            gone = asyncio.ensure_future(figures.series(WINDOWS["hour"]))
+            await asyncio.sleep(0)  # it has asked
+            gone.cancel()
+            day = await figures.series(WINDOWS["day"])
+            assert gone.cancelled() and day["window"] == "day" and len(day["time"]) == 96
+
+            # A reader process that dies is started again on the next read.
+            first = figures._process
+            assert first is not None
+            first.kill()
+            await first.wait()
+            assert (await figures.series(WINDOWS["hour"]))["total"]["requests"] == 300
+            assert figures._process is not None and figures._process is not first
+
+            # One left idle stops by itself, and a read starts another.
+            monkeypatch.setattr(reader_process, "IDLE_SECONDS", 0.0)
+            await figures.series(WINDOWS["hour"])
+            idle = figures._process
+            assert idle is not None
+            assert await asyncio.wait_for(idle.wait(), 60) == 0
+            assert (await figures.series(WINDOWS["day"]))["total"]["requests"] == 300
+        finally:
+            await reader.close()
+            await figures.close()
+        assert figures._process is None
+
+    asyncio.run(scenario())
+
+
+def test_the_reader_process_says_what_is_wrong(tmp_path):
+    async def scenario() -> None:
+        figures = ReaderProcess(tmp_path / "absent.db")
+        try:
+            with pytest.raises(AuditLogMissing, match="no audit log yet"):
+                await figures.series(WINDOWS["hour"])
+        finally:
+            await figures.close()
+
+    asyncio.run(scenario())

@@ -7,10 +7,10 @@
 
 One read-only aiosqlite connection: its statements run on aiosqlite's own thread, and SQLite
 releases the GIL while it works, so a heavy read (a day of a million rows is a few seconds of
-SQLite the first time) leaves the event loop and the inference thread running. numpy folds each
-bucket's values on a thread of the reader's own. Both threads yield the CPU to serving when it
-is short (see `yield_cpu`): on a busy 2-core machine, reading a day of a million rows back to
-back otherwise slowed chat's time to first token by a third or more (benchmarks/bench_dashboard.py).
+SQLite the first time) leaves the event loop running. numpy folds each bucket's values on a
+thread of the reader's own. Both threads yield the CPU when it is short (see `yield_cpu`). The
+folding still holds the GIL for much of a cold read, so the daemon reads its charts' `series` in
+a child process (reader_process.py) and only the live feed's `recent` rows here.
 Each window's buckets are kept between calls, and a bucket is read again only when its
 fingerprint moved (usually just the newest one); one refresh of a window runs at a time and
 callers that arrive meanwhile get its result. A bucket whose minutes the daemon's writer has

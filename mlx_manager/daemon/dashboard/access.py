@@ -24,6 +24,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from mlx_manager.audit.reader import AuditReader
+from mlx_manager.audit.reader_process import ReaderProcess
 from mlx_manager.auth import is_loopback_address
 from mlx_manager.daemon.dashboard.sessions import SESSION_SECONDS, Session, SessionStore, digest
 from mlx_manager.daemon.problems import Problem, retry_after
@@ -54,9 +55,10 @@ SECURITY_HEADERS = {
 
 @dataclass
 class Dashboard:
-    """The dashboard's own state: sessions, login links, its audit reader, its sign-in limit."""
+    """The dashboard's own state: sessions, login links, its audit readers, its sign-in limit."""
 
-    reader: AuditReader
+    reader: AuditReader  # the live feed's first rows, read in the daemon
+    figures: ReaderProcess  # the charts, read in a child process (see reader_process.py)
     sessions: SessionStore = field(default_factory=SessionStore)
     logins: RateLimiter = field(default_factory=RateLimiter)
 

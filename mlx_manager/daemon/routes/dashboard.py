@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import JSONResponse, Response
 
 from mlx_manager.audit.reader import AuditReader
+from mlx_manager.audit.reader_process import ReaderProcess
 from mlx_manager.auth import is_loopback_address
 from mlx_manager.daemon.dashboard.access import (
     CONTENT_SECURITY_POLICY,
@@ -67,11 +68,13 @@ _MEDIA_TYPES = {
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Runs inside the app's own lifespan: the audit log is open before and closed after."""
-    dashboard = Dashboard(reader=AuditReader(app.state.daemon.settings.audit_path()))
+    path = app.state.daemon.settings.audit_path()
+    dashboard = Dashboard(reader=AuditReader(path), figures=ReaderProcess(path))
     app.state.dashboard = dashboard
     try:
         yield
     finally:
+        await dashboard.figures.close()
         await dashboard.reader.close()
 
 

@@ -7,8 +7,9 @@
     POST /admin/ui/api/settings         {"key", "value"}: `config set` and a reload (admin session)
     POST /admin/ui/api/models/unload    {"model", "force"}
 
-Reads of the audit log go through the dashboard's AuditReader (aiosqlite, off the event loop);
-the GETs leave no audit row (the page polls them), the POSTs do.
+Reads of the audit log run off the event loop: the live feed's rows through the dashboard's
+AuditReader (aiosqlite), the charts in a child process (audit/reader_process.py). The GETs leave
+no audit row (the page polls them), the POSTs do.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ async def series(
     request: Request, _session: SignedIn, window: Annotated[Literal["hour", "day"], Query()] = "hour"
 ) -> Response:
     try:
-        figures = await get_dashboard(request).reader.series(WINDOWS[window])
+        figures = await get_dashboard(request).figures.series(WINDOWS[window])
     except AuditError as exc:
         raise Problem("internal_error", f"the audit log cannot be read: {exc}") from None
     return _answer(figures)
