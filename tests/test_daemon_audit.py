@@ -219,6 +219,28 @@ def test_live_feed_streams_new_rows_to_an_admin(server, fast_model):
     assert "api_key" in received[0] and received[0]["api_key"] is None  # every column, the key name too
 
 
+def test_the_live_feed_outlives_the_idle_timeout_of_http_connections(tmp_path, monkeypatch):
+    """server.idle_timeout closes HTTP connections that send nothing; a WebSocket is not one of
+    them once upgraded (the dashboard's feed lost rows reconnecting every idle_timeout)."""
+    from websockets.sync.client import connect
+
+    monkeypatch.setenv("MLX_MANAGER_HOME", str(tmp_path / "home"))
+    settings = settings_with(server={"idle_timeout": 0.5})
+    with LiveServer(create_app(settings, engine=RecordingEngine(EngineConfig()))) as live:
+        url = live.url.replace("http://", "ws://") + "/admin/audit/feed"
+        with connect(url, additional_headers={"Authorization": f"Bearer {live.daemon.admin_token}"}) as ws:
+            # Quiet for several idle timeouts: an HTTP connection would have been closed by now.
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=4 * 0.5)
+            httpx.post(
+                f"{live.url}/v1/chat/completions",
+                json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"X-Request-ID": "after-quiet"},
+            )
+            row = json.loads(ws.recv(timeout=60))
+    assert row["request_id"] == "after-quiet"
+
+
 def test_live_feed_refuses_without_the_admin_token(server):
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect

@@ -90,6 +90,7 @@ class BoundedH11Protocol(H11Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._heard = False  # any bytes since it became idle
+        self._upgraded = False  # handed to a WebSocket protocol: no longer ours to time or count
 
     # -- the connection's life ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -113,7 +114,9 @@ class BoundedH11Protocol(H11Protocol):
         self._check_state()
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
-        # The socket goes to a WebSocket protocol with its own pings: nothing of it stays here.
+        # The socket goes to a WebSocket protocol with its own pings: nothing of it stays here
+        # (data_received's check, right after this, must not count it idle again).
+        self._upgraded = True
         self._stop_timer()
         self.guard.forget(self)
         super().handle_websocket_upgrade(event)
@@ -134,7 +137,7 @@ class BoundedH11Protocol(H11Protocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def _check_state(self) -> None:
-        if self.transport.is_closing():
+        if self._upgraded or self.transport.is_closing():
             return
         if self._busy():
             self.guard.idle.pop(self, None)  # never closed to make room
