@@ -50,6 +50,7 @@ class Result:
     status: int = 0
     backend: str | None = None
     ttft: float | None = None  # seconds to the first chunk with text
+    finish: float | None = None  # seconds to the chunk with the finish reason
     seconds: float = 0.0
     tokens: int = 0
     chunks: int = 0  # data chunks received before the end
@@ -83,6 +84,8 @@ def stream(url: str, model: str, max_tokens: int) -> Result:
                     result.tokens = chunk["usage"]["completion_tokens"]
                 if result.ttft is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
                     result.ttft = time.perf_counter() - started
+                if any(c.get("finish_reason") for c in chunk.get("choices", [])):
+                    result.finish = time.perf_counter() - started
     result.seconds = time.perf_counter() - started
     return result
 
@@ -172,6 +175,10 @@ def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: 
     # Each routed request ran right after its direct one: their difference shrugs off the load drifting.
     paired = statistics.median((r.ttft or 0.0) - (d.ttft or 0.0) for d, r in zip(direct, routed, strict=True))
     print(f"     TTFT paired difference (median of routed - direct, request by request): {paired * 1000:+.1f} ms")
+    # From the finish reason to the end of the stream: the usage chunk and [DONE] wait for the audit
+    # row's commit (audit.durability), the upstream's and then, routed, the router's own.
+    tails = [statistics.median((r.seconds - (r.finish or r.seconds)) * 1000 for r in rs) for rs in (direct, routed)]
+    print(f"     finish reason -> end of stream (median): direct {tails[0]:.1f} ms, routed {tails[1]:.1f} ms")
     print(f"     router CPU (user + system) per routed request: {router_cpu_ms:.1f} ms")
     return ok_ttft and ok_rate
 
