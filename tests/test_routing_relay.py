@@ -93,3 +93,14 @@ def test_a_stream_that_ends_before_its_finish_is_an_upstream_error():
     with pytest.raises(RoutingError) as error:
         relay.end()
     assert error.value.kind == "upstream_error" and error.value.retryable
+
+
+def test_usage_on_every_chunk_does_not_hold_the_answer_back():
+    """Some servers (vLLM's continuous usage stats) put the running usage on each chunk."""
+    relay = ChunkRelay(Relay("chatcmpl-ours", "m", False), ChunkDecoder("up"))
+    running = {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}
+    first = json.loads(chunk({"content": "a"}))
+    out, events = relay.feed(f"data: {json.dumps({**first, 'usage': running})}\n\n".encode())
+    assert [c["choices"][0]["delta"]["content"] for c in data_of(b"".join(out))] == ["a"]
+    assert "usage" not in data_of(b"".join(out))[0]  # not asked for
+    assert isinstance(events[0], Started) and relay.tail == []

@@ -105,14 +105,16 @@ class ChunkRelay:
         events += self.decoder.decode_chunk(chunk, name)  # an error event raises here
         if self._theirs is None:
             self._learn(payload, chunk)
-        usage = chunk.get("usage")
-        if usage and not self.relay.include_usage:
-            if not chunk.get("choices"):
-                return
+        # The usage chunk (no choices) is held for the end, or dropped; usage riding on a chunk
+        # of the answer (some servers send it on each) goes on with it, if the client asked for it.
+        usage_chunk = bool(chunk.get("usage")) and not chunk.get("choices")
+        if usage_chunk and not self.relay.include_usage:
+            return
+        if chunk.get("usage") and not self.relay.include_usage:
             del chunk["usage"]
         chunk["id"], chunk["model"] = self.relay.id, self.relay.model
         line = b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-        (self.tail if usage and self.relay.include_usage else out).append(line)
+        (self.tail if usage_chunk else out).append(line)
 
     def _rewritten(self, payload: bytes) -> bytes | None:
         """A plain delta chunk with our id and model, or None if it must be parsed."""
