@@ -1,6 +1,6 @@
 """A stream relayed in its own dialect: a streamed Chat Completions request routed to an `openai`
 backend gets the upstream's server-sent events as they came, not decoded into engine events and
-made again (which cost the router about a millisecond of CPU per chunk).
+written again chunk by chunk (JSON in, JSON out, and an event hand-off per token).
 
 Only what must change is changed: each chunk's `id` (ours, from the client's request id) and
 `model` (the name the client asked for). A plain delta chunk is rewritten by replacing those two
@@ -22,7 +22,6 @@ from typing import Any
 from mlx_manager.engine.types import Event, Finished
 from mlx_manager.routing.openai_wire import ChunkDecoder
 
-DONE = b"data: [DONE]\n\n"
 _NULL_FINISH = re.compile(rb'"finish_reason"\s*:\s*null')
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _ID = re.compile(rb'"id"\s*:\s*"(?:[^"\\]|\\.)*"')
