@@ -8,7 +8,10 @@ router in front whose config routes `one` to d1 and `team` to the group of d1 an
 
 1. Overhead: streamed chat requests, alternately straight to d1 and through the router to d1, one
    at a time. Compared: the p50 time to first token, and tokens/s (completion tokens over the whole
-   request). Targets: TTFT p50 overhead <= 5 ms, tokens/s >= 0.97x.
+   request). Targets: TTFT p50 overhead <= 5 ms, tokens/s >= 0.97x. Also shown: the time from the
+   finish reason to the stream's end (the audit commits it waits for) and the router's CPU per
+   request. `--router-env MLX_MANAGER_...=...` sets a setting on the router only (to see what a
+   part costs: telemetry, audit durability).
 2. Spread: `--group-requests` streamed requests to `team`, 8 at a time; each response's
    `x-mlx-manager-backend` header says who served it. Target: each member within +-20 % of even.
 3. A member killed mid-run: the same again, 16 at a time and longer answers; d1 is SIGKILLed once a
@@ -50,6 +53,7 @@ class Result:
     status: int = 0
     backend: str | None = None
     ttft: float | None = None  # seconds to the first chunk with text
+    finish: float | None = None  # seconds to the chunk with the finish reason
     seconds: float = 0.0
     tokens: int = 0
     chunks: int = 0  # data chunks received before the end
@@ -83,6 +87,8 @@ def stream(url: str, model: str, max_tokens: int) -> Result:
                     result.tokens = chunk["usage"]["completion_tokens"]
                 if result.ttft is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
                     result.ttft = time.perf_counter() - started
+                if any(c.get("finish_reason") for c in chunk.get("choices", [])):
+                    result.finish = time.perf_counter() - started
     result.seconds = time.perf_counter() - started
     return result
 
@@ -172,6 +178,10 @@ def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: 
     # Each routed request ran right after its direct one: their difference shrugs off the load drifting.
     paired = statistics.median((r.ttft or 0.0) - (d.ttft or 0.0) for d, r in zip(direct, routed, strict=True))
     print(f"     TTFT paired difference (median of routed - direct, request by request): {paired * 1000:+.1f} ms")
+    # From the finish reason to the end of the stream: the usage chunk and [DONE] wait for the audit
+    # row's commit (audit.durability), the upstream's and then, routed, the router's own.
+    tails = [statistics.median((r.seconds - (r.finish or r.seconds)) * 1000 for r in rs) for rs in (direct, routed)]
+    print(f"     finish reason -> end of stream (median): direct {tails[0]:.1f} ms, routed {tails[1]:.1f} ms")
     print(f"     router CPU (user + system) per routed request: {router_cpu_ms:.1f} ms")
     return ok_ttft and ok_rate
 
@@ -233,6 +243,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--group-requests", type=int, default=64)
     parser.add_argument("--overhead-only", action="store_true", help="only part 1 (for A/B runs of the overhead)")
+    parser.add_argument(
+        "--router-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the router only, to see what a part costs (MLX_MANAGER_AUDIT__DURABILITY=batched)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
@@ -244,7 +261,8 @@ def main() -> int:
         d1, d2 = daemons
         (work / "router").mkdir()
         (work / "router" / "config.toml").write_text(router_config(d1, d2, model))
-        daemons.append(router := Daemon(work, "router", [], {}))
+        router_env = dict(item.split("=", 1) for item in args.router_env)
+        daemons.append(router := Daemon(work, "router", [], router_env))
         for daemon in daemons:
             daemon.wait_ready()
         ok = overhead(router, d1, model, args.requests, args.max_tokens)
@@ -258,6 +276,7 @@ def main() -> int:
         f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing --requests {args.requests} "
         f"--max-tokens {args.max_tokens} --group-requests {args.group_requests}"
         + (" --overhead-only" if args.overhead_only else "")
+        + "".join(f" --router-env {item}" for item in args.router_env)
     )
     return 0 if ok else 1
 

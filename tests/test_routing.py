@@ -169,6 +169,43 @@ def test_requests_to_a_backend_reuse_one_kept_alive_connection(tmp_path, upstrea
 # -- translation -----------------------------------------------------------------------------
 
 
+def test_a_chat_stream_to_an_openai_backend_is_relayed_with_our_id_and_model_name(tmp_path, upstream, fast_model):
+    """Same dialect: the upstream's chunks pass through (routing/relay.py), each with our request id
+    and the client's model name; the usage chunk comes last and only when asked for; the audit row
+    has the upstream's counts."""
+    direct, _, _, usage = chat_stream(upstream.openai(), model=fast_model, messages=HELLO, max_tokens=12, **GREEDY)
+    with router(tmp_path, [openai_backend(upstream)], [{"model": "remote", "to": f"up:{fast_model}"}]) as front:
+        body = {"model": "remote", "messages": HELLO, "max_tokens": 12, "stream": True, **GREEDY}
+        for include_usage in (True, False):
+            with front.http() as http:
+                response = http.post(
+                    "/v1/chat/completions", json={**body, "stream_options": {"include_usage": include_usage}}
+                )
+            request_id = response.headers["x-request-id"]
+            assert response.headers["x-mlx-manager-backend"] == "up"
+            events = sse_events(response)
+            assert events[-1] == ("message", "[DONE]")
+            chunks = [json.loads(data) for _, data in events[:-1]]
+            assert {(c["id"], c["model"]) for c in chunks} == {(f"chatcmpl-{request_id}", "remote")}
+            answer = [c["choices"][0] for c in chunks if c["choices"]]
+            assert "".join(choice["delta"].get("content") or "" for choice in answer) == direct
+            assert [choice["finish_reason"] for choice in answer if choice["finish_reason"]] == ["length"]
+            counted = [c for c in chunks if c.get("usage")]
+            if include_usage:
+                assert counted == [chunks[-1]] and chunks[-1]["choices"] == []
+                assert (counted[0]["usage"]["prompt_tokens"], counted[0]["usage"]["completion_tokens"]) == (
+                    usage.prompt_tokens,
+                    12,
+                )
+            else:
+                assert counted == []
+            row = row_for(front, request_id)
+            figures = (row["status"], row["backend"], row["completion_tokens"], row["tool_calls"])
+            assert figures == ("success", "up", 12, 0)
+            assert (row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) == (usage.prompt_tokens, 12)
+            assert row["time_to_first_token_ms"] is not None
+
+
 def test_chat_streamed_through_an_anthropic_backend_keeps_every_token_and_the_usage(tmp_path, upstream, fast_model):
     routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
     with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
@@ -241,6 +278,24 @@ def test_tool_calls_cross_from_chat_to_an_anthropic_backend_and_back(tmp_path, u
         )
         assert final.choices[0].message.content == HERMES_TOOL.answer
         assert final.choices[0].finish_reason == "stop"
+
+
+def test_a_relayed_chat_stream_keeps_the_tool_call_and_counts_it(tmp_path, upstream, hermes_tool_model):
+    routes = [{"model": "gpt-tools", "to": f"up:{hermes_tool_model}"}]
+    with router(tmp_path, [openai_backend(upstream)], routes) as front:
+        body = {"model": "gpt-tools", "messages": [{"role": "user", "content": QUESTION}], "tools": [WEATHER_TOOL]}
+        with front.http() as http:
+            response = http.post("/v1/chat/completions", json={**body, "max_tokens": 300, "stream": True})
+        chunks = [json.loads(data) for _, data in sse_events(response)[:-1]]
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == HERMES_TOOL.thinking
+        calls = [call for d in deltas for call in d.get("tool_calls") or ()]
+        assert calls[0]["id"] and calls[0]["function"]["name"] == "get_weather"
+        arguments = "".join(call["function"].get("arguments") or "" for call in calls)
+        assert json.loads(arguments) == HERMES_TOOL.calls[0].arguments
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert {c["model"] for c in chunks} == {"gpt-tools"}
+        assert row_for(front, response.headers["x-request-id"])["tool_calls"] == 1
 
 
 def test_tool_use_crosses_from_messages_to_an_openai_backend_and_back(tmp_path, upstream, hermes_tool_model):

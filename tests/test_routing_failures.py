@@ -178,9 +178,11 @@ def test_a_full_local_queue_falls_back_upstream(tmp_path, upstream, fast_model, 
 
         occupants = [threading.Thread(target=occupy) for _ in range(2)]
         try:
-            for thread in occupants:
-                thread.start()
             status = front.engine.status
+            # One after the other: both waiting while the model loads would overflow the queue.
+            occupants[0].start()
+            assert wait_until(lambda: status().active_jobs == 1, timeout=120)
+            occupants[1].start()
             assert wait_until(lambda: status().active_jobs == 1 and status().queue_depth == 1, timeout=120)
 
             moved = chat(http, "m")
@@ -195,7 +197,8 @@ def test_a_full_local_queue_falls_back_upstream(tmp_path, upstream, fast_model, 
         finally:
             stop.set()
             for thread in occupants:
-                thread.join(120)
+                if thread.ident is not None:  # started
+                    thread.join(120)
         assert wait_until(lambda: front.engine.status().active_jobs == 0, timeout=60)
 
 

@@ -14,7 +14,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlx_manager.daemon.generation import Answer, AnswerParts, GenerationCall, Piece, ended_by, stream_problem
+from mlx_manager.daemon.generation import (
+    Answer,
+    AnswerParts,
+    GenerationCall,
+    Piece,
+    ended_by,
+    relayed,
+    stream_problem,
+)
 from mlx_manager.daemon.sse import EventStream, sse_data, sse_done, sse_error
 from mlx_manager.engine.types import Finished, Logprobs, ReasoningDelta, Started, TextDelta, TokenLogprob, ToolCall
 
@@ -65,7 +73,8 @@ async def respond(call: GenerationCall, fmt: Format, stream: bool) -> Any:
         await call.started()
         if stream:
             streaming = True
-            return EventStream(_chunks(call, fmt), on_close=call.close_stream)
+            body = relayed(call) if call.relaying else _chunks(call, fmt)  # relayed: an upstream's own stream
+            return EventStream(body, on_close=call.close_stream)
         return fmt.complete(*await _collect(call))
     finally:
         if not streaming:

@@ -21,7 +21,7 @@ from mlx_manager.daemon.call import EngineCall
 from mlx_manager.daemon.handlers import problem_for
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
-from mlx_manager.daemon.sse import EventStream, sse_error
+from mlx_manager.daemon.sse import EventStream, sse_done, sse_error
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, grammar_for_response_format
 from mlx_manager.engine.errors import EngineError
@@ -40,6 +40,7 @@ from mlx_manager.engine.types import (
     ToolCall,
 )
 from mlx_manager.routing.errors import RoutingError, not_translatable
+from mlx_manager.routing.relay import Relay, RelayEnd
 from mlx_manager.routing.router import RoutedJob
 from mlx_manager.telemetry import generation_span
 
@@ -116,6 +117,7 @@ class GenerationCall(EngineCall):
         endpoint: str,
         job_request: GenerationRequest | Sequence[GenerationRequest],
         n: int = 1,
+        relay: Relay | None = None,
     ) -> None:
         requests = [job_request] if isinstance(job_request, GenerationRequest) else list(job_request)
         first = requests[0]
@@ -124,7 +126,7 @@ class GenerationCall(EngineCall):
             # The one place a generation is routed. A whole (not streamed) answer from an upstream
             # is held until complete, so that another backend can still take over if it fails.
             whole = not request.scope["mlx_manager.outcome"].stream
-            self.jobs.append(daemon.router.submit(first, hold=whole))
+            self.jobs.append(daemon.router.submit(first, hold=whole, relay=None if whole else relay))
         else:
             if not daemon.router.is_local(first.model):  # one request upstream per request, not several
                 backend = daemon.router.first_choice(first.model).name
@@ -169,6 +171,11 @@ class GenerationCall(EngineCall):
         if isinstance(event, Finished):
             self._over.add(index)
         return index, event
+
+    @property
+    def relaying(self) -> bool:
+        """Whether the answer is an upstream's stream relayed as it is (routing/relay.py): once started."""
+        return isinstance(self.job, RoutedJob) and self.job.relaying
 
     async def started(self) -> None:
         """Wait for every job to be in a batch: queue wait, model load and prompt checks are over."""
@@ -353,6 +360,31 @@ async def _failure(call: GenerationCall, translation: Translation, problem: Prob
     problem = ended_by(call, problem)
     await call.acknowledge()  # the stream's outcome is final: its audit row before its last byte
     return translation.failure(problem, call.outcome)
+
+
+async def relayed(call: GenerationCall) -> AsyncIterator[bytes]:
+    """The SSE body of an upstream's chat stream relayed as it is (routing/relay.py): its bytes as
+    they come, then, once the outcome is final, its usage chunk and [DONE]. An error after the first
+    byte is the SSE error event, as on the other paths."""
+    outcome = call.outcome
+    assert isinstance(call.job, RoutedJob)
+    blocks = call.job.relayed()
+    try:
+        outcome.first_token()  # the first block holds the answer's first piece
+        while True:
+            item = await call.wait(anext(blocks), watch_client=False)
+            if not isinstance(item, RelayEnd):
+                yield item
+                continue
+            call.finished(item.finished)
+            outcome.tool_calls = item.tool_calls
+            await call.acknowledge()  # the audit row before the last byte
+            yield item.tail + sse_done().encode()
+            return
+    except Exception as exc:
+        problem = ended_by(call, stream_problem(call, exc))
+        await call.acknowledge()
+        yield sse_error(problem.document(instance=outcome.endpoint, request_id=outcome.request_id)).encode()
 
 
 def ended_by(call: GenerationCall, problem: Problem) -> Problem:

@@ -37,7 +37,9 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, content: AsyncIterator[str] | AsyncIterator[bytes], on_close: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
 

@@ -147,9 +147,16 @@ class ChunkDecoder(StreamDecoder):
 
     def decode(self, event: ServerEvent) -> list[Event]:
         if event.data == "[DONE]":
-            return self._finished()
-        chunk = json.loads(event.data)
-        if event.event == "error" or (isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices")):
+            return self.done()
+        return self.decode_chunk(json.loads(event.data), event.event)
+
+    def done(self) -> list[Event]:
+        """[DONE]: the answer's end."""
+        return self._finished()
+
+    def decode_chunk(self, chunk: Any, name: str | None = None) -> list[Event]:
+        """The engine events of one parsed chunk (`name`: its SSE event name, if it had one)."""
+        if name == "error" or (isinstance(chunk, dict) and "error" in chunk and not chunk.get("choices")):
             raise stream_error(self.backend, chunk)
         out: list[Event] = []
         if chunk.get("usage"):

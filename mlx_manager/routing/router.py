@@ -33,6 +33,7 @@ from mlx_manager.engine.types import Event, Finished, GenerationRequest, Reasoni
 from mlx_manager.routing.backend import Backend, upstream
 from mlx_manager.routing.errors import RoutingError
 from mlx_manager.routing.keyref import resolve_key
+from mlx_manager.routing.relay import Relay, RelayEnd
 from mlx_manager.routing.upstream import UpstreamJob
 from mlx_manager.settings import SettingsError
 from mlx_manager.settings.schema import LOCAL_BACKEND, Settings
@@ -192,11 +193,12 @@ class Router:
     def load(self, backend: Backend) -> int:
         return self.local_load() if backend is self.local else backend.outstanding
 
-    def submit(self, request: GenerationRequest, *, hold: bool = False) -> RoutedJob:
+    def submit(self, request: GenerationRequest, *, hold: bool = False, relay: Relay | None = None) -> RoutedJob:
         """Start the request on its first candidate that takes it; raises when none does.
         `hold`: the answer is not streamed to the client, so an upstream's events wait until it
-        is whole (until then it can still be left for the next backend)."""
-        return RoutedJob(self, request, hold=hold)
+        is whole (until then it can still be left for the next backend). `relay`: a streamed chat
+        request, which an `openai` backend's stream may be relayed to as it is (relay.py)."""
+        return RoutedJob(self, request, hold=hold, relay=relay)
 
     def status(self) -> list[dict[str, object]]:
         """Each backend as the metrics show it: name, type, up, outstanding requests."""
@@ -221,10 +223,11 @@ def _retire(backend: Backend) -> None:
 class RoutedJob:
     """A generation on whichever backend takes it, iterated like an engine Job (see the module doc)."""
 
-    def __init__(self, router: Router, request: GenerationRequest, *, hold: bool) -> None:
+    def __init__(self, router: Router, request: GenerationRequest, *, hold: bool, relay: Relay | None = None) -> None:
         self.router = router
         self.request = request
         self.hold = hold
+        self.relay = relay
         self.job: LocalJob | UpstreamJob | None = None
         self.backend: Backend = router.first_choice(request.model)  # of the current (or last) attempt
         self.committed = False  # an event was handed on: no other backend may take over now
@@ -275,6 +278,16 @@ class RoutedJob:
             if isinstance(event, Finished):
                 return
 
+    @property
+    def relaying(self) -> bool:
+        """Whether the backend that took it relays its stream as it is: read it with `relayed()`
+        once `Started` came (before, another backend could still take over)."""
+        return isinstance(self.job, UpstreamJob) and self.job.relay is not None
+
+    def relayed(self) -> AsyncIterator[bytes | RelayEnd]:
+        assert isinstance(self.job, UpstreamJob) and self.committed
+        return self.job.relayed()
+
     def take_ready_text(self, kind: type[TextDelta | ReasoningDelta] = TextDelta) -> str:
         return self.job.take_ready_text(kind) if self.job is not None else ""
 
@@ -293,7 +306,7 @@ class RoutedJob:
                     local = self.request if model == self.request.model else replace(self.request, model=model)
                     self.job = self.router.submit_local(local)  # Overloaded / EngineStopped at once
                 else:
-                    self.job = UpstreamJob(backend, self.request, model, hold=self.hold)
+                    self.job = UpstreamJob(backend, self.request, model, hold=self.hold, relay=self.relay)
                 return
             except (EngineError, RoutingError) as refused:
                 if not retryable(refused):

@@ -5,7 +5,9 @@ into the engine's events as they arrive; the daemon iterates the job as it itera
 so deadlines, disconnects, cancellation and outcomes are the same for both. Cancelling the job
 closes the upstream connection, which is how the upstream learns to stop generating.
 With `hold`, the events wait until the answer is whole (a non-streamed request): until then the
-job may fail and another backend start over, and nothing was lost.
+job may fail and another backend start over, and nothing was lost. With a `Relay` (a streamed chat
+request to an `openai` backend), the answer after `Started` is the upstream's own bytes, rewritten
+where they must be (relay.py), read with `relayed()`.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
-from mlx_manager.engine.types import Event, Finished, GenerationRequest, ReasoningDelta, TextDelta
+from mlx_manager.engine.types import Event, Finished, GenerationRequest, ReasoningDelta, Started, TextDelta
 from mlx_manager.routing import anthropic_wire, openai_wire
 from mlx_manager.routing.backend import Backend
 from mlx_manager.routing.errors import RoutingError
+from mlx_manager.routing.relay import ChunkRelay, Relay, RelayEnd
 from mlx_manager.routing.sse import ServerEvent, server_events
 from mlx_manager.routing.wire import StreamDecoder, status_error
 
@@ -34,12 +37,20 @@ DRAIN_SECONDS = 1.0  # how long the end of a response is waited for after the an
 class UpstreamJob:
     """Iterate it for events (the first is Started, the last Finished); cancel it when the caller gives up."""
 
-    def __init__(self, backend: Backend, request: GenerationRequest, model: str, *, hold: bool) -> None:
+    def __init__(
+        self, backend: Backend, request: GenerationRequest, model: str, *, hold: bool, relay: Relay | None = None
+    ) -> None:
         wire = anthropic_wire if backend.type == "anthropic" else openai_wire
         # A request the backend's dialect cannot say is refused here, before anything is sent.
         self.path, self.body = wire.request_body(request, model, backend.name)
-        decoder = anthropic_wire.EventDecoder if backend.type == "anthropic" else openai_wire.ChunkDecoder
-        self.decoder: StreamDecoder = decoder(backend.name)
+        self.relay: ChunkRelay | None = None
+        if backend.type == "anthropic":
+            self.decoder: StreamDecoder = anthropic_wire.EventDecoder(backend.name)
+        else:
+            chunks = openai_wire.ChunkDecoder(backend.name)
+            self.decoder = chunks
+            if relay is not None and not hold and self.path == "/chat/completions":
+                self.relay = ChunkRelay(relay, chunks)
         self.backend = backend
         self.request = request
         self.model = model
@@ -48,7 +59,7 @@ class UpstreamJob:
         self.finished = False  # the answer is whole (what may follow is the end of the HTTP response)
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self._events: deque[Event | BaseException] = deque()
+        self._events: deque[Event | bytes | RelayEnd | BaseException] = deque()
         self._ready = asyncio.Event()
         backend.outstanding += 1
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -70,9 +81,27 @@ class UpstreamJob:
             item = self._events.popleft()
             if isinstance(item, BaseException):
                 raise item
+            assert not isinstance(item, (bytes, RelayEnd)), "a relayed answer is read with relayed()"
             yield item
             if isinstance(item, Finished):
                 return
+
+    async def relayed(self) -> AsyncIterator[bytes | RelayEnd]:
+        """After `Started`, a relayed answer: the bytes waiting (joined), then its end."""
+        while True:
+            while not self._events:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._events.popleft()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, RelayEnd):
+                yield item
+                return
+            assert isinstance(item, bytes)
+            while self._events and isinstance(self._events[0], bytes):
+                item += self._events.popleft()  # type: ignore[operator]  # checked: bytes
+            yield item
 
     def take_ready_text(self, kind: type[TextDelta | ReasoningDelta] = TextDelta) -> str:
         """The text of the deltas of `kind` already waiting, taken at once (as `Job.take_ready_text`)."""
@@ -91,7 +120,7 @@ class UpstreamJob:
             self.cancelled = True
             self._task.cancel()
 
-    def _push(self, items: list[Event | BaseException]) -> None:
+    def _push(self, items: Sequence[Event | bytes | RelayEnd | BaseException]) -> None:
         self._events.extend(items)
         self._ready.set()
 
@@ -107,15 +136,18 @@ class UpstreamJob:
                     raise status_error(
                         backend.name, response.status_code, body, response.headers.get("retry-after"), self.model
                     )
-                events = server_events(response.aiter_lines())
-                async for event in events:
-                    if self._deliver(self.decoder.decode(event), held):
-                        self.finished = True
-                        break
-                if self.finished:
-                    await _drain(events)
+                if self.relay is not None:
+                    await self._relay(response, self.relay)
                 else:
-                    self._deliver(self.decoder.end(), held)
+                    events = server_events(response.aiter_lines())
+                    async for event in events:
+                        if self._deliver(self.decoder.decode(event), held):
+                            self.finished = True
+                            break
+                    if self.finished:
+                        await _drain(events)
+                    else:
+                        self._deliver(self.decoder.end(), held)
             backend.succeeded()
         except RoutingError as exc:
             self._fail(exc, held)
@@ -144,6 +176,36 @@ class UpstreamJob:
                 ]
             )
 
+    async def _relay(self, response: httpx.Response, relay: ChunkRelay) -> None:
+        """Relay the answer's bytes as they arrive; until its first piece they are held, so that
+        another backend may still take over."""
+        pending: list[bytes] = []
+        blocks = response.aiter_bytes()
+        async for data in blocks:
+            if self._relay_step(*relay.feed(data), pending):
+                self.finished = True
+                await _drain(blocks)
+                return
+        self.finished = self._relay_step(*relay.end(), pending)
+
+    def _relay_step(self, out: list[bytes], events: list[Event], pending: list[bytes]) -> bool:
+        """Hand on what one read made relayable; True once the answer ended."""
+        pending += out
+        if not self.decoder.started:
+            return False
+        items: list[Event | bytes | RelayEnd | BaseException] = [e for e in events if isinstance(e, Started)]
+        if pending:
+            items.append(b"".join(pending))
+            pending.clear()
+        finished = next((e for e in events if isinstance(e, Finished)), None)
+        if finished is not None:
+            self.prompt_tokens, self.completion_tokens = finished.prompt_tokens, finished.completion_tokens
+            assert self.relay is not None
+            items.append(RelayEnd(finished, self.decoder.calls, b"".join(self.relay.tail)))
+        if items:
+            self._push(items)
+        return finished is not None
+
     def _deliver(self, events: list[Event], held: list[Event | BaseException]) -> bool:
         """Hand events on (or hold them until the answer is whole); True once Finished came."""
         done = any(isinstance(e, Finished) for e in events)
@@ -164,7 +226,7 @@ class UpstreamJob:
         self._push([error])  # held events are dropped: the caller may start over elsewhere
 
 
-async def _drain(events: AsyncIterator[ServerEvent]) -> None:
+async def _drain(events: AsyncIterator[ServerEvent] | AsyncIterator[bytes]) -> None:
     """Read what follows the answer's end: normally only the end of the chunked body, and then the
     connection is kept for the next request (one left unread is closed, and the next request
     would wait for a new one). An upstream that sends more, or is slow to end, loses it."""

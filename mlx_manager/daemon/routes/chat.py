@@ -30,6 +30,7 @@ from mlx_manager.daemon.schemas import (
 )
 from mlx_manager.daemon.state import Daemon, Outcome
 from mlx_manager.engine.types import Finished, GenerationRequest, ReasoningDelta, TextDelta, TokenLogprob
+from mlx_manager.routing.relay import Relay
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["chat"])
 
@@ -178,6 +179,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, daemon
         constraint=constraint,
         tool_choice=_tool_choice(body),
     )
-    call = GenerationCall(daemon, request, "chat", job_request, n=body.choices())
+    # Streamed to an `openai` backend, the upstream's chunks are relayed as they are, renamed so.
+    relay = Relay(f"chatcmpl-{outcome.request_id}", name.sent, body.include_usage()) if body.stream else None
+    call = GenerationCall(daemon, request, "chat", job_request, n=body.choices(), relay=relay)
     fmt = ChatFormat(outcome.request_id, name.sent, body.include_usage(), int(time.time()), bool(body.logprobs))
     return await respond(call, fmt, body.stream)
