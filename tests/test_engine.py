@@ -213,57 +213,43 @@ def test_a_cancelled_waiting_job_leaves_the_queue_at_once(engine, slow_model):
     asyncio.run(main())
 
 
+async def stream_tokens_while_read(e: Engine, model: str, prompt: list[int], warm: int = 0) -> int:
+    """A stream decodes (at least `warm` tokens first); `prompt` arrives: how many tokens the
+    stream got between the prompt's start and its first (and only) token."""
+    stream = e.submit(request(model, "a running stream", max_tokens=100000))
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            break
+    assert await until(lambda: stream.completion_tokens > warm)
+    joining = e.submit(GenerationRequest(model=model, prompt=prompt, max_tokens=1, sampling=GREEDY))
+    async for event in joining:
+        if isinstance(event, Started):
+            break
+    before = stream.completion_tokens
+    await collect(joining)
+    during = stream.completion_tokens - before
+    stream.cancel()
+    return during
+
+
 def test_a_long_prompt_is_read_between_the_tokens_of_running_streams(engine, fast_model):
     """While a stream decodes, a long prompt arriving is read in small chunks sized to a decode
     round, not `prefill_chunk` at once: the stream keeps getting tokens all through the prefill."""
-
-    async def main():
-        e = engine(prefill_chunk=512)
-        stream = e.submit(request(fast_model, "a running stream", max_tokens=100000))
-        async for event in stream:
-            if isinstance(event, TextDelta):
-                break
-        prompt = list(range(10, 500)) * 6  # 2,940 tokens: 6 chunks of 512 at once
-        long = e.submit(GenerationRequest(model=fast_model, prompt=prompt, max_tokens=1, sampling=GREEDY))
-        async for event in long:
-            if isinstance(event, Started):
-                break
-        before = stream.completion_tokens
-        await collect(long)
-        during = stream.completion_tokens - before
-        stream.cancel()
-        # Unpaced, each of the 6 chunks holds up the stream once: about 6 tokens during the prefill.
-        assert during > 3 * (len(prompt) // 512), during
-
-    asyncio.run(main())
+    prompt = list(range(10, 500)) * 6  # 2,940 tokens: 6 chunks of 512 at once
+    during = asyncio.run(stream_tokens_while_read(engine(prefill_chunk=512), fast_model, prompt))
+    # Unpaced, each of the 6 chunks holds up the stream once: about 6 tokens during the prefill.
+    assert during > 3 * (len(prompt) // 512), during
 
 
 def test_a_short_prompt_joining_running_streams_is_read_in_one_burst(engine, fast_model):
     """A conversation's next turn (or any short prompt) joining while a stream decodes is read
     alone in one step, not paced a token or two a step: its first token comes after about one
     step of the running stream, which waits that once."""
-
-    async def main():
-        e = engine(prefill_chunk=512)
-        stream = e.submit(request(fast_model, "a running stream", max_tokens=100000))
-        async for event in stream:
-            if isinstance(event, TextDelta):
-                break
-        # Let the engine time a decode round alone first (the burst is sized in decode rounds).
-        assert await until(lambda: stream.completion_tokens > 20)
-        prompt = list(range(10, 74))  # 64 new tokens
-        short = e.submit(GenerationRequest(model=fast_model, prompt=prompt, max_tokens=1, sampling=GREEDY))
-        async for event in short:
-            if isinstance(event, Started):
-                break
-        before = stream.completion_tokens
-        await collect(short)
-        during = stream.completion_tokens - before
-        stream.cancel()
-        # Paced, 64 tokens take dozens of steps; in a burst, the stream gets a token or two meanwhile.
-        assert during <= 3, during
-
-    asyncio.run(main())
+    prompt = list(range(10, 74))  # 64 new tokens
+    # warm: the engine times a decode round alone first (the burst is sized in decode rounds).
+    during = asyncio.run(stream_tokens_while_read(engine(prefill_chunk=512), fast_model, prompt, warm=20))
+    # Paced, 64 tokens take dozens of steps; in a burst, the stream gets a token or two meanwhile.
+    assert during <= 3, during
 
 
 def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_model, monkeypatch):

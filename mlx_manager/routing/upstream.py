@@ -73,14 +73,19 @@ class UpstreamJob:
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
+    async def _next(self) -> Event | bytes | RelayEnd:
+        """The next item the reader queued (raised, if it is an error)."""
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._events.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     async def _iterate(self) -> AsyncIterator[Event]:
         while True:
-            while not self._events:
-                self._ready.clear()
-                await self._ready.wait()
-            item = self._events.popleft()
-            if isinstance(item, BaseException):
-                raise item
+            item = await self._next()
             assert not isinstance(item, (bytes, RelayEnd)), "a relayed answer is read with relayed()"
             yield item
             if isinstance(item, Finished):
@@ -89,12 +94,7 @@ class UpstreamJob:
     async def relayed(self) -> AsyncIterator[bytes | RelayEnd]:
         """After `Started`, a relayed answer: the bytes waiting (joined), then its end."""
         while True:
-            while not self._events:
-                self._ready.clear()
-                await self._ready.wait()
-            item = self._events.popleft()
-            if isinstance(item, BaseException):
-                raise item
+            item = await self._next()
             if isinstance(item, RelayEnd):
                 yield item
                 return
