@@ -137,10 +137,10 @@ async def cancel_mid_prefill(engine: Engine, model: str, prompt: list[int], chun
 async def main(args: argparse.Namespace) -> None:
     from tests.models import build_model
 
+    engine = Engine(EngineConfig(prefill_chunk=args.chunk, cache_max_bytes=0, max_batch_size=32, allow_any_path=True))
+    engine.start()  # first: it picks the BLAS before anything imports MLX (build_model does)
     folder = build_model(Path(tempfile.mkdtemp(prefix="prefill-bench-")) / args.size, args.size)
     model = str(folder)
-    engine = Engine(EngineConfig(prefill_chunk=args.chunk, cache_max_bytes=0, max_batch_size=32, allow_any_path=True))
-    engine.start()
     try:
         await engine.load(model)
         words = list(range(8, 1000))
