@@ -75,9 +75,9 @@ class PrefillPacer:
 
     def burst(self, limit: int, chunk: int) -> Burst | None:
         """The burst a joining prompt may have this step; None on a round kept to time decoding."""
-        decode = self.decode_seconds
         if chunk == 0:
             return None
+        decode = self.decode_seconds
         return Burst(None if decode is None else BURST_ROUNDS * decode, limit)
 
     def observe(self, seconds: float, decoding: bool, chunk: int, prompt_tokens: int, now: float) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from mlx_manager.engine.types import Event, Finished
 from mlx_manager.routing.openai_wire import ChunkDecoder
+from mlx_manager.routing.sse import server_event
 
 _NULL_FINISH = re.compile(rb'"finish_reason"\s*:\s*null')
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
@@ -90,10 +91,10 @@ class ChunkRelay:
         if text.startswith(b"data: ") and b"\n" not in text:
             payload = text[6:]
         else:
-            name, data = _fields(text)
-            if data is None:
+            event = server_event(text.decode().split("\n"))
+            if event is None:
                 return  # a comment (keepalive) or an event without data
-            payload = data
+            name, payload = event.event, event.data.encode()
         if payload == b"[DONE]":
             events += self.decoder.done()
             return
@@ -157,15 +158,3 @@ def _written(pattern: re.Pattern[bytes], payload: bytes, value: Any) -> bytes | 
         if json.loads(text[text.index(b":") + 1 :]) == value:
             return text
     return None
-
-
-def _fields(text: bytes) -> tuple[str | None, bytes | None]:
-    """An event's name and data (its data lines joined), as sse.server_events reads them."""
-    name: str | None = None
-    data: list[bytes] = []
-    for line in text.split(b"\n"):
-        if line.startswith(b"data:"):
-            data.append(line[6:] if line.startswith(b"data: ") else line[5:])
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode()
-    return name, b"\n".join(data) if data else None

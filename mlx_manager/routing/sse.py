@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 
@@ -14,16 +14,25 @@ class ServerEvent:
 
 async def server_events(lines: AsyncIterator[str]) -> AsyncIterator[ServerEvent]:
     """The events of a stream of lines; comments (`: keepalive`) and other fields are skipped."""
+    block: list[str] = []
+    async for line in lines:
+        if line:
+            block.append(line)
+            continue
+        if (event := server_event(block)) is not None:
+            yield event
+        block = []
+    if (event := server_event(block)) is not None:
+        yield event
+
+
+def server_event(lines: Iterable[str]) -> ServerEvent | None:
+    """One event from its lines (None without data: a comment, a keepalive)."""
     event: str | None = None
     data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield ServerEvent(event, "\n".join(data))
-            event, data = None, []
-        elif line.startswith("data:"):
+    for line in lines:
+        if line.startswith("data:"):
             data.append(line[6:] if line.startswith("data: ") else line[5:])
         elif line.startswith("event:"):
             event = line[6:].strip()
-    if data:
-        yield ServerEvent(event, "\n".join(data))
+    return ServerEvent(event, "\n".join(data)) if data else None
