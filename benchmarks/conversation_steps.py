@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.models` from a checkout
 
 from mlx_manager.bench import distinct_prompt  # noqa: E402
+from mlx_manager.engine import allocator, attention  # noqa: E402
 from mlx_manager.engine.config import EngineConfig  # noqa: E402
 from mlx_manager.engine.engine import Engine  # noqa: E402
 from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams, TextDelta  # noqa: E402
@@ -78,6 +79,10 @@ async def conversation(engine: Engine, model: str, n: int, turns: int, out: list
 async def main(args: argparse.Namespace) -> None:
     from tests.models import build_model
 
+    if args.mlx_attention:  # A/B: the engine's CPU attention (engine/attention.py) off
+        attention.install = lambda: False  # type: ignore[assignment]
+    if args.default_malloc:  # A/B: glibc's malloc as it comes (engine/allocator.py)
+        allocator.tune = lambda: False  # type: ignore[assignment]
     engine = Engine(EngineConfig(allow_any_path=True))
     engine.start()  # first: it picks the BLAS before anything imports MLX (build_model does)
     folder = str(build_model(Path(tempfile.mkdtemp(prefix="conversation-steps-")) / "bench", "bench"))
@@ -86,14 +91,14 @@ async def main(args: argparse.Namespace) -> None:
         async for _ in engine.submit(GenerationRequest(model=folder, prompt="warm up", max_tokens=4)):
             pass
         out: list[dict[str, Any]] = []
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(conversation(engine, folder, n, args.turns, out) for n in range(args.conversations)))
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         engine.stop(timeout=60)
     later = sorted((o for o in out if o["turn"] > 1), key=lambda o: o["sent"])
     print(f"command: HF_HUB_OFFLINE=1 python benchmarks/conversation_steps.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"tokens/s {args.conversations * args.turns * 48 / seconds:.1f} over {seconds:.1f} s")
+    print(f"tokens/s {args.conversations * args.turns * 48 / seconds:.1f} over {seconds:.1f} s ({cpu:.1f} s of CPU)")
     print(f"TTFT p50: turn 1 {statistics.median(o['ttft'] for o in out if o['turn'] == 1):.2f} s, ", end="")
     print(f"later turns {statistics.median(o['ttft'] for o in later):.2f} s")
     print("later turns, cached / prompt tokens:", [(o["cached"], o["prompt"]) for o in later[:6]])
@@ -107,6 +112,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--mlx-attention", action="store_true", help="MLX's own attention (A/B)")
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc untuned (A/B)")
     return parser.parse_args(argv)
 
 

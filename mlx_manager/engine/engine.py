@@ -71,9 +71,11 @@ class Engine:
     def start(self) -> None:
         if self._done is not None:
             return
-        from mlx_manager.engine import blas
+        from mlx_manager.engine import allocator, attention, blas
 
         self._blas = blas.use(self.config.blas)  # before MLX's first matrix product
+        allocator.tune()
+        attention.install()
         self._done = run_on_inference_thread(self._worker.run)
         _started.add(self)
 
