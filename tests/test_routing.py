@@ -206,6 +206,68 @@ def test_a_chat_stream_to_an_openai_backend_is_relayed_with_our_id_and_model_nam
             assert row["time_to_first_token_ms"] is not None
 
 
+def test_a_messages_stream_to_an_anthropic_backend_is_relayed_with_our_id_and_model_name(
+    tmp_path, upstream, fast_model
+):
+    """Same dialect: the upstream's events pass through (routing/message_relay.py), its
+    message_start with our message id and the client's model name; stop reason and usage are the
+    upstream's; the audit row has its counts and the upstream's row our request id."""
+    with anthropic_client(upstream).messages.stream(
+        model=fast_model, max_tokens=12, messages=HELLO, extra_body=GREEDY
+    ) as direct:
+        expected = "".join(direct.text_stream)
+        theirs = direct.get_final_message()
+    with router(
+        tmp_path, [anthropic_backend(upstream)], [{"model": "claude-*", "to": f"claude:{fast_model}"}]
+    ) as front:
+        with anthropic_client(front).messages.stream(
+            model="claude-x", max_tokens=12, messages=HELLO, extra_body=GREEDY
+        ) as stream:
+            text = "".join(stream.text_stream)
+            message = stream.get_final_message()
+            response = stream.response
+        request_id = response.headers["x-request-id"]
+        assert response.headers["x-mlx-manager-backend"] == "claude"
+        assert text == expected and text
+        assert (message.id, message.model, message.stop_reason) == (f"msg_{request_id}", "claude-x", "max_tokens")
+        prompt = message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+        assert prompt == theirs.usage.input_tokens + (theirs.usage.cache_read_input_tokens or 0)
+        assert message.usage.output_tokens == theirs.usage.output_tokens == 12
+        row = row_for(front, request_id)
+        figures = (row["status"], row["backend"], row["backend_type"], row["model"], row["completion_tokens"])
+        assert figures == ("success", "claude", "anthropic", "claude-x", 12)
+        assert (row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) == (prompt, 12)
+        assert row["tool_calls"] == 0 and row["time_to_first_token_ms"] is not None
+        assert row_for(upstream, request_id)["endpoint"] == "/v1/messages"
+
+
+def test_a_relayed_messages_stream_keeps_thinking_and_the_tool_call_and_counts_it(
+    tmp_path, upstream, hermes_tool_model
+):
+    """A tool call's input streams as the upstream sent it; thinking the client asks to have omitted
+    comes as empty blocks (that stream is translated, as the upstream is not asked to omit it)."""
+    routes = [{"model": "claude-tools", "to": f"claude:{hermes_tool_model}"}]
+    with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
+        client = anthropic_client(front)
+        question = [{"role": "user", "content": QUESTION}]
+        for display in ("summarized", "omitted"):
+            with client.messages.stream(
+                model="claude-tools",
+                max_tokens=300,
+                messages=question,
+                tools=[TOOL],
+                extra_body={"thinking": {"type": "adaptive", "display": display}},
+            ) as stream:
+                message = stream.get_final_message()
+                response = stream.response
+            assert message.stop_reason == "tool_use" and message.model == "claude-tools"
+            calls = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
+            assert calls == [(c.name, c.arguments) for c in HERMES_TOOL.calls]
+            thinking = [b.thinking for b in message.content if b.type == "thinking"]
+            assert thinking == [HERMES_TOOL.thinking if display == "summarized" else ""]
+            assert row_for(front, response.headers["x-request-id"])["tool_calls"] == 1
+
+
 def test_chat_streamed_through_an_anthropic_backend_keeps_every_token_and_the_usage(tmp_path, upstream, fast_model):
     routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
     with router(tmp_path, [anthropic_backend(upstream)], routes) as front:

@@ -6,8 +6,9 @@ so deadlines, disconnects, cancellation and outcomes are the same for both. Canc
 closes the upstream connection, which is how the upstream learns to stop generating.
 With `hold`, the events wait until the answer is whole (a non-streamed request): until then the
 job may fail and another backend start over, and nothing was lost. With a `Relay` (a streamed
-request to a backend of its own dialect: chat to `openai`), the answer after `Started` is the
-upstream's own bytes, rewritten where they must be (relay.py), read with `relayed()`.
+request to a backend of its own dialect: chat to `openai`, Messages to `anthropic`), the answer
+after `Started` is the upstream's own bytes, rewritten where they must be (relay.py,
+message_relay.py), read with `relayed()`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlx_manager.engine.types import Event, Finished, GenerationRequest, Reasoni
 from mlx_manager.routing import anthropic_wire, openai_wire
 from mlx_manager.routing.backend import Backend
 from mlx_manager.routing.errors import RoutingError
+from mlx_manager.routing.message_relay import MessageRelay
 from mlx_manager.routing.relay import ChunkRelay, EventRelay, Relay, RelayEnd
 from mlx_manager.routing.sse import ServerEvent, server_events
 from mlx_manager.routing.wire import StreamDecoder, status_error
@@ -47,7 +49,10 @@ class UpstreamJob:
         # Relayed as it is: a stream (not held) to a backend that speaks the client's dialect.
         same = relay if relay is not None and not hold and relay.dialect == backend.type else None
         if backend.type == "anthropic":
-            self.decoder: StreamDecoder = anthropic_wire.EventDecoder(backend.name)
+            events = anthropic_wire.EventDecoder(backend.name)
+            self.decoder: StreamDecoder = events
+            if same is not None:
+                self.relay = MessageRelay(same, events)
         else:
             chunks = openai_wire.ChunkDecoder(backend.name)
             self.decoder = chunks
