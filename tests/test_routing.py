@@ -606,3 +606,34 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(tmp_path, upstream
         early = [job for job in upstream.engine.jobs if job.request.request_id == "leaves-early"]
         assert wait_until(lambda: all(job.done for job in early))
         assert len(early) == 1 and early[0].completion_tokens < 5000
+
+
+def test_a_relayed_messages_stream_ends_with_anthropics_error_event_at_its_deadline_and_cancels_upstream(
+    tmp_path, upstream, slow_model
+):
+    """After the first byte, the deadline is Anthropic's `error` event in our words (the relay's
+    upstream events stop there); a client that leaves stops the upstream's work too."""
+    routes = [{"model": "claude-slow", "to": f"claude:{slow_model}"}]
+    body = {"model": "claude-slow", "max_tokens": 5000, "messages": HELLO, "stream": True}
+    with router(tmp_path, [anthropic_backend(upstream)], routes, timeouts={"messages": 2}) as front:
+        assert wait_until(lambda: upstream_idle(upstream))  # the stream starts well within its deadline
+        with front.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+            assert response.status_code == 200 and response.headers["x-mlx-manager-backend"] == "claude"
+            events = sse_events(response)
+        request_id = response.headers["x-request-id"]
+        names = [name for name, _ in events]
+        assert names[0] == "message_start" and json.loads(events[0][1])["message"]["id"] == f"msg_{request_id}"
+        assert "content_block_delta" in names and "message_stop" not in names
+        assert names[-1] == "error" and names.count("error") == 1
+        error = json.loads(events[-1][1])
+        assert (error["type"], error["error"]["type"], error["error"]["code"]) == ("error", "timeout_error", "timeout")
+        job = upstream.engine.job(request_id)  # the upstream ran it under our request id
+        assert wait_until(lambda: job.done) and job.cancelled and job.completion_tokens < 5000
+        assert row_for(front, request_id)["status"] == "timeout"
+
+        with front.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+            request_id = response.headers["x-request-id"]
+            next(response.iter_lines())  # the stream has begun; then the client leaves
+        job = upstream.engine.job(request_id)
+        assert wait_until(lambda: job.done) and job.cancelled and job.completion_tokens < 5000
+        assert row_for(front, request_id)["status"] == "cancelled"

@@ -2,10 +2,11 @@
 that takes the request and then says nothing, our own engine's full queue; and the Retry-After of a
 route whose every backend is cooling down.
 
-The fallback upstream is a real daemon. The failing upstream is `FailingUpstream`: a tiny real HTTP
-server on loopback that stands in for an upstream in trouble (a real one cannot be made to answer
-500 or to hang on cue). It answers every request with one status, or reads the request and stalls
-before sending a byte, until the test lets it go.
+The fallback upstream is a real daemon (as an `anthropic` backend, its /v1/messages stands in for
+Anthropic's cloud API, which cannot be reached from here). The failing upstream is `FailingUpstream`:
+a tiny real HTTP server on loopback that stands in for an upstream in trouble (a real one cannot be
+made to answer 500 or to hang on cue). It answers every request with one status, or reads the
+request and stalls before sending a byte, until the test lets it go.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from mlx_manager.engine.config import EngineConfig
 from tests.daemon_server import LiveServer, serving, wait_until
 from tests.test_daemon_audit import row_for
-from tests.test_routing import HELLO, openai_backend, router
+from tests.test_routing import HELLO, anthropic_backend, anthropic_client, openai_backend, router
 
 
 class FailingUpstream:
@@ -152,6 +153,38 @@ def test_an_upstream_that_stalls_before_its_first_token_falls_back_after_the_rea
             ]
             row = row_for(front, response.headers["x-request-id"])
             assert (row["backend"], row["status"]) == ("up", "success")
+
+
+def test_a_relayed_messages_stream_falls_back_from_an_anthropic_backend_that_fails_or_stalls(
+    tmp_path, upstream, fast_model
+):
+    """The same for Anthropic's dialect, streamed (relayed as the fallback sends it): an upstream
+    500, and an upstream that says nothing within routing.read_timeout."""
+    with FailingUpstream(500) as failing, FailingUpstream(None) as stalling:
+        backends = [
+            {"name": "failing", "type": "anthropic", "base_url": failing.url},
+            {"name": "stalling", "type": "anthropic", "base_url": stalling.url},
+            anthropic_backend(upstream),
+        ]
+        routes = [
+            {"model": "m", "to": f"failing:{fast_model}", "fallback": [f"claude:{fast_model}"]},
+            {"model": "s", "to": f"stalling:{fast_model}", "fallback": [f"claude:{fast_model}"]},
+        ]
+        with router(tmp_path, backends, routes, routing={"read_timeout": 1}) as front:
+            cases = (("m", failing, "failing", "upstream_error"), ("s", stalling, "stalling", "upstream_timeout"))
+            for model, stand_in, name, kind in cases:
+                with anthropic_client(front).messages.stream(model=model, max_tokens=3, messages=HELLO) as stream:
+                    message = stream.get_final_message()
+                    response = stream.response
+                assert response.headers["x-mlx-manager-backend"] == "claude"
+                request_id = response.headers["x-request-id"]
+                assert (message.id, message.model, message.usage.output_tokens) == (f"msg_{request_id}", model, 3)
+                assert stand_in.requests == 1
+                assert failures(front, name) == [
+                    f'mlx_manager_backend_failures_total{{backend="{name}",error="{kind}"}} 1.0'
+                ]
+                row = row_for(front, request_id)
+                assert (row["backend"], row["status"], row["upstream_completion_tokens"]) == ("claude", "success", 3)
 
 
 def test_a_full_local_queue_falls_back_upstream(tmp_path, upstream, fast_model, slow_model):
