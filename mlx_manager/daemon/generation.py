@@ -299,12 +299,45 @@ async def answer(
         await call.started()
         if stream:
             streaming = True
-            body = relayed(call) if call.relaying else _events(call, translation)  # relayed: the upstream's own
-            return EventStream(body, on_close=call.close_stream)
+            return EventStream(_body(call, translation), on_close=call.close_stream)
         return complete(await call.collect())
     finally:
         if not streaming:
             call.close()
+
+
+def _body(call: GenerationCall, translation: Translation) -> AsyncIterator[str] | AsyncIterator[bytes]:
+    """The SSE body: the translation's events, or the upstream's own relayed (with the
+    translation's keepalive when the upstream is silent, as a translated stream has it)."""
+    if not call.relaying:
+        return _events(call, translation)
+    if translation.keepalive_every is None:
+        return relayed(call)
+    return with_keepalive(relayed(call), translation.keepalive_every, translation.keepalive().encode())
+
+
+async def with_keepalive(body: AsyncIterator[bytes], every: float, keepalive: bytes) -> AsyncIterator[bytes]:
+    """`body`, and `keepalive` whenever it has said nothing for `every` seconds (between its
+    items, which are whole events)."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(body))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield keepalive
+                continue
+            future, pending = pending, None
+            try:
+                item = future.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:  # the client left: stop the body where it waits, then close it
+            pending.cancel()
+            await asyncio.wait({pending})
+        await body.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
 async def _events(call: GenerationCall, translation: Translation) -> AsyncIterator[str]:
