@@ -39,8 +39,8 @@ _PARSED_KEYS = (b'"tool_calls"', b'"function_call"', b'"error"')
 @dataclass(frozen=True)
 class Relay:
     """What the client's stream says that the upstream's does not: the chunk (or message) id and
-    model name, and whether the client asked for the usage chunk. `dialect`: the client's, the
-    type of backend whose stream may be relayed to it as it is."""
+    model name, and whether the client asked for the usage chunk (chat). `dialect`: the client's,
+    the type of backend whose stream may be relayed to it as it is."""
 
     id: str
     model: str
