@@ -240,6 +240,20 @@ def test_a_messages_stream_to_an_anthropic_backend_is_relayed_with_our_id_and_mo
         assert row["tool_calls"] == 0 and row["time_to_first_token_ms"] is not None
         assert row_for(upstream, request_id)["endpoint"] == "/v1/messages"
 
+        # Not streamed: the upstream's stream is held until whole (another backend could still take
+        # over), then answered as one message.
+        whole = anthropic_client(front).messages.with_raw_response.create(
+            model="claude-x", max_tokens=12, messages=HELLO, extra_body=GREEDY
+        )
+        message = whole.parse()
+        assert whole.headers["x-mlx-manager-backend"] == "claude"
+        assert (message.id, message.model, message.stop_reason) == (
+            f"msg_{whole.headers['x-request-id']}",
+            "claude-x",
+            "max_tokens",
+        )
+        assert [block.text for block in message.content] == [expected] and message.usage.output_tokens == 12
+
 
 def test_a_relayed_messages_stream_keeps_thinking_and_the_tool_call_and_counts_it(
     tmp_path, upstream, hermes_tool_model
