@@ -206,6 +206,82 @@ def test_a_chat_stream_to_an_openai_backend_is_relayed_with_our_id_and_model_nam
             assert row["time_to_first_token_ms"] is not None
 
 
+def test_a_messages_stream_to_an_anthropic_backend_is_relayed_with_our_id_and_model_name(
+    tmp_path, upstream, fast_model
+):
+    """Same dialect: the upstream's events pass through (routing/message_relay.py), its
+    message_start with our message id and the client's model name; stop reason and usage are the
+    upstream's; the audit row has its counts and the upstream's row our request id."""
+    with anthropic_client(upstream).messages.stream(
+        model=fast_model, max_tokens=12, messages=HELLO, extra_body=GREEDY
+    ) as direct:
+        expected = "".join(direct.text_stream)
+        theirs = direct.get_final_message()
+    with router(
+        tmp_path, [anthropic_backend(upstream)], [{"model": "claude-*", "to": f"claude:{fast_model}"}]
+    ) as front:
+        with anthropic_client(front).messages.stream(
+            model="claude-x", max_tokens=12, messages=HELLO, extra_body=GREEDY
+        ) as stream:
+            text = "".join(stream.text_stream)
+            message = stream.get_final_message()
+            response = stream.response
+        request_id = response.headers["x-request-id"]
+        assert response.headers["x-mlx-manager-backend"] == "claude"
+        assert text == expected and text
+        assert (message.id, message.model, message.stop_reason) == (f"msg_{request_id}", "claude-x", "max_tokens")
+        prompt = message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+        assert prompt == theirs.usage.input_tokens + (theirs.usage.cache_read_input_tokens or 0)
+        assert message.usage.output_tokens == theirs.usage.output_tokens == 12
+        row = row_for(front, request_id)
+        figures = (row["status"], row["backend"], row["backend_type"], row["model"], row["completion_tokens"])
+        assert figures == ("success", "claude", "anthropic", "claude-x", 12)
+        assert (row["upstream_prompt_tokens"], row["upstream_completion_tokens"]) == (prompt, 12)
+        assert row["tool_calls"] == 0 and row["time_to_first_token_ms"] is not None
+        assert row_for(upstream, request_id)["endpoint"] == "/v1/messages"
+
+        # Not streamed: the upstream's stream is held until whole (another backend could still take
+        # over), then answered as one message.
+        whole = anthropic_client(front).messages.with_raw_response.create(
+            model="claude-x", max_tokens=12, messages=HELLO, extra_body=GREEDY
+        )
+        message = whole.parse()
+        assert whole.headers["x-mlx-manager-backend"] == "claude"
+        assert (message.id, message.model, message.stop_reason) == (
+            f"msg_{whole.headers['x-request-id']}",
+            "claude-x",
+            "max_tokens",
+        )
+        assert [block.text for block in message.content] == [expected] and message.usage.output_tokens == 12
+
+
+def test_a_relayed_messages_stream_keeps_thinking_and_the_tool_call_and_counts_it(
+    tmp_path, upstream, hermes_tool_model
+):
+    """A tool call's input streams as the upstream sent it; thinking the client asks to have omitted
+    comes as empty blocks (that stream is translated, as the upstream is not asked to omit it)."""
+    routes = [{"model": "claude-tools", "to": f"claude:{hermes_tool_model}"}]
+    with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
+        client = anthropic_client(front)
+        question = [{"role": "user", "content": QUESTION}]
+        for display in ("summarized", "omitted"):
+            with client.messages.stream(
+                model="claude-tools",
+                max_tokens=300,
+                messages=question,
+                tools=[TOOL],
+                extra_body={"thinking": {"type": "adaptive", "display": display}},
+            ) as stream:
+                message = stream.get_final_message()
+                response = stream.response
+            assert message.stop_reason == "tool_use" and message.model == "claude-tools"
+            calls = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
+            assert calls == [(c.name, c.arguments) for c in HERMES_TOOL.calls]
+            thinking = [b.thinking for b in message.content if b.type == "thinking"]
+            assert thinking == [HERMES_TOOL.thinking if display == "summarized" else ""]
+            assert row_for(front, response.headers["x-request-id"])["tool_calls"] == 1
+
+
 def test_chat_streamed_through_an_anthropic_backend_keeps_every_token_and_the_usage(tmp_path, upstream, fast_model):
     routes = [{"model": "claude-*", "to": f"claude:{fast_model}"}]
     with router(tmp_path, [anthropic_backend(upstream)], routes) as front:
@@ -544,3 +620,34 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(tmp_path, upstream
         early = [job for job in upstream.engine.jobs if job.request.request_id == "leaves-early"]
         assert wait_until(lambda: all(job.done for job in early))
         assert len(early) == 1 and early[0].completion_tokens < 5000
+
+
+def test_a_relayed_messages_stream_ends_with_anthropics_error_event_at_its_deadline_and_cancels_upstream(
+    tmp_path, upstream, slow_model
+):
+    """After the first byte, the deadline is Anthropic's `error` event in our words (the relay's
+    upstream events stop there); a client that leaves stops the upstream's work too."""
+    routes = [{"model": "claude-slow", "to": f"claude:{slow_model}"}]
+    body = {"model": "claude-slow", "max_tokens": 5000, "messages": HELLO, "stream": True}
+    with router(tmp_path, [anthropic_backend(upstream)], routes, timeouts={"messages": 2}) as front:
+        assert wait_until(lambda: upstream_idle(upstream))  # the stream starts well within its deadline
+        with front.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+            assert response.status_code == 200 and response.headers["x-mlx-manager-backend"] == "claude"
+            events = sse_events(response)
+        request_id = response.headers["x-request-id"]
+        names = [name for name, _ in events]
+        assert names[0] == "message_start" and json.loads(events[0][1])["message"]["id"] == f"msg_{request_id}"
+        assert "content_block_delta" in names and "message_stop" not in names
+        assert names[-1] == "error" and names.count("error") == 1
+        error = json.loads(events[-1][1])
+        assert (error["type"], error["error"]["type"], error["error"]["code"]) == ("error", "timeout_error", "timeout")
+        job = upstream.engine.job(request_id)  # the upstream ran it under our request id
+        assert wait_until(lambda: job.done) and job.cancelled and job.completion_tokens < 5000
+        assert row_for(front, request_id)["status"] == "timeout"
+
+        with front.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+            request_id = response.headers["x-request-id"]
+            next(response.iter_lines())  # the stream has begun; then the client leaves
+        job = upstream.engine.job(request_id)
+        assert wait_until(lambda: job.done) and job.cancelled and job.completion_tokens < 5000
+        assert row_for(front, request_id)["status"] == "cancelled"

@@ -1,16 +1,19 @@
 """Fallback when the chosen backend fails before the first byte: an upstream 500 or 502, an upstream
 that takes the request and then says nothing, our own engine's full queue; and the Retry-After of a
-route whose every backend is cooling down.
+route whose every backend is cooling down. And after the first byte: a relayed Messages stream
+whose upstream goes quiet gets our keepalive pings.
 
-The fallback upstream is a real daemon. The failing upstream is `FailingUpstream`: a tiny real HTTP
-server on loopback that stands in for an upstream in trouble (a real one cannot be made to answer
-500 or to hang on cue). It answers every request with one status, or reads the request and stalls
-before sending a byte, until the test lets it go.
+The fallback upstream is a real daemon (as an `anthropic` backend, its /v1/messages stands in for
+Anthropic's cloud API, which cannot be reached from here). The failing upstream is `FailingUpstream`:
+a tiny real HTTP server on loopback that stands in for an upstream in trouble (a real one cannot be
+made to answer 500 or to hang on cue). It answers every request with one status, or reads the
+request and stalls before sending a byte, until the test lets it go.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,10 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
+from mlx_manager.daemon.dialects.anthropic.serving import MessageStream
 from mlx_manager.engine.config import EngineConfig
 from tests.daemon_server import LiveServer, serving, wait_until
 from tests.test_daemon_audit import row_for
-from tests.test_routing import HELLO, openai_backend, router
+from tests.test_routing import HELLO, anthropic_backend, anthropic_client, openai_backend, router
 
 
 class FailingUpstream:
@@ -74,6 +78,70 @@ class FailingUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class PausingAnthropicUpstream:
+    """A stand-in for an `anthropic` upstream that goes quiet mid-answer (a real one cannot be made
+    to on cue): it streams the start of a message, then nothing until `release()`, then its end."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        upstream = self
+
+        def event(name: str, data: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+        def delta(text: str) -> bytes:
+            return event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+
+        message = {"id": "msg_theirs", "type": "message", "role": "assistant", "model": "theirs", "content": []}
+        usage = {"input_tokens": 3, "output_tokens": 1}
+        self.before = [
+            event("message_start", {"message": {**message, "stop_reason": None, "usage": usage}}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            delta("Hello"),
+        ]
+        self.after = [
+            delta(" world"),
+            event("content_block_stop", {"index": 0}),
+            event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+            event("message_stop", {}),
+        ]
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")  # the body ends when the connection does
+                self.end_headers()
+                self.wfile.write(b"".join(upstream.before))
+                self.wfile.flush()
+                upstream.released.wait(60)
+                self.wfile.write(b"".join(upstream.after))
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> PausingAnthropicUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -152,6 +220,67 @@ def test_an_upstream_that_stalls_before_its_first_token_falls_back_after_the_rea
             ]
             row = row_for(front, response.headers["x-request-id"])
             assert (row["backend"], row["status"]) == ("up", "success")
+
+
+def test_a_relayed_messages_stream_falls_back_from_an_anthropic_backend_that_fails_or_stalls(
+    tmp_path, upstream, fast_model
+):
+    """The same for Anthropic's dialect, streamed (relayed as the fallback sends it): an upstream
+    500, and an upstream that says nothing within routing.read_timeout."""
+    with FailingUpstream(500) as failing, FailingUpstream(None) as stalling:
+        backends = [
+            {"name": "failing", "type": "anthropic", "base_url": failing.url},
+            {"name": "stalling", "type": "anthropic", "base_url": stalling.url},
+            anthropic_backend(upstream),
+        ]
+        routes = [
+            {"model": "m", "to": f"failing:{fast_model}", "fallback": [f"claude:{fast_model}"]},
+            {"model": "s", "to": f"stalling:{fast_model}", "fallback": [f"claude:{fast_model}"]},
+        ]
+        with router(tmp_path, backends, routes, routing={"read_timeout": 1}) as front:
+            cases = (("m", failing, "failing", "upstream_error"), ("s", stalling, "stalling", "upstream_timeout"))
+            for model, stand_in, name, kind in cases:
+                with anthropic_client(front).messages.stream(model=model, max_tokens=3, messages=HELLO) as stream:
+                    message = stream.get_final_message()
+                    response = stream.response
+                assert response.headers["x-mlx-manager-backend"] == "claude"
+                request_id = response.headers["x-request-id"]
+                assert (message.id, message.model, message.usage.output_tokens) == (f"msg_{request_id}", model, 3)
+                assert stand_in.requests == 1
+                assert failures(front, name) == [
+                    f'mlx_manager_backend_failures_total{{backend="{name}",error="{kind}"}} 1.0'
+                ]
+                row = row_for(front, request_id)
+                assert (row["backend"], row["status"], row["upstream_completion_tokens"]) == ("claude", "success", 3)
+
+
+def test_a_relayed_messages_stream_whose_upstream_goes_quiet_gets_our_pings(tmp_path, monkeypatch):
+    """As a translated stream does (a ping after PING_EVERY seconds of silence, here 0.2 s), so
+    that proxies keep the connection open; the answer then goes on as the upstream sent it."""
+    monkeypatch.setattr(MessageStream, "keepalive_every", 0.2)
+    with PausingAnthropicUpstream() as pausing:
+        backends = [{"name": "pausing", "type": "anthropic", "base_url": pausing.url}]
+        with router(tmp_path, backends, [{"model": "m", "to": "pausing"}]) as front, front.http() as http:
+            body = {"model": "m", "max_tokens": 5, "messages": HELLO, "stream": True}
+            events: list[tuple[str, str]] = []  # (name, data)
+            with http.stream("POST", "/v1/messages", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        events.append((line.removeprefix("event: "), ""))
+                    elif line.startswith("data: "):
+                        events[-1] = (events[-1][0], line.removeprefix("data: "))
+                    if [name for name, _ in events].count("ping") == 2:  # quiet for a while: pinged twice
+                        pausing.release()
+            names = [name for name, _ in events]
+            quiet = names[3 : names.index("content_block_delta", 3)]  # a third ping may come before the rest
+            assert len(quiet) >= 2 and set(quiet) == {"ping"}
+            assert names[:3] == ["message_start", "content_block_start", "content_block_delta"]
+            after = ["content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+            assert names[3 + len(quiet) :] == after
+            assert json.loads(events[0][1])["message"]["id"] == f"msg_{response.headers['x-request-id']}"
+            assert json.loads(events[-2][1])["usage"] == {"output_tokens": 2}
+            row = row_for(front, response.headers["x-request-id"])
+            assert (row["status"], row["backend"], row["completion_tokens"]) == ("success", "pausing", 2)
 
 
 def test_a_full_local_queue_falls_back_upstream(tmp_path, upstream, fast_model, slow_model):

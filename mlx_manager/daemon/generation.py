@@ -21,7 +21,7 @@ from mlx_manager.daemon.call import EngineCall
 from mlx_manager.daemon.handlers import problem_for
 from mlx_manager.daemon.outcome import RequestOutcome
 from mlx_manager.daemon.problems import Problem
-from mlx_manager.daemon.sse import EventStream, sse_done, sse_error
+from mlx_manager.daemon.sse import EventStream, sse_error
 from mlx_manager.daemon.state import DaemonState
 from mlx_manager.engine.constraints import ConstraintError, GrammarSpec, grammar_for_response_format
 from mlx_manager.engine.errors import EngineError
@@ -299,11 +299,45 @@ async def answer(
         await call.started()
         if stream:
             streaming = True
-            return EventStream(_events(call, translation), on_close=call.close_stream)
+            return EventStream(_body(call, translation), on_close=call.close_stream)
         return complete(await call.collect())
     finally:
         if not streaming:
             call.close()
+
+
+def _body(call: GenerationCall, translation: Translation) -> AsyncIterator[str] | AsyncIterator[bytes]:
+    """The SSE body: the translation's events, or the upstream's own relayed (with the
+    translation's keepalive when the upstream is silent, as a translated stream has it)."""
+    if not call.relaying:
+        return _events(call, translation)
+    if translation.keepalive_every is None:
+        return relayed(call)
+    return with_keepalive(relayed(call), translation.keepalive_every, translation.keepalive().encode())
+
+
+async def with_keepalive(body: AsyncIterator[bytes], every: float, keepalive: bytes) -> AsyncIterator[bytes]:
+    """`body`, and `keepalive` whenever it has said nothing for `every` seconds (between its
+    items, which are whole events)."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(body))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield keepalive
+                continue
+            future, pending = pending, None
+            try:
+                item = future.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:  # the client left: stop the body where it waits, then close it
+            pending.cancel()
+            await asyncio.wait({pending})
+        await body.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
 async def _events(call: GenerationCall, translation: Translation) -> AsyncIterator[str]:
@@ -363,9 +397,10 @@ async def _failure(call: GenerationCall, translation: Translation, problem: Prob
 
 
 async def relayed(call: GenerationCall) -> AsyncIterator[bytes]:
-    """The SSE body of an upstream's chat stream relayed as it is (routing/relay.py): its bytes as
-    they come, then, once the outcome is final, its usage chunk and [DONE]. An error after the first
-    byte is the SSE error event, as on the other paths."""
+    """The SSE body of an upstream's stream relayed as it is (routing/relay.py): its bytes as they
+    come, then, once the outcome is final, its last events (chat: the usage chunk and [DONE];
+    Messages: message_delta and message_stop). An error after the first byte is the SSE error
+    event, as on the other paths."""
     outcome = call.outcome
     assert isinstance(call.job, RoutedJob)
     blocks = call.job.relayed()
@@ -379,7 +414,7 @@ async def relayed(call: GenerationCall) -> AsyncIterator[bytes]:
             call.finished(item.finished)
             outcome.tool_calls = item.tool_calls
             await call.acknowledge()  # the audit row before the last byte
-            yield item.tail + sse_done().encode()
+            yield item.tail
             return
     except Exception as exc:
         problem = ended_by(call, stream_problem(call, exc))

@@ -7,6 +7,8 @@ translation to and from the upstream's dialect.
 - `upstream`: `UpstreamJob`, one generation on an upstream, seen as an engine job.
 - `openai_wire`, `anthropic_wire`: a `GenerationRequest` as the upstream's request body, and its
   streamed answer as the engine's events (so every dialect the daemon speaks reaches every backend).
+- `relay`, `message_relay`: a stream to a backend of the client's own dialect, relayed as it came
+  (chat to `openai`, Messages to `anthropic`), only the id and model name rewritten.
 - `keyref`: API keys given by reference (`env:NAME`, a file), never in the config file.
 
 Imports: daemon -> routing -> engine.types / engine.errors (plain Python, no MLX) and settings.

@@ -10,6 +10,10 @@ the answer's first piece (the fallback decision needs it), a finish reason, usag
 error, or one whose `id` or `model` is not the one seen first. The decoder so learns the finish
 reason, the usage and the tool calls for the audit row. The usage chunk is held until the audit
 row is durable (it goes out with [DONE]); without `include_usage` it is dropped.
+
+`EventRelay` is what the dialects' relays share: the split of the upstream's bytes into events,
+the stream's end, and the tail held until the outcome is final. Anthropic's Messages stream is
+relayed by `message_relay.MessageRelay`.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from mlx_manager.engine.types import Event, Finished
 from mlx_manager.routing.openai_wire import ChunkDecoder
 from mlx_manager.routing.sse import server_event
+from mlx_manager.routing.wire import StreamDecoder
 
 _NULL_FINISH = re.compile(rb'"finish_reason"\s*:\s*null')
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
@@ -33,34 +38,35 @@ _PARSED_KEYS = (b'"tool_calls"', b'"function_call"', b'"error"')
 
 @dataclass(frozen=True)
 class Relay:
-    """What the client's chat stream says that the upstream's does not: the chunk id and model
-    name, and whether the client asked for the usage chunk."""
+    """What the client's stream says that the upstream's does not: the chunk (or message) id and
+    model name, and whether the client asked for the usage chunk (chat). `dialect`: the client's,
+    the type of backend whose stream may be relayed to it as it is."""
 
     id: str
     model: str
     include_usage: bool
+    dialect: Literal["openai", "anthropic"] = "openai"
 
 
 @dataclass(frozen=True)
 class RelayEnd:
-    """The relayed answer's end: how it finished, its tool calls, and the usage chunk to send
-    once the outcome is final."""
+    """The relayed answer's end: how it finished, its tool calls, and the stream's last bytes
+    (the relay's `ending()`), to send once the outcome is final."""
 
     finished: Finished
     tool_calls: int
     tail: bytes
 
 
-class ChunkRelay:
-    """An upstream's chat stream, bytes in, relayable bytes and engine events out (see the module doc)."""
+class EventRelay:
+    """An upstream's stream, bytes in, relayable bytes and engine events out; a dialect's relay
+    says what one event becomes (`_event`)."""
 
-    def __init__(self, relay: Relay, decoder: ChunkDecoder) -> None:
+    def __init__(self, relay: Relay, decoder: StreamDecoder) -> None:
         self.relay = relay
         self.decoder = decoder
-        self.tail: list[bytes] = []  # the usage chunk, held until the outcome is final
+        self.tail: list[bytes] = []  # what goes out once the outcome is final
         self._buffer = b""  # an event not complete yet
-        self._ours = (_field("id", relay.id), _field("model", relay.model))
-        self._theirs: tuple[bytes, bytes] | None = None  # `"id":"..."`, `"model":"..."` as the upstream writes them
 
     def feed(self, data: bytes) -> tuple[list[bytes], list[Event]]:
         """The complete events of what came so far: their bytes to relay, and the engine events
@@ -85,6 +91,29 @@ class ChunkRelay:
         if not any(isinstance(event, Finished) for event in events):
             events += self.decoder.end()
         return out, events
+
+    def ending(self) -> bytes:
+        """The stream's last bytes, sent once the outcome is final: the tail."""
+        return b"".join(self.tail)
+
+    def _event(self, text: bytes, out: list[bytes], events: list[Event]) -> None:
+        """Relay one complete event (its lines, without the blank line) to `out` or the tail, and
+        add the engine events it means to `events`."""
+        raise NotImplementedError
+
+
+class ChunkRelay(EventRelay):
+    """An upstream's chat stream (see the module doc)."""
+
+    def __init__(self, relay: Relay, decoder: ChunkDecoder) -> None:
+        super().__init__(relay, decoder)
+        self.decoder: ChunkDecoder = decoder
+        self._ours = (_field("id", relay.id), _field("model", relay.model))
+        self._theirs: tuple[bytes, bytes] | None = None  # `"id":"..."`, `"model":"..."` as the upstream writes them
+
+    def ending(self) -> bytes:
+        """The usage chunk (if asked for), then [DONE]."""
+        return super().ending() + b"data: [DONE]\n\n"
 
     def _event(self, text: bytes, out: list[bytes], events: list[Event]) -> None:
         name: str | None = None

@@ -5,9 +5,10 @@ into the engine's events as they arrive; the daemon iterates the job as it itera
 so deadlines, disconnects, cancellation and outcomes are the same for both. Cancelling the job
 closes the upstream connection, which is how the upstream learns to stop generating.
 With `hold`, the events wait until the answer is whole (a non-streamed request): until then the
-job may fail and another backend start over, and nothing was lost. With a `Relay` (a streamed chat
-request to an `openai` backend), the answer after `Started` is the upstream's own bytes, rewritten
-where they must be (relay.py), read with `relayed()`.
+job may fail and another backend start over, and nothing was lost. With a `Relay` (a streamed
+request to a backend of its own dialect: chat to `openai`, Messages to `anthropic`), the answer
+after `Started` is the upstream's own bytes, rewritten where they must be (relay.py,
+message_relay.py), read with `relayed()`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from mlx_manager.engine.types import Event, Finished, GenerationRequest, Reasoni
 from mlx_manager.routing import anthropic_wire, openai_wire
 from mlx_manager.routing.backend import Backend
 from mlx_manager.routing.errors import RoutingError
-from mlx_manager.routing.relay import ChunkRelay, Relay, RelayEnd
+from mlx_manager.routing.message_relay import MessageRelay
+from mlx_manager.routing.relay import ChunkRelay, EventRelay, Relay, RelayEnd
 from mlx_manager.routing.sse import ServerEvent, server_events
 from mlx_manager.routing.wire import StreamDecoder, status_error
 
@@ -43,14 +45,19 @@ class UpstreamJob:
         wire = anthropic_wire if backend.type == "anthropic" else openai_wire
         # A request the backend's dialect cannot say is refused here, before anything is sent.
         self.path, self.body = wire.request_body(request, model, backend.name)
-        self.relay: ChunkRelay | None = None
+        self.relay: EventRelay | None = None
+        # Relayed as it is: a stream (not held) to a backend that speaks the client's dialect.
+        same = relay if relay is not None and not hold and relay.dialect == backend.type else None
         if backend.type == "anthropic":
-            self.decoder: StreamDecoder = anthropic_wire.EventDecoder(backend.name)
+            events = anthropic_wire.EventDecoder(backend.name)
+            self.decoder: StreamDecoder = events
+            if same is not None:
+                self.relay = MessageRelay(same, events)
         else:
             chunks = openai_wire.ChunkDecoder(backend.name)
             self.decoder = chunks
-            if relay is not None and not hold and self.path == "/chat/completions":
-                self.relay = ChunkRelay(relay, chunks)
+            if same is not None and self.path == "/chat/completions":
+                self.relay = ChunkRelay(same, chunks)
         self.backend = backend
         self.request = request
         self.model = model
@@ -176,7 +183,7 @@ class UpstreamJob:
                 ]
             )
 
-    async def _relay(self, response: httpx.Response, relay: ChunkRelay) -> None:
+    async def _relay(self, response: httpx.Response, relay: EventRelay) -> None:
         """Relay the answer's bytes as they arrive; until its first piece they are held, so that
         another backend may still take over."""
         pending: list[bytes] = []
@@ -201,7 +208,7 @@ class UpstreamJob:
         if finished is not None:
             self.prompt_tokens, self.completion_tokens = finished.prompt_tokens, finished.completion_tokens
             assert self.relay is not None
-            items.append(RelayEnd(finished, self.decoder.calls, b"".join(self.relay.tail)))
+            items.append(RelayEnd(finished, self.decoder.calls, self.relay.ending()))
         if items:
             self._push(items)
         return finished is not None

@@ -12,6 +12,7 @@ from mlx_manager.daemon.dialects.anthropic.protocol import CountTokensRequest, M
 from mlx_manager.daemon.generation import GenerationCall, answer
 from mlx_manager.daemon.json_body import StrictJsonRoute
 from mlx_manager.daemon.state import Daemon, Outcome
+from mlx_manager.routing.relay import Relay
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["messages"])
 
@@ -23,8 +24,12 @@ async def messages(body: MessagesRequest, request: Request, daemon: Daemon, outc
     body.model, outcome.model, outcome.stream = name.sent, name.label, body.stream
     job_request = serving.generation_request(body, outcome.request_id, daemon.settings)
     job_request.model = name.target
-    call = GenerationCall(daemon, request, "messages", job_request)
-    fmt = serving.MessageFormat(f"msg_{outcome.request_id}", name.sent, serving.shows_thinking(body))
+    message_id, shows_thinking = f"msg_{outcome.request_id}", serving.shows_thinking(body)
+    # Streamed to an `anthropic` backend, the upstream's events are relayed as they are, renamed so
+    # (not when the thinking is to be omitted: the upstream is not asked to omit it).
+    relay = Relay(message_id, name.sent, True, "anthropic") if body.stream and shows_thinking else None
+    call = GenerationCall(daemon, request, "messages", job_request, relay=relay)
+    fmt = serving.MessageFormat(message_id, name.sent, shows_thinking)
     return await answer(call, body.stream, fmt.complete, fmt.stream())
 
 
