@@ -1,7 +1,7 @@
 """Benchmark: the prompt cache on the workload people run — conversations that resend their history.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache [--conversations 4] [--turns 6]
-        [--system-words 650] [--max-tokens 48] [--baseline /path/to/older/checkout]
+        [--system-words 650] [--max-tokens 48] [--baseline /path/to/older/checkout] [--repeat 3]
 
 Starts, on one generated model ("bench": Llama, dim 256, 4 layers):
   A  mlx-manager with its prompt cache (the defaults),
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--single-requests", type=int, default=16)
     parser.add_argument("--baseline", help="an older mlx-manager checkout to compare single-turn speed with")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the conversation comparisons this many times; medians of the ratios"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mlx-bench-cache-"))
@@ -114,8 +118,10 @@ def main() -> int:
             "--prompt-tokens",
             "64",
         ]
-        vs_mlx_lm = bench(servers["A"], servers["B"], model, *conversation)
-        vs_off = bench(servers["A"], servers["C"], model, *conversation)
+        vs_mlx_lm, vs_off = [], []
+        for _ in range(args.repeat):  # fresh conversations each time (`mlx-manager bench` draws new prompts)
+            vs_mlx_lm.append(bench(servers["A"], servers["B"], model, *conversation))
+            vs_off.append(bench(servers["A"], servers["C"], model, *conversation))
         single_off = bench(servers["A"], servers["C"], model, *single)
         single_base = bench(servers["A"], servers["D"], model, *single) if args.baseline else None
 
@@ -125,8 +131,16 @@ def main() -> int:
     )
     print("| A vs | tokens/s A / B | TTFT p50 turn 1, ms | TTFT p50 later turns, ms |")
     print("| --- | --- | --- | --- |")
-    print(row("B: mlx_lm.server, same BLAS", vs_mlx_lm))
-    print(row("C: mlx-manager, cache off", vs_off))
+    for label, reports in (("B: mlx_lm.server, same BLAS", vs_mlx_lm), ("C: mlx-manager, cache off", vs_off)):
+        for run, report in enumerate(reports, 1):
+            print(row(label if len(reports) == 1 else f"{label}, run {run}", report))
+    if args.repeat > 1:
+        print("\nMedian ratios over the runs (A / other):\n")
+        for label, reports in (("B: mlx_lm.server", vs_mlx_lm), ("C: cache off", vs_off)):
+            ratios = [report["ratios"][0] for report in reports]
+            tokens = statistics.median(r["tokens_per_second"] for r in ratios)
+            later = statistics.median(r["ttft_later_turns_p50"] for r in ratios)
+            print(f"- {label}: tokens/s {tokens:.2f}x, later-turn TTFT p50 {later:.2f}x")
     print("\nSingle-turn distinct prompts (tokens/s, A / other):\n")
     for label, report in (("C: cache off", single_off), ("D: baseline", single_base)):
         if report is None:
