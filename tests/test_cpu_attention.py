@@ -67,6 +67,17 @@ def test_attention_matches_mlx_own(mlx_own, case):
     assert mx.allclose(got, expected, atol=1e-6, rtol=1e-5).item()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_get_mlx_own_rounding(mlx_own, dtype):
+    kind = getattr(mx, dtype)
+    queries = mx.random.normal((1, 8, 64, 32), key=mx.random.key(5)).astype(kind)
+    keys, values = (mx.random.normal((1, 2, 1500, 32), key=mx.random.key(k)).astype(kind) for k in (6, 7))
+    expected = mlx_own(queries, keys, values, scale=32**-0.5, mask="causal")
+    got = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=32**-0.5, mask="causal")
+    assert got.dtype == expected.dtype == kind
+    assert mx.allclose(got.astype(mx.float32), expected.astype(mx.float32), atol=2e-3).item()
+
+
 def test_small_or_unusual_attention_goes_to_mlx(mlx_own):
     queries, keys = mx.ones((1, 2, 1, 8)), mx.ones((1, 2, 4, 8))
     sinks = mx.zeros((2,))
