@@ -1,6 +1,6 @@
 """Benchmark: what routing costs, how a group spreads its load, and what a member's death loses.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing [--requests 32] [--group-requests 64]
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing [--requests 32] [--group-requests 64] [--pin]
 
 Three real daemons (`mlx-manager serve`, each its own process) serve the generated `fast` test
 model: d1 and d2 as upstreams (one sequence at a time each, so requests queue at them), and a
@@ -11,7 +11,10 @@ router in front whose config routes `one` to d1 and `team` to the group of d1 an
    request). Targets: TTFT p50 overhead <= 5 ms, tokens/s >= 0.97x. Also shown: the time from the
    finish reason to the stream's end (the audit commits it waits for) and the router's CPU per
    request. `--router-env MLX_MANAGER_...=...` sets a setting on the router only (to see what a
-   part costs: telemetry, audit durability).
+   part costs: telemetry, audit durability). `--pin` measures the deployment the targets mean, a
+   router on a core of its own: the upstreams on core 0, the router and this client on core 1 (the
+   direct baseline so runs the same upstream; Linux). Without it the router's CPU is taken from the
+   upstream's generation on a shared machine, and tokens/s show it.
 2. Spread: `--group-requests` streamed requests to `team`, 8 at a time; each response's
    `x-mlx-manager-backend` header says who served it. Target: each member within +-20 % of even.
 3. A member killed mid-run: the same again, 16 at a time and longer answers; d1 is SIGKILLed once a
