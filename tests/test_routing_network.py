@@ -9,6 +9,7 @@ a certificate made for the test by the openssl command.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import socket
 import ssl
@@ -30,8 +31,9 @@ BIG = 3 * network.READ_BUFFER_LIMIT + 12345  # more than the read buffer holds b
 
 
 class Server:
-    """Answers GET /small, GET /big (BIG bytes), GET /stall (nothing until the test ends), and
-    GET /close (answers, then closes the connection it kept alive); counts the connections."""
+    """Answers GET /small, GET /big (BIG bytes), GET /stall (nothing until the test ends), GET
+    /close (answers, then closes the connection it kept alive), and POST (the SHA-256 of the body
+    it read); counts the connections."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.connections = 0
@@ -58,6 +60,14 @@ class Server:
                 if self.path == "/close":
                     self.wfile.flush()
                     self.close_connection = True
+
+            def do_POST(self) -> None:  # noqa: N802 - answers with the SHA-256 of the body it read
+                body = self.rfile.read(int(self.headers["content-length"]))
+                digest = hashlib.sha256(body).hexdigest().encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(digest)))
+                self.end_headers()
+                self.wfile.write(digest)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -132,6 +142,18 @@ def test_a_body_larger_than_the_read_buffer_arrives_whole(server):
             return size
 
     assert asyncio.run(run()) == BIG
+
+
+def test_request_bodies_small_and_larger_than_a_joined_write_arrive_whole(server):
+    """A request's head and a small body go out as one write; a large body at once, with flow control."""
+    bodies = [b'{"model": "m"}', bytes(range(256)) * (BIG // 256)]
+
+    async def run() -> list[str]:
+        async with client(server.url) as http:
+            return [(await http.post("/", content=body)).text for body in bodies * 2]
+
+    assert asyncio.run(run()) == [hashlib.sha256(body).hexdigest() for body in bodies * 2]
+    assert server.connections == 1
 
 
 def test_a_silent_server_is_a_read_timeout_and_a_closed_port_a_connect_error(server):

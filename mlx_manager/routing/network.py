@@ -7,6 +7,11 @@ put back (pause and resume reading). Here the transport keeps reading into a buf
 finds data returns it at once, and only a read that must wait arms a timer. httpx, its pool,
 keep-alive, timeouts and errors (httpcore's, which httpx maps) and Logfire's httpx instrumentation
 are as with the default backend.
+
+Writes made one after the other in one step of the event loop go out as one: httpcore writes a
+request's head and then its body, which would otherwise be two packets, and wake the upstream
+twice. Nothing waits for more: what was written is sent when the writer yields (at its next read
+at the latest), or at once beyond WRITE_JOIN_LIMIT bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import httpx
 
 # A connection's unread bytes beyond this pause reading from its socket until they are read.
 READ_BUFFER_LIMIT = 1 << 20
+# Writes joined (see the module doc) up to this many bytes; a larger one is sent at once.
+WRITE_JOIN_LIMIT = 64 * 1024
 
 
 class _Protocol(asyncio.Protocol):
@@ -120,8 +127,19 @@ class SocketStream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self.transport = transport
         self.protocol = protocol
+        self._unsent: list[bytes] = []  # written in this step of the loop, not yet sent
+        self._unsent_bytes = 0
+
+    def _send(self) -> None:
+        if self._unsent:
+            data = self._unsent[0] if len(self._unsent) == 1 else b"".join(self._unsent)
+            self._unsent.clear()
+            self._unsent_bytes = 0
+            if not self.transport.is_closing():
+                self.transport.write(data)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._send()
         protocol = self.protocol
         while not protocol.chunks:
             if protocol.error is not None:
@@ -141,7 +159,13 @@ class SocketStream(httpcore.AsyncNetworkStream):
         protocol = self.protocol
         if protocol.error is not None or self.transport.is_closing():
             raise httpcore.WriteError("the connection is closed")
-        self.transport.write(buffer)
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._send)
+        self._unsent.append(buffer)
+        self._unsent_bytes += len(buffer)
+        if self._unsent_bytes < WRITE_JOIN_LIMIT:
+            return
+        self._send()
         while protocol.writing_paused and not self.transport.is_closing():
             protocol.writer = asyncio.get_running_loop().create_future()
             try:
@@ -150,11 +174,13 @@ class SocketStream(httpcore.AsyncNetworkStream):
                 protocol.writer = None
 
     async def aclose(self) -> None:
+        self._send()
         self.transport.close()
 
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.AsyncNetworkStream:
+        self._send()
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
