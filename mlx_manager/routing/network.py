@@ -21,7 +21,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import httpcore
 import httpx
@@ -47,8 +47,7 @@ class _Protocol(asyncio.Protocol):
         self.writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not asyncio's classes)
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -195,7 +194,6 @@ class SocketStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectError(str(exc)) from exc
         if transport is None:
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
-        assert isinstance(transport, asyncio.Transport)
         self.protocol.transport = transport
         return SocketStream(transport, self.protocol)
 
@@ -256,12 +254,11 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 def _stream(
     transport: asyncio.BaseTransport, protocol: _Protocol, options: Iterable[httpcore.SOCKET_OPTION] | None
 ) -> SocketStream:
-    assert isinstance(transport, asyncio.Transport)
     sock: socket.socket | None = transport.get_extra_info("socket")
     for option in options or ():
         if sock is not None:
             sock.setsockopt(*option)
-    return SocketStream(transport, protocol)
+    return SocketStream(cast(asyncio.Transport, transport), protocol)
 
 
 def transport(limits: httpx.Limits, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:
