@@ -1,6 +1,6 @@
 """Benchmark: what routing costs, how a group spreads its load, and what a member's death loses.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing [--requests 32] [--group-requests 64]
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing [--requests 32] [--group-requests 64] [--pin]
 
 Three real daemons (`mlx-manager serve`, each its own process) serve the generated `fast` test
 model: d1 and d2 as upstreams (one sequence at a time each, so requests queue at them), and a
@@ -11,7 +11,10 @@ router in front whose config routes `one` to d1 and `team` to the group of d1 an
    request). Targets: TTFT p50 overhead <= 5 ms, tokens/s >= 0.97x. Also shown: the time from the
    finish reason to the stream's end (the audit commits it waits for) and the router's CPU per
    request. `--router-env MLX_MANAGER_...=...` sets a setting on the router only (to see what a
-   part costs: telemetry, audit durability).
+   part costs: telemetry, audit durability). `--pin` measures the deployment the targets mean, a
+   router on a core of its own: the upstreams on core 0, the router and this client on core 1 (the
+   direct baseline so runs the same upstream; Linux). Without it the router's CPU is taken from the
+   upstream's generation on a shared machine, and tokens/s show it.
 2. Spread: `--group-requests` streamed requests to `team`, 8 at a time; each response's
    `x-mlx-manager-backend` header says who served it. Target: each member within +-20 % of even.
 3. A member killed mid-run: the same again, 16 at a time and longer answers; d1 is SIGKILLed once a
@@ -94,17 +97,22 @@ def stream(url: str, model: str, max_tokens: int) -> Result:
 
 
 class Daemon:
-    def __init__(self, work: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, work: Path, name: str, args: list[str], env: dict[str, str], cores: set[int] | None = None
+    ) -> None:
         self.home = work / name
         self.home.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{(port := free_port())}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("MLX_MANAGER_")}
-        print(f"{name}: {' '.join([MLX_MANAGER, 'serve', *args, '--port', str(port)])}", flush=True)
+        pinned = f" (on core {','.join(map(str, sorted(cores)))})" if cores else ""
+        print(f"{name}: {' '.join([MLX_MANAGER, 'serve', *args, '--port', str(port)])}{pinned}", flush=True)
         self.process = subprocess.Popen(
             [MLX_MANAGER, "serve", *args, "--port", str(port)],
             env={**base, "MLX_MANAGER_HOME": str(self.home), "HF_HUB_OFFLINE": "1", **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its threads (MLX's, the inference thread) inherit the affinity.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -250,22 +258,34 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="a setting for the router only, to see what a part costs (MLX_MANAGER_AUDIT__DURABILITY=batched)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the deployment the targets mean: the upstreams on core 0, the router and this client on core 1"
+        " (the direct baseline so has the same upstream; Linux only)",
+    )
     args = parser.parse_args()
+    upstream_cores, router_cores = ({0}, {1}) if args.pin else (None, None)
+    if router_cores:
+        os.sched_setaffinity(0, router_cores)  # this client, and its threads
 
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     model = str(build_model(work / "fast", "fast"))
     daemons: list[Daemon] = []
     try:
         for name in ("d1", "d2"):
-            daemons.append(Daemon(work, name, ["--model", model], {"MLX_MANAGER_SERVER__MAX_BATCH_SIZE": "1"}))
+            env = {"MLX_MANAGER_SERVER__MAX_BATCH_SIZE": "1"}
+            daemons.append(Daemon(work, name, ["--model", model], env, upstream_cores))
         d1, d2 = daemons
         (work / "router").mkdir()
         (work / "router" / "config.toml").write_text(router_config(d1, d2, model))
         router_env = dict(item.split("=", 1) for item in args.router_env)
-        daemons.append(router := Daemon(work, "router", [], router_env))
+        daemons.append(router := Daemon(work, "router", [], router_env, router_cores))
         for daemon in daemons:
             daemon.wait_ready()
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         ok = overhead(router, d1, model, args.requests, args.max_tokens)
+        print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         if not args.overhead_only:
             ok &= spread(router, args.group_requests, args.max_tokens)
             ok &= killed(router, d1, args.group_requests, args.max_tokens * 4)
@@ -276,6 +296,7 @@ def main() -> int:
         f"reproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_routing --requests {args.requests} "
         f"--max-tokens {args.max_tokens} --group-requests {args.group_requests}"
         + (" --overhead-only" if args.overhead_only else "")
+        + (" --pin" if args.pin else "")
         + "".join(f" --router-env {item}" for item in args.router_env)
     )
     return 0 if ok else 1

@@ -171,11 +171,13 @@ def engine_config(settings: Settings, extra_preload: list[str] | None = None) ->
     )
 
 
-def get_daemon(request: Request) -> DaemonState:
+# Dependencies are coroutines: FastAPI runs a plain function in its thread pool (a thread
+# hand-off each, per request), though these only read an attribute.
+async def get_daemon(request: Request) -> DaemonState:
     return request.app.state.daemon
 
 
-def get_outcome(request: Request) -> RequestOutcome:
+async def get_outcome(request: Request) -> RequestOutcome:
     return request.scope["mlx_manager.outcome"]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from mlx_manager.routing import anthropic_wire
+from mlx_manager.routing import anthropic_wire, network
 from mlx_manager.settings.schema import BackendEntry, RoutingSettings
 
 log = logging.getLogger("mlx_manager.routing")
@@ -44,7 +44,13 @@ def models_path(kind: str) -> str:
 
 
 def make_client(entry: BackendEntry, key: str, settings: RoutingSettings) -> httpx.AsyncClient:
-    """The one client every request to this backend shares: its pool keeps connections alive."""
+    """The one client every request to this backend shares: its pool keeps connections alive
+    (on asyncio's sockets: network.py)."""
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
     return httpx.AsyncClient(
         base_url=entry.base_url,
         headers=auth_headers(entry.type, key),
@@ -54,11 +60,7 @@ def make_client(entry: BackendEntry, key: str, settings: RoutingSettings) -> htt
             write=settings.read_timeout,
             pool=settings.connect_timeout,
         ),
-        limits=httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-        ),
+        transport=network.transport(limits),
         follow_redirects=False,
         trust_env=False,  # a proxy from the environment is not ours to send keys through
     )
