@@ -17,6 +17,7 @@ at the latest), or at once beyond WRITE_JOIN_LIMIT bytes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections import deque
@@ -25,6 +26,8 @@ from typing import Any, cast
 
 import httpcore
 import httpx
+
+log = logging.getLogger("mlx_manager.routing")
 
 # A connection's unread bytes beyond this pause reading from its socket until they are read.
 READ_BUFFER_LIMIT = 1 << 20
@@ -265,7 +268,9 @@ def transport(limits: httpx.Limits, verify: ssl.SSLContext | bool = True) -> htt
     """httpx's own transport (pool, keep-alive, HTTP/1.1, TLS verification) on `AsyncioBackend`.
     httpx takes no network backend, so it is set on the pool it made."""
     made = httpx.AsyncHTTPTransport(limits=limits, verify=verify, trust_env=False)
-    pool = made._pool
-    assert isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend"), "httpcore changed"
-    pool._network_backend = AsyncioBackend()
+    pool = getattr(made, "_pool", None)
+    if isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend"):
+        pool._network_backend = AsyncioBackend()
+    else:  # another httpx/httpcore than the pinned ones: their own sockets, as they come
+        log.warning("routing: httpcore's connection pool has changed; backends use its default sockets")
     return made
