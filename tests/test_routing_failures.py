@@ -17,7 +17,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -29,14 +29,40 @@ from tests.test_daemon_audit import row_for
 from tests.test_routing import HELLO, anthropic_backend, anthropic_client, openai_backend, router
 
 
-class FailingUpstream:
+class StandIn:
+    """A loopback HTTP server on a thread, serving `Handler`, with a `released` event its handler
+    may wait on until `release()` (or the end of the `with`)."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FailingUpstream(StandIn):
     """A stand-in for a failing upstream: every POST is answered with `status` (with `headers`), or,
     with `status=None`, read and then left without a byte until `release()`. `requests` counts the
     POSTs it got, so a test can tell it was really asked."""
 
     def __init__(self, status: int | None, headers: dict[str, str] | None = None) -> None:
+        super().__init__()
         self.requests = 0
-        self.released = threading.Event()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,30 +90,15 @@ class FailingUpstream:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def release(self) -> None:
-        self.released.set()
-
-    def __enter__(self) -> FailingUpstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
-class PausingAnthropicUpstream:
+class PausingAnthropicUpstream(StandIn):
     """A stand-in for an `anthropic` upstream that goes quiet mid-answer (a real one cannot be made
     to on cue): it streams the start of a message, then nothing until `release()`, then its end."""
 
     def __init__(self) -> None:
-        self.released = threading.Event()
+        super().__init__()
         upstream = self
 
         def event(name: str, data: dict[str, Any]) -> bytes:
@@ -128,22 +139,7 @@ class PausingAnthropicUpstream:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def release(self) -> None:
-        self.released.set()
-
-    def __enter__(self) -> PausingAnthropicUpstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def failing_backend(stand_in: FailingUpstream, name: str) -> dict:

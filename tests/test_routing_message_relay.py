@@ -14,6 +14,7 @@ from mlx_manager.routing.anthropic_wire import EventDecoder
 from mlx_manager.routing.errors import RoutingError
 from mlx_manager.routing.message_relay import MessageRelay
 from mlx_manager.routing.relay import Relay
+from tests.test_routing_relay import fed
 
 
 def event(name: str, data: dict) -> str:
@@ -80,12 +81,7 @@ STREAM = "".join(THEIRS).encode()
 
 def relay_all(parts: list[bytes]) -> tuple[bytes, list[object], MessageRelay]:
     relay = MessageRelay(Relay("msg_ours", "client-name", True, "anthropic"), EventDecoder("up"))
-    out, events = b"", []
-    for part in parts:
-        relayed, more = relay.feed(part)
-        out += b"".join(relayed)
-        events += more
-    return out, events, relay
+    return *fed(relay, parts), relay
 
 
 def named(body: bytes) -> list[tuple[str, dict]]:

@@ -6,6 +6,7 @@ daemon, mlx_lm.server) are in tests/test_routing.py and tests/test_routing_proce
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -38,14 +39,19 @@ FOREIGN = (
 ).encode()
 
 
-def relay_all(parts: list[bytes], include_usage: bool = True) -> tuple[bytes, list[object], ChunkRelay]:
-    relay = ChunkRelay(Relay("chatcmpl-ours", "client-name", include_usage), ChunkDecoder("up"))
+def fed(relay: Any, parts: list[bytes]) -> tuple[bytes, list[object]]:
+    """What `relay` sends and the events it decodes, fed `parts` one after another."""
     out, events = b"", []
     for part in parts:
         relayed, more = relay.feed(part)
         out += b"".join(relayed)
         events += more
-    return out, events, relay
+    return out, events
+
+
+def relay_all(parts: list[bytes], include_usage: bool = True) -> tuple[bytes, list[object], ChunkRelay]:
+    relay = ChunkRelay(Relay("chatcmpl-ours", "client-name", include_usage), ChunkDecoder("up"))
+    return *fed(relay, parts), relay
 
 
 def data_of(body: bytes) -> list[dict]:
