@@ -4,9 +4,11 @@ On the CPU, MLX allocates every intermediate array with malloc and frees it when
 a prompt chunk's forward pass makes and drops hundreds of buffers of a few megabytes. glibc serves
 a request above its mmap threshold with a fresh mmap and returns it with munmap on free; the
 threshold adapts as blocks are freed, but it lags behind a model's changing sizes (every chunk,
-every context length). Each such buffer then costs a page fault per 4 KiB touched, and the
-kernel zeroes every page: measured here, an element-wise kernel over a 6 MB array took 12–30 ms
-instead of 3 ms, depending only on the array's size; a prompt chunk of 64 tokens took 2.5x longer.
+every context length), and buffers mapped afresh land at page-aligned addresses. Measured here, an
+element-wise kernel over a 6 MB array took 12–30 ms instead of 3 ms, depending only on the array's
+exact size; with the thresholds below, 3–5 ms for every size. (Which cost it was, page faults on
+fresh mappings or input and output buffers aliasing in the CPU's cache at the same page offset, was
+not pinned down: this VM's fault counters showed none.)
 
 Fixing the mmap threshold at its maximum (32 MiB: larger blocks, such as weights and long KV
 caches, still get their own mapping) and keeping up to `TRIM` of free memory at the top of the
