@@ -49,10 +49,10 @@ def _tune() -> bool:
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc's own: musl has a mallopt that does nothing
     except (OSError, AttributeError):
         return False
-    del gnu_get_libc_version
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: musl's mallopt does nothing
+        return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(M_MMAP_THRESHOLD, MMAP) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM) != 1:
         log.warning("could not tune malloc for MLX's buffers (mallopt refused)")
