@@ -232,13 +232,34 @@ async def stream_tokens_while_read(e: Engine, model: str, prompt: list[int], war
     return during
 
 
-def test_a_long_prompt_is_read_between_the_tokens_of_running_streams(engine, fast_model):
-    """While a stream decodes, a long prompt arriving is read in small chunks sized to a decode
-    round, not `prefill_chunk` at once: the stream keeps getting tokens all through the prefill."""
+def test_a_long_prompt_is_read_between_the_tokens_of_running_streams(engine, fast_model, monkeypatch):
+    """While a stream decodes, a long prompt arriving is read in a burst and then in time-boxed
+    reads, each followed by GAP_ROUNDS decode-only rounds, not `prefill_chunk` at once: the stream
+    keeps getting tokens all through the prefill, and at most one of its tokens in GAP_ROUNDS + 1
+    waits for a read."""
+    from mlx_manager.engine.batch import ModelBatch
+    from mlx_manager.engine.pacing import GAP_ROUNDS, Plan
+
+    steps: list[tuple[bool, int]] = []  # (a stream was decoding, prompt tokens read) of each step
+    real = ModelBatch.step
+
+    def counted(self: ModelBatch, plan: Plan) -> tuple[list, int]:
+        decoding = self.decoding
+        finished, read = real(self, plan)
+        steps.append((decoding, read))
+        return finished, read
+
+    monkeypatch.setattr(ModelBatch, "step", counted)
     prompt = list(range(10, 500)) * 6  # 2,940 tokens: 6 chunks of 512 at once
-    during = asyncio.run(stream_tokens_while_read(engine(prefill_chunk=512), fast_model, prompt))
+    during = asyncio.run(stream_tokens_while_read(engine(prefill_chunk=512), fast_model, prompt, warm=5))
     # Unpaced, each of the 6 chunks holds up the stream once: about 6 tokens during the prefill.
     assert during > 3 * (len(prompt) // 512), during
+    reads = [i for i, (decoding, read) in enumerate(steps) if decoding and read]
+    assert len(reads) >= 2, steps  # the burst did not read it all: paced reads followed
+    assert sum(read for _, read in steps) >= len(prompt), steps
+    # A read is one step (the joining prompt's last token: one more); the rounds between reads read nothing.
+    gaps = [b - a - 1 for a, b in zip(reads, reads[1:], strict=False) if b - a > 1]
+    assert gaps and min(gaps) >= GAP_ROUNDS, gaps
 
 
 def test_a_short_prompt_joining_running_streams_is_read_in_one_burst(engine, fast_model):
@@ -256,14 +277,14 @@ def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_mo
     """Nobody decodes while prompts are read, so no pacing: the lone job that starts first and
     moves into the batch when the second comes is still reading, and is not counted as decoding."""
     from mlx_manager.engine.batch import ModelBatch
-    from mlx_manager.engine.pacing import Burst
+    from mlx_manager.engine.pacing import Plan
 
     steps = []
     real = ModelBatch.step
 
-    def counted(self: ModelBatch, chunk: int, burst: Burst | None = None) -> tuple[list, int, bool]:
-        steps.append(chunk)
-        return real(self, chunk, burst)
+    def counted(self: ModelBatch, plan: Plan) -> tuple[list, int]:
+        steps.append(plan.chunk)
+        return real(self, plan)
 
     monkeypatch.setattr(ModelBatch, "step", counted)
 
@@ -278,30 +299,28 @@ def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_mo
     assert len(steps) <= 2 * 6 + 2, steps
 
 
-def test_the_pacer_sizes_chunks_to_a_share_of_a_decode_round():
-    from mlx_manager.engine.pacing import MIN_CHUNK, REMEASURE_SECONDS, SHARE, PrefillPacer
+def test_the_pacer_gives_a_burst_then_reads_between_runs_of_decode_rounds():
+    from mlx_manager.engine.pacing import BURST_ROUNDS, GAP_ROUNDS, READ_ROUNDS, Box, Plan, PrefillPacer
 
     pacer = PrefillPacer()
-    assert pacer.chunk(512, decoding=False, now=0.0) == 512  # nobody waits: the whole chunk
-    assert pacer.chunk(512, decoding=True, now=0.0) == 0  # first, time a decode round alone
-    pacer.observe(0.010, decoding=True, chunk=0, prompt_tokens=0, now=0.0)
-    chunk = pacer.chunk(512, decoding=True, now=0.1)
-    assert chunk == MIN_CHUNK
-    # Each step costs 2 ms plus 0.25 ms a token: the chunk settles where its cost is SHARE of 10 ms.
-    for step in range(20):
-        pacer.observe(0.010 + 0.002 + chunk * 0.00025, decoding=True, chunk=chunk, prompt_tokens=chunk, now=0.2)
-        chunk = pacer.chunk(512, decoding=True, now=0.2 + step / 100)
-    assert abs(chunk - (SHARE * 0.010 - 0.002) / 0.00025) <= 2
-    # Dearer tokens (a longer context, a busier machine): it shrinks.
-    for _ in range(4):
-        pacer.observe(0.010 + chunk * 0.002, decoding=True, chunk=chunk, prompt_tokens=chunk, now=0.5)
-    assert pacer.chunk(512, decoding=True, now=0.5) < chunk / 4
-    # One freak step does not move it; it is never above the setting; the round is timed again now and then.
-    before = pacer.chunk(512, decoding=True, now=0.5)
-    pacer.observe(5.0, decoding=True, chunk=before, prompt_tokens=before, now=0.5)
-    assert pacer.chunk(512, decoding=True, now=0.5) == before
-    assert pacer.chunk(2, decoding=True, now=0.5) <= 2
-    assert pacer.chunk(512, decoding=True, now=0.5 + REMEASURE_SECONDS + 1) == 0
+    assert pacer.plan(512, decoding=False) == Plan(512)  # nobody waits: the whole chunk, each prompt
+    # Nothing timed yet: a decode-only round (timed), or a joining prompt read in one go if it fits.
+    assert pacer.plan(512, decoding=True) == Plan(0, Box(None, 512))
+    pacer.observe(0.010, decoding=True, prompt_tokens=0)
+    assert pacer.plan(512, decoding=True) == Plan(0, Box(BURST_ROUNDS * 0.010, 512), Box(READ_ROUNDS * 0.010, 512))
+    pacer.observe(0.200, decoding=True, prompt_tokens=90)  # a read: the next waits GAP_ROUNDS decode rounds
+    for _ in range(GAP_ROUNDS):
+        plan = pacer.plan(512, decoding=True)
+        assert plan.chunk == 0 and plan.paced is None and plan.first is not None, plan
+        pacer.observe(0.010, decoding=True, prompt_tokens=0)
+    assert pacer.plan(512, decoding=True).paced == Box(READ_ROUNDS * 0.010, 512)
+    # One freak round does not move the time boxes; dearer rounds (a longer context, a busier machine) do.
+    pacer.observe(5.0, decoding=True, prompt_tokens=0)
+    assert pacer.decode_seconds == 0.010
+    for _ in range(7):
+        pacer.observe(0.020, decoding=True, prompt_tokens=0)
+    assert pacer.plan(512, decoding=True).paced == Box(READ_ROUNDS * 0.020, 512)
+    assert pacer.plan(64, decoding=True).paced == Box(READ_ROUNDS * 0.020, 64)  # never above the setting
 
 
 def test_queue_limit_refuses_with_overloaded(engine, slow_model):

@@ -22,12 +22,12 @@ from mlx_manager.engine.errors import GenerationFailed
 from mlx_manager.engine.jobs import Job
 from mlx_manager.engine.logits import token_logprob, token_texts
 from mlx_manager.engine.output import Output
-from mlx_manager.engine.pacing import Burst
+from mlx_manager.engine.pacing import Box, Plan
 from mlx_manager.engine.pool import LoadedModel
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.types import Finished, Logprobs
 
-FIRST_READ = 16  # a burst's first read, in tokens; each next one may double
+FIRST_READ = 16  # a prompt's first timed read, in tokens; each next one in a box may double
 
 
 @dataclass
@@ -144,7 +144,8 @@ def read_chunk(entry: LoadedModel, cache: list[Any], chunk: list[int]) -> None:
 
 class Prefill:
     """A job joining the batch (or the choices of one request, `n` > 1) reads its prompt here,
-    up to its last token: a burst first (`burst`), then a chunk per step; then each slot joins
+    up to its last token (a burst, then paced reads, while others decode: see `pacing.py`; a chunk
+    a step when nobody does); then each slot joins
     the generator with a cache (a copy per choice) and the last token as its prompt, so only
     that token is computed there."""
 
@@ -166,6 +167,7 @@ class Prefill:
         self.held = list(held)
         self.rest = list(rest)  # at least one token: the last is each choice's own
         self.bursted = bursted  # had its burst (or needs none: it was read at the full chunk)
+        self.per_token: float | None = None  # seconds a token of its last timed read took
 
     @property
     def left(self) -> int:
@@ -180,25 +182,27 @@ class Prefill:
             self.held += part
         return size
 
-    def burst(self, burst: Burst) -> int:
-        """Read alone for up to `burst.seconds`, in reads that start at FIRST_READ tokens and grow
-        while the next (sized from the last one's time) still fits; how many tokens were read.
+    def read_for(self, box: Box) -> int:
+        """Read alone for up to `box.seconds`, in reads that grow while the next (sized from the
+        last one's time) still fits; how many tokens were read. The first read is sized from this
+        prompt's previous one (FIRST_READ tokens for its first).
 
-        Without a time box (no decode round timed yet), one read of at most `burst.tokens`, and only
+        Without a time box (no decode round timed yet), one read of at most `box.tokens`, and only
         if that finishes the prompt."""
         self.bursted = True
-        if burst.seconds is None:
-            return self.advance(burst.tokens) if self.left <= burst.tokens else 0
+        if box.seconds is None:
+            return self.advance(box.tokens) if self.left <= box.tokens else 0
         started = time.perf_counter()
-        size, read = min(FIRST_READ, burst.tokens), 0
+        size = FIRST_READ if self.per_token is None else int(box.seconds / self.per_token)
+        size, read = max(1, min(size, box.tokens)), 0
         while self.left and size > 0:
             before = time.perf_counter()
             done = self.advance(size)
             read += done
             now = time.perf_counter()
-            per_token = (now - before) / done
-            room = burst.seconds - (now - started)
-            size = min(2 * size, burst.tokens, int(room / per_token))
+            self.per_token = (now - before) / done
+            room = box.seconds - (now - started)
+            size = min(2 * size, box.tokens, int(room / self.per_token))
         return read
 
     @property
@@ -222,7 +226,7 @@ class ModelBatch:
         self.entry = entry
         self.max_batch_size = max_batch_size
         self.prompt_cache = prompt_cache
-        self.prefill_chunk = prefill_chunk  # the generator's first chunk; each step gives its own
+        self.prefill_chunk = prefill_chunk  # the generator's (it only ever gets a job's last token: see Prefill)
         self.eos = entry.tokenizer.eos_token_ids
         self.generator: Any = None
         self.solo: Solo | None = None
@@ -271,17 +275,18 @@ class ModelBatch:
             self.fresh.add(slot.uid)
         self.prefills.append(prefill)
 
-    def _advance_prefills(self, chunk: int, burst: Burst | None) -> tuple[int, bool]:
-        """Read prompts: the shortest that has not had its burst gets it, alone; without one, up
-        to `chunk` tokens of each. A prompt that is read joins the generator, one sequence per
-        choice, each with its own copy of the cache. Returns the tokens read and whether it was a burst."""
+    def _advance_prefills(self, plan: Plan) -> int:
+        """Read prompts: the shortest that has not had its burst gets it, alone; else, when the
+        plan has a paced read, the shortest prompt gets that; else `plan.chunk` tokens of each
+        (nobody decoding). A prompt that is read joins the generator, one sequence per choice,
+        each with its own copy of the cache. Returns the tokens read."""
         waiting = [prefill for prefill in self.prefills if not prefill.bursted]
-        read = 0
-        if burst is not None and waiting:
-            read = min(waiting, key=lambda prefill: prefill.left).burst(burst)
-        bursted = read > 0
-        if not bursted:
-            read = sum(prefill.advance(chunk) for prefill in self.prefills)
+        if plan.first is not None and waiting:
+            read = min(waiting, key=lambda prefill: prefill.left).read_for(plan.first)
+        elif plan.paced is not None and self.prefills:
+            read = min(self.prefills, key=lambda prefill: prefill.left).read_for(plan.paced)
+        else:
+            read = sum(prefill.advance(plan.chunk) for prefill in self.prefills)
         for prefill in list(self.prefills):
             if not prefill.read:
                 continue
@@ -293,7 +298,7 @@ class ModelBatch:
                 slot.uid = self._insert(slot, list(prompt), cache, list(held))
                 self.slots[slot.uid] = slot
                 self.fresh.add(slot.uid)
-        return read, bursted
+        return read
 
     def _insert(self, slot: Slot, prompt: list[int], cache: list[Any] | None, held: list[int]) -> int:
         (uid,) = self._batch().insert(
@@ -355,26 +360,25 @@ class ModelBatch:
                 self.prompt_cache.store(list(held), cache)
         return slot
 
-    def step(self, chunk: int, burst: Burst | None = None) -> tuple[list[Slot], int, bool]:
-        """One step for every job: a decode step for those generating, and either a joining
-        prompt's burst or up to `chunk` tokens of each prompt being read. Returns the slots that
-        finished, how many prompt tokens were read, and whether that was a burst."""
+    def step(self, plan: Plan) -> tuple[list[Slot], int]:
+        """One step for every job: a decode step for those generating, and the prompt reading
+        `plan` allows (see `_advance_prefills`). Returns the slots that finished and how many
+        prompt tokens were read."""
         if self.solo is not None:
             slot = self.solo.slot
-            token, read = self.solo.advance(chunk)
+            token, read = self.solo.advance(plan.chunk)
             if token is None:  # still reading the prompt
-                return [], read, False
+                return [], read
             reason = "stop" if token in self.eos else None
             if reason is None and slot.job.completion_tokens + 1 >= slot.max_tokens:
                 reason = "length"
             finished = [slot] if self._deliver(slot, token, reason, self.solo.last_logprobs) else []
             if finished:
                 self.remove(slot.uid, keep_cache=True)
-            return finished, read, False
-        read, bursted = self._advance_prefills(chunk, burst)
+            return finished, read
+        read = self._advance_prefills(plan)
         if self.generator is None:
-            return [], read, bursted
-        self.generator.prefill_step_size = chunk  # 0: a decode-only round (mlx-lm reads no prompt then)
+            return [], read
         with self.generator.stats() as stats:
             _, responses = self.generator.next()
         finished = []
@@ -389,7 +393,7 @@ class ModelBatch:
                 self.prompt_cache.store(list(r.all_tokens), r.prompt_cache)
             else:  # a stop string, or the one tool call it was allowed: ours to remove
                 self.remove(found.uid, keep_cache=True)
-        return finished, read + stats.prompt_tokens, bursted
+        return finished, read + stats.prompt_tokens
 
     def _deliver(self, slot: Slot, token: int, reason: str | None, logprobs: Any) -> bool:
         """Send what this token completes; True when the job is over."""
@@ -432,9 +436,9 @@ class ModelBatch:
     def recover(self) -> list[Slot]:
         """After a failed step: drop the jobs that had no token yet (the suspects) and return them.
 
-        The BatchGenerator's state cannot be trusted after an exception, so the survivors go
-        into a new one, their caches rebuilt from their prompt plus the tokens they already
-        produced; they carry on from where they were.
+        The BatchGenerator's state cannot be trusted after an exception, so the survivors read
+        their prompt plus the tokens they already produced again (as a `Prefill`, paced like any
+        prompt) and then join a new one; they carry on from where they were.
         """
         suspects = self.fresh or set(self.slots)
         failed = [self.slots[uid] for uid in suspects]
@@ -443,8 +447,7 @@ class ModelBatch:
         self.generator, self.slots, self.fresh, self.prefills = None, {}, set(), []
         for slot in survivors:
             slot.resume_processors()
-            slot.uid = self._insert(slot, list(slot.tokens), None, [])
-            self.slots[slot.uid] = slot
+            self._wait([slot], Prefill(self.entry, [slot], None, [], list(slot.tokens)))
         return failed
 
     def close(self) -> None:

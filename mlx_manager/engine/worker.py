@@ -51,7 +51,7 @@ from mlx_manager.engine.jobs import EmbeddingJob, Job
 from mlx_manager.engine.logits import penalty_processors
 from mlx_manager.engine.open_files import import_mlx_lm
 from mlx_manager.engine.output import Output
-from mlx_manager.engine.pacing import Burst, PrefillPacer
+from mlx_manager.engine.pacing import Plan, PrefillPacer
 from mlx_manager.engine.pool import LoadedModel, ModelAccess, ModelPool
 from mlx_manager.engine.prompt_cache import PromptCache
 from mlx_manager.engine.prompt_cache_disk import DiskTier, model_identity
@@ -286,29 +286,26 @@ class Worker:
             job.end()
 
     def _step_batches(self) -> None:
-        """One step of every model's batch; prompts are read in chunks paced by the decoding
-        streams, after a joining prompt's burst (see `pacing.py`)."""
+        """One step of every model's batch; while streams decode, prompts are read in a burst
+        and then paced reads between runs of decode-only rounds (see `pacing.py`)."""
         started = time.perf_counter()
         decoding = any(batch.decoding for batch in self.batches.values())
-        chunk = self.pacer.chunk(self.config.prefill_chunk, decoding, started)
-        burst = self.pacer.burst(self.config.prefill_chunk, chunk)
-        steps = [self._step(path, batch, chunk, burst) for path, batch in list(self.batches.items())]
-        read = sum(tokens for tokens, _ in steps)
-        if (self.batches or read) and not any(bursted for _, bursted in steps):
-            ended = time.perf_counter()
-            self.pacer.observe(ended - started, decoding, chunk, read, ended)
+        plan = self.pacer.plan(self.config.prefill_chunk, decoding)
+        read = sum(self._step(path, batch, plan) for path, batch in list(self.batches.items()))
+        if self.batches or read:
+            self.pacer.observe(time.perf_counter() - started, decoding, read)
 
-    def _step(self, path: Path, batch: ModelBatch, chunk: int, burst: Burst | None) -> tuple[int, bool]:
-        """One step of one batch; returns how many prompt tokens it read, and whether in a burst."""
+    def _step(self, path: Path, batch: ModelBatch, plan: Plan) -> int:
+        """One step of one batch; returns how many prompt tokens it read."""
         try:
-            finished, read, bursted = batch.step(chunk, burst)
+            finished, read = batch.step(plan)
         except Exception as exc:
             self._fail_step(path, batch, exc)
-            return 0, False
+            return 0
         batch.entry.active_jobs -= len(finished)
         if not batch.slots:
             self._release(path, batch)
-        return read, bursted
+        return read
 
     def _fail_step(self, path: Path, batch: ModelBatch, exc: Exception) -> None:
         """An MLX error in a step fails the jobs that had just joined (all of them if none had)."""
