@@ -62,7 +62,9 @@ def fast_exp(x: Any) -> Any:
     import mlx.core as mx
 
     if not _compiled:
-        _compiled.append(mx.compile(_exp_parts))
+        # Shapeless: one trace for every shape (each decode step brings a new one; tracing again
+        # cost about 0.5 ms of CPU a call, and kept every shape's trace).
+        _compiled.append(mx.compile(_exp_parts, shapeless=True))
     p, bits = _compiled[0](x)
     return p * bits.view(mx.float32)
 
