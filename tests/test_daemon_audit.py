@@ -77,6 +77,7 @@ def test_streamed_request_is_recorded_when_the_stream_ends(server, fast_model):
         model=fast_model,
         prompt="once upon",
         max_tokens=9,
+        temperature=0,  # greedy: it runs to max_tokens (sampled, it may end early at the end token)
         stream=True,
         stream_options={"include_usage": True},
         extra_headers={"X-Request-ID": "stream-row-1"},

@@ -41,9 +41,11 @@ def server(tmp_path, monkeypatch, fast_model):
 def test_metrics_move_by_the_right_amounts(server, fast_model):
     before = scrape(server)
     client = server.openai()
+    # Greedy: sampled at the default temperature, the tiny model picks its end token now and then
+    # (about 1 answer in 1,000), and that answer is shorter than max_tokens; greedy, each runs to it.
     usages = [
         client.chat.completions.create(
-            model=fast_model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=5
+            model=fast_model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=5, temperature=0
         ).usage
         for i in range(3)
     ]
@@ -52,6 +54,7 @@ def test_metrics_move_by_the_right_amounts(server, fast_model):
             model=fast_model,
             messages=[{"role": "user", "content": "s"}],
             max_tokens=4,
+            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -70,6 +73,7 @@ def test_metrics_move_by_the_right_amounts(server, fast_model):
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("mlx_manager_requests_total", endpoint=CHAT, model=fast_model, status="success") == 4
+    assert [u.completion_tokens for u in usages] == [5, 5, 5, 4]  # the answers the client got, each
     completion_tokens = sum(u.completion_tokens for u in usages)
     assert delta("mlx_manager_completion_tokens_total", model=fast_model) == completion_tokens == 19
     assert delta("mlx_manager_prompt_tokens_total", model=fast_model) == sum(u.prompt_tokens for u in usages)
@@ -110,9 +114,9 @@ def test_generation_and_load_spans_from_real_requests(capfire, fast_model):
         engine = server.engine
         client = server.openai()
         whole = client.chat.completions.create(
-            model=fast_model, messages=[{"role": "user", "content": MARKER}], max_tokens=6
-        )
-        for _ in client.completions.create(model=fast_model, prompt=MARKER, max_tokens=3, stream=True):
+            model=fast_model, messages=[{"role": "user", "content": MARKER}], max_tokens=6, temperature=0
+        )  # greedy: both run to max_tokens (sampled, one may end early at the end token)
+        for _ in client.completions.create(model=fast_model, prompt=MARKER, max_tokens=3, temperature=0, stream=True):
             pass
         assert wait_until(lambda: len(_ended(capfire, "generation")) == 2)
     generations = _ended(capfire, "generation")
