@@ -83,7 +83,7 @@ async def main(args: argparse.Namespace) -> None:
         attention.install = lambda: False  # type: ignore[assignment]
     if args.default_malloc:  # A/B: glibc's malloc as it comes (engine/allocator.py)
         allocator.tune = lambda: False  # type: ignore[assignment]
-    engine = Engine(EngineConfig(allow_any_path=True))
+    engine = Engine(EngineConfig(allow_any_path=True, **({"cache_max_bytes": 0} if args.cache_off else {})))
     engine.start()  # first: it picks the BLAS before anything imports MLX (build_model does)
     folder = str(build_model(Path(tempfile.mkdtemp(prefix="conversation-steps-")) / "bench", "bench"))
     try:
@@ -114,6 +114,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--mlx-attention", action="store_true", help="MLX's own attention (A/B)")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc untuned (A/B)")
+    parser.add_argument("--cache-off", action="store_true", help="no prompt cache (cache.max_bytes = 0; A/B)")
     return parser.parse_args(argv)
 
 
