@@ -31,6 +31,7 @@ from mlx_manager.settings.schema import BackendEntry, RoutingSettings
 
 BIG = 3 * network.READ_BUFFER_LIMIT + 12345  # more than the read buffer holds before reading pauses
 T = TypeVar("T")
+TRICKLE, PIECE_GAP, TRICKLE_READ_TIMEOUT = 6, 0.15, 0.6  # the pieces outlast one read timeout
 
 
 class Server:
@@ -51,6 +52,17 @@ class Server:
                 super().setup()
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path == "/trickle":  # TRICKLE pieces PIECE_GAP s apart, then nothing
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    for _ in range(TRICKLE):
+                        self.wfile.write(b"piece")
+                        self.wfile.flush()
+                        server.release.wait(PIECE_GAP)
+                    server.release.wait(30)
+                    self.close_connection = True
+                    return
                 if self.path == "/stall":
                     server.release.wait(30)
                     self.close_connection = True
@@ -109,10 +121,11 @@ def on_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]]
     return run
 
 
-def client(url: str, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+def client(url: str, verify: ssl.SSLContext | bool = True, read_timeout: float = 0.5) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=30)
     transport = network.transport(limits, verify)
-    return httpx.AsyncClient(base_url=url, transport=transport, timeout=httpx.Timeout(5, read=0.5), trust_env=False)
+    timeout = httpx.Timeout(5, read=read_timeout)
+    return httpx.AsyncClient(base_url=url, transport=transport, timeout=timeout, trust_env=False)
 
 
 def test_a_backends_client_runs_on_asyncio_transports_and_keeps_its_connection(server, on_loop):
@@ -186,6 +199,22 @@ def test_a_silent_server_is_a_read_timeout_and_a_closed_port_a_connect_error(ser
                 await http.get("/small")
 
     on_loop(run())
+
+
+def test_each_read_has_the_read_timeout_so_a_steady_trickle_is_read_and_the_stall_after_it_times_out(server, on_loop):
+    """The read timeout's timer is kept between reads (network._ReadTimer): once it fires for a
+    read long done, it must wait again for the read of that moment, not end it."""
+
+    async def run() -> bytes:
+        received = b""
+        async with client(server.url, read_timeout=TRICKLE_READ_TIMEOUT) as http:
+            async with http.stream("GET", "/trickle") as response:
+                with pytest.raises(httpx.ReadTimeout):
+                    async for block in response.aiter_raw():
+                        received += block
+        return received
+
+    assert on_loop(run()) == b"piece" * TRICKLE
 
 
 @pytest.fixture(scope="module")
