@@ -186,6 +186,10 @@ def overhead(router: Daemon, d1: Daemon, model: str, requests: int, max_tokens: 
     # Each routed request ran right after its direct one: their difference shrugs off the load drifting.
     paired = statistics.median((r.ttft or 0.0) - (d.ttft or 0.0) for d, r in zip(direct, routed, strict=True))
     print(f"     TTFT paired difference (median of routed - direct, request by request): {paired * 1000:+.1f} ms")
+    paired_rate = statistics.median(
+        (r.tokens / r.seconds) / (d.tokens / d.seconds) for d, r in zip(direct, routed, strict=True)
+    )
+    print(f"     tokens/s paired ratio (median of routed / direct, request by request): {paired_rate:.3f}x")
     # From the finish reason to the end of the stream: the usage chunk and [DONE] wait for the audit
     # row's commit (audit.durability), the upstream's and then, routed, the router's own.
     tails = [statistics.median((r.seconds - (r.finish or r.seconds)) * 1000 for r in rs) for rs in (direct, routed)]

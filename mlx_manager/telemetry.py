@@ -5,10 +5,17 @@ Never prompt or completion text: request bodies and endpoint arguments are not r
 libraries' exception messages are withheld, and scrubbing redacts any attribute whose name or
 value looks like it carries text. With `telemetry.enabled = false` every function here is a
 no-op that does not even import logfire.
+
+Spans are made only when they can go somewhere: a Logfire token, an OTLP endpoint (the setting
+or the OTEL_EXPORTER_OTLP_* variables), the console, or a caller's span processor. With none of
+these (the default), Logfire is configured but nothing is instrumented and our spans are no-ops:
+a request's spans cost a routed stream ~5 ms of CPU (measured in a router,
+benchmarks/bench_routing.py), for nobody to read.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import traceback
@@ -79,6 +86,7 @@ TEXT_PATTERNS = (
 _FINISH_REASON = re.compile(r"[a-z_]{1,32}")
 
 _logfire: ModuleType | None = None  # the logfire module, once configure_telemetry turned tracing on
+_exporting = False  # whether the spans made go anywhere (see the module doc)
 _httpx_instrumented = False
 _instrumented_apps: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -86,6 +94,11 @@ _instrumented_apps: weakref.WeakSet[Any] = weakref.WeakSet()
 def enabled() -> bool:
     """Whether configure_telemetry turned tracing on in this process."""
     return _logfire is not None
+
+
+def _tracing() -> ModuleType | None:
+    """The logfire module if tracing is on and its spans go somewhere: else no span is made."""
+    return _logfire if _exporting else None
 
 
 def otlp_traces_url(endpoint: str) -> str:
@@ -99,10 +112,10 @@ def configure_telemetry(settings: Settings, *, span_processors: Sequence[SpanPro
     """Set up Logfire once, before the app is built. Sends to Logfire only if a token is present
     (LOGFIRE_TOKEN or a credentials file), to `telemetry.otlp_endpoint` if set, and to the console
     if `telemetry.console`. `span_processors` are added after scrubbing (tests capture spans so)."""
-    global _logfire
+    global _logfire, _exporting
     options = settings.telemetry
     if not options.enabled:
-        _logfire = None
+        _logfire, _exporting = None, False
         return
 
     import logfire
@@ -116,7 +129,7 @@ def configure_telemetry(settings: Settings, *, span_processors: Sequence[SpanPro
 
         processors.append(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_traces_url(options.otlp_endpoint))))
 
-    logfire.configure(
+    configured = logfire.configure(
         send_to_logfire="if-token-present",
         service_name=SERVICE_NAME,
         service_version=__version__,
@@ -137,18 +150,28 @@ def configure_telemetry(settings: Settings, *, span_processors: Sequence[SpanPro
     # logs validation failures with their messages; instrument_app's spans replace it.
     logfire.suppress_scopes("fastapi")
     _logfire = logfire
+    # Logfire's token comes from LOGFIRE_TOKEN or its credentials file, read by configure.
+    exported = bool(processors) or options.console or bool(configured.config.token) or _otlp_environment()
+    _exporting = exported
+
+
+def _otlp_environment() -> bool:
+    """Whether the OTEL_* variables make Logfire export spans over OTLP (as its configure reads them)."""
+    endpoint = os.getenv("OTEL_EXPORTER_OTLP_ENDPOINT") or os.getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    return bool(endpoint) and os.getenv("OTEL_TRACES_EXPORTER", "").lower() in ("otlp", "")
 
 
 def instrument_app(app: FastAPI, settings: Settings) -> bool:
     """A span per HTTP request, without bodies, headers or endpoint arguments; none for probes
     and scrapes. Call in the app factory, after configure_telemetry; a second call is a no-op.
     True if the app is instrumented."""
-    if _logfire is None or not settings.telemetry.enabled:
+    tracing = _tracing()
+    if tracing is None or not settings.telemetry.enabled:
         return False
     if app in _instrumented_apps:
         return True
     _instrumented_apps.add(app)
-    _logfire.instrument_fastapi(
+    tracing.instrument_fastapi(
         app,
         capture_headers=False,
         record_send_receive=False,
@@ -165,11 +188,12 @@ def instrument_httpx() -> bool:
     """A span per outgoing httpx request (all clients), without headers or bodies: the requests to
     upstream backends, as children of the request that made them. Call before any client is made."""
     global _httpx_instrumented
-    if _logfire is None:
+    tracing = _tracing()
+    if tracing is None:
         return False
     if not _httpx_instrumented:
         # Explicit False: LOGFIRE_HTTPX_CAPTURE_ALL in the environment must not turn bodies on.
-        _logfire.instrument_httpx(
+        tracing.instrument_httpx(
             capture_all=False, capture_headers=False, capture_request_body=False, capture_response_body=False
         )
         _httpx_instrumented = True
@@ -178,11 +202,12 @@ def instrument_httpx() -> bool:
 
 def instrument_sqlalchemy(engine: Any) -> bool:
     """A span per SQL statement on this engine (sync or async): the statement, never its parameters."""
-    if _logfire is None:
+    tracing = _tracing()
+    if tracing is None:
         return False
     # OpenTelemetry's instrumentation declares SQLAlchemy < 2.1 but works with 2.1
     # (tests/test_telemetry.py checks the spans), so its version check is skipped.
-    _logfire.instrument_sqlalchemy(engine=engine, skip_dep_check=True)
+    tracing.instrument_sqlalchemy(engine=engine, skip_dep_check=True)
     return True
 
 
@@ -318,16 +343,16 @@ class EngineSpan:
 def model_load_span(model_id: str) -> ModelLoadSpan:
     """A span around loading one model: its id, the seconds it took, the memory (bytes) after."""
     span = None
-    if _logfire is not None:
-        span = _logfire.span("load model {mlx_manager.model_id}", _span_name="model load", **{MODEL_ID: model_id})
+    if (tracing := _tracing()) is not None:
+        span = tracing.span("load model {mlx_manager.model_id}", _span_name="model load", **{MODEL_ID: model_id})
     return ModelLoadSpan(model_id, span)
 
 
 def embedding_span(model: str, request_id: str) -> EngineSpan:
     """A span around one embeddings request: its model, prompt tokens and outcome (no inputs)."""
     span = None
-    if _logfire is not None:
-        span = _logfire.span(
+    if (tracing := _tracing()) is not None:
+        span = tracing.span(
             "embed {gen_ai.request.model}",
             _span_name="embedding",
             **{MODEL: model, ENDPOINT: "embeddings", REQUEST_ID: request_id},
@@ -338,8 +363,8 @@ def embedding_span(model: str, request_id: str) -> EngineSpan:
 def token_count_span(model: str, endpoint: str, request_id: str) -> EngineSpan:
     """A span around counting a prompt's tokens without generating (Anthropic's count_tokens)."""
     span = None
-    if _logfire is not None:
-        span = _logfire.span(
+    if (tracing := _tracing()) is not None:
+        span = tracing.span(
             "count tokens {gen_ai.request.model}",
             _span_name="token count",
             **{MODEL: model, ENDPOINT: endpoint, REQUEST_ID: request_id},
@@ -350,8 +375,8 @@ def token_count_span(model: str, endpoint: str, request_id: str) -> EngineSpan:
 def generation_span(model: str, endpoint: str, request_id: str) -> EngineSpan:
     """A span around one generation, for the caller to fill with token counts and speeds."""
     span = None
-    if _logfire is not None:
-        span = _logfire.span(
+    if (tracing := _tracing()) is not None:
+        span = tracing.span(
             "generate {gen_ai.request.model}",
             _span_name="generation",
             **{MODEL: model, ENDPOINT: endpoint, REQUEST_ID: request_id},

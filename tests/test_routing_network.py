@@ -1,6 +1,7 @@
 """The sockets under a backend's client (routing/network.py): httpx on asyncio's transports keeps
 what httpx on its default backend does — keep-alive, a server closing an idle connection, timeouts,
-refused connections, large bodies (reading pauses while they wait), TLS with verification.
+refused connections, large bodies (reading pauses while they wait), TLS with verification. Each
+on both event loops: uvloop's transports (the daemon's loop, daemon/server.py) and asyncio's own.
 
 The server is a real HTTP server on loopback (http.server in a thread), plain or behind TLS with
 a certificate made for the test by the openssl command.
@@ -15,19 +16,22 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
+import uvloop
 
 from mlx_manager.routing import network
 from mlx_manager.routing.backend import make_client
 from mlx_manager.settings.schema import BackendEntry, RoutingSettings
 
 BIG = 3 * network.READ_BUFFER_LIMIT + 12345  # more than the read buffer holds before reading pauses
+T = TypeVar("T")
+TRICKLE, PIECE_GAP, TRICKLE_READ_TIMEOUT = 6, 0.15, 0.6  # the pieces outlast one read timeout
 
 
 class Server:
@@ -48,6 +52,17 @@ class Server:
                 super().setup()
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path == "/trickle":  # TRICKLE pieces PIECE_GAP s apart, then nothing
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    for _ in range(TRICKLE):
+                        self.wfile.write(b"piece")
+                        self.wfile.flush()
+                        server.release.wait(PIECE_GAP)
+                    server.release.wait(30)
+                    self.close_connection = True
+                    return
                 if self.path == "/stall":
                     server.release.wait(30)
                     self.close_connection = True
@@ -94,13 +109,26 @@ def server() -> Iterator[Server]:
     live.close()
 
 
-def client(url: str, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+@pytest.fixture(params=["uvloop", "asyncio"])
+def on_loop(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Runs a coroutine to its end on a new event loop of the kind the test is run for."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run(coroutine: Coroutine[Any, Any, T]) -> T:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coroutine)
+
+    return run
+
+
+def client(url: str, verify: ssl.SSLContext | bool = True, read_timeout: float = 0.5) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=30)
     transport = network.transport(limits, verify)
-    return httpx.AsyncClient(base_url=url, transport=transport, timeout=httpx.Timeout(5, read=0.5), trust_env=False)
+    timeout = httpx.Timeout(5, read=read_timeout)
+    return httpx.AsyncClient(base_url=url, transport=transport, timeout=timeout, trust_env=False)
 
 
-def test_a_backends_client_runs_on_asyncio_transports_and_keeps_its_connection(server):
+def test_a_backends_client_runs_on_asyncio_transports_and_keeps_its_connection(server, on_loop):
     entry = BackendEntry(name="b", type="openai", base_url=server.url + "/v1")
 
     async def run() -> list[object]:
@@ -112,12 +140,12 @@ def test_a_backends_client_runs_on_asyncio_transports_and_keeps_its_connection(s
                 streams.append(response.extensions["network_stream"])
             return streams
 
-    streams = asyncio.run(run())
+    streams = on_loop(run())
     assert all(isinstance(stream, network.SocketStream) for stream in streams)
     assert server.connections == 1  # kept alive: three requests, one connection
 
 
-def test_a_connection_the_server_closed_while_idle_is_replaced(server):
+def test_a_connection_the_server_closed_while_idle_is_replaced(server, on_loop):
     async def run() -> None:
         async with client(server.url) as http:
             response = await http.get("/close")
@@ -128,11 +156,11 @@ def test_a_connection_the_server_closed_while_idle_is_replaced(server):
                     await asyncio.sleep(0.01)
             assert (await http.get("/small")).content == b"small"
 
-    asyncio.run(run())
+    on_loop(run())
     assert server.connections == 2
 
 
-def test_a_body_larger_than_the_read_buffer_arrives_whole(server):
+def test_a_body_larger_than_the_read_buffer_arrives_whole(server, on_loop):
     async def run() -> int:
         async with client(server.url) as http, http.stream("GET", "/big") as response:
             size = 0
@@ -141,10 +169,10 @@ def test_a_body_larger_than_the_read_buffer_arrives_whole(server):
                 await asyncio.sleep(0.001)  # a slow reader: the buffer fills and reading pauses
             return size
 
-    assert asyncio.run(run()) == BIG
+    assert on_loop(run()) == BIG
 
 
-def test_request_bodies_small_and_larger_than_a_joined_write_arrive_whole(server):
+def test_request_bodies_small_and_larger_than_a_joined_write_arrive_whole(server, on_loop):
     """A request's head and a small body go out as one write; a large body at once, with flow control."""
     bodies = [b'{"model": "m"}', bytes(range(256)) * (BIG // 256)]
 
@@ -152,11 +180,11 @@ def test_request_bodies_small_and_larger_than_a_joined_write_arrive_whole(server
         async with client(server.url) as http:
             return [(await http.post("/", content=body)).text for body in bodies * 2]
 
-    assert asyncio.run(run()) == [hashlib.sha256(body).hexdigest() for body in bodies * 2]
+    assert on_loop(run()) == [hashlib.sha256(body).hexdigest() for body in bodies * 2]
     assert server.connections == 1
 
 
-def test_a_silent_server_is_a_read_timeout_and_a_closed_port_a_connect_error(server):
+def test_a_silent_server_is_a_read_timeout_and_a_closed_port_a_connect_error(server, on_loop):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"  # bound, not listening: refused
@@ -170,7 +198,23 @@ def test_a_silent_server_is_a_read_timeout_and_a_closed_port_a_connect_error(ser
             with pytest.raises(httpx.ConnectError):
                 await http.get("/small")
 
-    asyncio.run(run())
+    on_loop(run())
+
+
+def test_each_read_has_the_read_timeout_so_a_steady_trickle_is_read_and_the_stall_after_it_times_out(server, on_loop):
+    """The read timeout's timer is kept between reads (network._ReadTimer): once it fires for a
+    read long done, it must wait again for the read of that moment, not end it."""
+
+    async def run() -> bytes:
+        received = b""
+        async with client(server.url, read_timeout=TRICKLE_READ_TIMEOUT) as http:
+            async with http.stream("GET", "/trickle") as response:
+                with pytest.raises(httpx.ReadTimeout):
+                    async for block in response.aiter_raw():
+                        received += block
+        return received
+
+    assert on_loop(run()) == b"piece" * TRICKLE
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +232,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_is_verified_against_the_certificates_trusted(certificate):
+def test_tls_is_verified_against_the_certificates_trusted(certificate, on_loop):
     cert, key = certificate
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -204,6 +248,6 @@ def test_tls_is_verified_against_the_certificates_trusted(certificate):
                 with pytest.raises(httpx.ConnectError):
                     await http.get("/small")
 
-        asyncio.run(run())
+        on_loop(run())
     finally:
         live.close()

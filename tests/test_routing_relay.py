@@ -79,6 +79,25 @@ def test_a_foreign_stream_cut_at_any_byte_is_relayed_with_our_id_and_model_and_i
         assert relay_all([FOREIGN[:cut], FOREIGN[cut:]])[0] == whole, cut
 
 
+def test_a_compact_stream_has_its_plain_deltas_rewritten_and_its_finish_and_usage_read():
+    """Written without spaces, as our daemon and most servers write it (null fields checked without a pattern)."""
+
+    def compact(delta: dict | None, finish: str | None = None, **fields: Any) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return json.dumps({"id": "c1", "model": "m", "choices": choices, **fields}, separators=(",", ":"))
+
+    plain = compact({"content": "a"}, usage=None)
+    parts = [compact({"role": "assistant", "content": ""}), plain, compact({}, "stop", usage=None)]
+    parts += [compact(None, usage=USAGE), "[DONE]"]
+    whole, events, relay = relay_all(["".join(f"data: {part}\n\n" for part in parts).encode()])
+
+    ours = plain.replace('"id":"c1"', '"id":"chatcmpl-ours"').replace('"model":"m"', '"model":"client-name"')
+    assert f"data: {ours}\n\n".encode() in whole
+    assert data_of(whole)[-1]["choices"][0]["finish_reason"] == "stop"
+    assert [c["usage"] for c in data_of(b"".join(relay.tail))] == [USAGE]
+    assert events[-1] == Finished("stop", 7, 3)
+
+
 def test_without_include_usage_the_usage_chunk_is_dropped():
     whole, events, relay = relay_all([FOREIGN], include_usage=False)
     assert relay.tail == [] and all("usage" not in c or c["usage"] is None for c in data_of(whole))

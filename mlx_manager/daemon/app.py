@@ -98,6 +98,10 @@ def create_app(
         # Swagger UI comes from a CDN into the browser that opens it: only when asked for (server.docs).
         docs_url="/docs" if settings.server.docs else None,
         redoc_url=None,
+        # FastAPI's own telemetry is not ours: it would trace the request next to instrument_app's
+        # span and log validation failures with their messages (request text). Off, it is not even
+        # a layer every request and every streamed chunk passes (telemetry.py: logfire's spans).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.daemon = daemon
     app.state.metrics = figures

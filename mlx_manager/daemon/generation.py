@@ -242,6 +242,7 @@ class GenerationCall(EngineCall):
 
     def close(self) -> None:
         """Free the jobs' batch slots if they still hold some; record their figures if they did not finish."""
+        super().close()
         self.cancel()
         self.served_by()
         for future in self._waiting.values():

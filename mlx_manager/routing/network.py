@@ -118,6 +118,55 @@ class _Expired(Exception):
     pass
 
 
+class _ReadTimer:
+    """The timeout of a connection's reads, one at a time, on a timer kept between them: a read
+    that ends in time leaves it armed, and when it fires early (for a read long done) it is armed
+    again for the read waiting then. A relayed stream waits once a chunk: one timer per timeout
+    instead of one made and cancelled per chunk (~6 us each, measured on uvloop)."""
+
+    def __init__(self) -> None:
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed_for = 0.0  # loop time the handle fires at
+        self.future: asyncio.Future[None] | None = None  # the read waiting
+        self.expires = 0.0  # loop time it times out at
+
+    async def wait(self, future: asyncio.Future[None], timeout: float | None) -> None:
+        """Wait for the future, within timeout seconds (None: no limit), else raise ReadTimeout."""
+        if timeout is None:
+            await future
+            return
+        loop = asyncio.get_running_loop()
+        self.future, self.expires = future, loop.time() + timeout
+        if self.handle is None or self.armed_for > self.expires:
+            self._arm(loop)
+        try:
+            await future
+        except _Expired:
+            raise httpcore.ReadTimeout("timed out") from None
+        finally:
+            self.future = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.cancel()
+        self.armed_for = self.expires
+        self.handle = loop.call_at(self.expires, self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.handle = None
+        future = self.future
+        if future is None or future.done():
+            return  # no read waiting: the next one arms it again
+        if loop.time() >= self.expires:
+            future.set_exception(_Expired())
+        else:
+            self._arm(loop)
+
+
 def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_exception(_Expired())
@@ -131,6 +180,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
         self.protocol = protocol
         self._unsent: list[bytes] = []  # written in this step of the loop, not yet sent
         self._unsent_bytes = 0
+        self._read_timer = _ReadTimer()
 
     def _send(self) -> None:
         if self._unsent:
@@ -150,7 +200,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
                 return b""
             protocol.reader = asyncio.get_running_loop().create_future()
             try:
-                await _wait(protocol.reader, timeout, httpcore.ReadTimeout)
+                await self._read_timer.wait(protocol.reader, timeout)
             finally:
                 protocol.reader = None
         return protocol.take(max_bytes)
@@ -177,6 +227,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
 
     async def aclose(self) -> None:
         self._send()
+        self._read_timer.cancel()
         self.transport.close()
 
     async def start_tls(
@@ -198,6 +249,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
         if transport is None:
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
         self.protocol.transport = transport
+        self._read_timer.cancel()
         return SocketStream(transport, self.protocol)
 
     def get_extra_info(self, info: str) -> Any:

@@ -150,11 +150,9 @@ class ChunkRelay(EventRelay):
         theirs = self._theirs
         if theirs is None or not self.decoder.started:
             return None
-        if any(key in payload for key in _PARSED_KEYS):
+        if _PARSED_KEYS[0] in payload or _PARSED_KEYS[1] in payload or _PARSED_KEYS[2] in payload:
             return None
-        if payload.count(b'"finish_reason"') != len(_NULL_FINISH.findall(payload)):
-            return None
-        if b'"usage"' in payload and payload.count(b'"usage"') != len(_NULL_USAGE.findall(payload)):
+        if not _all_null(payload, b'"finish_reason"', _NULL_FINISH) or not _all_null(payload, b'"usage"', _NULL_USAGE):
             return None
         their_id, their_model = theirs
         if payload.count(b'"id"') != 1 or payload.count(b'"model"') != 1:
@@ -172,6 +170,15 @@ class ChunkRelay(EventRelay):
         their_model = _written(_MODEL, payload, chunk.get("model"))
         if their_id is not None and their_model is not None:
             self._theirs = (their_id, their_model)
+
+
+def _all_null(payload: bytes, key: bytes, null: re.Pattern[bytes]) -> bool:
+    """Whether every `key` in the payload is followed by null (so, with none, too). The compact
+    spelling of a single one is checked without the pattern: this runs for every relayed chunk."""
+    count = payload.count(key)
+    if count == 0 or (count == 1 and key + b":null" in payload):
+        return True
+    return count == len(null.findall(payload))
 
 
 def _field(key: str, value: str) -> bytes:
