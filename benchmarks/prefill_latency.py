@@ -164,7 +164,7 @@ async def main(args: argparse.Namespace) -> None:
         await _drain(engine.submit(_request(model, prompt[:600], 4, "warm-up")))
         paced = await arrival(engine, model, args.streams, prompt, "paced")
         real_plan = pacing.PrefillPacer.plan
-        pacing.PrefillPacer.plan = lambda self, limit, decoding: pacing.Plan(limit)  # type: ignore[method-assign]
+        pacing.PrefillPacer.plan = lambda self, limit, streams, prompts: pacing.Plan(limit)  # type: ignore[method-assign]
         fixed = await arrival(engine, model, args.streams, prompt, "fixed")
         pacing.PrefillPacer.plan = real_plan  # type: ignore[method-assign]
         cancel = await cancel_mid_prefill(engine, model, prompt, args.chunk)

@@ -300,27 +300,31 @@ def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_mo
 
 
 def test_the_pacer_gives_a_burst_then_reads_between_runs_of_decode_rounds():
-    from mlx_manager.engine.pacing import BURST_ROUNDS, GAP_ROUNDS, READ_ROUNDS, Box, Plan, PrefillPacer
+    from mlx_manager.engine.pacing import BURST_ROUNDS, GAP_ROUNDS, MAX_READS, READ_ROUNDS, Box, Plan, PrefillPacer
 
     pacer = PrefillPacer()
-    assert pacer.plan(512, decoding=False) == Plan(512)  # nobody waits: the whole chunk, each prompt
+    assert pacer.plan(512, streams=0, prompts=2) == Plan(512)  # nobody waits: the whole chunk, each prompt
     # Nothing timed yet: a decode-only round (timed), or a joining prompt read in one go if it fits.
-    assert pacer.plan(512, decoding=True) == Plan(0, Box(None, 512))
+    assert pacer.plan(512, streams=4, prompts=1) == Plan(0, Box(None, 512))
     pacer.observe(0.010, decoding=True, prompt_tokens=0)
-    assert pacer.plan(512, decoding=True) == Plan(0, Box(BURST_ROUNDS * 0.010, 512), Box(READ_ROUNDS * 0.010, 512))
+    burst, read = Box(BURST_ROUNDS * 0.010, 512), Box(READ_ROUNDS * 0.010, 512)
+    assert pacer.plan(512, streams=4, prompts=1) == Plan(0, burst, read)
     pacer.observe(0.200, decoding=True, prompt_tokens=90)  # a read: the next waits GAP_ROUNDS decode rounds
     for _ in range(GAP_ROUNDS):
-        plan = pacer.plan(512, decoding=True)
+        plan = pacer.plan(512, streams=4, prompts=1)
         assert plan.chunk == 0 and plan.paced is None and plan.first is not None, plan
         pacer.observe(0.010, decoding=True, prompt_tokens=0)
-    assert pacer.plan(512, decoding=True).paced == Box(READ_ROUNDS * 0.010, 512)
+    assert pacer.plan(512, streams=4, prompts=1).paced == Box(READ_ROUNDS * 0.010, 512)
     # One freak round does not move the time boxes; dearer rounds (a longer context, a busier machine) do.
     pacer.observe(5.0, decoding=True, prompt_tokens=0)
     assert pacer.decode_seconds == 0.010
     for _ in range(7):
         pacer.observe(0.020, decoding=True, prompt_tokens=0)
-    assert pacer.plan(512, decoding=True).paced == Box(READ_ROUNDS * 0.020, 512)
-    assert pacer.plan(64, decoding=True).paced == Box(READ_ROUNDS * 0.020, 64)  # never above the setting
+    assert pacer.plan(512, streams=4, prompts=1).paced == Box(READ_ROUNDS * 0.020, 512)
+    assert pacer.plan(64, streams=4, prompts=1).paced == Box(READ_ROUNDS * 0.020, 64)  # never above the setting
+    # More prompts waiting than streams decoding: longer reads (each waiting request about as much as each stream).
+    assert pacer.plan(512, streams=1, prompts=2).paced == Box(2 * READ_ROUNDS * 0.020, 512)
+    assert pacer.plan(512, streams=1, prompts=9).paced == Box(MAX_READS * READ_ROUNDS * 0.020, 512)
 
 
 def test_queue_limit_refuses_with_overloaded(engine, slow_model):

@@ -242,9 +242,14 @@ class ModelBatch:
     @property
     def decoding(self) -> bool:
         """Whether some job here is past its prompt: it waits for each step's token."""
+        return self.streams > 0
+
+    @property
+    def streams(self) -> int:
+        """The jobs here past their prompt."""
         if self.solo is not None:
-            return self.solo.decoding
-        return len(self.fresh) < len(self.slots)
+            return int(self.solo.decoding)
+        return len(self.slots) - len(self.fresh)
 
     def add(self, slot: Slot, tokens: list[int]) -> None:
         if not self.slots and self.generator is None:

@@ -10,11 +10,15 @@ tokens, so it is rationed by time, in units of the measured decode round:
   prompt cache). Bursts go to the shortest prompt first, one a step, so prompts that arrive
   together start one after another instead of all at the end.
 - **The rest of a long prompt** is read in *paced reads* (`Plan.paced`) of up to `READ_ROUNDS`
-  decode rounds each, with at least `GAP_ROUNDS` decode-only rounds between two reads.
+  decode rounds each, with at least `GAP_ROUNDS` decode-only rounds between two reads. When more
+  prompts wait than streams decode, a read may take that many times longer (at most
+  `MAX_READS` times): each waiting request then gets about as much of the engine as each
+  streaming one.
 
 So while a long prompt is read, at most one token in `GAP_ROUNDS + 1` of each running stream
-waits for a read (about 2%), by a bounded time; the others come at the usual pace. The prompt
-gets about `READ_ROUNDS / (READ_ROUNDS + GAP_ROUNDS)` of the engine (a third).
+waits for a read (about 2%), by a bounded time; the others come at the usual pace. One prompt
+joining several streams gets about `READ_ROUNDS / (READ_ROUNDS + GAP_ROUNDS)` of the engine (a
+third).
 
 Why not a small chunk in every step (what vLLM does on a GPU)? On a CPU, a prompt token at a
 long context is dear when read alone: a model call has a fixed cost, and each read goes through
@@ -45,6 +49,7 @@ BURST_ROUNDS = 32
 # with room for the odd round slowed by something else.
 READ_ROUNDS = 24
 GAP_ROUNDS = 48
+MAX_READS = 3  # a read's box, in READ_ROUNDS, when many prompts wait for few streams
 WINDOW = 7
 
 
@@ -76,16 +81,18 @@ class PrefillPacer:
     def decode_seconds(self) -> float | None:
         return statistics.median(self._rounds) if self._rounds else None
 
-    def plan(self, limit: int, decoding: bool) -> Plan:
-        """This step's reading: everything at `limit` a prompt when nobody decodes; else a burst
-        for a joining prompt, and a paced read when enough rounds went by without one."""
-        if not decoding:
+    def plan(self, limit: int, streams: int, prompts: int) -> Plan:
+        """This step's reading, with `streams` decoding and `prompts` being read: everything at
+        `limit` a prompt when nobody decodes; else a burst for a joining prompt, and a paced read
+        when enough rounds went by without one."""
+        if not streams:
             return Plan(limit)
         decode = self.decode_seconds
         first = Box(None if decode is None else BURST_ROUNDS * decode, limit)
         if decode is None or self.rounds_since_read < GAP_ROUNDS:
             return Plan(0, first)
-        return Plan(0, first, Box(READ_ROUNDS * decode, limit))
+        reads = min(MAX_READS, max(1, prompts // streams))
+        return Plan(0, first, Box(reads * READ_ROUNDS * decode, limit))
 
     def observe(self, seconds: float, decoding: bool, prompt_tokens: int) -> None:
         """What a step took: `seconds`, of which `prompt_tokens` were read."""

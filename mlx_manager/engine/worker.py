@@ -289,8 +289,10 @@ class Worker:
         """One step of every model's batch; while streams decode, prompts are read in a burst
         and then paced reads between runs of decode-only rounds (see `pacing.py`)."""
         started = time.perf_counter()
-        decoding = any(batch.decoding for batch in self.batches.values())
-        plan = self.pacer.plan(self.config.prefill_chunk, decoding)
+        streams = sum(batch.streams for batch in self.batches.values())
+        prompts = sum(len(batch.prefills) for batch in self.batches.values())
+        decoding = streams > 0
+        plan = self.pacer.plan(self.config.prefill_chunk, streams, prompts)
         read = sum(self._step(path, batch, plan) for path, batch in list(self.batches.items()))
         if self.batches or read:
             self.pacer.observe(time.perf_counter() - started, decoding, read)
