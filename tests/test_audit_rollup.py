@@ -115,8 +115,11 @@ def assert_same(got: list[dict], expected: list[dict]) -> None:
 WINDOWS = {
     "everything": AuditFilter(),
     "since 1d": AuditFilter(since=NOW - timedelta(days=1)),
+    # Two whole days and two part days, whatever the time of day the test runs at (a window
+    # anchored on NOW held only one whole day when it ran between 03:07 and 05:00 UTC).
     "mid-day to mid-day": AuditFilter(
-        since=NOW - timedelta(days=4, hours=3, minutes=7), until=NOW - timedelta(days=1, hours=5)
+        since=MIDNIGHT - timedelta(days=4) + timedelta(hours=20, minutes=53),
+        until=MIDNIGHT - timedelta(days=1) + timedelta(hours=7),
     ),
     "whole days": AuditFilter(since=MIDNIGHT - timedelta(days=4), until=MIDNIGHT - timedelta(days=1)),
     "one model": AuditFilter(model="m1", since=NOW - timedelta(days=5)),
