@@ -101,6 +101,12 @@ def use(choice: str = AUTO) -> str | None:
     None for MLX's bundled BLAS. Only the first call in a process acts (a library cannot be unloaded)."""
     if _chosen:
         return _chosen[0]
+    # OpenBLAS's threads spin after each product for about 2^28 cycles before they sleep: about
+    # 0.1 s of a core burnt after every matrix product, which the daemon's event loop and other
+    # processes needed. Measured on the conversation workload (benchmarks/conversation_steps.py):
+    # 30 s of CPU down to 19 s, tokens/s unchanged or better. 4 (2^4 cycles) is its least; it is
+    # read when the library loads (candidates() and works() load it). A user's own value is kept.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     path = _select(choice)
     if path is not None:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
