@@ -33,7 +33,7 @@ _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _ID = re.compile(rb'"id"\s*:\s*"(?:[^"\\]|\\.)*"')
 _MODEL = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 # A chunk holding one of these keys is parsed (a key's quotes cannot occur inside a JSON string).
-_PARSED_KEYS = (b'"tool_calls"', b'"function_call"', b'"error"')
+_PARSED_KEYS = re.compile(rb'"(?:tool_calls|function_call|error)"')
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class ChunkRelay(EventRelay):
         theirs = self._theirs
         if theirs is None or not self.decoder.started:
             return None
-        if _PARSED_KEYS[0] in payload or _PARSED_KEYS[1] in payload or _PARSED_KEYS[2] in payload:
+        if _PARSED_KEYS.search(payload):
             return None
         if not _all_null(payload, b'"finish_reason"', _NULL_FINISH) or not _all_null(payload, b'"usage"', _NULL_USAGE):
             return None
