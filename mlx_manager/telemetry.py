@@ -151,8 +151,7 @@ def configure_telemetry(settings: Settings, *, span_processors: Sequence[SpanPro
     logfire.suppress_scopes("fastapi")
     _logfire = logfire
     # Logfire's token comes from LOGFIRE_TOKEN or its credentials file, read by configure.
-    exported = bool(processors) or options.console or bool(configured.config.token) or _otlp_environment()
-    _exporting = exported
+    _exporting = bool(processors) or options.console or bool(configured.config.token) or _otlp_environment()
 
 
 def _otlp_environment() -> bool:
