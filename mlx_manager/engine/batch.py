@@ -240,11 +240,6 @@ class ModelBatch:
         return len(self.slots)
 
     @property
-    def decoding(self) -> bool:
-        """Whether some job here is past its prompt: it waits for each step's token."""
-        return self.streams > 0
-
-    @property
     def streams(self) -> int:
         """The jobs here past their prompt."""
         if self.solo is not None:
