@@ -31,7 +31,7 @@ from mlx_manager.settings.schema import BackendEntry, RoutingSettings
 
 BIG = 3 * network.READ_BUFFER_LIMIT + 12345  # more than the read buffer holds before reading pauses
 T = TypeVar("T")
-TRICKLE, PIECE_GAP, TRICKLE_READ_TIMEOUT = 6, 0.15, 0.6  # the pieces outlast one read timeout
+TRICKLE, PIECE_GAP, TRICKLE_READ_TIMEOUT = 9, 0.15, 1.0  # the pieces outlast one read timeout; a gap has 6x room
 
 
 class Server:
