@@ -24,13 +24,23 @@ def mlx_own():
     return attention._original[0]
 
 
-def test_the_fast_exponential_is_as_exact_as_mlx_own():
-    x = np.linspace(-87, 0, 100_001, dtype=np.float32)
+@pytest.mark.parametrize("shape", [(100_001,), (1, 8, 1, 2, 6_250 + 1)], ids=["a decode step's", "a prompt block's"])
+def test_the_fast_exponential_is_as_exact_as_mlx_own(shape):
+    x = np.linspace(-87, 0, int(np.prod(shape)), dtype=np.float32).reshape(shape)
     exact = np.exp(x.astype(np.float64))
     fast = np.array(attention.fast_exp(mx.array(x)))
     assert np.max(np.abs(fast - exact) / exact) < 1e-6
     assert np.max(np.abs(np.array(mx.exp(mx.array(x))) - exact) / exact) > 1e-6  # MLX's own is coarser
     assert np.array(attention.fast_exp(mx.array([-np.inf, -200.0, 0.0], dtype=mx.float32))).tolist() == [0, 0, 1]
+
+
+def test_the_prompt_blocks_exponential_keeps_a_bounded_number_of_traces():
+    # MLX keeps a compiled function's trace of every shape it saw: a long-running daemon reads
+    # prompts of every length.
+    for size in range(100, 100 + 3 * attention.TRACES):
+        x = -mx.abs(mx.random.normal((8, 2, size)))
+        assert mx.allclose(attention.fast_exp(x), mx.exp(x), rtol=1e-5).item()
+    assert 0 < len(attention._traced.shapes) <= attention.TRACES
 
 
 def _causal(length: int, size: int) -> mx.array:
