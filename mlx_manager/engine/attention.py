@@ -54,10 +54,10 @@ def _exp_parts(x: Any) -> tuple[Any, Any]:
     return p, (t - (ROUND - 127.0)).astype(mx.int32) << 23
 
 
-def _exp(x: Any) -> Any:
+def _exp(x: Any, shift: Any) -> Any:
     import mlx.core as mx
 
-    p, bits = _exp_parts(x)
+    p, bits = _exp_parts(x - shift)
     return p * bits.view(mx.float32)
 
 
@@ -70,36 +70,38 @@ class _Traced:
     shape's trace of a compiled function until the function goes, and looks them up one by one."""
 
     def __init__(self) -> None:
-        self.shapes: set[tuple[int, ...]] = set()
+        self.shapes: set[tuple[tuple[int, ...], ...]] = set()
         self.compiled: Any = None
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, shift: Any) -> Any:
         import mlx.core as mx
 
-        if x.shape not in self.shapes and (self.compiled is None or len(self.shapes) >= TRACES):
+        shapes = (x.shape, shift.shape)
+        if shapes not in self.shapes and (self.compiled is None or len(self.shapes) >= TRACES):
             self.compiled, self.shapes = mx.compile(_exp), set()
-        self.shapes.add(x.shape)
-        return self.compiled(x)
+        self.shapes.add(shapes)
+        return self.compiled(x, shift)
 
 
 _traced = _Traced()
 
 
-def fast_exp(x: Any) -> Any:
-    """exp(x) of a float32 array whose elements are <= 0 (a softmax's shifted scores).
+def fast_exp(x: Any, shift: Any = 0.0) -> Any:
+    """exp(x - shift) of float32 `x`, `shift` (broadcast: a softmax's row maxima) >= x.
 
-    A prompt's block of queries (more than one row) gets the one-pass kernel: MLX compiles the
-    bit cast of 2^n into it only for a known shape, and a chunk's few shapes pay for their trace
-    (measured on 1.8 M scores: 5 ms instead of 16-18). A decode step brings a new shape every time
-    (tracing again cost about 0.5 ms of CPU a call), so its few scores go through the kernel
-    compiled once for every shape, which leaves the cast and the product to two more passes."""
+    A prompt's block of queries (more than one row) gets the one-pass kernel, the subtraction in
+    it: MLX compiles the bit cast of 2^n into it only for a known shape, and a chunk's few shapes
+    pay for their trace (measured on 1.8 M scores: 5 ms instead of 16-18). A decode step brings a
+    new shape every time (tracing again cost about 0.5 ms of CPU a call), so its few scores go
+    through the kernel compiled once for every shape, which leaves the cast and the product to two
+    more passes."""
     import mlx.core as mx
 
     if x.ndim >= 2 and x.shape[-2] > 1:
-        return _traced(x)
+        return _traced(x, mx.array(shift) if isinstance(shift, float) else shift)
     if not _shapeless:
         _shapeless.append(mx.compile(_exp_parts, shapeless=True))
-    p, bits = _shapeless[0](x)
+    p, bits = _shapeless[0](x - shift)
     return p * bits.view(mx.float32)
 
 
@@ -150,9 +152,10 @@ def _softmax_weighted(q: Any, keys_t: Any, values: Any, mask: Any) -> Any:
     scores = (q @ keys_t).astype(mx.float32)  # (batch, kv_heads, repeats, rows, size)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
-    weights = fast_exp(scores - mx.max(scores, axis=-1, keepdims=True))
-    weights = (weights / mx.sum(weights, axis=-1, keepdims=True)).astype(values.dtype)
-    return weights @ values
+    weights = fast_exp(scores, mx.max(scores, axis=-1, keepdims=True))
+    # Normalized after the product: a pass over the (rows, size) weights less.
+    total = mx.sum(weights, axis=-1, keepdims=True)
+    return ((weights.astype(values.dtype) @ values) / total).astype(values.dtype)
 
 
 def install() -> bool:
