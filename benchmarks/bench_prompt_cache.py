@@ -11,10 +11,12 @@ Starts, on one generated model ("bench": Llama, dim 256, 4 layers):
   D  optionally, an older mlx-manager checkout (--baseline), for the single-turn no-regression check;
 and runs `mlx-manager bench` side by side (interleaved, A then the other, so machine noise hits
 both alike):
-  1. conversations: N at once, each with its own ~1,000-token system prompt, T turns of a short
+  1. conversations: N at once, each with its own ~650-word system prompt (about 2,400 tokens with
+     the bench tokenizer; the later turns' prompts grow to about 3,000), T turns of a short
      question and a 48-token answer, every request resending the whole conversation; the table
      gives tokens/s, and TTFT of the first turn and of later turns;
-  2. single-turn distinct prompts (no cache can help): A against C, and D when given.
+  2. single-turn distinct prompts (no cache can help): A against C, and D when given, once per
+     repeat, the other side first every second time; each run's ratio and their median.
 Targets (issue 16): later-turn TTFT p50 A/B <= 0.7 and tokens/s A/B >= 1.2; A/C tokens/s >= 3;
 single-turn tokens/s A/C (and A/D) >= 0.97.
 """
@@ -53,6 +55,19 @@ def bench(a: Server, b: Server, model: str, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def paired(a: Server, b: Server, model: str, args: list[str], *, flip: bool) -> dict:
+    """`bench(a, b)`, or with `flip` b run first and the report turned round to read as a / b."""
+    if not flip:
+        return bench(a, b, model, *args)
+    report = bench(b, a, model, *args)
+    report["servers"] = report["servers"][::-1]
+    report["ratios"] = [
+        {name: None if value is None or value == 0 else 1 / value for name, value in level.items()}
+        for level in report["ratios"]
+    ]
+    return report
+
+
 def row(label: str, report: dict, level: int = 0) -> str:
     a, b = (servers[level] for servers in report["servers"])
     ratios = report["ratios"][level]
@@ -75,12 +90,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--system-words", type=int, default=650, help="~1,000 tokens with the bench tokenizer")
+    parser.add_argument("--system-words", type=int, default=650, help="about 2,400 tokens with the bench tokenizer")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--single-requests", type=int, default=16)
     parser.add_argument("--baseline", help="an older mlx-manager checkout to compare single-turn speed with")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="run the conversation comparisons this many times; medians of the ratios"
+        "--repeat", type=int, default=1, help="run every comparison this many times; medians of the ratios"
     )
     args = parser.parse_args()
 
@@ -118,13 +133,15 @@ def main() -> int:
             "--prompt-tokens",
             "64",
         ]
-        vs_mlx_lm, vs_off = [], []
-        for _ in range(args.repeat):  # fresh conversations each time (`mlx-manager bench` draws new prompts)
+        vs_mlx_lm, vs_off, single_off, single_base = [], [], [], []
+        for run in range(args.repeat):  # fresh conversations each time (`mlx-manager bench` draws new prompts)
             vs_mlx_lm.append(bench(servers["A"], servers["B"], model, *conversation))
             vs_off.append(bench(servers["A"], servers["C"], model, *conversation))
-        single_off = bench(servers["A"], servers["C"], model, *single)
-        single_base = bench(servers["A"], servers["D"], model, *single) if args.baseline else None
-
+            # One run of a few seconds a side is noise-sized against a 3 % target: each repeat
+            # runs it again, the other side first every second time.
+            single_off.append(paired(servers["A"], servers["C"], model, single, flip=run % 2 == 1))
+            if args.baseline:
+                single_base.append(paired(servers["A"], servers["D"], model, single, flip=run % 2 == 1))
     print(
         f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
         f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n"
@@ -141,17 +158,18 @@ def main() -> int:
             tokens = statistics.median(r["tokens_per_second"] for r in ratios)
             later = statistics.median(r["ttft_later_turns_p50"] for r in ratios)
             print(f"- {label}: tokens/s {tokens:.2f}x, later-turn TTFT p50 {later:.2f}x")
-    print("\nSingle-turn distinct prompts (tokens/s, A / other):\n")
-    for label, report in (("C: cache off", single_off), ("D: baseline", single_base)):
-        if report is None:
+    print("\nSingle-turn distinct prompts (tokens/s, A / other; each run's ratio, then their median):\n")
+    for label, reports in (("C: cache off", single_off), ("D: baseline", single_base)):
+        if not reports:
             continue
-        for level, clients in enumerate(report["plan"]["concurrency"]):
-            a, b = (s[level] for s in report["servers"])
-            ratio = report["ratios"][level]["tokens_per_second"]
-            print(
-                f"- {label}, {clients} client(s): {a['tokens_per_second']:.1f} / {b['tokens_per_second']:.1f}"
+        for level, clients in enumerate(reports[0]["plan"]["concurrency"]):
+            ratios = [report["ratios"][level]["tokens_per_second"] for report in reports]
+            each = ", ".join(
+                f"{r['servers'][0][level]['tokens_per_second']:.1f} / {r['servers'][1][level]['tokens_per_second']:.1f}"
                 f" = {ratio:.2f}x"
+                for r, ratio in zip(reports, ratios, strict=True)
             )
+            print(f"- {label}, {clients} client(s): {each}; median {statistics.median(ratios):.2f}x")
     reproduce = " ".join(sys.argv[1:])
     print(f"\nreproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache {reproduce}".rstrip())
     return 0
