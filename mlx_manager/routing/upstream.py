@@ -24,6 +24,7 @@ import httpx
 from mlx_manager.engine.types import Event, Finished, GenerationRequest, ReasoningDelta, Started, TextDelta
 from mlx_manager.routing import anthropic_wire, openai_wire
 from mlx_manager.routing.backend import Backend
+from mlx_manager.routing.chunked import ChunkedBody
 from mlx_manager.routing.errors import RoutingError
 from mlx_manager.routing.message_relay import MessageRelay
 from mlx_manager.routing.relay import ChunkRelay, EventRelay, Relay, RelayEnd
@@ -187,13 +188,23 @@ class UpstreamJob:
         """Relay the answer's bytes as they arrive; until its first piece they are held, so that
         another backend may still take over."""
         pending: list[bytes] = []
-        blocks = response.aiter_bytes()
-        async for data in blocks:
+        body = ChunkedBody.of(response)
+        if body is None:  # not a body chunked.py reads: through httpx
+            blocks = response.aiter_bytes()
+            async for data in blocks:
+                if self._relay_step(*relay.feed(data), pending):
+                    self.finished = True
+                    await _drain(blocks)
+                    return
+            self.finished = self._relay_step(*relay.end(), pending)
+            return
+        while data := await body.read():
             if self._relay_step(*relay.feed(data), pending):
                 self.finished = True
-                await _drain(blocks)
+                await _finish(body)
                 return
         self.finished = self._relay_step(*relay.end(), pending)
+        await _finish(body)
 
     def _relay_step(self, out: list[bytes], events: list[Event], pending: list[bytes]) -> bool:
         """Hand on what one read made relayable; True once the answer ended."""
@@ -241,6 +252,14 @@ async def _drain(events: AsyncIterator[ServerEvent] | AsyncIterator[bytes]) -> N
         async with asyncio.timeout(DRAIN_SECONDS):
             async for _ in events:
                 return
+
+
+async def _finish(body: ChunkedBody) -> None:
+    """`_drain` for a body read by chunked.py: its end is read, and the connection kept, unless
+    the upstream sends more or is slow to end."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            await body.finish()
 
 
 async def _bounded(response: httpx.Response) -> bytes:
