@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Iterator
 
+import h11
 import httpx
 import pytest
 
 from mlx_manager.daemon.app import create_app
+from mlx_manager.daemon.connections import H11Connection
 from mlx_manager.supervisor.state import read_state
 from tests.daemon_server import LiveServer, assert_problem, settings_with, wait_until
 from tests.processes import free_port
@@ -233,3 +235,28 @@ def closed_by_peer_blocking(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_a_streamed_body_is_framed_on_the_wire_as_h11_frames_it():
+    """The daemon's HTTP/1.1 connection frames a chunked body's pieces itself (a stream sends one a
+    token): byte for byte as h11 does, and a body of known length is still h11's (it counts it)."""
+
+    def responding(connection: h11.Connection, headers: list[tuple[str, str]]) -> h11.Connection:
+        connection.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        while connection.next_event() is not h11.NEED_DATA:
+            pass
+        connection.send(h11.Response(status_code=200, headers=headers))
+        return connection
+
+    pieces = [b"data: x\n\n", bytearray(b"\xc3\xa9" * 300), memoryview(b"tail"), b""]
+    chunked = [("transfer-encoding", "chunked")]
+    ours, theirs = responding(H11Connection(h11.SERVER), chunked), responding(h11.Connection(h11.SERVER), chunked)
+    for piece in pieces:
+        assert ours.send(h11.Data(data=piece)) == theirs.send(h11.Data(data=piece))
+    assert ours.send(h11.EndOfMessage()) == theirs.send(h11.EndOfMessage()) == b"0\r\n\r\n"
+    assert ours.our_state is theirs.our_state is h11.DONE
+
+    sized = responding(H11Connection(h11.SERVER), [("content-length", "4")])
+    assert sized.send(h11.Data(data=b"abcd")) == b"abcd"
+    with pytest.raises(h11.LocalProtocolError):
+        sized.send(h11.Data(data=b"e"))  # more than it said: h11's own check

@@ -26,6 +26,7 @@ from mlx_manager.daemon.dialects.anthropic.serving import MessageStream
 from mlx_manager.engine.config import EngineConfig
 from tests.daemon_server import LiveServer, serving, wait_until
 from tests.test_daemon_audit import row_for
+from tests.test_daemon_timeouts import sse_events
 from tests.test_routing import HELLO, anthropic_backend, anthropic_client, openai_backend, router
 
 
@@ -134,6 +135,51 @@ class PausingAnthropicUpstream(StandIn):
                 self.wfile.flush()
                 upstream.released.wait(60)
                 self.wfile.write(b"".join(upstream.after))
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.serve(Handler)
+
+
+class BreakingChatUpstream(StandIn):
+    """A stand-in for an `openai` upstream whose chunked chat stream breaks after its first token
+    (a real one cannot be made to on cue): `how` is "stalls" (nothing more until `release()`) or
+    "closes" (the connection closes in the middle of a chunk)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        upstream = self
+
+        def chunk(data: bytes) -> bytes:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+
+        def event(delta: dict[str, Any]) -> bytes:
+            payload = {
+                "id": "theirs",
+                "model": "theirs",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(
+                    chunk(event({"role": "assistant", "content": ""})) + chunk(event({"content": "Hello"}))
+                )
+                self.wfile.flush()
+                if how == "stalls":
+                    upstream.released.wait(60)
+                else:
+                    self.wfile.write(chunk(event({"content": " world"}))[:20])
                 self.close_connection = True
 
             def log_message(self, *args: Any) -> None:
@@ -277,6 +323,27 @@ def test_a_relayed_messages_stream_whose_upstream_goes_quiet_gets_our_pings(tmp_
             assert json.loads(events[-2][1])["usage"] == {"output_tokens": 2}
             row = row_for(front, response.headers["x-request-id"])
             assert (row["status"], row["backend"], row["completion_tokens"]) == ("success", "pausing", 2)
+
+
+@pytest.mark.parametrize(("how", "kind"), [("stalls", "upstream_timeout"), ("closes", "upstream_error")])
+def test_a_relayed_chat_stream_whose_upstream_breaks_after_its_first_token_ends_with_the_error_event(
+    tmp_path, how, kind
+):
+    """After the first byte there is no falling back: what came is relayed, then the SSE error event
+    (a silence of routing.read_timeout, or a connection closed in the middle of the body)."""
+    with BreakingChatUpstream(how) as breaking:
+        backends = [{"name": "breaking", "type": "openai", "base_url": breaking.url + "/v1"}]
+        routing = {"read_timeout": 1}
+        with router(tmp_path, backends, [{"model": "m", "to": "breaking"}], routing=routing) as front:
+            body = {"model": "m", "messages": HELLO, "stream": True}
+            with front.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+                events = sse_events(response)
+            assert response.status_code == 200
+            texts = [json.loads(data)["choices"][0]["delta"].get("content") for name, data in events[:-1]]
+            assert texts == ["", "Hello"]
+            assert events[-1][0] == "error" and json.loads(events[-1][1])["error"]["code"] == kind
+            row = row_for(front, response.headers["x-request-id"])
+            assert (row["status"], row["error_type"], row["backend"]) == ("error", kind, "breaking")
 
 
 def test_a_full_local_queue_falls_back_upstream(tmp_path, upstream, fast_model, slow_model):

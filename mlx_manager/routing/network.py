@@ -79,6 +79,11 @@ class _Protocol(asyncio.Protocol):
         if self.writer is not None and not self.writer.done():
             self.writer.set_result(None)
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes taken back in front of the buffer, to be read again."""
+        self.chunks.appendleft(data)
+        self.buffered += len(data)
+
     def take(self, max_bytes: int) -> bytes:
         """Up to max_bytes of what is buffered (the buffer is not empty)."""
         chunks = self.chunks
@@ -181,6 +186,10 @@ class SocketStream(httpcore.AsyncNetworkStream):
         self._unsent: list[bytes] = []  # written in this step of the loop, not yet sent
         self._unsent_bytes = 0
         self._read_timer = _ReadTimer()
+        self._head: bytes | None = None  # a response's head being read (since the request was written), so far
+        # The last response head read ended at a read's end, and nothing was read since: its body
+        # is all in the buffer, unread (for `chunked.ChunkedBody` to read instead of h11).
+        self.at_body = False
 
     def _send(self) -> None:
         if self._unsent:
@@ -203,7 +212,36 @@ class SocketStream(httpcore.AsyncNetworkStream):
                 await self._read_timer.wait(protocol.reader, timeout)
             finally:
                 protocol.reader = None
+        if self._head is not None:
+            return self._head_piece(max_bytes)
+        self.at_body = False
         return protocol.take(max_bytes)
+
+    def _head_piece(self, max_bytes: int) -> bytes:
+        """A read of a response's head: up to its blank line, the rest left in the buffer. So, once
+        the head is read, its body is all still here (`at_body`), however the bytes arrived."""
+        assert self._head is not None
+        data = self.protocol.take(max_bytes)
+        seen = self._head + data
+        end = seen.find(b"\r\n\r\n", max(0, len(self._head) - 3))
+        if end < 0:
+            self._head = seen
+            return data
+        end += 4
+        if end < len(seen):
+            self.protocol.unread(seen[end:])
+            data = data[: len(data) - (len(seen) - end)]
+        if seen[9:10] == b"1":  # `HTTP/1.1 1xx`: an interim head (100 Continue); the response's own follows
+            self._head = b""
+        else:
+            self._head = None
+            self.at_body = True
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes read back, to be read again (by httpcore: the end of a body `ChunkedBody` read)."""
+        if data:
+            self.protocol.unread(data)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
@@ -211,6 +249,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
         protocol = self.protocol
         if protocol.error is not None or self.transport.is_closing():
             raise httpcore.WriteError("the connection is closed")
+        self._head, self.at_body = b"", False  # a request: its response's head is read next
         if not self._unsent:
             asyncio.get_running_loop().call_soon(self._send)
         self._unsent.append(buffer)

@@ -8,7 +8,8 @@ With `hold`, the events wait until the answer is whole (a non-streamed request):
 job may fail and another backend start over, and nothing was lost. With a `Relay` (a streamed
 request to a backend of its own dialect: chat to `openai`, Messages to `anthropic`), the answer
 after `Started` is the upstream's own bytes, rewritten where they must be (relay.py,
-message_relay.py), read with `relayed()`.
+message_relay.py), read with `relayed()`. A chunked body (chunked.py) is then read on in the
+caller's task, by `relayed()` itself: the task's reading ends once the answer is committed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import httpx
 
 from mlx_manager.engine.types import Event, Finished, GenerationRequest, ReasoningDelta, Started, TextDelta
 from mlx_manager.routing import anthropic_wire, openai_wire
 from mlx_manager.routing.backend import Backend
+from mlx_manager.routing.chunked import ChunkedBody
 from mlx_manager.routing.errors import RoutingError
 from mlx_manager.routing.message_relay import MessageRelay
 from mlx_manager.routing.relay import ChunkRelay, EventRelay, Relay, RelayEnd
@@ -34,6 +37,15 @@ log = logging.getLogger("mlx_manager.routing")
 
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read for its type; the rest is dropped
 DRAIN_SECONDS = 1.0  # how long the end of a response is waited for after the answer's end
+
+
+@dataclass(frozen=True)
+class _Handover:
+    """A relayed body whose reading the reader left to `relayed()`, and how it tells it the end."""
+
+    body: ChunkedBody
+    relay: EventRelay
+    done: asyncio.Future[None]
 
 
 class UpstreamJob:
@@ -68,6 +80,7 @@ class UpstreamJob:
         self.completion_tokens = 0
         self._events: deque[Event | bytes | RelayEnd | BaseException] = deque()
         self._ready = asyncio.Event()
+        self._handover: _Handover | None = None  # the relayed body, read on by `relayed()`
         backend.outstanding += 1
         self._task = asyncio.get_running_loop().create_task(self._run())
         self._task.add_done_callback(lambda _: backend.ended())
@@ -99,16 +112,42 @@ class UpstreamJob:
                 return
 
     async def relayed(self) -> AsyncIterator[bytes | RelayEnd]:
-        """After `Started`, a relayed answer: the bytes waiting (joined), then its end."""
-        while True:
-            item = await self._next()
-            if isinstance(item, RelayEnd):
+        """After `Started`, a relayed answer: the bytes waiting (joined), then its end. Once the
+        reader handed the body over (`_hand_over`), it is read here, in the caller's task."""
+        try:
+            while True:
+                while not self._events and self._handover is not None:
+                    await self._read_on(self._handover)
+                item = await self._next()
+                if isinstance(item, RelayEnd):
+                    yield item
+                    return
+                assert isinstance(item, bytes)
+                while self._events and isinstance(self._events[0], bytes):
+                    item += self._events.popleft()  # type: ignore[operator]  # checked: bytes
                 yield item
-                return
-            assert isinstance(item, bytes)
-            while self._events and isinstance(self._events[0], bytes):
-                item += self._events.popleft()  # type: ignore[operator]  # checked: bytes
-            yield item
+        finally:
+            if self._handover is not None:  # left before the end: the connection is closed
+                self._handover = None
+                self.cancel()
+
+    async def _read_on(self, handover: _Handover) -> None:
+        """Read the handed-over body's next bytes and queue what they make relayable. Its end (or
+        an error) goes back to the reader: it finishes the response, or fails the job."""
+        try:
+            data = await handover.body.read()
+            ended = self._relay_step(*(handover.relay.feed(data) if data else handover.relay.end()), [])
+        except Exception as exc:
+            self._handover = None
+            if handover.done.done():  # the reader is gone already (cancelled): nobody else says it
+                raise
+            handover.done.set_exception(exc)  # the reader fails the job as if it had read it
+            return
+        if ended or not data:
+            self.finished = self.finished or ended
+            self._handover = None
+            if not handover.done.done():
+                handover.done.set_result(None)
 
     def take_ready_text(self, kind: type[TextDelta | ReasoningDelta] = TextDelta) -> str:
         """The text of the deltas of `kind` already waiting, taken at once (as `Job.take_ready_text`)."""
@@ -123,7 +162,8 @@ class UpstreamJob:
         """Stop: the upstream connection is closed, so the upstream stops generating too. Once the
         answer is whole there is nothing to stop: the end of the response is read, so that the
         connection goes back to the pool."""
-        if not self._task.done() and not self.finished:
+        if not self._task.done() and not self.finished and not self.cancelled:  # once: a second
+            # cancel could cut the closing of the connection short, and the upstream would go on
             self.cancelled = True
             self._task.cancel()
 
@@ -187,13 +227,34 @@ class UpstreamJob:
         """Relay the answer's bytes as they arrive; until its first piece they are held, so that
         another backend may still take over."""
         pending: list[bytes] = []
-        blocks = response.aiter_bytes()
-        async for data in blocks:
+        body = ChunkedBody.of(response)
+        if body is None:  # not a body chunked.py reads: through httpx
+            blocks = response.aiter_bytes()
+            async for data in blocks:
+                if self._relay_step(*relay.feed(data), pending):
+                    self.finished = True
+                    await _drain(blocks)
+                    return
+            self.finished = self._relay_step(*relay.end(), pending)
+            return
+        while data := await body.read():
             if self._relay_step(*relay.feed(data), pending):
                 self.finished = True
-                await _drain(blocks)
-                return
-        self.finished = self._relay_step(*relay.end(), pending)
+                break
+            if self.decoder.started:  # the answer is the client's now: its reader reads on
+                await self._hand_over(body, relay)
+                break
+        else:
+            self.finished = self._relay_step(*relay.end(), pending)
+        await _finish(body)
+
+    async def _hand_over(self, body: ChunkedBody, relay: EventRelay) -> None:
+        """Leave the body's reading to `relayed()`, in the task that sends what it reads: one
+        task woken per chunk instead of two. Returns once it read the body to its end; raises
+        what its reading raised; the job is cancelled if it stopped reading before the end."""
+        self._handover = _Handover(body, relay, asyncio.get_running_loop().create_future())
+        self._ready.set()
+        await self._handover.done
 
     def _relay_step(self, out: list[bytes], events: list[Event], pending: list[bytes]) -> bool:
         """Hand on what one read made relayable; True once the answer ended."""
@@ -241,6 +302,14 @@ async def _drain(events: AsyncIterator[ServerEvent] | AsyncIterator[bytes]) -> N
         async with asyncio.timeout(DRAIN_SECONDS):
             async for _ in events:
                 return
+
+
+async def _finish(body: ChunkedBody) -> None:
+    """`_drain` for a body read by chunked.py: its end is read, and the connection kept, unless
+    the upstream sends more or is slow to end."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            await body.finish()
 
 
 async def _bounded(response: httpx.Response) -> bytes:
