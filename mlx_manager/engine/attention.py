@@ -17,9 +17,10 @@ Here:
 
 Everything else is MLX's computation: the scores in float32, the mask applied as -inf, the row
 maximum subtracted (inside the exponential's pass, for a prompt's block), the weights cast to the
-values' type; they are normalized after the product with the values, one pass less over them. Measured on the "bench" test model
-(`benchmarks/conversation_steps.py --mlx-attention` for the A/B): a 512-token chunk at a
-2,000-token context, 450 ms instead of 800-1,000; 64 tokens at 3,000, 75 ms instead of 135-155.
+values' type; they are normalized after the product with the values, one pass less over them.
+Measured on the "bench" test model (`benchmarks/conversation_steps.py --mlx-attention` for the
+A/B): a 512-token chunk at a 2,000-token context, 450 ms instead of 800-1,000; 64 tokens at 3,000,
+75 ms instead of 135-155.
 
 `install()` replaces `mx.fast.scaled_dot_product_attention` for the process, on the CPU only
 (with Metal, MLX's fused kernel is used as it is). Small attentions (a decode step at a short
