@@ -242,3 +242,32 @@ def test_a_corrupt_disk_entry_is_a_miss_and_goes(engine, tmp_path, fast_model, c
     assert finished.cached_tokens == 0
     assert not data.exists()
     assert "unreadable" in caplog.text
+
+
+def test_a_short_shared_prefix_takes_only_its_tokens_and_leaves_the_entry_whole(fast_model):
+    # Distinct prompts share a chat template's first tokens with every entry: reusing them must not
+    # copy a long conversation's whole state, and reading on from them must not touch the entry.
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_manager.engine.prompt_cache import PromptCache
+
+    model, _ = load(fast_model)
+    history = [(7 * i) % 500 + 3 for i in range(600)]
+    state = make_prompt_cache(model)
+    model(mx.array(history)[None], cache=state)
+    cached = PromptCache(max_bytes=1 << 30, max_entries=8)
+    cached.store(history, state)
+    entry = cached._lru[tuple(history)].cache
+    before = [np.array(layer.keys[..., :600, :]) for layer in entry]
+
+    prompt = history[:5] + [500, 501, 502, 503]  # (the model has 512 tokens)
+    got, reused = cached.fetch(prompt)
+    assert reused == 5 and all(layer.keys.shape[2] == 5 and layer.offset == 5 for layer in got)
+    logits = model(mx.array(prompt[5:])[None], cache=got)[0, -1]
+    fresh = model(mx.array(prompt)[None], cache=make_prompt_cache(model))[0, -1]
+    assert mx.allclose(logits, fresh, atol=1e-4).item()
+    assert all(np.array_equal(np.array(layer.keys[..., :600, :]), b) for layer, b in zip(entry, before, strict=True))
+    assert all(layer.offset == 600 for layer in entry)

@@ -24,6 +24,30 @@ from mlx_manager.engine.prompt_cache_disk import DiskTier
 from mlx_manager.engine.types import CacheStatus
 
 
+def _prefix(cache: list[Any], reuse: int, length: int) -> list[Any]:
+    """The state of the first `reuse` of an entry's `length` tokens, the entry left as it is.
+
+    Plain KV layers get views of those tokens only: new arrays over the entry's buffers, which
+    MLX copies on the first write (the next token always outgrows a view's length), so a chat
+    template's few shared tokens do not copy a long conversation's whole state. Any other cache
+    (rotating, quantized, state-space) is deep-copied and trimmed."""
+    from mlx_lm.models.cache import KVCache
+
+    if all(type(layer) is KVCache and layer.keys is not None for layer in cache):
+        views = []
+        for layer in cache:
+            view = KVCache()
+            view.keys, view.values = layer.keys[..., :reuse, :], layer.values[..., :reuse, :]
+            view.offset = reuse
+            views.append(view)
+        return views
+    copied = copy.deepcopy(cache)
+    if reuse < length:
+        for layer in copied:
+            layer.trim(length - reuse)
+    return copied
+
+
 @dataclass
 class _Entry:
     cache: list[Any]
@@ -81,10 +105,7 @@ class PromptCache:
             if reuse < len(key) and not entry.trimmable:
                 continue
             self._lru.move_to_end(key)
-            cache = copy.deepcopy(entry.cache)
-            if reuse < len(key):
-                for layer in cache:
-                    layer.trim(len(key) - reuse)
+            cache = _prefix(entry.cache, reuse, len(key))
             self.hits += 1
             self.cached_tokens += reuse
             return cache, reuse
