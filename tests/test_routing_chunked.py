@@ -12,9 +12,10 @@ piece is written when it waits for more, so a piece boundary is a read boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import termios
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -114,6 +115,15 @@ def client(url: str, read_timeout: float = 5.0) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, transport=network.transport(limits), timeout=timeout, trust_env=False)
 
 
+@contextlib.asynccontextmanager
+async def posted(http: httpx.AsyncClient, path: str = "/") -> AsyncIterator[tuple[httpx.Response, ChunkedBody]]:
+    """A POST's response and its body, to be read as a relayed one is."""
+    async with http.stream("POST", path, json={}) as response:
+        body = ChunkedBody.of(response)
+        assert body is not None
+        yield response, body
+
+
 async def read_all(body: ChunkedBody) -> bytes:
     out = b""
     while data := await body.read():
@@ -168,9 +178,7 @@ def test_a_body_split_at_any_byte_is_read_whole_and_its_connection_kept_alive(lo
             splits += [[whole[:i], whole[i:]] for i in range(len(HEAD), len(whole), 3)]
             for pieces in splits:
                 upstream.answers.put_nowait(pieces)
-                async with http.stream("POST", "/v1/chat/completions", json={}) as response:
-                    body = ChunkedBody.of(response)
-                    assert body is not None
+                async with posted(http, "/v1/chat/completions") as (response, body):
                     upstream.follow(response)
                     assert await read_all(body) == b"".join(EVENTS), pieces
                     assert await body.finish()
@@ -187,9 +195,7 @@ def test_an_interim_head_and_trailers_are_h11s_and_the_body_between_ours(loop):
             trailers = chunked(*EVENTS, last=b"0\r\nx-trailer: 1\r\n\r\n")
             for _ in range(2):
                 upstream.answers.put_nowait([interim + HEAD + trailers[:7], trailers[7:]])
-                async with http.stream("POST", "/", json={}) as response:
-                    body = ChunkedBody.of(response)
-                    assert body is not None
+                async with posted(http) as (response, body):
                     upstream.follow(response)
                     assert await read_all(body) == b"".join(EVENTS)
                     assert await body.finish()
@@ -203,18 +209,14 @@ def test_a_body_cut_mid_chunk_is_a_protocol_error_and_its_connection_is_not_reus
     async def test(upstream: Upstream) -> None:
         async with client(upstream.url) as http:
             upstream.answers.put_nowait([HEAD + BODY[:20], None])
-            async with http.stream("POST", "/", json={}) as response:
-                body = ChunkedBody.of(response)
-                assert body is not None
+            async with posted(http) as (response, body):
                 upstream.follow(response)
                 assert await body.read() == BODY[:20].split(b"\r\n", 1)[1]  # what came of the chunk is relayed
                 with pytest.raises(httpx.RemoteProtocolError):
                     await body.read()
             # The next request is answered whole, on a new connection.
             upstream.answers.put_nowait([HEAD + BODY])
-            async with http.stream("POST", "/", json={}) as response:
-                body = ChunkedBody.of(response)
-                assert body is not None
+            async with posted(http) as (response, body):
                 assert await read_all(body) == b"".join(EVENTS)
                 assert await body.finish()
             assert upstream.connections == 2
@@ -229,9 +231,7 @@ def test_a_body_not_chunked_as_it_says_is_a_protocol_error(body):
     async def test(upstream: Upstream) -> None:
         async with client(upstream.url) as http:
             upstream.answers.put_nowait([HEAD + body])
-            async with http.stream("POST", "/", json={}) as response:
-                chunks = ChunkedBody.of(response)
-                assert chunks is not None
+            async with posted(http) as (_, chunks):
                 with pytest.raises(httpx.RemoteProtocolError):
                     await read_all(chunks)
 
@@ -242,21 +242,15 @@ def test_a_body_left_unread_closes_its_connection_and_a_silent_server_is_a_read_
     async def test(upstream: Upstream) -> None:
         async with client(upstream.url, read_timeout=0.3) as http:
             upstream.answers.put_nowait([HEAD + BODY[:30]])  # then nothing
-            async with http.stream("POST", "/", json={}) as response:
-                body = ChunkedBody.of(response)
-                assert body is not None
+            async with posted(http) as (response, body):
                 assert await body.read()
                 with pytest.raises(httpx.ReadTimeout):
                     await body.read()
             upstream.answers.put_nowait([HEAD + BODY])
-            async with http.stream("POST", "/", json={}) as response:
-                body = ChunkedBody.of(response)
-                assert body is not None
+            async with posted(http) as (response, body):
                 assert await body.read()  # left before its end
             upstream.answers.put_nowait([HEAD + BODY])
-            async with http.stream("POST", "/", json={}) as response:
-                body = ChunkedBody.of(response)
-                assert body is not None
+            async with posted(http) as (response, body):
                 assert await read_all(body) == b"".join(EVENTS)
                 assert await body.finish()
             assert upstream.connections == 3  # the two bodies not read to their end took theirs along
@@ -279,9 +273,7 @@ def test_a_content_length_or_compressed_body_is_left_to_httpx():
                 assert ChunkedBody.of(response) is None
                 assert await response.aread() == b""
             upstream.answers.put_nowait([HEAD + BODY])  # and the connection is still good for ours
-            async with http.stream("POST", "/", json={}) as response:
-                body = ChunkedBody.of(response)
-                assert body is not None
+            async with posted(http) as (response, body):
                 assert await read_all(body) == b"".join(EVENTS)
                 assert await body.finish()
             assert upstream.connections == 1

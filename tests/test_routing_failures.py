@@ -94,6 +94,15 @@ class FailingUpstream(StandIn):
         self.serve(Handler)
 
 
+def start_event_stream(handler: BaseHTTPRequestHandler, header: str, value: str) -> None:
+    """Read the request and answer the head of an event stream whose body is framed by `header`."""
+    handler.rfile.read(int(handler.headers.get("content-length") or 0))
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header(header, value)
+    handler.end_headers()
+
+
 class PausingAnthropicUpstream(StandIn):
     """A stand-in for an `anthropic` upstream that goes quiet mid-answer (a real one cannot be made
     to on cue): it streams the start of a message, then nothing until `release()`, then its end."""
@@ -126,11 +135,7 @@ class PausingAnthropicUpstream(StandIn):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")  # the body ends when the connection does
-                self.end_headers()
+                start_event_stream(self, "Connection", "close")  # the body ends when the connection does
                 self.wfile.write(b"".join(upstream.before))
                 self.wfile.flush()
                 upstream.released.wait(60)
@@ -167,11 +172,7 @@ class BreakingChatUpstream(StandIn):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
+                start_event_stream(self, "Transfer-Encoding", "chunked")
                 self.wfile.write(
                     chunk(event({"role": "assistant", "content": ""})) + chunk(event({"content": "Hello"}))
                 )
