@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -30,7 +30,7 @@ from mlx_manager.routing.chunked import ChunkedBody
 from mlx_manager.routing.errors import RoutingError
 from mlx_manager.routing.message_relay import MessageRelay
 from mlx_manager.routing.relay import ChunkRelay, EventRelay, Relay, RelayEnd
-from mlx_manager.routing.sse import ServerEvent, server_events
+from mlx_manager.routing.sse import server_events
 from mlx_manager.routing.wire import StreamDecoder, status_error
 
 log = logging.getLogger("mlx_manager.routing")
@@ -192,7 +192,7 @@ class UpstreamJob:
                             self.finished = True
                             break
                     if self.finished:
-                        await _drain(events)
+                        await _drain(anext(events, None))
                     else:
                         self._deliver(self.decoder.end(), held)
             backend.succeeded()
@@ -233,7 +233,7 @@ class UpstreamJob:
             async for data in blocks:
                 if self._relay_step(*relay.feed(data), pending):
                     self.finished = True
-                    await _drain(blocks)
+                    await _drain(anext(blocks, None))
                     return
             self.finished = self._relay_step(*relay.end(), pending)
             return
@@ -246,7 +246,7 @@ class UpstreamJob:
                 break
         else:
             self.finished = self._relay_step(*relay.end(), pending)
-        await _finish(body)
+        await _drain(body.finish())
 
     async def _hand_over(self, body: ChunkedBody, relay: EventRelay) -> None:
         """Leave the body's reading to `relayed()`, in the task that sends what it reads: one
@@ -294,22 +294,14 @@ class UpstreamJob:
         self._push([error])  # held events are dropped: the caller may start over elsewhere
 
 
-async def _drain(events: AsyncIterator[ServerEvent] | AsyncIterator[bytes]) -> None:
-    """Read what follows the answer's end: normally only the end of the chunked body, and then the
-    connection is kept for the next request (one left unread is closed, and the next request
-    would wait for a new one). An upstream that sends more, or is slow to end, loses it."""
+async def _drain(end: Awaitable[object]) -> None:
+    """Read what follows the answer's end (`end`: the next event, or a chunked body's `finish()`):
+    normally only the end of the chunked body, and then the connection is kept for the next
+    request (one left unread is closed, and the next request would wait for a new one). An
+    upstream that sends more, or is slow to end, loses it."""
     with contextlib.suppress(httpx.HTTPError, TimeoutError):
         async with asyncio.timeout(DRAIN_SECONDS):
-            async for _ in events:
-                return
-
-
-async def _finish(body: ChunkedBody) -> None:
-    """`_drain` for a body read by chunked.py: its end is read, and the connection kept, unless
-    the upstream sends more or is slow to end."""
-    with contextlib.suppress(httpx.HTTPError, TimeoutError):
-        async with asyncio.timeout(DRAIN_SECONDS):
-            await body.finish()
+            await end
 
 
 async def _bounded(response: httpx.Response) -> bytes:
