@@ -20,6 +20,7 @@ import h11
 import httpx
 import pytest
 
+from mlx_manager.daemon import connections
 from mlx_manager.daemon.app import create_app
 from mlx_manager.daemon.connections import H11Connection
 from mlx_manager.supervisor.state import read_state
@@ -251,6 +252,7 @@ def test_a_streamed_body_is_framed_on_the_wire_as_h11_frames_it():
     pieces = [b"data: x\n\n", bytearray(b"\xc3\xa9" * 300), memoryview(b"tail"), b""]
     chunked = [("transfer-encoding", "chunked")]
     ours, theirs = responding(H11Connection(h11.SERVER), chunked), responding(h11.Connection(h11.SERVER), chunked)
+    assert type(ours._writer) is connections._CHUNKED  # the framing is ours with this h11 (not its fallback)
     for piece in pieces:
         assert ours.send(h11.Data(data=piece)) == theirs.send(h11.Data(data=piece))
     assert ours.send(h11.EndOfMessage()) == theirs.send(h11.EndOfMessage()) == b"0\r\n\r\n"
