@@ -51,6 +51,10 @@ CASES = {
     "prompt chunk, causal": ((1, 8, 8, 64, 1500, 32), "causal"),
     "grouped query heads": ((1, 8, 2, 16, 1016, 64), "causal"),
     "decode batch, no mask": ((4, 8, 8, 1, 3000, 32), None),
+    "decode batch, left-padded": ((3, 8, 8, 1, 2500, 32), "padded"),
+    "decode, grouped query heads": ((2, 8, 2, 1, 2100, 64), "causal"),
+    "decode, additive mask": ((2, 4, 4, 1, 2200, 32), "additive"),
+    "decode, per-head boolean mask": ((2, 4, 4, 1, 2300, 16), "per-head"),
     "left-padded batch, boolean mask": ((3, 8, 4, 5, 900, 32), "padded"),
     "additive mask": ((1, 4, 4, 32, 1200, 32), "additive"),
     "per-head boolean mask": ((2, 4, 4, 8, 1100, 16), "per-head"),
@@ -58,7 +62,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_attention_matches_mlx_own(mlx_own, case):
+def test_attention_matches_mlx_own(mlx_own, case, monkeypatch):
     (batch, heads, kv_heads, length, size, dim), kind = CASES[case]
     queries = mx.random.normal((batch, heads, length, dim), key=mx.random.key(1))
     keys = mx.random.normal((batch, kv_heads, size, dim), key=mx.random.key(2))
@@ -71,8 +75,12 @@ def test_attention_matches_mlx_own(mlx_own, case):
     elif kind == "per-head":
         mask = mx.random.uniform(shape=(batch, heads, length, size), key=mx.random.key(4)) > 0.3
     assert batch * heads * length * size >= attention.MIN_SCORES  # the fast path, not a fallback
+    decode_steps = []
+    one_query = attention._one_query
+    monkeypatch.setattr(attention, "_one_query", lambda *args: decode_steps.append(1) or one_query(*args))
     expected = mlx_own(queries, keys, values, scale=dim**-0.5, mask=mask)
     got = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=dim**-0.5, mask=mask)
+    assert len(decode_steps) == (length == 1)  # a single query goes through numpy's matrix-vector products
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert mx.allclose(got, expected, atol=1e-6, rtol=1e-5).item()
 
