@@ -81,7 +81,7 @@ async def main(args: argparse.Namespace) -> None:
 
     if args.mlx_attention:  # A/B: the engine's CPU attention (engine/attention.py) off
         attention.install = lambda: False  # type: ignore[assignment]
-    if args.mlx_decode:  # A/B: a decode step's attention in MLX, not numpy (engine/attention.py `_one_query`)
+    if args.mlx_products:  # A/B: a float32 cache's attention in MLX, not numpy (engine/attention.py `_in_numpy`)
         attention._numpy_can_read = lambda *arrays: False  # type: ignore[assignment]
     if args.default_malloc:  # A/B: glibc's malloc as it comes (engine/allocator.py)
         allocator.tune = lambda: False  # type: ignore[assignment]
@@ -115,7 +115,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--mlx-attention", action="store_true", help="MLX's own attention (A/B)")
-    parser.add_argument("--mlx-decode", action="store_true", help="decode steps' attention in MLX, not numpy (A/B)")
+    parser.add_argument("--mlx-products", action="store_true", help="float32 attention in MLX, not numpy (A/B)")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc untuned (A/B)")
     parser.add_argument("--cache-off", action="store_true", help="no prompt cache (cache.max_bytes = 0; A/B)")
     return parser.parse_args(argv)

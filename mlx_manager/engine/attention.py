@@ -14,16 +14,18 @@ Here:
   parts, so r is exact) and e^r a degree-6 polynomial, then 2^n put in the float's exponent bits.
   Its relative error is below 1e-6 (MLX's own `exp` has 4e-6);
 - the queries go in blocks whose scores fit the CPU's cache (`BLOCK_SCORES`) through the softmax;
-- a decode step of a float32 cache (one query per stream and head) is matrix-vector products in
-  numpy, on MLX's buffers in place (`_one_query`): MLX's `cblas_sgemm` for a single row reads the
-  cache about twice over, and a decode step at a long context is mostly reading its cache.
+- a float32 cache's attention is computed in numpy, on MLX's buffers in place (`_in_numpy`): MLX's
+  `cblas_sgemm` for a decode step's single row reads the cache about twice over (numpy's `matmul`
+  calls `sgemv`), and numpy's `exp` is vectorized. A half-precision cache stays in MLX (numpy
+  has no bfloat16, and no BLAS for float16) with the compiled exponential below.
 
 Everything else is MLX's computation: the scores in float32, the mask applied as -inf, the row
 maximum subtracted (inside the exponential's pass, for a prompt's block), the weights cast to the
 values' type; they are normalized after the product with the values, one pass less over them.
 Measured on the "bench" test model (`benchmarks/conversation_steps.py --mlx-attention` for the
 A/B): a 512-token chunk at a 2,000-token context, 450 ms instead of 800-1,000; 64 tokens at 3,000,
-75 ms instead of 135-155; a decode round of 4 streams at ~2,700 tokens, 24 ms instead of 31.
+75 ms instead of 135-155 (numpy's, see `_in_numpy`, faster still); a decode round of 4 streams at
+~2,700 tokens, 24 ms instead of 31 with numpy's products.
 
 `install()` replaces `mx.fast.scaled_dot_product_attention` for the process, on the CPU only
 (with Metal, MLX's fused kernel is used as it is). Small attentions (a decode step at a short
@@ -130,8 +132,8 @@ def attention(
     ):
         return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **options)
     repeats = heads // kv_heads
-    if length == 1 and _numpy_can_read(queries, keys, values, mask):
-        return _one_query(queries, keys, values, scale, mask)
+    if _numpy_can_read(queries, keys, values, mask):
+        return _in_numpy(queries, keys, values, scale, mask)
     q = (queries * scale).reshape(batch, kv_heads, repeats, length, dim)
     keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]
     if isinstance(mask, mx.array) and mask.ndim == 4:  # (batch or 1, heads or 1, length or 1, size)
@@ -174,38 +176,60 @@ def _numpy_can_read(*arrays: Any) -> bool:
     )
 
 
-def _one_query(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> Any:
-    """A decode step (one query per stream and head) as matrix-vector products, in numpy.
+def _in_numpy(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> Any:
+    """The attention of a float32 cache in numpy, on MLX's buffers in place.
 
-    MLX's CPU backend computes every product with `cblas_sgemm`, which for a single row packs the
-    whole other operand (the keys, then the values) before it starts: the cache passes through
-    memory about twice. numpy's `matmul` calls `sgemv` for it, one pass; its elementwise
-    functions are vectorized. The arrays are MLX's own buffers, read in place (a decode step's
-    cache is evaluated here, which it would be a moment later anyway); only the result is copied
-    back. Measured on 4 streams x 8 heads x 2,800 keys of 32: about 2 ms instead of 5-6."""
+    MLX's CPU backend computes every product with `cblas_sgemm`, which for a few rows packs the
+    whole other operand (the keys, then the values) before it starts: a decode step's cache
+    passes through memory about twice. numpy's `matmul` calls `sgemv` for one row; its `exp` is
+    vectorized (about 0.5 ns an element here, against the compiled polynomial's 2-3). The inputs
+    are evaluated here (the graph before the attention is computed now rather than a moment
+    later) and read in place; only the result is copied back. Measured on the bench model's
+    shapes: a decode step of 4 streams x 8 heads x 2,800 keys, ~3.6 ms instead of 6-7; a 70-query
+    block at 2,600 keys, 13 ms instead of 23; 512 queries, 115 ms instead of 320."""
     import mlx.core as mx
     import numpy as np
 
-    batch, heads, _, dim = queries.shape
+    batch, heads, length, dim = queries.shape
     kv_heads, size = keys.shape[1], keys.shape[2]
     repeats = heads // kv_heads
     mx.eval(queries, keys, values, *([mask] if isinstance(mask, mx.array) else []))
-    q = np.asarray(queries).reshape(batch, kv_heads, repeats, dim) * np.float32(scale)
-    # (batch, kv_heads, size, repeats), then viewed as (..., repeats, size): a single query per
-    # head makes both the same contiguous array.
-    scores = np.matmul(np.asarray(keys), q.swapaxes(-1, -2)).swapaxes(-1, -2)
-    if isinstance(mask, mx.array):  # (size,) per query: (1, size), or (batch or 1, heads or 1, 1, size)
+    q = np.asarray(queries).reshape(batch, kv_heads, repeats, length, dim) * np.float32(scale)
+    k, v = np.asarray(keys), np.asarray(values)
+    allowed = None
+    if isinstance(mask, mx.array):  # (length or 1, size), or (batch or 1, heads or 1, length or 1, size)
         allowed = np.asarray(mask)
         if allowed.ndim == 4:
             grouped = (kv_heads, repeats) if allowed.shape[1] > 1 else (1, 1)
-            allowed = allowed.reshape(allowed.shape[0], *grouped, size)
-        scores = np.where(allowed, scores, np.float32(-np.inf)) if allowed.dtype == np.bool_ else scores + allowed
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    total = scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, np.asarray(values))  # (batch, kv_heads, repeats, dim)
-    out /= total
-    return mx.array(out.reshape(batch, heads, 1, values.shape[-1]))
+            allowed = allowed.reshape(allowed.shape[0], *grouped, *allowed.shape[2:])
+    out = np.empty((batch, kv_heads, repeats, length, v.shape[-1]), np.float32)
+    # The scores a block of queries makes stay in the CPU's cache through the softmax's passes.
+    rows = max(1, BLOCK_SCORES // (batch * heads * size))
+    for first in range(0, length, rows):
+        last = min(length, first + rows)
+        block = q[..., first:last, :].reshape(batch, kv_heads, repeats * (last - first), dim)
+        # The rows of a kv head's queries together: its keys are read once for all of them.
+        # (A handful of rows go as keys @ queries^T: numpy's sgemv for one, a thin sgemm else.)
+        if block.shape[-2] <= 8:
+            scores = np.matmul(k, block.swapaxes(-1, -2)).swapaxes(-1, -2)
+        else:
+            scores = np.matmul(block, k.swapaxes(-1, -2))
+        scores = scores.reshape(batch, kv_heads, repeats, last - first, size)
+        if isinstance(mask, str):  # causal: query i (of the last `length` positions) sees keys up to its own
+            hidden = np.arange(size - length + first, size - length + last)[:, None] < np.arange(size)[None]
+            np.copyto(scores, np.float32(-np.inf), where=hidden)
+        elif allowed is not None:
+            part = allowed[..., first:last, :] if allowed.shape[-2] > 1 else allowed
+            if part.dtype == np.bool_:
+                np.copyto(scores, np.float32(-np.inf), where=~part)
+            else:
+                scores += part
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        total = scores.sum(axis=-1, keepdims=True)
+        weighted = np.matmul(scores.reshape(batch, kv_heads, -1, size), v)
+        out[..., first:last, :] = weighted.reshape(batch, kv_heads, repeats, last - first, -1) / total
+    return mx.array(out.reshape(batch, heads, length, v.shape[-1]))
 
 
 def install() -> bool:
