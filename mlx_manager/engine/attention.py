@@ -35,6 +35,7 @@ context), attention sinks and unusual masks go to MLX's own function.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 LOG2E = 1.4426950408889634
@@ -131,28 +132,37 @@ def attention(
         or mx.default_device() != mx.cpu
     ):
         return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **options)
-    repeats = heads // kv_heads
     if _numpy_can_read(queries, keys, values, mask):
         return _in_numpy(queries, keys, values, scale, mask)
-    q = (queries * scale).reshape(batch, kv_heads, repeats, length, dim)
+    q = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, length, dim)
     keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]
-    if isinstance(mask, mx.array) and mask.ndim == 4:  # (batch or 1, heads or 1, length or 1, size)
-        grouped = (kv_heads, repeats) if mask.shape[1] > 1 else (1, 1)
+    out = [
+        _softmax_weighted(q[..., first:last, :], keys_t, values, block_mask)
+        for first, last, block_mask in _blocks(mx, mask, (batch, heads, kv_heads, length, size))
+    ]
+    joined = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
+    return joined.reshape(batch, heads, length, joined.shape[-1])
+
+
+def _blocks(xp: Any, mask: Any, shape: tuple[int, int, int, int, int]) -> Iterator[tuple[int, int, Any]]:
+    """The blocks of query rows whose scores stay in the CPU's cache through the softmax's passes:
+    (first, last, the block's mask). `mask` is None, "causal", or an array of `xp` (mlx.core or
+    numpy) of shape (length or 1, size) or (batch or 1, heads or 1, length or 1, size); a block's
+    mask is True where a query sees a key, and a 4-D one is grouped by kv head, as the queries are:
+    (batch or 1, kv_heads or 1, repeats or 1, rows or 1, size)."""
+    batch, heads, kv_heads, length, size = shape
+    if mask is not None and not isinstance(mask, str) and mask.ndim == 4:
+        grouped = (kv_heads, heads // kv_heads) if mask.shape[1] > 1 else (1, 1)
         mask = mask.reshape(mask.shape[0], *grouped, *mask.shape[2:])
-    # The scores a block of queries makes stay in the CPU's cache through the softmax's passes.
     rows = max(1, BLOCK_SCORES // (batch * heads * size))
-    out = []
     for first in range(0, length, rows):
         last = min(length, first + rows)
         if isinstance(mask, str):  # causal: query i (of the last `length` positions) sees keys up to its own
-            block_mask = mx.arange(size - length + first, size - length + last)[:, None] >= mx.arange(size)[None]
+            yield first, last, xp.arange(size - length + first, size - length + last)[:, None] >= xp.arange(size)[None]
         elif mask is not None and mask.shape[-2] > 1:
-            block_mask = mask[..., first:last, :]
+            yield first, last, mask[..., first:last, :]
         else:
-            block_mask = mask
-        out.append(_softmax_weighted(q[..., first:last, :], keys_t, values, block_mask))
-    joined = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
-    return joined.reshape(batch, heads, length, joined.shape[-1])
+            yield first, last, mask
 
 
 def _softmax_weighted(q: Any, keys_t: Any, values: Any, mask: Any) -> Any:
@@ -167,12 +177,13 @@ def _softmax_weighted(q: Any, keys_t: Any, values: Any, mask: Any) -> Any:
     return ((weights.astype(values.dtype) @ values) / total).astype(values.dtype)
 
 
-def _numpy_can_read(*arrays: Any) -> bool:
+def _numpy_can_read(queries: Any, keys: Any, values: Any, mask: Any) -> bool:
+    """Whether numpy can take these as they are: float32 (a half-precision model's are not)."""
     import mlx.core as mx
 
-    return all(
-        a is None or isinstance(a, str) or a.dtype == mx.float32 or (a.dtype == mx.bool_ and a.ndim in (2, 4))
-        for a in arrays
+    masked = isinstance(mask, mx.array)
+    return all(a.dtype == mx.float32 for a in (queries, keys, values)) and (
+        not masked or mask.dtype in (mx.float32, mx.bool_)
     )
 
 
@@ -196,17 +207,9 @@ def _in_numpy(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> 
     mx.eval(queries, keys, values, *([mask] if isinstance(mask, mx.array) else []))
     q = np.asarray(queries).reshape(batch, kv_heads, repeats, length, dim) * np.float32(scale)
     k, v = np.asarray(keys), np.asarray(values)
-    allowed = None
-    if isinstance(mask, mx.array):  # (length or 1, size), or (batch or 1, heads or 1, length or 1, size)
-        allowed = np.asarray(mask)
-        if allowed.ndim == 4:
-            grouped = (kv_heads, repeats) if allowed.shape[1] > 1 else (1, 1)
-            allowed = allowed.reshape(allowed.shape[0], *grouped, *allowed.shape[2:])
     out = np.empty((batch, kv_heads, repeats, length, v.shape[-1]), np.float32)
-    # The scores a block of queries makes stay in the CPU's cache through the softmax's passes.
-    rows = max(1, BLOCK_SCORES // (batch * heads * size))
-    for first in range(0, length, rows):
-        last = min(length, first + rows)
+    masks = np.asarray(mask) if isinstance(mask, mx.array) else mask
+    for first, last, seen in _blocks(np, masks, (batch, heads, kv_heads, length, size)):
         block = q[..., first:last, :].reshape(batch, kv_heads, repeats * (last - first), dim)
         # The rows of a kv head's queries together: its keys are read once for all of them.
         # (A handful of rows go as keys @ queries^T: numpy's sgemv for one, a thin sgemm else.)
@@ -215,15 +218,10 @@ def _in_numpy(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> 
         else:
             scores = np.matmul(block, k.swapaxes(-1, -2))
         scores = scores.reshape(batch, kv_heads, repeats, last - first, size)
-        if isinstance(mask, str):  # causal: query i (of the last `length` positions) sees keys up to its own
-            hidden = np.arange(size - length + first, size - length + last)[:, None] < np.arange(size)[None]
-            np.copyto(scores, np.float32(-np.inf), where=hidden)
-        elif allowed is not None:
-            part = allowed[..., first:last, :] if allowed.shape[-2] > 1 else allowed
-            if part.dtype == np.bool_:
-                np.copyto(scores, np.float32(-np.inf), where=~part)
-            else:
-                scores += part
+        if seen is not None and seen.dtype == np.bool_:
+            np.copyto(scores, np.float32(-np.inf), where=~seen)
+        elif seen is not None:  # additive
+            scores += seen
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         total = scores.sum(axis=-1, keepdims=True)
