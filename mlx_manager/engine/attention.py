@@ -120,6 +120,11 @@ def attention(
     import mlx.core as mx
 
     original = _original[0]
+    if not isinstance(keys, mx.array):  # a batch of sequences of their own lengths (engine/sequence_caches.py)
+        plain_mask = isinstance(mask, str | None) and mask in (None, "causal")
+        if sinks is not None or options or not plain_mask:
+            raise NotImplementedError("attention sinks, options or a mask array over sequence caches")
+        return _per_sequence(queries, keys.arrays, values.arrays, scale, mask)
     batch, heads, length, dim = queries.shape
     kv_heads, size = keys.shape[1], keys.shape[2]
     usual_mask = mask is None or mask == "causal" if isinstance(mask, str | None) else mask.ndim in (2, 4)
@@ -201,14 +206,39 @@ def _in_numpy(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> 
     import mlx.core as mx
     import numpy as np
 
-    batch, heads, length, dim = queries.shape
-    kv_heads, size = keys.shape[1], keys.shape[2]
-    repeats = heads // kv_heads
     mx.eval(queries, keys, values, *([mask] if isinstance(mask, mx.array) else []))
-    q = np.asarray(queries).reshape(batch, kv_heads, repeats, length, dim) * np.float32(scale)
-    k, v = np.asarray(keys), np.asarray(values)
-    out = np.empty((batch, kv_heads, repeats, length, v.shape[-1]), np.float32)
     masks = np.asarray(mask) if isinstance(mask, mx.array) else mask
+    return mx.array(_numpy_attention(np.asarray(queries), np.asarray(keys), np.asarray(values), scale, masks))
+
+
+def _per_sequence(queries: Any, keys: list[Any], values: list[Any], scale: float, mask: Any) -> Any:
+    """A batch's attention, each sequence (row of `queries`) over its own keys and values (`mask`:
+    None or "causal", the same for each). float32 in numpy, as `_in_numpy`; otherwise each
+    sequence's in MLX (`attention`), joined."""
+    import mlx.core as mx
+    import numpy as np
+
+    if not _numpy_can_read(queries, keys[0], values[0], None):
+        pairs = enumerate(zip(keys, values, strict=True))
+        return mx.concatenate([attention(queries[i : i + 1], k, v, scale=scale, mask=mask) for i, (k, v) in pairs])
+    mx.eval(queries, keys, values)
+    q = np.asarray(queries)
+    out = np.empty((*q.shape[:-1], values[0].shape[-1]), np.float32)
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+        out[i : i + 1] = _numpy_attention(q[i : i + 1], np.asarray(k), np.asarray(v), scale, mask)
+    return mx.array(out)
+
+
+def _numpy_attention(queries: Any, k: Any, v: Any, scale: float, masks: Any) -> Any:
+    """Attention over numpy arrays (queries (batch, heads, length, dim), keys and values (batch,
+    kv_heads, size, dim)); `masks`: None, "causal" or a numpy array (see `_blocks`)."""
+    import numpy as np
+
+    batch, heads, length, dim = queries.shape
+    kv_heads, size = k.shape[1], k.shape[2]
+    repeats = heads // kv_heads
+    q = queries.reshape(batch, kv_heads, repeats, length, dim) * np.float32(scale)
+    out = np.empty((batch, kv_heads, repeats, length, v.shape[-1]), np.float32)
     for first, last, seen in _blocks(np, masks, (batch, heads, kv_heads, length, size)):
         block = q[..., first:last, :].reshape(batch, kv_heads, repeats * (last - first), dim)
         # The rows of a kv head's queries together: its keys are read once for all of them.
@@ -227,7 +257,12 @@ def _in_numpy(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> 
         total = scores.sum(axis=-1, keepdims=True)
         weighted = np.matmul(scores.reshape(batch, kv_heads, -1, size), v)
         out[..., first:last, :] = weighted.reshape(batch, kv_heads, repeats, last - first, -1) / total
-    return mx.array(out.reshape(batch, heads, length, v.shape[-1]))
+    return out.reshape(batch, heads, length, v.shape[-1])
+
+
+def installed() -> bool:
+    """Whether `attention` computes every model's attention in this process (see `install`)."""
+    return bool(_original)
 
 
 def install() -> bool:

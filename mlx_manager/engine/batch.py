@@ -182,10 +182,13 @@ class Prefill:
             self.held += part
         return size
 
-    def read_for(self, box: Box) -> int:
+    def read_for(self, box: Box, per_token: float | None = None) -> int:
         """Read alone for up to `box.seconds`, in reads that grow while the next (sized from the
         last one's time) still fits; how many tokens were read. The first read is sized from this
-        prompt's previous one (FIRST_READ tokens for its first).
+        prompt's previous one; for its first, from `per_token` (the model's last timed read, any
+        prompt's: half the box's worth, as this prompt may sit at a longer context), or
+        FIRST_READ tokens. (A conversation's next turn, a few dozen tokens, is then one read:
+        each read goes through the whole KV cache once, however few tokens it has.)
 
         Without a time box (no decode round timed yet), one read of at most `box.tokens`, and only
         if that finishes the prompt."""
@@ -193,7 +196,10 @@ class Prefill:
         if box.seconds is None:
             return self.advance(box.tokens) if self.left <= box.tokens else 0
         started = time.perf_counter()
-        size = FIRST_READ if self.per_token is None else int(box.seconds / self.per_token)
+        if self.per_token is not None:
+            size = int(box.seconds / self.per_token)
+        else:
+            size = FIRST_READ if per_token is None else int(box.seconds / 2 / per_token)
         size, read = max(1, min(size, box.tokens)), 0
         while self.left and size > 0:
             before = time.perf_counter()
@@ -233,6 +239,7 @@ class ModelBatch:
         self.slots: dict[int, Slot] = {}
         self.fresh: set[int] = set()  # joined, no token yet: the suspects if a step fails
         self.prefills: list[Prefill] = []  # groups of choices still reading their prompt
+        self.per_token: float | None = None  # seconds a prompt token took in the last timed read (any prompt's)
         self._solo_uid = -1
         self._waiting_uid = -1  # the keys of slots in a Prefill: -2, -3, ...
 
@@ -281,10 +288,11 @@ class ModelBatch:
         (nobody decoding). A prompt that is read joins the generator, one sequence per choice,
         each with its own copy of the cache. Returns the tokens read."""
         waiting = [prefill for prefill in self.prefills if not prefill.bursted]
-        if plan.first is not None and waiting:
-            read = min(waiting, key=lambda prefill: prefill.left).read_for(plan.first)
-        elif plan.paced is not None and self.prefills:
-            read = min(self.prefills, key=lambda prefill: prefill.left).read_for(plan.paced)
+        box = plan.first if plan.first is not None and waiting else plan.paced if self.prefills else None
+        if box is not None:
+            reader = min(waiting if box is plan.first else self.prefills, key=lambda prefill: prefill.left)
+            read = reader.read_for(box, self.per_token)
+            self.per_token = reader.per_token or self.per_token
         else:
             read = sum(prefill.advance(plan.chunk) for prefill in self.prefills)
         for prefill in list(self.prefills):
@@ -301,7 +309,14 @@ class ModelBatch:
         return read
 
     def _insert(self, slot: Slot, prompt: list[int], cache: list[Any] | None, held: list[int]) -> int:
-        (uid,) = self._batch().insert(
+        generator = self._batch()
+        if self._by_sequence():  # a cache of its own in the batch (its prompt is one token: see Prefill)
+            from mlx_lm.models.cache import make_prompt_cache
+
+            from mlx_manager.engine.sequence_caches import SequenceCache
+
+            cache = [SequenceCache.adopt(layer) for layer in cache or make_prompt_cache(self.entry.model)]
+        (uid,) = generator.insert(
             [prompt],
             max_tokens=[slot.remaining],
             caches=[cache] if cache is not None else None,
@@ -310,6 +325,14 @@ class ModelBatch:
             logits_processors=[slot.processors],
         )
         return int(uid)
+
+    def _by_sequence(self) -> bool:
+        """Whether this model's batches keep a cache per sequence (engine/sequence_caches.py)."""
+        if self.entry.by_sequence is None:
+            from mlx_manager.engine.sequence_caches import batches_by_sequence
+
+            self.entry.by_sequence = batches_by_sequence(self.entry.model)
+        return self.entry.by_sequence
 
     def _batch(self) -> Any:
         if self.generator is None:

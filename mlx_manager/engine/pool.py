@@ -53,6 +53,7 @@ class LoadedModel:
     kind: str = "generate"  # or "embed": then `model` is an engine.embedding_model.EmbeddingModel
     prompt_cache: PromptCache | None = None  # made with its first generation; goes with the model
     memory_bytes: int = 0  # MLX memory the load allocated
+    by_sequence: bool | None = None  # batches keep a cache per sequence (sequence_caches.py); set at its first
 
 
 @dataclass(frozen=True)
