@@ -144,3 +144,23 @@ def test_models_it_does_not_fit_keep_mlx_lm_batch_cache(model, monkeypatch):
     assert not batches_by_sequence(ReadsTheKeys(model))
     monkeypatch.setattr(attention, "_original", [])  # the engine does not compute the attention (Metal)
     assert not batches_by_sequence(model)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "alone_in_numpy"),
+    [((5, 9, 3), [False] * 3), ((2500, 3100, 2800), [True] * 3), ((40, 3100, 900), [False, True, False])],
+    ids=["short", "long", "mixed"],
+)
+def test_each_sequence_gets_what_it_would_get_alone_to_the_bit(model, sizes, alone_in_numpy):
+    # A request's logprobs must not depend on who else is in the batch: short attentions go to
+    # MLX's own function alone, long ones to numpy; a batch does the same for each sequence.
+    from mlx_manager.engine.sequence_caches import Ragged
+
+    assert [4 * n >= attention.MIN_SCORES for n in sizes] == alone_in_numpy  # else MLX's own function
+    queries = mx.random.normal((len(sizes), 4, 1, 16), key=mx.random.key(1))
+    keys = [mx.random.normal((1, 4, n, 16), key=mx.random.key(10 + i)) for i, n in enumerate(sizes)]
+    values = [mx.random.normal((1, 4, n, 16), key=mx.random.key(20 + i)) for i, n in enumerate(sizes)]
+    batch = mx.fast.scaled_dot_product_attention(queries, Ragged(keys), Ragged(values), scale=0.25, mask=None)
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+        alone = mx.fast.scaled_dot_product_attention(queries[i : i + 1], k, v, scale=0.25, mask=None)
+        assert mx.array_equal(batch[i : i + 1], alone).item()

@@ -213,15 +213,20 @@ def _in_numpy(queries: Any, keys: Any, values: Any, scale: float, mask: Any) -> 
 
 def _per_sequence(queries: Any, keys: list[Any], values: list[Any], scale: float, mask: Any) -> Any:
     """A batch's attention, each sequence (row of `queries`) over its own keys and values (`mask`:
-    None or "causal", the same for each). float32 in numpy, as `_in_numpy`; otherwise each
-    sequence's in MLX (`attention`), joined."""
+    None or "causal", the same for each): what `attention` gives each alone, so a sequence's
+    output, to the last bit, does not depend on the batch it is in. When every sequence alone
+    would go to numpy (`_in_numpy`), all are computed into one buffer."""
     import mlx.core as mx
     import numpy as np
 
-    if not _numpy_can_read(queries, keys[0], values[0], None):
+    mx.eval(queries, keys, values)
+    _, heads, length, _ = queries.shape
+    if not all(
+        heads % k.shape[1] == 0 and heads * length * k.shape[2] >= MIN_SCORES and _numpy_can_read(queries, k, v, None)
+        for k, v in zip(keys, values, strict=True)
+    ):
         pairs = enumerate(zip(keys, values, strict=True))
         return mx.concatenate([attention(queries[i : i + 1], k, v, scale=scale, mask=mask) for i, (k, v) in pairs])
-    mx.eval(queries, keys, values)
     q = np.asarray(queries)
     out = np.empty((*q.shape[:-1], values[0].shape[-1]), np.float32)
     for i, (k, v) in enumerate(zip(keys, values, strict=True)):
