@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_manager.engine.prompt_cache_disk import DiskTier
+from mlx_manager.engine.prompt_trie import Trie
 from mlx_manager.engine.types import CacheStatus
 
 
@@ -57,14 +58,12 @@ class _Entry:
 
 class PromptCache:
     def __init__(self, max_bytes: int, max_entries: int, disk: DiskTier | None = None) -> None:
-        from mlx_lm.models.cache import PromptTrie
-
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.disk = disk
         self.hits = self.misses = self.cached_tokens = 0
         self.bytes = 0
-        self._trie = PromptTrie()
+        self._trie = Trie()
         self._lru: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()  # least recently used first
 
     def status(self) -> CacheStatus:
@@ -91,18 +90,9 @@ class PromptCache:
         self._promote(tokens)
         if not self._lru:
             return self._miss()
-        found = self._trie.search(None, tokens)
-        candidates: list[tuple[list[int], int]] = []  # (an entry's tokens, how many of them to reuse)
-        if found.exact is not None:
-            candidates.append((found.exact, len(tokens) - 1))
-        if found.longer is not None and found.common_prefix > len(found.shorter or ()):
-            candidates.append((found.longer, min(len(tokens) - 1, found.common_prefix)))
-        if found.shorter is not None:  # a strict prefix of the prompt: used whole, no trim
-            candidates.append((found.shorter, len(found.shorter)))
-        for key_tokens, reuse in candidates:
-            key = tuple(key_tokens)
+        for key, reuse in self._trie.candidates(tokens):  # best first
             entry = self._lru[key]
-            if reuse < len(key) and not entry.trimmable:
+            if reuse < len(key) and not entry.trimmable:  # it would have to be trimmed back
                 continue
             self._lru.move_to_end(key)
             cache = _prefix(entry.cache, reuse, len(key))
@@ -126,12 +116,8 @@ class PromptCache:
             self._keep(key, cache)
 
     def _best_in_memory(self, tokens: list[int]) -> int:
-        if not self._lru:
-            return 0
-        found = self._trie.search(None, tokens)
-        if found.exact is not None:
-            return len(tokens) - 1
-        return max(len(found.shorter or ()), min(len(tokens) - 1, found.common_prefix) if found.longer else 0)
+        found = self._trie.candidates(tokens)
+        return next((reuse for key, reuse in found if reuse == len(key) or self._lru[key].trimmable), 0)
 
     def _miss(self) -> tuple[None, int]:
         if self.enabled:
@@ -153,11 +139,11 @@ class PromptCache:
             self._spill(key, entry)
             return
         self._remove(key)
-        self._trie.add(None, list(key), entry)
+        self._trie.add(key, entry)
         self._lru[key] = entry
         self.bytes += entry.nbytes
         if entry.trimmable:  # an entry can serve all its prefixes: shorter ones only take space
-            for length, _ in self._trie.pop_prefixes(None, list(key)):
+            for length in self._trie.pop_prefixes(key):
                 self._forget(key[:length])
         self.shrink()
 
@@ -179,9 +165,7 @@ class PromptCache:
 
     def clear(self) -> None:
         """Forget every entry, on disk too."""
-        from mlx_lm.models.cache import PromptTrie
-
-        self._trie = PromptTrie()
+        self._trie = Trie()
         self._lru.clear()
         self.bytes = 0
         if self.disk is not None:
@@ -189,7 +173,7 @@ class PromptCache:
 
     def _remove(self, key: tuple[int, ...]) -> None:
         if key in self._lru:
-            self._trie.pop(None, list(key))
+            self._trie.pop(key)
             self._forget(key)
 
     def _forget(self, key: tuple[int, ...]) -> None:

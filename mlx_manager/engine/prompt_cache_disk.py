@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_manager.engine.prompt_trie import Trie
 from mlx_manager.files import write_atomic
 
 log = logging.getLogger("mlx_manager.engine")
@@ -36,11 +37,9 @@ class DiskEntry:
 
 class DiskTier:
     def __init__(self, folder: Path, max_bytes: int) -> None:
-        from mlx_lm.models.cache import PromptTrie
-
         self.folder = folder
         self.max_bytes = max_bytes
-        self._trie = PromptTrie()
+        self._trie = Trie()
         self._entries: dict[tuple[int, ...], DiskEntry] = {}
         self.bytes = 0
         self._read_index()
@@ -72,19 +71,9 @@ class DiskTier:
         """(the entry's tokens, how many of `tokens` it can serve) for the best entry, or None."""
         if not self._entries:
             return None
-        found = self._trie.search(None, tokens)
-        candidates: list[tuple[list[int], int]] = []
-        if found.exact is not None:
-            candidates.append((found.exact, len(tokens) - 1))
-        if found.longer is not None and found.common_prefix > len(found.shorter or ()):
-            candidates.append((found.longer, min(len(tokens) - 1, found.common_prefix)))
-        if found.shorter is not None:
-            candidates.append((found.shorter, len(found.shorter)))
-        for key_tokens, reuse in candidates:
-            key = tuple(key_tokens)
-            if reuse < len(key) and not self._entries[key].trimmable:
-                continue
-            return key, reuse
+        for key, reuse in self._trie.candidates(tokens):
+            if reuse == len(key) or self._entries[key].trimmable:
+                return key, reuse
         return None
 
     def load(self, key: tuple[int, ...]) -> list[Any] | None:
@@ -125,7 +114,7 @@ class DiskTier:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
-        self._trie.pop(None, list(key))
+        self._trie.pop(key)
         self.bytes -= entry.nbytes
         self._delete_files(entry.stem)
 
@@ -134,7 +123,7 @@ class DiskTier:
             self.remove(key)
 
     def _add(self, key: tuple[int, ...], entry: DiskEntry) -> None:
-        self._trie.add(None, list(key), entry)
+        self._trie.add(key, entry)
         self._entries[key] = entry
         self.bytes += entry.nbytes
 
