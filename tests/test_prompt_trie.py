@@ -3,7 +3,25 @@ prefix of a prompt, and how much of it."""
 
 from __future__ import annotations
 
+import pytest
+
+from mlx_manager.engine import prompt_trie
 from mlx_manager.engine.prompt_trie import Trie
+
+
+@pytest.fixture(autouse=True)
+def any_reuse(monkeypatch):
+    monkeypatch.setattr(prompt_trie, "MIN_REUSE", 1)  # the lookups below on a few tokens
+
+
+def test_a_few_shared_tokens_are_no_hit_unless_they_are_the_whole_prompt(monkeypatch):
+    monkeypatch.setattr(prompt_trie, "MIN_REUSE", 32)
+    template = tuple(range(10))
+    trie = _trie(template + tuple(range(100, 200)), template + (7,))
+    assert trie.candidates([*template, 500, 501]) == []  # 10 shared tokens: a miss
+    assert trie.candidates([*template, 7]) == [((*template, 7), 10)]  # a short prompt asked again
+    assert trie.candidates([*template, 7, 8]) == [((*template, 7), 11)]  # or extended by its last token
+    assert trie.candidates([*template, *range(100, 140)]) == [(template + tuple(range(100, 200)), 49)]
 
 
 def _trie(*keys: tuple[int, ...]) -> Trie:

@@ -12,6 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 _VALUE = "value"  # a node's key for the entry ending there (token ids are ints)
+# The fewest tokens a hit reuses, unless it is all of a short prompt (but its last token). Distinct
+# prompts share a chat template's first few tokens: reusing those saves nothing, and every such
+# lookup would make some unrelated entry the most recently used (measured: 4 clients' single-turn
+# requests through the server, 0.94x of the cache off with these hits, 0.975x without).
+MIN_REUSE = 32
 
 
 class Trie:
@@ -49,7 +54,8 @@ class Trie:
         """The entries that can serve a prefix of `tokens`, best first: (an entry's tokens, how
         many of `tokens` it serves). At least the last token is always left to compute (it gives
         the first logits): an exact entry, or one extending the whole prompt, serves all but it.
-        An entry that extends the common prefix serves it only if it can be trimmed back."""
+        An entry that extends the common prefix serves it only if it can be trimmed back. None
+        serving fewer than MIN_REUSE tokens (or all but the last of a shorter prompt)."""
         node, depth, shorter = self._root, 0, 0
         while depth < len(tokens) and tokens[depth] in node:
             node = node[tokens[depth]]
@@ -68,4 +74,5 @@ class Trie:
             found.append((tuple(tokens[:depth]) + tuple(extension), min(len(tokens) - 1, depth)))
         if 0 < shorter < len(tokens):
             found.append((tuple(tokens[:shorter]), shorter))
-        return found
+        least = min(MIN_REUSE, len(tokens) - 1)
+        return [(key, reuse) for key, reuse in found if reuse >= least]
