@@ -1,6 +1,7 @@
 """Where a conversation's later turn spends its time to first token, step by step, in the engine.
 
     HF_HUB_OFFLINE=1 python benchmarks/conversation_steps.py [--conversations 4] [--turns 6]
+        [--cache-off] [--batch-cache] [--mlx-products] [--mlx-attention] [--default-malloc]
 
 The workload of bench_prompt_cache.py (conversations at once, each a ~650-word system prompt and
 short user turns, 48-token answers, every turn resending the history), run on the engine in this
@@ -87,6 +88,10 @@ async def main(args: argparse.Namespace) -> None:
         allocator.tune = lambda: False  # type: ignore[assignment]
     engine = Engine(EngineConfig(allow_any_path=True, **({"cache_max_bytes": 0} if args.cache_off else {})))
     engine.start()  # first: it picks the BLAS before anything imports MLX (build_model does)
+    if args.batch_cache:  # A/B: mlx-lm's BatchKVCache for batches, not a cache per sequence
+        from mlx_manager.engine import sequence_caches
+
+        sequence_caches.batches_by_sequence = lambda model: False  # type: ignore[assignment]
     folder = str(build_model(Path(tempfile.mkdtemp(prefix="conversation-steps-")) / "bench", "bench"))
     try:
         await engine.load(folder)
@@ -118,6 +123,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mlx-products", action="store_true", help="float32 attention in MLX, not numpy (A/B)")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's malloc untuned (A/B)")
     parser.add_argument("--cache-off", action="store_true", help="no prompt cache (cache.max_bytes = 0; A/B)")
+    parser.add_argument("--batch-cache", action="store_true", help="mlx-lm's BatchKVCache, not one per sequence (A/B)")
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,10 @@ Here:
 - a float32 cache's attention is computed in numpy, on MLX's buffers in place (`_in_numpy`): MLX's
   `cblas_sgemm` for a decode step's single row reads the cache about twice over (numpy's `matmul`
   calls `sgemv`), and numpy's `exp` is vectorized. A half-precision cache stays in MLX (numpy
-  has no bfloat16, and no BLAS for float16) with the compiled exponential below.
+  has no bfloat16, and no BLAS for float16) with the compiled exponential below;
+- a batch whose cache is kept per sequence (sequence_caches.py) hands over each sequence's keys
+  and values as they are, of their own lengths (`Ragged`): each sequence's attention is computed
+  as it would be alone (`_per_sequence`), without the padding a batch's common array needs.
 
 Everything else is MLX's computation: the scores in float32, the mask applied as -inf, the row
 maximum subtracted (inside the exponential's pass, for a prompt's block), the weights cast to the
