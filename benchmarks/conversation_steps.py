@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.models
 
 from mlx_manager.bench import distinct_prompt  # noqa: E402
 from mlx_manager.engine import allocator, attention  # noqa: E402
+from mlx_manager.engine.batch import ModelBatch  # noqa: E402
 from mlx_manager.engine.config import EngineConfig  # noqa: E402
 from mlx_manager.engine.engine import Engine  # noqa: E402
 from mlx_manager.engine.types import Finished, GenerationRequest, SamplingParams, TextDelta  # noqa: E402
@@ -89,9 +90,8 @@ async def main(args: argparse.Namespace) -> None:
     engine = Engine(EngineConfig(allow_any_path=True, **({"cache_max_bytes": 0} if args.cache_off else {})))
     engine.start()  # first: it picks the BLAS before anything imports MLX (build_model does)
     if args.batch_cache:  # A/B: mlx-lm's BatchKVCache for batches, not a cache per sequence
-        from mlx_manager.engine import sequence_caches
-
-        sequence_caches.batches_by_sequence = lambda model: False  # type: ignore[assignment]
+        # (not by importing sequence_caches here: mlx-lm is imported on the inference thread)
+        ModelBatch._by_sequence = lambda self: False  # type: ignore[method-assign]
     folder = str(build_model(Path(tempfile.mkdtemp(prefix="conversation-steps-")) / "bench", "bench"))
     try:
         await engine.load(folder)
