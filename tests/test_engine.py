@@ -273,6 +273,33 @@ def test_a_short_prompt_joining_running_streams_is_read_in_one_burst(engine, fas
     assert during <= 3, during
 
 
+def test_a_joining_prompts_first_read_is_sized_from_the_models_last_read(fast_model, monkeypatch):
+    """Each read passes through the whole KV cache once, so a conversation's next turn should be
+    one read: its first is sized from the last timed read of any prompt of the model; with none
+    timed yet, it starts at FIRST_READ tokens and grows."""
+    from types import SimpleNamespace
+
+    from mlx_lm import load
+
+    from mlx_manager.engine import batch
+    from mlx_manager.engine.pacing import Box
+
+    reads: list[int] = []
+    real = batch.read_chunk
+    monkeypatch.setattr(
+        batch, "read_chunk", lambda entry, cache, chunk: reads.append(len(chunk)) or real(entry, cache, chunk)
+    )
+    entry = SimpleNamespace(model=load(fast_model)[0])
+    box = Box(seconds=30.0, tokens=512)
+    first = batch.Prefill(entry, [], None, [], list(range(10, 70)))  # type: ignore[arg-type]
+    first.read_for(box)
+    assert reads[0] == batch.FIRST_READ and sum(reads) == 59, reads
+    reads.clear()
+    joining = batch.Prefill(entry, [], None, [], list(range(20, 80)))  # type: ignore[arg-type]
+    joining.read_for(box, first.per_token)
+    assert reads == [59]  # all but its last token (each choice's own) at once
+
+
 def test_prompts_that_arrive_together_are_read_at_the_full_chunk(engine, fast_model, monkeypatch):
     """Nobody decodes while prompts are read, so no pacing: the lone job that starts first and
     moves into the batch when the second comes is still reading, and is not counted as decoding."""

@@ -288,9 +288,9 @@ class ModelBatch:
         (nobody decoding). A prompt that is read joins the generator, one sequence per choice,
         each with its own copy of the cache. Returns the tokens read."""
         waiting = [prefill for prefill in self.prefills if not prefill.bursted]
-        box = plan.first if plan.first is not None and waiting else plan.paced if self.prefills else None
-        if box is not None:
-            reader = min(waiting if box is plan.first else self.prefills, key=lambda prefill: prefill.left)
+        box, readers = (plan.first, waiting) if plan.first is not None and waiting else (plan.paced, self.prefills)
+        if box is not None and readers:
+            reader = min(readers, key=lambda prefill: prefill.left)
             read = reader.read_for(box, self.per_token)
             self.per_token = reader.per_token or self.per_token
         else:
