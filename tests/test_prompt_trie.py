@@ -73,3 +73,11 @@ def test_pop_prefixes_returns_the_lengths_of_shorter_entries():
     trie = _trie((1,), (1, 2), (1, 2, 3, 4))
     assert trie.pop_prefixes((1, 2, 3, 4)) == [1, 2]
     assert trie.candidates([1, 2, 3]) == [((1, 2, 3, 4), 2)]
+
+
+def test_an_entry_that_cannot_be_trimmed_serves_only_prompts_that_extend_it():
+    trie = Trie()
+    trie.add((1, 2, 3), "window", trimmable=False)  # a rotating window or state-space layers
+    assert trie.candidates([1, 2, 3]) == []  # asked again: it would have to give back its last token
+    assert trie.candidates([1, 2, 9]) == []  # past the common prefix: the same
+    assert trie.candidates([1, 2, 3, 4]) == [((1, 2, 3), 3)]  # extended: used whole

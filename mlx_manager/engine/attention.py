@@ -135,8 +135,7 @@ def attention(
         sinks is not None
         or options  # a stream, or `force_fused`
         or not usual_mask
-        or batch * heads * length * size < MIN_SCORES
-        or heads % kv_heads
+        or _mlx_own(queries.shape, keys.shape)
         or mx.default_device() != mx.cpu
     ):
         return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **options)
@@ -150,6 +149,13 @@ def attention(
     ]
     joined = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
     return joined.reshape(batch, heads, length, joined.shape[-1])
+
+
+def _mlx_own(queries: tuple[int, ...], keys: tuple[int, ...]) -> bool:
+    """Whether attention of these shapes goes to MLX's own function: too few scores to pay for
+    ours, or query heads that do not group evenly over the kv heads."""
+    batch, heads, length, _ = queries
+    return batch * heads * length * keys[2] < MIN_SCORES or heads % keys[1] != 0
 
 
 def _blocks(xp: Any, mask: Any, shape: tuple[int, int, int, int, int]) -> Iterator[tuple[int, int, Any]]:
@@ -223,16 +229,13 @@ def _per_sequence(queries: Any, keys: list[Any], values: list[Any], scale: float
     import numpy as np
 
     mx.eval(queries, keys, values)
-    _, heads, length, _ = queries.shape
-    if not all(
-        heads % k.shape[1] == 0 and heads * length * k.shape[2] >= MIN_SCORES and _numpy_can_read(queries, k, v, None)
-        for k, v in zip(keys, values, strict=True)
-    ):
-        pairs = enumerate(zip(keys, values, strict=True))
-        return mx.concatenate([attention(queries[i : i + 1], k, v, scale=scale, mask=mask) for i, (k, v) in pairs])
+    one, pairs = (1, *queries.shape[1:]), list(zip(keys, values, strict=True))
+    if any(_mlx_own(one, k.shape) or not _numpy_can_read(queries, k, v, None) for k, v in pairs):
+        alone = [attention(queries[i : i + 1], k, v, scale=scale, mask=mask) for i, (k, v) in enumerate(pairs)]
+        return mx.concatenate(alone)
     q = np.asarray(queries)
     out = np.empty((*q.shape[:-1], values[0].shape[-1]), np.float32)
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+    for i, (k, v) in enumerate(pairs):
         out[i : i + 1] = _numpy_attention(q[i : i + 1], np.asarray(k), np.asarray(v), scale, mask)
     return mx.array(out)
 

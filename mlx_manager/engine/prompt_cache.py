@@ -88,18 +88,14 @@ class PromptCache:
         if not self.enabled or len(tokens) < 2:
             return self._miss()
         self._promote(tokens)
-        if not self._lru:
+        found = self._trie.candidates(tokens)
+        if not found:
             return self._miss()
-        for key, reuse in self._trie.candidates(tokens):  # best first
-            entry = self._lru[key]
-            if reuse < len(key) and not entry.trimmable:  # it would have to be trimmed back
-                continue
-            self._lru.move_to_end(key)
-            cache = _prefix(entry.cache, reuse, len(key))
-            self.hits += 1
-            self.cached_tokens += reuse
-            return cache, reuse
-        return self._miss()
+        key, reuse = found[0]  # the best
+        self._lru.move_to_end(key)
+        self.hits += 1
+        self.cached_tokens += reuse
+        return _prefix(self._lru[key].cache, reuse, len(key)), reuse
 
     def _promote(self, tokens: list[int]) -> None:
         """Bring the disk tier's best entry for `tokens` into memory if it serves more of them."""
@@ -116,8 +112,7 @@ class PromptCache:
             self._keep(key, cache)
 
     def _best_in_memory(self, tokens: list[int]) -> int:
-        found = self._trie.candidates(tokens)
-        return next((reuse for key, reuse in found if reuse == len(key) or self._lru[key].trimmable), 0)
+        return next((reuse for _, reuse in self._trie.candidates(tokens)), 0)
 
     def _miss(self) -> tuple[None, int]:
         if self.enabled:
@@ -139,7 +134,7 @@ class PromptCache:
             self._spill(key, entry)
             return
         self._remove(key)
-        self._trie.add(key, entry)
+        self._trie.add(key, entry, entry.trimmable)
         self._lru[key] = entry
         self.bytes += entry.nbytes
         if entry.trimmable:  # an entry can serve all its prefixes: shorter ones only take space

@@ -71,10 +71,7 @@ class DiskTier:
         """(the entry's tokens, how many of `tokens` it can serve) for the best entry, or None."""
         if not self._entries:
             return None
-        for key, reuse in self._trie.candidates(tokens):
-            if reuse == len(key) or self._entries[key].trimmable:
-                return key, reuse
-        return None
+        return next(iter(self._trie.candidates(tokens)), None)
 
     def load(self, key: tuple[int, ...]) -> list[Any] | None:
         """The cache stored for `key`; None (and the files deleted) if they cannot be read."""
@@ -123,7 +120,7 @@ class DiskTier:
             self.remove(key)
 
     def _add(self, key: tuple[int, ...], entry: DiskEntry) -> None:
-        self._trie.add(key, entry)
+        self._trie.add(key, entry, entry.trimmable)
         self._entries[key] = entry
         self.bytes += entry.nbytes
 

@@ -23,18 +23,20 @@ class Trie:
     def __init__(self) -> None:
         self._root: dict[Any, Any] = {}
 
-    def add(self, tokens: tuple[int, ...], value: Any) -> None:
+    def add(self, tokens: tuple[int, ...], value: Any, trimmable: bool = True) -> None:
+        """Keep `value` for `tokens`; one that is not `trimmable` (a rotating window, a state-space
+        layer) only serves prompts that extend it."""
         node = self._root
         for token in tokens:
             node = node.setdefault(token, {})
-        node[_VALUE] = value
+        node[_VALUE] = (value, trimmable)
 
     def pop(self, tokens: tuple[int, ...]) -> Any:
         """Remove the entry of `tokens` (which must be there), and the nodes only it used."""
         path = [self._root]
         for token in tokens:
             path.append(path[-1][token])
-        value = path[-1].pop(_VALUE)
+        value, _ = path[-1].pop(_VALUE)
         for depth in range(len(tokens), 0, -1):
             if path[depth]:
                 break
@@ -54,7 +56,7 @@ class Trie:
         """The entries that can serve a prefix of `tokens`, best first: (an entry's tokens, how
         many of `tokens` it serves). At least the last token is always left to compute (it gives
         the first logits): an exact entry, or one extending the whole prompt, serves all but it.
-        An entry that extends the common prefix serves it only if it can be trimmed back. None
+        An entry longer than what it serves is offered only if it can be trimmed back; none
         serving fewer than MIN_REUSE tokens (or all but the last of a shorter prompt)."""
         node, depth, shorter = self._root, 0, 0
         while depth < len(tokens) and tokens[depth] in node:
@@ -64,15 +66,17 @@ class Trie:
                 shorter = depth
         found: list[tuple[tuple[int, ...], int]] = []
         if shorter == len(tokens):
-            found.append((tuple(tokens), len(tokens) - 1))
+            if node[_VALUE][1]:  # trimmed back by its last token
+                found.append((tuple(tokens), len(tokens) - 1))
         elif depth > shorter:  # the prompt leaves the trie (or ends) below its last entry: any entry under here
             extension: list[int] = []
             while _VALUE not in node:
                 token = next(iter(node))
                 extension.append(token)
                 node = node[token]
-            found.append((tuple(tokens[:depth]) + tuple(extension), min(len(tokens) - 1, depth)))
-        if 0 < shorter < len(tokens):
+            if node[_VALUE][1]:
+                found.append((tuple(tokens[:depth]) + tuple(extension), min(len(tokens) - 1, depth)))
+        if 0 < shorter < len(tokens):  # a strict prefix of the prompt: used whole
             found.append((tuple(tokens[:shorter]), shorter))
         least = min(MIN_REUSE, len(tokens) - 1)
         return [(key, reuse) for key, reuse in found if reuse >= least]

@@ -41,9 +41,9 @@ class Ragged:
         self.arrays = arrays
 
 
-def _own(cache: KVCache) -> KVCache:
+def _own(cache: KVCache, kind: type[KVCache] = KVCache) -> Any:
     """A cache object of its own over the same arrays (MLX copies a shared array on a write)."""
-    mine = KVCache()
+    mine = kind()
     mine.keys, mine.values, mine.offset = cache.keys, cache.values, cache.offset
     return mine
 
@@ -54,9 +54,7 @@ class SequenceCache(KVCache):
 
     @classmethod
     def adopt(cls, cache: KVCache) -> SequenceCache:
-        mine = cls()
-        mine.keys, mine.values, mine.offset = cache.keys, cache.values, cache.offset
-        return mine
+        return _own(cache, cls)
 
     @classmethod
     def merge(cls, caches: list[Any]) -> SequenceCaches:
