@@ -167,6 +167,45 @@ def test_a_preload_model_that_cannot_load_stops_the_daemon(daemons, tmp_path):
     assert not daemon_file().exists()
 
 
+# Injected into the daemon's process by a sitecustomize (a stand-in for a bug: nothing in
+# mlx-manager breaks its own loop): the engine's loop fails once a job is generating.
+BREAK_THE_LOOP = """
+from mlx_manager.engine.worker import Worker
+
+real = Worker._step_batches
+
+
+def step_batches(self):
+    if any(slot.job.completion_tokens for batch in self.batches.values() for slot in batch.slots.values()):
+        raise RuntimeError("injected bug in the engine's loop")
+    real(self)
+
+
+Worker._step_batches = step_batches
+"""
+
+
+def test_an_engine_whose_loop_fails_stops_the_daemon_with_an_error(daemons, fast_model, tmp_path):
+    """Not a daemon that answers /health but never a request again: the request in flight gets an
+    error, and the daemon exits 1 with the reason, so a supervisor starts a new one."""
+    (tmp_path / "sitecustomize.py").write_text(BREAK_THE_LOOP)
+    daemon = daemons("--model", fast_model, env={"PYTHONPATH": str(tmp_path)})
+    daemon.wait_ready(fast_model)
+    body = {"model": fast_model, "prompt": "hello", "max_tokens": 50, "temperature": 0}
+    answer = httpx.post(daemon.url + "/v1/completions", json=body, timeout=120)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert daemon.process.wait(timeout=60) == 1
+    stderr = daemon.process.stderr.read()
+    last = stderr.strip().splitlines()[-1]
+    assert last == (
+        "Error: the inference engine failed (RuntimeError; the log has its traceback). "
+        "This is a bug in mlx-manager: please report it with that traceback."
+    )
+    assert "injected bug in the engine's loop" in stderr  # the traceback, in the log
+    assert not daemon_file().exists()
+
+
 def test_bad_config_file_is_one_line_and_exit_2(isolated_home):
     (isolated_home / "config.toml").write_text('[timeouts]\nchat = "abc"\n')
     result = subprocess.run([MLX_MANAGER, "serve"], capture_output=True, text=True, timeout=60)

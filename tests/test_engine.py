@@ -461,6 +461,38 @@ def test_a_failing_step_fails_only_that_job(engine, fast_model, monkeypatch):
     asyncio.run(main())
 
 
+def test_a_loop_that_fails_answers_every_job_and_refuses_new_work(engine, fast_model, monkeypatch):
+    """A bug that escapes the loop (not one job's step, which test_a_failing_step_fails_only_that_job
+    covers) stops the engine: its jobs end with EngineStopped and new work is refused, not queued
+    for a loop that is gone (which would wait forever)."""
+    from mlx_manager.engine.errors import EngineStopped
+    from mlx_manager.engine.worker import Worker
+
+    real = Worker._step_batches
+
+    def step_batches(self):
+        if any(slot.job.completion_tokens for batch in self.batches.values() for slot in batch.slots.values()):
+            raise RuntimeError("simulated bug in the loop")
+        real(self)
+
+    monkeypatch.setattr(Worker, "_step_batches", step_batches)
+
+    async def main():
+        e = engine()
+        job = e.submit(request(fast_model, max_tokens=100))
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(collect(job), 120)
+        assert await until(lambda: not e.status().running)
+        with pytest.raises(EngineStopped):
+            e.submit(request(fast_model))
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(e.load(fast_model), 120)
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(e.count_tokens(request(fast_model)), 120)
+
+    asyncio.run(main())
+
+
 def test_stop_fails_waiting_jobs_and_refuses_new_ones(fast_model):
     from mlx_manager.engine.errors import EngineStopped
 

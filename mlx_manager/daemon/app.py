@@ -79,11 +79,18 @@ def create_app(
         await auditing.start()  # before the first request: every request leaves its row
         figures.watch(audit_backlog=lambda: auditing.writer.backlog)
         telemetry.instrument_sqlalchemy(auditing.writer.sql_engine)
+        loop = asyncio.get_running_loop()
+
+        def failed(exc: Exception) -> None:  # on the inference thread
+            loop.call_soon_threadsafe(engine_failed, daemon, exc)
+
+        daemon.engine.failure_listeners.append(failed)
         daemon.engine.start()  # no-op if already running
         preload = asyncio.create_task(watch_preload(daemon))
         try:
             yield
         finally:
+            daemon.engine.failure_listeners.remove(failed)
             preload.cancel()
             if daemon.owns_engine:
                 await stop_engine(daemon)
@@ -204,6 +211,16 @@ async def watch_preload(daemon: DaemonState) -> None:
             return
         finally:
             daemon.preloading.remove(model_id)
+
+
+def engine_failed(daemon: DaemonState, exc: Exception) -> None:
+    """The engine's loop failed (a bug; its traceback is in the log): it has stopped, so does the
+    daemon, exiting non-zero, and a supervisor (`mlx-manager start`) starts a new one."""
+    daemon.fatal_error = f"the inference engine failed ({type(exc).__name__}; the log has its traceback)"
+    daemon.fatal_hint = "This is a bug in mlx-manager: please report it with that traceback."
+    log.error("%s: stopping", daemon.fatal_error)
+    if daemon.on_fatal is not None:
+        daemon.on_fatal()
 
 
 async def stop_engine(daemon: DaemonState) -> None:

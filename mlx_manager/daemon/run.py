@@ -111,7 +111,7 @@ def run_daemon(
         sock.close()
     last_words(app.state.daemon)
     if app.state.daemon.fatal_error:
-        raise StartupError(app.state.daemon.fatal_error, "Check the model (--model or models.preload).")
+        raise StartupError(app.state.daemon.fatal_error, app.state.daemon.fatal_hint)
     log.info("stopped")
 
 

@@ -53,9 +53,11 @@ class DaemonState:
     draining: bool = False
     preloading: list[str] = field(default_factory=list)  # preload models not loaded yet
     in_flight: int = 0
-    # Set when the daemon cannot do what it was started for (a preload model failed to load);
-    # `serve` then stops and exits non-zero with this message. `on_fatal` asks the server to stop.
+    # Set when the daemon cannot do what it was started for (a preload model failed to load, or
+    # the engine's loop failed); `serve` then stops and exits non-zero with this message and the
+    # hint. `on_fatal` asks the server to stop.
     fatal_error: str | None = None
+    fatal_hint: str = "Check the model (--model or models.preload)."  # what `serve` says after it
     engine_stop: StopReport | None = None  # how the engine's stop went (stop_engine), for `serve`'s last words
     audit: AuditWriter | None = None  # set by the lifespan once the audit log is open
     on_fatal: Callable[[], None] | None = None

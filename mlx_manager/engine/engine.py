@@ -65,6 +65,9 @@ class Engine:
         self._blas: str | None = None
         # Called on the inference thread with (model id, seconds) after each model load.
         self.model_load_listeners: list[Callable[[str, float], None]] = []
+        # Called on the inference thread with the exception if the loop itself fails (a bug, not
+        # one job's step): the engine has stopped and answered every job and command it had.
+        self.failure_listeners: list[Callable[[Exception], None]] = []
         self._worker = Worker(self.config, self._commands, self.model_load_listeners)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -76,7 +79,7 @@ class Engine:
         self._blas = blas.use(self.config.blas)  # before MLX's first matrix product
         allocator.tune()
         attention.install()
-        self._done = run_on_inference_thread(self._worker.run)
+        self._done = run_on_inference_thread(self._serve)
         _started.add(self)
 
     def stop(self, timeout: float = 10.0) -> StopReport:
@@ -94,6 +97,21 @@ class Engine:
             _started.discard(self)
         pool = self._worker.pool
         return StopReport(finished, pool.abandoned, None if finished else self._worker.snapshot.loading)
+
+    def _serve(self) -> None:
+        try:
+            self._worker.run()
+        except Exception as exc:
+            self._over()
+            for listener in self.failure_listeners:
+                listener(exc)
+            raise  # to the inference thread, which logs it
+        self._over()
+
+    def _over(self) -> None:
+        """The loop is over (a Stop, or a failure): nothing more is admitted or left unanswered."""
+        self._admission.closed = True
+        self._worker.answer_commands()  # any that came in meanwhile
 
     def _running(self) -> bool:
         return self._done is not None and not self._admission.closed
@@ -135,7 +153,9 @@ class Engine:
 
     async def load(self, model_id: str) -> ModelStatus:
         """Load a model (or touch it if loaded) and return its status.
-        Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed."""
+        Raises ModelNotFound, ModelNotAllowed, ModelLoadFailed, EngineStopped."""
+        if self._admission.closed:  # stopped, or its loop failed: nobody would answer (before start: queued)
+            raise EngineStopped("the engine is not running")
         reply: Reply[ModelStatus] = Reply(asyncio.get_running_loop())
         self._commands.put(Load(model_id, reply))
         return await reply.future
@@ -143,6 +163,8 @@ class Engine:
     async def unload(self, model_id: str, force: bool = False) -> None:
         """Unload a model now. Raises ModelNotLoaded, or ModelBusy while it has jobs unless `force`,
         which ends them with ModelUnloaded first."""
+        if self._admission.closed:
+            raise EngineStopped("the engine is not running")
         reply: Reply[None] = Reply(asyncio.get_running_loop())
         self._commands.put(Unload(model_id, force, reply))
         await reply.future

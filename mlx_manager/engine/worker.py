@@ -96,17 +96,21 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        import_mlx_lm()  # first, on this thread: mlx-lm's import would lower the open-file limit
-        while self._running:
-            busy = bool(self.batches) or bool(self.pending) or bool(self.embeddings)
-            self._drain_commands(block=not busy)
-            self._admit_pending()
-            self._step_batches()
-            self._embed_step()
-            if not self.batches and not self.embeddings:
-                self.pool.sweep()
-            self._publish()
-        self._shutdown()
+        """The loop, until a Stop; if it fails, every job and command it has is still answered
+        (EngineStopped) before the failure goes up."""
+        try:
+            import_mlx_lm()  # first, on this thread: mlx-lm's import would lower the open-file limit
+            while self._running:
+                busy = bool(self.batches) or bool(self.pending) or bool(self.embeddings)
+                self._drain_commands(block=not busy)
+                self._admit_pending()
+                self._step_batches()
+                self._embed_step()
+                if not self.batches and not self.embeddings:
+                    self.pool.sweep()
+                self._publish()
+        finally:
+            self._shutdown()
 
     def _publish(self) -> None:
         queued = Counter(path for job in self.pending if (path := self.pool.path_of(job.request.model)) is not None)
@@ -400,11 +404,18 @@ class Worker:
         for waiting in self.embeddings.jobs:
             waiting.settle(error=stopped)
         self.embeddings.jobs.clear()
+        self.answer_commands()
+        self.pool.unload_all()
+        self._publish()
+
+    def answer_commands(self) -> None:
+        """Answer every command still queued with EngineStopped (the loop is over)."""
+        stopped = EngineStopped("the engine stopped")
         while True:
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
-                break
+                return
             match command:
                 case Submit(submitted):
                     for member in submitted.group or (submitted,):
@@ -413,8 +424,6 @@ class Worker:
                     embedding.settle(error=stopped)
                 case Load(_, reply) | Unload(_, _, reply) | CountTokens(_, reply) | ClearCache(reply):
                     reply.settle(error=stopped)
-        self.pool.unload_all()
-        self._publish()
 
 
 def vocab_size(entry: LoadedModel) -> int:
