@@ -26,6 +26,7 @@ class Server:
     label: str
     env: dict[str, str] = field(default_factory=dict)
     url: str = ""
+    pid: int = 0  # the server's process, once started
 
 
 def free_port() -> int:
@@ -79,6 +80,7 @@ def start_servers(servers: list[Server], model: str, work: Path) -> Iterator[lis
                 ready = f"{server.url}/health"
             print(f"{server.label}: {' '.join(command)}", flush=True)
             processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            server.pid = processes[-1].pid
             wait_for(ready, processes[-1])
         print(f"BLAS on both sides: {library or 'MLX bundled reference BLAS'}", flush=True)
         yield servers
