@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache [--conversations 4] [--turns 6]
         [--system-words 270] [--max-tokens 48] [--baseline /path/to/older/checkout] [--repeat 3]
-        [--single-runs 12] [--single-requests 16]
+        [--single-requests 192]
 
 Starts, on one generated model ("bench": Llama, dim 256, 4 layers):
   A  mlx-manager with its prompt cache (the defaults),
@@ -10,7 +10,8 @@ Starts, on one generated model ("bench": Llama, dim 256, 4 layers):
      so both sides compare serving code, not BLAS libraries,
   C  mlx-manager with the prompt cache off (cache.max_bytes = 0),
   D  optionally, an older mlx-manager checkout (--baseline): issue 16's "today's figure" is the build
-     before the prompt cache (`git worktree add /tmp/base16 a160104`), compared on both workloads;
+     before the prompt cache (`git worktree add /tmp/base16 a160104`; it also needs
+     `pip install 'sqlmodel>=0.0.50,<0.0.60'`, a dependency of that build), compared on both workloads;
 and runs `mlx-manager bench` side by side (interleaved, A then the other, so machine noise hits
 both alike):
   1. conversations: N at once, each with its own system prompt (270 words: about 1,000 tokens with
@@ -21,10 +22,12 @@ both alike):
      unmeasured run of `cache.max_entries` (64) requests a side: A's cache then holds as many
      entries as it ever will, the steady state of a server that has been up a while (while it
      fills, each request's KV memory is new to the process: ~1,000 page faults a request here,
-     measured with getrusage). Then many short runs, the other side first every second time (a
-     few seconds of a shared machine's load can move one run by 20 %); each run's ratio, their
-     median, the ratio of all runs' tokens over all their seconds, and each server's CPU seconds
-     over those runs per completion token (less sensitive to the machine's other load).
+     measured with getrusage). Then, at 1 and 4 clients, rounds of that many requests at once
+     that alternate between the two servers, the other first every second round: a round is
+     under a second, so both sides meet the same machine (runs of a few seconds a side, as
+     `mlx-manager bench --vs` makes them, met different loads: one run's ratio swung 0.77x-1.12x).
+     Printed: tokens/s over all rounds, the ratio in each quarter of them, and each server's CPU
+     seconds per completion token (less sensitive to the machine's other load).
 Targets (issue 16): later-turn TTFT p50 A/B <= 0.7 and tokens/s A/B >= 1.2; tokens/s >= 3x "our own
 figure with the cache off" (A/D, the build the issue measured; A/C, this build with the cache off,
 is printed too); single-turn tokens/s >= 0.97x "today's figure" (A/D, and A/C).
@@ -33,13 +36,16 @@ is printed too); single-turn tokens/s >= 0.97x "today's figure" (A/D, and A/C).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -66,32 +72,46 @@ def bench(a: Server, b: Server, model: str, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def paired(a: Server, b: Server, model: str, args: list[str], *, flip: bool) -> dict:
-    """`bench(a, b)`, or with `flip` b run first and the report turned round to read as a / b."""
-    if not flip:
-        return bench(a, b, model, *args)
-    report = bench(b, a, model, *args)
-    report["servers"] = report["servers"][::-1]
-    report["ratios"] = [
-        {name: None if value is None or value == 0 else 1 / value for name, value in level.items()}
-        for level in report["ratios"]
-    ]
-    return report
-
-
 def cpu_seconds(server: Server) -> float:
     """CPU seconds the server's process (and any children) used so far."""
     process = psutil.Process(server.pid)
     return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
-def measured(a: Server, b: Server, model: str, args: list[str], *, flip: bool, cpu: list[float]) -> dict:
-    """`paired`, adding the CPU seconds each server used meanwhile to `cpu` ([a's, b's])."""
-    before = cpu_seconds(a), cpu_seconds(b)
-    report = paired(a, b, model, args, flip=flip)
-    cpu[0] += cpu_seconds(a) - before[0]
-    cpu[1] += cpu_seconds(b) - before[1]
-    return report
+async def alternating(a: Server, b: Server, model: str, clients: int, requests: int) -> list[dict[str, Any]]:
+    """Single-turn distinct prompts to both servers, `clients` at once, in rounds that alternate
+    between them (the other first every second round), `requests` a side: a round takes under a
+    second, so both sides meet the same machine, where runs of a few seconds each met different
+    loads (one run's ratio swung 0.77x-1.12x). Each side's completion tokens, seconds and CPU
+    seconds, over all its rounds and over each quarter of them."""
+    from mlx_manager.bench import BenchPlan, _client, one_request
+
+    plan = BenchPlan(max_tokens=64, prompt_tokens=64)
+    rounds = requests // clients
+    sides: list[dict[str, Any]] = [
+        {"tokens": 0, "seconds": 0.0, "cpu": 0.0, "quarters": [[0, 0.0] for _ in range(4)]} for _ in (a, b)
+    ]
+    http = [_client(a.url), _client(b.url)]
+    try:
+        for n in range(rounds):
+            for i in (0, 1) if n % 2 == 0 else (1, 0):
+                server, side = (a, b)[i], sides[i]
+                cpu, started = cpu_seconds(server), time.perf_counter()
+                results = await asyncio.gather(*(one_request(http[i], model, plan) for _ in range(clients)))
+                seconds = time.perf_counter() - started
+                side["cpu"] += cpu_seconds(server) - cpu
+                failed = [r.error for r in results if not r.ok]
+                if failed:
+                    raise SystemExit(f"{server.label}: {failed[0]}")
+                tokens = sum(r.completion_tokens for r in results)
+                side["tokens"] += tokens
+                side["seconds"] += seconds
+                quarter = side["quarters"][min(3, 4 * n // rounds)]
+                quarter[0] += tokens
+                quarter[1] += seconds
+    finally:
+        await asyncio.gather(*(client.close() for client in http))
+    return sides
 
 
 def row(label: str, report: dict, level: int = 0) -> str:
@@ -120,8 +140,7 @@ def main() -> int:
         "--system-words", type=int, default=270, help="270: about 1,000 tokens with the bench tokenizer; 650: 2,400"
     )
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--single-runs", type=int, default=12, help="single-turn runs a side, alternating order")
-    parser.add_argument("--single-requests", type=int, default=16, help="requests a single-turn run, a side")
+    parser.add_argument("--single-requests", type=int, default=192, help="single-turn requests a side, each level")
     parser.add_argument("--baseline", help="an older mlx-manager checkout to compare single-turn speed with")
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every comparison this many times; medians of the ratios"
@@ -152,35 +171,24 @@ def main() -> int:
             "--prompt-tokens",
             "12",
         ]
-        single = [
-            "--concurrency",
-            "1,4",
-            "--requests",
-            str(args.single_requests),
-            "--max-tokens",
-            "64",
-            "--prompt-tokens",
-            "64",
-        ]
-        vs_mlx_lm, vs_off, vs_base, single_off, single_base = [], [], [], [], []
+        vs_mlx_lm, vs_off, vs_base = [], [], []
         for _ in range(args.repeat):  # fresh conversations each time (`mlx-manager bench` draws new prompts)
             vs_mlx_lm.append(bench(servers["A"], servers["B"], model, *conversation))
             vs_off.append(bench(servers["A"], servers["C"], model, *conversation))
             if args.baseline:
                 vs_base.append(bench(servers["A"], servers["D"], model, *conversation))
-        others = [servers["C"], *([servers["D"]] if args.baseline else [])]
+        others = [key for key in ("C", "D") if key in servers]
         # 64: cache.max_entries' default. Unmeasured: A's cache reaches its steady state (docstring).
         warm = ["--concurrency", "4", "--requests", "64", "--max-tokens", "64", "--prompt-tokens", "64"]
         for other in others:
-            bench(servers["A"], other, model, *warm)
-        cpu = {"C": [0.0, 0.0], "D": [0.0, 0.0]}  # the seconds A and the other used in their runs
-        for run in range(args.single_runs):
-            # One run of a few seconds a side is noise-sized against a 3 % target: many short
-            # runs, the other side first every second time.
-            flip = run % 2 == 1
-            single_off.append(measured(servers["A"], servers["C"], model, single, flip=flip, cpu=cpu["C"]))
-            if args.baseline:
-                single_base.append(measured(servers["A"], servers["D"], model, single, flip=flip, cpu=cpu["D"]))
+            bench(servers["A"], servers[other], model, *warm)
+        single = {
+            (f"{other}: {servers[other].label}", clients): asyncio.run(
+                alternating(servers["A"], servers[other], model, clients, args.single_requests)
+            )
+            for other in others
+            for clients in (1, 4)
+        }
     print(
         f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
         f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n"
@@ -204,33 +212,21 @@ def main() -> int:
             tokens = statistics.median(r["tokens_per_second"] for r in ratios)
             later = statistics.median(r["ttft_later_turns_p50"] for r in ratios)
             print(f"- {label}: tokens/s {tokens:.2f}x, later-turn TTFT p50 {later:.2f}x")
-    print("\nSingle-turn distinct prompts (tokens/s, A / other; each run's ratio, then their median):\n")
-    for label, reports in (("C: cache off", single_off), ("D: baseline", single_base)):
-        if not reports:
-            continue
-        for level, clients in enumerate(reports[0]["plan"]["concurrency"]):
-            ratios = [report["ratios"][level]["tokens_per_second"] for report in reports]
-            each = ", ".join(
-                f"{r['servers'][0][level]['tokens_per_second']:.1f} / {r['servers'][1][level]['tokens_per_second']:.1f}"
-                f" = {ratio:.2f}x"
-                for r, ratio in zip(reports, ratios, strict=True)
-            )
-            pooled = [
-                sum(r["servers"][side][level]["completion_tokens"] for r in reports)
-                / sum(r["servers"][side][level]["seconds"] for r in reports)
-                for side in (0, 1)
-            ]
-            print(
-                f"- {label}, {clients} client(s): {each}; median {statistics.median(ratios):.2f}x; "
-                f"all runs {pooled[0]:.1f} / {pooled[1]:.1f} = {pooled[0] / pooled[1]:.2f}x"
-            )
-        per_token = [
-            cpu[label[0]][side] / sum(level["completion_tokens"] for r in reports for level in r["servers"][side])
-            for side in (0, 1)
-        ]
+    print(
+        f"\nSingle-turn distinct prompts, {args.single_requests} requests a side at each level in rounds alternating "
+        "between the servers (tokens/s A / other = ratio; the ratio in each quarter of the rounds; server CPU "
+        "per completion token, A / other):\n"
+    )
+    for (label, clients), (a, b) in single.items():
+        quarters = ", ".join(
+            f"{(qa[0] / qa[1]) / (qb[0] / qb[1]):.2f}x" if qa[1] and qb[1] and qb[0] else "-"
+            for qa, qb in zip(a["quarters"], b["quarters"], strict=True)
+        )
+        speed = [side["tokens"] / side["seconds"] for side in (a, b)]
+        cpu = [side["cpu"] / side["tokens"] * 1000 for side in (a, b)]
         print(
-            f"- {label}, server CPU per completion token (all runs, both levels): {per_token[0] * 1000:.2f} / "
-            f"{per_token[1] * 1000:.2f} ms = {per_token[1] / per_token[0]:.2f}x (A's tokens per CPU second, relative)"
+            f"- {label}, {clients} client(s): {speed[0]:.1f} / {speed[1]:.1f} = {speed[0] / speed[1]:.2f}x "
+            f"(quarters {quarters}); CPU {cpu[0]:.2f} / {cpu[1]:.2f} ms a token"
         )
     reproduce = " ".join(sys.argv[1:])
     print(f"\nreproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache {reproduce}".rstrip())
