@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from mlx_manager.auth import add_key_entry, key_digest, new_key, now_utc
 from mlx_manager.cli import app as cli_app
 from mlx_manager.daemon.app import create_app
+from mlx_manager.daemon.ratelimit import RateLimiter
 from mlx_manager.daemon.run import write_daemon_file
 from mlx_manager.engine.config import EngineConfig
 from mlx_manager.settings import config_path, load_settings, write_config_text
@@ -70,8 +71,11 @@ def dashboard_daemon(tmp_path_factory, fast_model):
 @pytest.fixture
 def daemon(dashboard_daemon, monkeypatch) -> Dashboard:
     """The module's daemon, with this test's MLX_MANAGER_HOME pointed back at its home (the CLI
-    and the page's `config set` read and write the config file there)."""
+    and the page's `config set` read and write the config file there), and a fresh allowance of
+    sign-in attempts: the module's tests sign in more than LOGIN_ATTEMPTS_PER_MINUTE times, in
+    under a minute on a fast machine (test_dashboard_access.py tests the limit itself)."""
     monkeypatch.setenv("MLX_MANAGER_HOME", str(dashboard_daemon.home))
+    dashboard_daemon.live.app.state.dashboard.logins = RateLimiter()
     return dashboard_daemon
 
 
