@@ -193,8 +193,9 @@ def main() -> int:
         f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
         f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n"
     )
-    print("| A vs | tokens/s A / B | TTFT p50 turn 1, ms | TTFT p50 later turns, ms |")
-    print("| --- | --- | --- | --- |")
+    if args.repeat:
+        print("| A vs | tokens/s A / B | TTFT p50 turn 1, ms | TTFT p50 later turns, ms |")
+        print("| --- | --- | --- | --- |")
     conversations = (
         ("B: mlx_lm.server, same BLAS", vs_mlx_lm),
         ("C: mlx-manager, cache off", vs_off),

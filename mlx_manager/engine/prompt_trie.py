@@ -58,7 +58,7 @@ class Trie:
             if edge is None:
                 leaf = _Node()
                 node.edges[tokens[depth]] = (tokens[depth:], leaf)
-                node, depth = leaf, len(tokens)
+                node = leaf
                 break
             label, child = edge
             n = _common(label, tokens, depth)
