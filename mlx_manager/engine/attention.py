@@ -224,15 +224,18 @@ def _per_sequence(queries: Any, keys: list[Any], values: list[Any], scale: float
     """A batch's attention, each sequence (row of `queries`) over its own keys and values (`mask`:
     None or "causal", the same for each): what `attention` gives each alone, so a sequence's
     output, to the last bit, does not depend on the batch it is in. When every sequence alone
-    would go to numpy (`_in_numpy`), all are computed into one buffer."""
+    would go to numpy (`_in_numpy`), all are computed into one buffer; else each goes to MLX's own
+    attention, left lazy like the rest of the step (an evaluation here, before it was known which
+    way they go, cut every decode step into one evaluation a layer: measured in process, rounds of
+    4 single-turn requests, a decode step's CPU use 1.39 -> 1.63 cores and 5.5-7.0 ms -> 5.1-5.4)."""
     import mlx.core as mx
     import numpy as np
 
-    mx.eval(queries, keys, values)
     one, pairs = (1, *queries.shape[1:]), list(zip(keys, values, strict=True))
     if any(_mlx_own(one, k.shape) or not _numpy_can_read(queries, k, v, None) for k, v in pairs):
         alone = [attention(queries[i : i + 1], k, v, scale=scale, mask=mask) for i, (k, v) in enumerate(pairs)]
         return mx.concatenate(alone)
+    mx.eval(queries, keys, values)
     q = np.asarray(queries)
     out = np.empty((*q.shape[:-1], values[0].shape[-1]), np.float32)
     for i, (k, v) in enumerate(pairs):
