@@ -27,7 +27,10 @@ both alike):
      under a second, so both sides meet the same machine (runs of a few seconds a side, as
      `mlx-manager bench --vs` makes them, met different loads: one run's ratio swung 0.77x-1.12x).
      Printed: tokens/s over all rounds, the ratio in each quarter of them, and each server's CPU
-     seconds per completion token (less sensitive to the machine's other load).
+     seconds per completion token (less sensitive to the machine's other load). One comparison's
+     ratio still moves by about 3% from run to run (A against a second cache-off server, run with
+     MLX_MANAGER_CACHE__MAX_BYTES=0 so that A's cache is off too: 0.98x-1.00x): `--single-runs 3`
+     repeats every comparison and prints the medians.
 Targets (issue 16): later-turn TTFT p50 A/B <= 0.7 and tokens/s A/B >= 1.2; tokens/s >= 3x "our own
 figure with the cache off" (A/D, the build the issue measured; A/C, this build with the cache off,
 is printed too); single-turn tokens/s >= 0.97x "today's figure" (A/D, and A/C).
@@ -141,6 +144,9 @@ def main() -> int:
     )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--single-requests", type=int, default=192, help="single-turn requests a side, each level")
+    parser.add_argument(
+        "--single-runs", type=int, default=1, help="single-turn comparisons, each level; medians of the ratios"
+    )
     parser.add_argument("--baseline", help="an older mlx-manager checkout to compare single-turn speed with")
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every comparison this many times; medians of the ratios"
@@ -182,13 +188,15 @@ def main() -> int:
         warm = ["--concurrency", "4", "--requests", "64", "--max-tokens", "64", "--prompt-tokens", "64"]
         for other in others:
             bench(servers["A"], servers[other], model, *warm)
-        single = {
-            (f"{other}: {servers[other].label}", clients): asyncio.run(
-                alternating(servers["A"], servers[other], model, clients, args.single_requests)
-            )
-            for other in others
-            for clients in (1, 4)
+        single: dict[tuple[str, int], list[list[dict[str, Any]]]] = {
+            (f"{other}: {servers[other].label}", clients): [] for other in others for clients in (1, 4)
         }
+        for _ in range(args.single_runs):
+            for label, clients in single:
+                against = servers[label.split(":")[0]]
+                single[label, clients].append(
+                    asyncio.run(alternating(servers["A"], against, model, clients, args.single_requests))
+                )
     print(
         f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
         f"system prompts, {args.max_tokens}-token answers (model: generated Llama dim 256 / 4 layers)\n"
@@ -218,17 +226,22 @@ def main() -> int:
         "between the servers (tokens/s A / other = ratio; the ratio in each quarter of the rounds; server CPU "
         "per completion token, A / other):\n"
     )
-    for (label, clients), (a, b) in single.items():
-        quarters = ", ".join(
-            f"{(qa[0] / qa[1]) / (qb[0] / qb[1]):.2f}x" if qa[1] and qb[1] and qb[0] else "-"
-            for qa, qb in zip(a["quarters"], b["quarters"], strict=True)
-        )
-        speed = [side["tokens"] / side["seconds"] for side in (a, b)]
-        cpu = [side["cpu"] / side["tokens"] * 1000 for side in (a, b)]
-        print(
-            f"- {label}, {clients} client(s): {speed[0]:.1f} / {speed[1]:.1f} = {speed[0] / speed[1]:.2f}x "
-            f"(quarters {quarters}); CPU {cpu[0]:.2f} / {cpu[1]:.2f} ms a token"
-        )
+    for (label, clients), runs in single.items():
+        ratios = []
+        for run, (a, b) in enumerate(runs, 1):
+            quarters = ", ".join(
+                f"{(qa[0] / qa[1]) / (qb[0] / qb[1]):.2f}x" if qa[1] and qb[1] and qb[0] else "-"
+                for qa, qb in zip(a["quarters"], b["quarters"], strict=True)
+            )
+            speed = [side["tokens"] / side["seconds"] for side in (a, b)]
+            cpu = [side["cpu"] / side["tokens"] * 1000 for side in (a, b)]
+            ratios.append(speed[0] / speed[1])
+            print(
+                f"- {label}, {clients} client(s){f', run {run}' if len(runs) > 1 else ''}: {speed[0]:.1f} / "
+                f"{speed[1]:.1f} = {ratios[-1]:.2f}x (quarters {quarters}); CPU {cpu[0]:.2f} / {cpu[1]:.2f} ms a token"
+            )
+        if len(runs) > 1:
+            print(f"- {label}, {clients} client(s): median {statistics.median(ratios):.2f}x\n")
     reproduce = " ".join(sys.argv[1:])
     print(f"\nreproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache {reproduce}".rstrip())
     return 0
