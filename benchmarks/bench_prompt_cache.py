@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache [--conversations 4] [--turns 6]
         [--system-words 270] [--max-tokens 48] [--baseline /path/to/older/checkout] [--repeat 3]
-        [--single-requests 192]
+        [--single-requests 192] [--single-runs 3]
 
 Starts, on one generated model ("bench": Llama, dim 256, 4 layers):
   A  mlx-manager with its prompt cache (the defaults),
@@ -189,13 +189,12 @@ def main() -> int:
         for other in others:
             bench(servers["A"], servers[other], model, *warm)
         single: dict[tuple[str, int], list[list[dict[str, Any]]]] = {
-            (f"{other}: {servers[other].label}", clients): [] for other in others for clients in (1, 4)
+            (other, clients): [] for other in others for clients in (1, 4)
         }
         for _ in range(args.single_runs):
-            for label, clients in single:
-                against = servers[label.split(":")[0]]
-                single[label, clients].append(
-                    asyncio.run(alternating(servers["A"], against, model, clients, args.single_requests))
+            for other, clients in single:
+                single[other, clients].append(
+                    asyncio.run(alternating(servers["A"], servers[other], model, clients, args.single_requests))
                 )
     print(
         f"\nPrompt cache: {args.conversations} conversations at once, {args.turns} turns, ~{args.system_words}-word "
@@ -226,8 +225,8 @@ def main() -> int:
         "between the servers (tokens/s A / other = ratio; the ratio in each quarter of the rounds; server CPU "
         "per completion token, A / other):\n"
     )
-    for (label, clients), runs in single.items():
-        ratios = []
+    for (other, clients), runs in single.items():
+        label, ratios = f"{other}: {servers[other].label}", []
         for run, (a, b) in enumerate(runs, 1):
             quarters = ", ".join(
                 f"{(qa[0] / qa[1]) / (qb[0] / qb[1]):.2f}x" if qa[1] and qb[1] and qb[0] else "-"
@@ -241,7 +240,7 @@ def main() -> int:
                 f"{speed[1]:.1f} = {ratios[-1]:.2f}x (quarters {quarters}); CPU {cpu[0]:.2f} / {cpu[1]:.2f} ms a token"
             )
         if len(runs) > 1:
-            print(f"- {label}, {clients} client(s): median {statistics.median(ratios):.2f}x\n")
+            print(f"- {label}, {clients} client(s): median {statistics.median(ratios):.2f}x")
     reproduce = " ".join(sys.argv[1:])
     print(f"\nreproduce: HF_HUB_OFFLINE=1 python -m benchmarks.bench_prompt_cache {reproduce}".rstrip())
     return 0
