@@ -3,7 +3,8 @@
 A model folder holds a Llama-type `config.json`, random weights saved as safetensors from
 `mlx_lm.models.llama.Model`, and a byte-level BPE tokenizer trained with `tokenizers` on
 Python's own standard-library sources, with a chat template in `tokenizer_config.json`.
-mlx-lm loads such a folder like any model from the hub.
+mlx-lm loads such a folder like any model from the hub. Its end-of-sequence token is never
+generated (`_never_ends`): a request runs to its `max_tokens`, sampled or greedy.
 
     python -m tests.models /tmp/model bench     # build one by hand
 """
@@ -21,6 +22,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+EOS = 0  # "<|end|>", the first special token
 SPECIAL_TOKENS = ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -103,6 +105,30 @@ def build_tokenizer(folder: Path, vocab_size: int) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>", "pad_token": "<|end|>"}))
 
 
+def _never_ends(weights: dict, layers: int, eos: int) -> None:
+    """Make end-of-sequence unreachable, sampled or not, so a request runs to its `max_tokens`.
+
+    A random model's end-of-sequence logit is an ordinary one: sampled at temperature 1, it
+    comes up about once in a few hundred tokens, and a test that counts tokens fails at random.
+    Here residual dimension 0 carries a constant: every token's embedding has the same positive value there and no
+    layer writes to it (the attention and MLP output rows 0 are zero), so after the final norm it
+    is always positive, and the output head's end-of-sequence row reads only it, negated and
+    scaled far below every other logit. (Scripted models, tests/scripted_model.py, end where
+    their script says.)"""
+    import mlx.core as mx
+
+    embed = weights["model.embed_tokens.weight"]
+    constant = mx.full(embed[:, :1].shape, embed.shape[1] ** -0.5)  # the other entries' own scale
+    weights["model.embed_tokens.weight"] = mx.concatenate([constant, embed[:, 1:]], axis=1)
+    for layer in range(layers):
+        for name in (f"model.layers.{layer}.self_attn.o_proj.weight", f"model.layers.{layer}.mlp.down_proj.weight"):
+            w = weights[name]
+            weights[name] = mx.concatenate([mx.zeros_like(w[:1]), w[1:]], axis=0)
+    head = weights["lm_head.weight"]
+    row = mx.zeros_like(head[:1]).at[0, 0].add(-4000.0)
+    weights["lm_head.weight"] = mx.concatenate([head[:eos], row, head[eos + 1 :]], axis=0)
+
+
 def build_model(
     folder: Path | str, size: str = "fast", *, seed: int = 0, chat_template: bool = True, context: int = 131072
 ) -> Path:
@@ -131,7 +157,7 @@ def build_model(
         "max_position_embeddings": context,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "eos_token_id": 0,
+        "eos_token_id": EOS,
         "torch_dtype": "float32",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -141,6 +167,7 @@ def build_model(
     # (a tied head of random weights repeats the last token forever).
     weights = dict(tree_flatten(model.parameters()))
     weights["lm_head.weight"] = weights["lm_head.weight"] * 8.0
+    _never_ends(weights, spec.num_hidden_layers, eos=EOS)
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     if not chat_template:
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
