@@ -108,13 +108,13 @@ def build_tokenizer(folder: Path, vocab_size: int) -> None:
 def _never_ends(weights: dict, layers: int, eos: int) -> None:
     """Make end-of-sequence unreachable, sampled or not, so a request runs to its `max_tokens`.
 
-    A random model's end-of-sequence logit is an ordinary one: sampled at temperature 1, it
-    comes up about once in a few hundred tokens, and a test that counts tokens fails at random.
-    Here residual dimension 0 carries a constant: every token's embedding has the same positive value there and no
-    layer writes to it (the attention and MLP output rows 0 are zero), so after the final norm it
-    is always positive, and the output head's end-of-sequence row reads only it, negated and
-    scaled far below every other logit. (Scripted models, tests/scripted_model.py, end where
-    their script says.)"""
+    A random model's end-of-sequence logit is an ordinary one: sampled at temperature 1 (the
+    OpenAI default), it came up about once in a thousand tokens, and a test that counts tokens
+    failed at random. Here residual dimension 0 carries a constant: every token's embedding has
+    the same positive value there and no layer writes to it (the attention and MLP output rows 0
+    are zero), so after the final norm it is always positive, and the output head's
+    end-of-sequence row reads only it, negated and scaled far below every other logit.
+    (Scripted models, tests/scripted_model.py, end where their script says.)"""
     import mlx.core as mx
 
     embed = weights["model.embed_tokens.weight"]
